@@ -1,0 +1,329 @@
+"""Workflow definitions: the shape DESIGN.md fixes, validated before anything is stored.
+
+`parse_definition(text)` reads YAML or JSON and returns a `WorkflowDef`, or raises
+`DefinitionError` whose `problems` each name the field (`steps[1].needs`) and,
+for YAML/JSON text, the line it sits on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Any, Literal
+
+import jsonschema
+import orjson
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from contracts.expressions import ExpressionError, check_template, expressions_in
+
+BUILTIN_STEP_TYPES: frozenset[str] = frozenset({"python", "transform", "sleep", "noop", "http"})
+STEP_ID = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
+NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+# Not preceded by a name or a dot: `input.steps.x` is a field of the input, not a step.
+_STEP_REF = re.compile(r"(?<![\w.])steps\.([A-Za-z_][A-Za-z0-9_]*)")
+_EXPR_ONLY = re.compile(r"^\s*\$\{\{.*\}\}\s*$", re.DOTALL)
+
+
+class Problem(BaseModel):
+    """One thing wrong with a definition: where, and why."""
+
+    path: str
+    message: str
+    line: int | None = None
+
+    def __str__(self) -> str:
+        where = f"{self.path} (line {self.line})" if self.line else self.path
+        return f"{where}: {self.message}"
+
+
+class DefinitionError(ValueError):
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        super().__init__("invalid workflow definition:\n" + "\n".join(f"  {p}" for p in problems))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+
+class RetryPolicy(_Strict):
+    max_attempts: int = Field(3, ge=1, le=100)
+    initial_delay: float = Field(1.0, ge=0, le=86_400)
+    max_delay: float = Field(60.0, ge=0, le=86_400)
+    multiplier: float = Field(2.0, ge=1, le=100)
+    jitter: bool = True
+    non_retryable: tuple[str, ...] = ()  # error type names that stop the retries
+
+
+class WebhookSpec(_Strict):
+    path: str = Field(pattern=r"^/[A-Za-z0-9/_.-]*$")
+    secret_env: str | None = None
+
+
+class TriggerSpec(_Strict):
+    """One entry of `on:`: an event type, a webhook or a cron schedule."""
+
+    event: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,200}$")
+    filter: dict[str, Any] | None = None
+    webhook: WebhookSpec | None = None
+    cron: str | None = None
+    timezone: str = "UTC"
+    missed: Literal["skip", "catch_up"] = "skip"
+    catch_up_limit: int = Field(1, ge=0, le=1000)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> TriggerSpec:
+        kinds = [k for k in ("event", "webhook", "cron") if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ValueError("each trigger needs exactly one of 'event', 'webhook' or 'cron'")
+        return self
+
+
+class StepDef(_Strict):
+    id: str = Field(pattern=STEP_ID)
+    type: str = Field(min_length=1, max_length=64)
+    needs: tuple[str, ...] = ()
+    with_: dict[str, Any] = Field(default_factory=dict, alias="with")
+    input: Any = None
+    when: str | None = None
+    map: str | None = None
+    retry: RetryPolicy = RetryPolicy()
+    timeout: float | None = Field(None, gt=0, le=7 * 86_400)
+
+    @field_validator("when", "map")
+    @classmethod
+    def _is_expression(cls, value: str | None) -> str | None:
+        # count: "${{ a }} and ${{ b }}" matches _EXPR_ONLY but is two expressions
+        if value is not None and (not _EXPR_ONLY.match(value) or value.count("${{") != 1):
+            raise ValueError("must be one '${{ expression }}'")
+        return value
+
+
+class WorkflowDef(_Strict):
+    name: str = Field(pattern=NAME)
+    description: str | None = None
+    on: tuple[TriggerSpec, ...] = ()
+    input_schema: dict[str, Any] | None = None
+    steps: tuple[StepDef, ...] = Field(min_length=1, max_length=500)
+    output: Any = None
+
+    def step(self, step_id: str) -> StepDef:
+        return self._index()[step_id]
+
+    def _index(self) -> dict[str, StepDef]:
+        cached = self.__dict__.get("_step_index")
+        if cached is None:
+            cached = {s.id: s for s in self.steps}
+            self.__dict__["_step_index"] = cached
+        return cached
+
+    def children(self, step_id: str) -> list[str]:
+        return [s.id for s in self.steps if step_id in s.needs]
+
+    def downstream(self, step_id: str) -> set[str]:
+        """The step and every step that depends on it, transitively."""
+        out, todo = {step_id}, [step_id]
+        while todo:
+            for child in self.children(todo.pop()):
+                if child not in out:
+                    out.add(child)
+                    todo.append(child)
+        return out
+
+    def canonical(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True, exclude_defaults=True)
+
+    def content_hash(self) -> str:
+        body = orjson.dumps(self.canonical(), option=orjson.OPT_SORT_KEYS)
+        return "sha256:" + hashlib.sha256(body).hexdigest()
+
+
+def check_rules(wf: WorkflowDef, step_types: frozenset[str] | set[str] = BUILTIN_STEP_TYPES) -> list[Problem]:
+    """Rules that need the whole definition: ids, needs, cycles, expressions, schema."""
+    problems: list[Problem] = []
+    seen: dict[str, int] = {}
+    for i, step in enumerate(wf.steps):
+        if step.id in seen:
+            problems.append(Problem(path=f"steps[{i}].id", message=f"duplicate step id {step.id!r}"))
+        seen.setdefault(step.id, i)
+    for i, step in enumerate(wf.steps):
+        where = f"steps[{i}]"
+        if step.type not in step_types:
+            known = ", ".join(sorted(step_types))
+            problems.append(Problem(path=f"{where}.type", message=f"unknown step type {step.type!r} (known: {known})"))
+        for j, parent in enumerate(step.needs):
+            if parent not in seen:
+                problems.append(Problem(path=f"{where}.needs[{j}]", message=f"unknown step {parent!r}"))
+            elif parent == step.id:
+                problems.append(Problem(path=f"{where}.needs[{j}]", message="a step cannot need itself"))
+    problems.extend(_cycles(wf, seen))
+    if problems:
+        return problems
+    for i, step in enumerate(wf.steps):
+        upstream = _ancestors(wf, step.id)
+        for field, template in (("input", step.input), ("when", step.when), ("map", step.map), ("with", step.with_)):
+            problems.extend(_check_expressions(f"steps[{i}].{field}", template, upstream, step.id))
+    problems.extend(_check_expressions("output", wf.output, set(seen), None))
+    if wf.input_schema is not None:
+        try:
+            jsonschema.Draft202012Validator.check_schema(wf.input_schema)
+        except jsonschema.SchemaError as exc:
+            problems.append(Problem(path="input_schema", message=exc.message))
+    return problems
+
+
+def _check_expressions(path: str, template: Any, allowed: set[str], own: str | None) -> list[Problem]:
+    out: list[Problem] = []
+    try:
+        check_template(template)
+    except ExpressionError as exc:
+        return [Problem(path=path, message=str(exc))]
+    for expr in expressions_in(template):
+        for ref in _STEP_REF.findall(expr):
+            if ref not in allowed:
+                why = "is not upstream of this step (add it to needs)" if own else "is not a step"
+                out.append(Problem(path=path, message=f"expression refers to steps.{ref}, which {why}"))
+    return out
+
+
+def _ancestors(wf: WorkflowDef, step_id: str) -> set[str]:
+    index = {s.id: s for s in wf.steps}
+    out: set[str] = set()
+    todo = list(index[step_id].needs)
+    while todo:
+        sid = todo.pop()
+        if sid not in out and sid in index:
+            out.add(sid)
+            todo.extend(index[sid].needs)
+    return out
+
+
+def _cycles(wf: WorkflowDef, index: dict[str, int]) -> list[Problem]:
+    graph = {s.id: [p for p in s.needs if p in index and p != s.id] for s in wf.steps}
+    state: dict[str, int] = {}  # 1 = on the stack, 2 = done
+    for root in graph:
+        if state.get(root):
+            continue
+        stack: list[tuple[str, int]] = [(root, 0)]
+        path: list[str] = []
+        while stack:
+            node, i = stack.pop()
+            if i == 0:
+                state[node] = 1
+                path.append(node)
+            parents = graph[node]
+            if i < len(parents):
+                stack.append((node, i + 1))
+                nxt = parents[i]
+                if state.get(nxt) == 1:
+                    cycle = path[path.index(nxt):] + [nxt]
+                    msg = "cycle: " + " -> ".join(reversed(cycle))
+                    return [Problem(path=f"steps[{index[node]}].needs", message=msg)]
+                if not state.get(nxt):
+                    stack.append((nxt, 0))
+            else:
+                state[node] = 2
+                path.pop()
+    return []
+
+
+# ---- parsing with line numbers ---------------------------------------------------------
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 booleans: only true/false. YAML 1.1 reads the key `on:` as True."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def parse_definition(
+    source: str | bytes | dict[str, Any], step_types: frozenset[str] | set[str] = BUILTIN_STEP_TYPES
+) -> WorkflowDef:
+    """YAML/JSON text (or an already-parsed mapping) to a checked WorkflowDef."""
+    lines: dict[tuple[Any, ...], int] = {}
+    if isinstance(source, dict):
+        data: Any = source
+    else:
+        text = source.decode() if isinstance(source, bytes) else source
+        try:
+            node = yaml.compose(text, Loader=_Loader)
+            data = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            line = mark.line + 1 if mark is not None else None
+            raise DefinitionError([Problem(path="<document>", message=str(exc).splitlines()[0], line=line)]) from None
+        if node is not None:
+            _index_lines(node, (), lines)
+    if not isinstance(data, dict):
+        raise DefinitionError([Problem(path="<document>", message="a definition must be a mapping")])
+    try:
+        wf = WorkflowDef.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+            if loc == ("steps",) and err["type"] == "too_short" and data.get("steps"):
+                continue  # pydantic counts only the valid steps; each invalid one has its own error
+            problems.append(Problem(path=_path(loc), message=err["msg"], line=_line(lines, loc)))
+        raise DefinitionError(problems) from None
+    problems = check_rules(wf, step_types)
+    if problems:
+        for p in problems:
+            p.line = _line(lines, _loc(p.path))
+        raise DefinitionError(problems)
+    return wf
+
+
+def _index_lines(node: yaml.Node, loc: tuple[Any, ...], out: dict[tuple[Any, ...], int]) -> None:
+    out[loc] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            out[loc + (key.value,)] = key.start_mark.line + 1
+            _index_lines(value, loc + (key.value,), out)
+            out[loc + (key.value,)] = key.start_mark.line + 1
+    elif isinstance(node, yaml.SequenceNode):
+        for i, value in enumerate(node.value):
+            _index_lines(value, loc + (i,), out)
+
+
+def _path(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "<document>"
+
+
+def _loc(path: str) -> tuple[Any, ...]:
+    parts: list[Any] = []
+    for name, index in re.findall(r"([A-Za-z_][A-Za-z0-9_]*)|\[(\d+)\]", path):
+        parts.append(int(index) if index else name)
+    return tuple(parts)
+
+
+def _line(lines: dict[tuple[Any, ...], int], loc: tuple[Any, ...]) -> int | None:
+    while loc:
+        if loc in lines:
+            return lines[loc]
+        loc = loc[:-1]
+    return lines.get(())
+
+
+def validate_input(wf: WorkflowDef, value: Any) -> list[Problem]:
+    """Problems of an execution input against the definition's input_schema."""
+    if wf.input_schema is None:
+        return []
+    validator = jsonschema.Draft202012Validator(wf.input_schema)
+    problems = []
+    for err in sorted(validator.iter_errors(value), key=lambda e: list(e.absolute_path)):
+        path = "input" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err.absolute_path)
+        problems.append(Problem(path=path, message=err.message))
+    return problems

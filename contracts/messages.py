@@ -1,0 +1,94 @@
+"""Broker messages: commands to workers and results back to the orchestrator.
+
+Both carry a deterministic message id, so the broker drops the duplicates that
+redelivery and relay restarts produce.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict
+
+
+def task_key(execution_id: str, step_id: str, item: int | None) -> str:
+    return f"{execution_id}:{step_id}" if item is None else f"{execution_id}:{step_id}#{item}"
+
+
+class StepReady(BaseModel):
+    """Run one attempt of one task (a step, or one item of a map step)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    schema_version: int = 1
+    execution_id: str
+    workflow: str
+    step_id: str
+    item: int | None = None
+    attempt: int
+    step_type: str
+    config: dict[str, Any] = {}
+    input: Any = None
+    idempotency_key: str
+    timeout: float | None = None
+    not_before: datetime | None = None
+    scheduled_at: datetime
+    trace_id: str | None = None
+
+    @property
+    def message_id(self) -> str:
+        return f"{task_key(self.execution_id, self.step_id, self.item)}:{self.attempt}"
+
+    def encode(self) -> bytes:
+        return orjson.dumps(self.model_dump(mode="json"))
+
+
+class StepError(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    type: str
+    message: str
+    traceback: str | None = None
+    non_retryable: bool = False
+    next_retry_delay: float | None = None
+
+
+class StepResult(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    schema_version: int = 1
+    execution_id: str
+    step_id: str
+    item: int | None = None
+    attempt: int
+    status: Literal["succeeded", "failed"]
+    output: Any = None
+    error: StepError | None = None
+    worker_id: str | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    scheduled_at: datetime | None = None  # copied from StepReady, for dispatch latency
+
+    @property
+    def message_id(self) -> str:
+        return f"{task_key(self.execution_id, self.step_id, self.item)}:{self.attempt}:result"
+
+    def encode(self) -> bytes:
+        return orjson.dumps(self.model_dump(mode="json"))
+
+
+class MessageError(ValueError):
+    """A broker message that cannot be decoded or fails its schema."""
+
+
+def decode_result(data: bytes) -> StepResult:
+    try:
+        return StepResult.model_validate_json(data)
+    except ValueError as exc:
+        raise MessageError(f"undecodable StepResult: {exc}") from None
+
+
+def decode_ready(data: bytes) -> StepReady:
+    try:
+        return StepReady.model_validate_json(data)
+    except ValueError as exc:
+        raise MessageError(f"undecodable StepReady: {exc}") from None

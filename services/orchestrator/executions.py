@@ -1,0 +1,232 @@
+"""The execution application service: load state, call the pure core, append.
+
+Everything that changes an execution (the result consumer, the CLI, the
+gateway) goes through here, so every change is a decided event appended with
+optimistic concurrency: if two writers race, one gets ConcurrencyError,
+reloads and decides again. A command is never published from here: the relay
+publishes what is in the store, so if it is not stored it did not happen.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Callable, Sequence
+
+from contracts import events as ev
+from contracts.definitions import Problem, validate_input
+from contracts.messages import StepResult
+from services.orchestrator.decide import Command, DecisionError, Start, UnknownTask, decide
+from services.orchestrator.registry import Version
+from services.orchestrator.state import Execution, evolve
+from services.store import ConcurrencyError, EventStore, NewEvent
+
+_TRIGGER_NS = uuid.UUID("0d5f3e55-8a1c-4c3b-a3a4-1f6c2b7d9e21")
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class InputError(ValueError):
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        super().__init__("invalid input:\n" + "\n".join(f"  {p}" for p in problems))
+
+
+class NotFound(LookupError):
+    pass
+
+
+def execution_id_for(workflow: str, key: str) -> str:
+    """A deterministic execution id: the same key always names the same execution,
+    so starting twice with one idempotency key (or one trigger event) starts once,
+    forever, not only inside a broker's dedup window."""
+    return str(uuid.uuid5(_TRIGGER_NS, f"{workflow}\x00{key}"))
+
+
+@dataclass(slots=True)
+class Outcome:
+    message_id: str
+    status: str  # applied | duplicate | unknown
+    execution_id: str
+    reason: str = ""
+
+
+class Executions:
+    def __init__(self, store: EventStore, clock: Callable[[], datetime] = utcnow, cache_size: int = 20_000):
+        self.store = store
+        self.clock = clock
+        self._cache: OrderedDict[str, Execution] = OrderedDict()
+        self._cache_size = cache_size
+        self.listeners: list[Callable[[], None]] = []  # told after every append (wakes the relay)
+
+    # ---- reading -------------------------------------------------------------------------
+
+    def load(self, execution_id: str, *, fresh: bool = False) -> Execution:
+        """State of an execution, from the cache topped up with newer events."""
+        cached = None if fresh else self._cache.get(execution_id)
+        state = cached.copy() if cached is not None else Execution(id=execution_id)
+        for rec in self.store.load(uuid.UUID(execution_id), after_version=state.version):
+            evolve(state, ev.decode(rec.type, rec.data))
+        if state.version:
+            self._remember(state)
+        return state
+
+    def history(self, execution_id: str) -> list[Any]:
+        return [ev.decode(r.type, r.data) for r in self.store.load(uuid.UUID(execution_id))]
+
+    def _remember(self, state: Execution) -> None:
+        self._cache[state.id] = state
+        self._cache.move_to_end(state.id)
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+
+    # ---- writing -------------------------------------------------------------------------
+
+    def start(
+        self, version: Version, input: Any, *, execution_id: str | None = None, trigger: dict | None = None,
+        replay_of: str | None = None, reused: dict[str, Any] | None = None, idempotency_key: str | None = None,
+        trace_id: str | None = None,
+    ) -> tuple[Execution, bool]:
+        """Start an execution; returns (state, created). Input is checked before anything is stored."""
+        problems = validate_input(version.definition, input)
+        if problems:
+            raise InputError(problems)
+        if execution_id is None:
+            execution_id = (
+                execution_id_for(version.name, idempotency_key) if idempotency_key else str(uuid.uuid4())
+            )
+        cmd = Start(
+            definition=version.definition, version=version.version, content_hash=version.content_hash,
+            input=input, trigger=trigger, replay_of=replay_of, reused=reused or {},
+            idempotency_key=idempotency_key, trace_id=trace_id,
+        )
+        state = self.load(execution_id)
+        if state.version:
+            return state, False
+        try:
+            state = self._append(state, decide(state, cmd, self.clock()))
+        except ConcurrencyError:
+            return self.load(execution_id, fresh=True), False
+        return state, True
+
+    def command(self, execution_id: str, cmd: Command, *, attempts: int = 20) -> list[Any]:
+        """Decide and append a control command, retrying on a concurrent write."""
+        for _ in range(attempts):
+            state = self.load(execution_id)
+            if not state.version:
+                raise NotFound(f"no execution {execution_id}")
+            events = decide(state, cmd, self.clock())
+            try:
+                self._append(state, events)
+                return events
+            except ConcurrencyError:
+                self._cache.pop(execution_id, None)
+        raise ConcurrencyError(f"execution {execution_id}: too much contention")
+
+    def _append(self, state: Execution, events: list[Any], inbox: Sequence[str] = ()) -> Execution:
+        if not events and not inbox:
+            return state
+        new = [_record(state.id, state.version + i + 1, e) for i, e in enumerate(events)]
+        try:
+            self.store.append(new, inbox=inbox)
+        except ConcurrencyError:
+            self._cache.pop(state.id, None)
+            raise
+        after = state.copy()
+        for e in events:
+            evolve(after, e)
+        self._remember(after)
+        self._notify()
+        return after
+
+    def _notify(self) -> None:
+        for listener in self.listeners:
+            listener()
+
+    # ---- the result consumer's batch path ------------------------------------------------
+
+    def apply_results(self, results: Sequence[StepResult]) -> list[Outcome]:
+        """Apply a batch of step results in one transaction, with inbox dedup.
+
+        If any execution in the batch was changed by someone else meanwhile, the
+        whole transaction is refused; we then fall back to one execution at a time.
+        """
+        seen = self.store.seen([r.message_id for r in results])
+        outcomes: list[Outcome] = []
+        staged: dict[str, tuple[Execution, Execution, list[Any], list[str]]] = {}
+        for r in results:
+            mid = r.message_id
+            if mid in seen:
+                outcomes.append(Outcome(mid, "duplicate", r.execution_id))
+                continue
+            seen.add(mid)
+            entry = staged.get(r.execution_id)
+            if entry is None:
+                try:
+                    base = self.load(r.execution_id)
+                except ValueError:
+                    outcomes.append(Outcome(mid, "unknown", r.execution_id, "execution id is not a UUID"))
+                    continue
+                entry = staged[r.execution_id] = (base, base.copy(), [], [])
+            base, scratch, pending, inbox = entry
+            if not scratch.version:
+                outcomes.append(Outcome(mid, "unknown", r.execution_id, "no such execution"))
+                continue
+            try:
+                events = decide(scratch, r, self.clock())
+            except UnknownTask as exc:
+                outcomes.append(Outcome(mid, "unknown", r.execution_id, str(exc)))
+                continue
+            for e in events:
+                evolve(scratch, e)
+            pending.extend(events)
+            inbox.append(mid)
+            outcomes.append(Outcome(mid, "applied", r.execution_id))
+        batch = [(b, evs, ids) for b, _s, evs, ids in staged.values() if evs or ids]
+        if not batch:
+            return outcomes
+        records = [_record(b.id, b.version + i + 1, e) for b, evs, _ in batch for i, e in enumerate(evs)]
+        try:
+            self.store.append(records, inbox=[m for _, _, ids in batch for m in ids])
+        except ConcurrencyError:
+            for b, _, _ in batch:
+                self._cache.pop(b.id, None)
+            retry = [r for r in results if r.message_id in {m for _, _, ids in batch for m in ids}]
+            return [o for o in outcomes if o.status != "applied"] + self._apply_one_by_one(retry)
+        for b, evs, _ in batch:
+            self._remember(staged[b.id][1])
+        self._notify()
+        return outcomes
+
+    def _apply_one_by_one(self, results: Sequence[StepResult]) -> list[Outcome]:
+        outcomes = []
+        for r in results:
+            for _ in range(20):
+                if self.store.seen([r.message_id]):
+                    outcomes.append(Outcome(r.message_id, "duplicate", r.execution_id))
+                    break
+                state = self.load(r.execution_id)
+                try:
+                    events = decide(state, r, self.clock())
+                    self._append(state, events, inbox=[r.message_id])
+                except UnknownTask as exc:
+                    outcomes.append(Outcome(r.message_id, "unknown", r.execution_id, str(exc)))
+                    break
+                except ConcurrencyError:
+                    continue
+                outcomes.append(Outcome(r.message_id, "applied", r.execution_id))
+                break
+            else:
+                raise ConcurrencyError(f"execution {r.execution_id}: too much contention")
+        return outcomes
+
+
+def _record(execution_id: str, version: int, event: Any) -> NewEvent:
+    return NewEvent(uuid.UUID(execution_id), version, event.type, ev.encode(event))
+
+
+__all__ = ["Executions", "InputError", "NotFound", "DecisionError", "Outcome", "execution_id_for", "utcnow"]

@@ -1,0 +1,225 @@
+"""Execution state and `evolve`: fold one event into the state. Pure, no I/O.
+
+`evolve` updates the state it is given and returns it: the state is owned by
+whoever folds the history (a loader, or `decide` working on its own clone),
+which keeps loading a long history linear instead of copying per event.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from contracts import events as ev
+from contracts.definitions import WorkflowDef
+
+RUNNING, PAUSED, COMPLETED, FAILED, CANCELLED = "running", "paused", "completed", "failed", "cancelled"
+FINISHED = frozenset({COMPLETED, FAILED, CANCELLED})
+
+# task statuses: pending, scheduled, failed (awaiting its retry), reprocess (a user asked
+# for a new attempt), succeeded, dead_lettered
+# step statuses: pending, scheduled, succeeded, skipped, dead_lettered
+
+
+@dataclass(slots=True)
+class Task:
+    attempt: int = 0
+    status: str = "pending"
+    input: Any = None
+    output: Any = None
+    finished: set[int] = field(default_factory=set)  # attempts whose result is recorded
+    budget_from: int = 0  # attempts up to here do not count against the retry policy
+    next_retry_delay: float | None = None
+    patch: dict[str, Any] | None = None
+    error: tuple[str, str] | None = None
+    worker_id: str | None = None
+
+    def orphaned(self) -> bool:
+        """Scheduled, but its result was ignored because the execution had finished."""
+        return self.status == "scheduled" and self.attempt in self.finished
+
+    def copy(self) -> Task:
+        return Task(
+            self.attempt, self.status, self.input, self.output, set(self.finished),
+            self.budget_from, self.next_retry_delay, self.patch, self.error, self.worker_id,
+        )
+
+
+@dataclass(slots=True)
+class Step:
+    status: str = "pending"
+    count: int | None = None  # number of items of a map step, once expanded
+    tasks: dict[int | None, Task] = field(default_factory=dict)
+    output: Any = None
+    reused_from: str | None = None
+    skip_reason: str | None = None
+
+    def copy(self) -> Step:
+        tasks = {k: t.copy() for k, t in self.tasks.items()}
+        return Step(self.status, self.count, tasks, self.output, self.reused_from, self.skip_reason)
+
+
+@dataclass(slots=True)
+class Execution:
+    id: str
+    version: int = 0  # number of events folded in; the next event is version + 1
+    status: str = "new"
+    workflow: str = ""
+    workflow_version: int = 0
+    content_hash: str = ""
+    definition: WorkflowDef | None = None
+    input: Any = None
+    steps: dict[str, Step] = field(default_factory=dict)
+    output: Any = None
+    error: tuple[str | None, str, str] | None = None  # (step, type, message)
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    replay_of: str | None = None
+    trigger: dict[str, Any] | None = None
+    trace_id: str | None = None
+
+    def copy(self) -> Execution:
+        steps = {k: s.copy() for k, s in self.steps.items()}
+        return Execution(
+            self.id, self.version, self.status, self.workflow, self.workflow_version,
+            self.content_hash, self.definition, self.input, steps, self.output, self.error,
+            self.started_at, self.finished_at, self.replay_of, self.trigger, self.trace_id,
+        )
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINISHED
+
+
+_definitions: dict[str, WorkflowDef] = {}
+
+
+def _definition(content_hash: str, raw: dict[str, Any]) -> WorkflowDef:
+    # A memo, not state: the same hash always parses to the same immutable definition.
+    wf = _definitions.get(content_hash)
+    if wf is None:
+        wf = WorkflowDef.model_validate(raw)
+        if len(_definitions) > 10_000:
+            _definitions.clear()
+        _definitions[content_hash] = wf
+    return wf
+
+
+def evolve(s: Execution, e: Any) -> Execution:
+    s.version += 1
+    kind = e.type
+    if kind == "ExecutionStarted":
+        s.status = RUNNING
+        s.workflow, s.workflow_version, s.content_hash = e.workflow, e.version, e.content_hash
+        s.definition = _definition(e.content_hash, e.definition)
+        s.input, s.started_at, s.replay_of, s.trigger, s.trace_id = (
+            e.input, e.at, e.replay_of, e.trigger, e.trace_id
+        )
+        s.steps = {step.id: Step() for step in s.definition.steps}
+    elif kind == "StepMapped":
+        step = s.steps[e.step_id]
+        step.count, step.status = e.count, "scheduled"
+    elif kind == "StepScheduled":
+        step = s.steps[e.step_id]
+        task = step.tasks.get(e.item)
+        if task is None:
+            task = step.tasks[e.item] = Task()
+        task.attempt, task.status, task.input, task.patch = e.attempt, "scheduled", e.input, None
+        task.next_retry_delay = None
+        if step.status in ("pending", "dead_lettered"):
+            step.status = "scheduled"
+    elif kind == "StepSucceeded":
+        step = s.steps[e.step_id]
+        if e.item is None and (step.count is not None or e.reused_from):
+            step.status, step.output, step.reused_from = "succeeded", e.output, e.reused_from
+            return s
+        task = step.tasks.setdefault(e.item, Task(attempt=e.attempt))
+        task.status, task.output, task.worker_id = "succeeded", e.output, e.worker_id
+        task.finished.add(e.attempt)
+        if e.item is None:
+            step.status, step.output = "succeeded", e.output
+    elif kind == "StepFailed":
+        task = s.steps[e.step_id].tasks[e.item]
+        task.status, task.error, task.worker_id = "failed", (e.error_type, e.error_message), e.worker_id
+        task.next_retry_delay = e.next_retry_delay
+        task.finished.add(e.attempt)
+    elif kind == "StepDeadLettered":
+        step = s.steps[e.step_id]
+        step.status = "dead_lettered"
+        task = step.tasks.get(e.item)
+        if task is not None:
+            task.status = "dead_lettered"
+            task.error = (e.error_type, e.error_message)
+            task.finished.add(e.attempt)
+    elif kind == "StepSkipped":
+        step = s.steps[e.step_id]
+        step.status, step.skip_reason = "skipped", e.reason
+    elif kind == "StepResultIgnored":
+        task = s.steps[e.step_id].tasks.get(e.item)
+        if task is not None:
+            task.finished.add(e.attempt)
+    elif kind == "StepReprocessRequested":
+        step = s.steps[e.step_id]
+        task = step.tasks.get(e.item)
+        if task is None:  # the step failed before any task existed (e.g. a bad input mapping)
+            step.status = "pending"
+        else:
+            task.status, task.budget_from, task.patch = "reprocess", task.attempt, e.patch
+            step.status = "scheduled"
+        _reopen(s)
+    elif kind == "ExecutionRetried":
+        for step in s.steps.values():
+            if step.status != "dead_lettered":
+                continue
+            if not step.tasks:
+                step.status = "pending"
+            for task in step.tasks.values():
+                if task.status == "dead_lettered":
+                    task.status, task.budget_from = "reprocess", task.attempt
+            if step.tasks:
+                step.status = "scheduled"
+        _reopen(s)
+    elif kind == "ExecutionCompleted":
+        s.status, s.output, s.finished_at = COMPLETED, e.output, e.at
+    elif kind == "ExecutionFailed":
+        s.status, s.error, s.finished_at = FAILED, (e.step_id, e.error_type, e.error_message), e.at
+    elif kind == "ExecutionCancelled":
+        s.status, s.finished_at = CANCELLED, e.at
+    elif kind == "ExecutionPaused":
+        s.status = PAUSED
+    elif kind == "ExecutionResumed":
+        s.status = RUNNING
+    return s
+
+
+def _reopen(s: Execution) -> None:
+    s.status, s.finished_at, s.error, s.output = RUNNING, None, None, None
+
+
+def fold(execution_id: str, history: list[Any]) -> Execution:
+    state = Execution(id=execution_id)
+    for e in history:
+        evolve(state, e)
+    return state
+
+
+def step_view(s: Execution) -> list[dict[str, Any]]:
+    """Per-step summary for status output."""
+    out = []
+    for step_id, step in s.steps.items():
+        attempts = max((t.attempt for t in step.tasks.values()), default=0)
+        errors = [t.error for t in step.tasks.values() if t.error and t.status != "succeeded"]
+        out.append(
+            {
+                "step_id": step_id,
+                "status": step.status,
+                "attempts": attempts,
+                "items": step.count,
+                "output": step.output,
+                "error": {"type": errors[0][0], "message": errors[0][1]} if errors else None,
+                "reused_from": step.reused_from,
+                "skip_reason": step.skip_reason,
+            }
+        )
+    return out

