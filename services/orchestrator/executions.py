@@ -9,6 +9,7 @@ publishes what is in the store, so if it is not stored it did not happen.
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -61,13 +62,14 @@ class Executions:
         self.clock = clock
         self._cache: OrderedDict[str, Execution] = OrderedDict()
         self._cache_size = cache_size
+        self._lock = threading.Lock()  # the consumer thread and request threads share the cache
         self.listeners: list[Callable[[], None]] = []  # told after every append (wakes the relay)
 
     # ---- reading -------------------------------------------------------------------------
 
     def load(self, execution_id: str, *, fresh: bool = False) -> Execution:
         """State of an execution, from the cache topped up with newer events."""
-        cached = None if fresh else self._cache.get(execution_id)
+        cached = None if fresh else self._get(execution_id)
         state = cached.copy() if cached is not None else Execution(id=execution_id)
         for rec in self.store.load(uuid.UUID(execution_id), after_version=state.version):
             evolve(state, ev.decode(rec.type, rec.data))
@@ -78,11 +80,20 @@ class Executions:
     def history(self, execution_id: str) -> list[Any]:
         return [ev.decode(r.type, r.data) for r in self.store.load(uuid.UUID(execution_id))]
 
+    def _get(self, execution_id: str) -> Execution | None:
+        with self._lock:
+            return self._cache.get(execution_id)
+
+    def _forget(self, execution_id: str) -> None:
+        with self._lock:
+            self._forget(execution_id)
+
     def _remember(self, state: Execution) -> None:
-        self._cache[state.id] = state
-        self._cache.move_to_end(state.id)
-        while len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
+        with self._lock:
+            self._cache[state.id] = state
+            self._cache.move_to_end(state.id)
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
 
     # ---- writing -------------------------------------------------------------------------
 
@@ -104,9 +115,8 @@ class Executions:
             input=input, trigger=trigger, replay_of=replay_of, reused=reused or {},
             idempotency_key=idempotency_key, trace_id=trace_id,
         )
-        state = self.load(execution_id)
-        if state.version:
-            return state, False
+        # No read first: appending version 1 either wins or proves it already exists.
+        state = Execution(id=execution_id)
         try:
             state = self._append(state, decide(state, cmd, self.clock()))
         except ConcurrencyError:
@@ -124,7 +134,7 @@ class Executions:
                 self._append(state, events)
                 return events
             except ConcurrencyError:
-                self._cache.pop(execution_id, None)
+                self._forget(execution_id)
         raise ConcurrencyError(f"execution {execution_id}: too much contention")
 
     def _append(self, state: Execution, events: list[Any], inbox: Sequence[str] = ()) -> Execution:
@@ -134,7 +144,7 @@ class Executions:
         try:
             self.store.append(new, inbox=inbox)
         except ConcurrencyError:
-            self._cache.pop(state.id, None)
+            self._forget(state.id)
             raise
         after = state.copy()
         for e in events:
@@ -156,7 +166,9 @@ class Executions:
         whole transaction is refused; we then fall back to one execution at a time.
         """
         seen = self.store.seen([r.message_id for r in results])
+        self._warm([r.execution_id for r in results])
         outcomes: list[Outcome] = []
+        recheck: list[StepResult] = []
         staged: dict[str, tuple[Execution, Execution, list[Any], list[str]]] = {}
         for r in results:
             mid = r.message_id
@@ -166,20 +178,18 @@ class Executions:
             seen.add(mid)
             entry = staged.get(r.execution_id)
             if entry is None:
-                try:
-                    base = self.load(r.execution_id)
-                except ValueError:
-                    outcomes.append(Outcome(mid, "unknown", r.execution_id, "execution id is not a UUID"))
-                    continue
+                # Trust the cache: if another writer moved this execution on, the
+                # append below fails on its version and we fall back to fresh loads.
+                base = self._get(r.execution_id) or Execution(id=r.execution_id)
                 entry = staged[r.execution_id] = (base, base.copy(), [], [])
             base, scratch, pending, inbox = entry
             if not scratch.version:
-                outcomes.append(Outcome(mid, "unknown", r.execution_id, "no such execution"))
+                recheck.append(r)
                 continue
             try:
                 events = decide(scratch, r, self.clock())
-            except UnknownTask as exc:
-                outcomes.append(Outcome(mid, "unknown", r.execution_id, str(exc)))
+            except UnknownTask:
+                recheck.append(r)  # our cached state may be behind: decide again on a fresh load
                 continue
             for e in events:
                 evolve(scratch, e)
@@ -187,20 +197,42 @@ class Executions:
             inbox.append(mid)
             outcomes.append(Outcome(mid, "applied", r.execution_id))
         batch = [(b, evs, ids) for b, _s, evs, ids in staged.values() if evs or ids]
-        if not batch:
-            return outcomes
-        records = [_record(b.id, b.version + i + 1, e) for b, evs, _ in batch for i, e in enumerate(evs)]
-        try:
-            self.store.append(records, inbox=[m for _, _, ids in batch for m in ids])
-        except ConcurrencyError:
-            for b, _, _ in batch:
-                self._cache.pop(b.id, None)
-            retry = [r for r in results if r.message_id in {m for _, _, ids in batch for m in ids}]
-            return [o for o in outcomes if o.status != "applied"] + self._apply_one_by_one(retry)
-        for b, evs, _ in batch:
-            self._remember(staged[b.id][1])
-        self._notify()
+        if batch:
+            records = [_record(b.id, b.version + i + 1, e) for b, evs, _ in batch for i, e in enumerate(evs)]
+            batch_ids = {m for _, _, ids in batch for m in ids}
+            try:
+                self.store.append(records, inbox=list(batch_ids))
+            except ConcurrencyError:
+                for b, _, _ in batch:
+                    self._forget(b.id)
+                outcomes = [o for o in outcomes if o.message_id not in batch_ids]
+                recheck = [r for r in results if r.message_id in batch_ids] + recheck
+            else:
+                for b, _, _ in batch:
+                    self._remember(staged[b.id][1])
+                self._notify()
+        if recheck:
+            outcomes += self._apply_one_by_one(recheck)
         return outcomes
+
+    def _warm(self, execution_ids: Sequence[str]) -> None:
+        """Load the executions a batch needs that are not cached, in one round trip."""
+        missing = []
+        for eid in dict.fromkeys(execution_ids):
+            if self._get(eid) is not None:
+                continue
+            try:
+                missing.append(uuid.UUID(eid))
+            except ValueError:
+                continue  # not an execution id: reported as unknown
+        if not missing:
+            return
+        for sid, records in self.store.load_many(missing).items():
+            if records:
+                state = Execution(id=str(sid))
+                for rec in records:
+                    evolve(state, ev.decode(rec.type, rec.data))
+                self._remember(state)
 
     def _apply_one_by_one(self, results: Sequence[StepResult]) -> list[Outcome]:
         outcomes = []
@@ -209,7 +241,14 @@ class Executions:
                 if self.store.seen([r.message_id]):
                     outcomes.append(Outcome(r.message_id, "duplicate", r.execution_id))
                     break
-                state = self.load(r.execution_id)
+                try:
+                    state = self.load(r.execution_id)
+                except ValueError:
+                    outcomes.append(Outcome(r.message_id, "unknown", r.execution_id, "execution id is not a UUID"))
+                    break
+                if not state.version:
+                    outcomes.append(Outcome(r.message_id, "unknown", r.execution_id, "no such execution"))
+                    break
                 try:
                     events = decide(state, r, self.clock())
                     self._append(state, events, inbox=[r.message_id])

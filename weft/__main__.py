@@ -1,0 +1,5 @@
+"""`python -m weft` runs the CLI."""
+
+from weft.cli import main
+
+main()
