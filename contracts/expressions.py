@@ -117,7 +117,10 @@ def render(template: Any, context: dict[str, Any]) -> Any:
                 return value
             return orjson.dumps(value).decode()
 
-        return _PART.sub(text, template)
+        out = _PART.sub(text, template)
+        # Each value is bounded, but many of them glued together must be as well.
+        _check_size(template[:80], out)
+        return out
     if isinstance(template, dict):
         return {key: render(value, context) for key, value in template.items()}
     if isinstance(template, list):

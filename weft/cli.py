@@ -151,8 +151,13 @@ def run(
     from services.orchestrator.executions import Executions, InputError
     from services.orchestrator.registry import Registry
 
+    from contracts.definitions import validate_input
+
     wf = _definition(file)
     data = _json_arg("--input", input)
+    problems = validate_input(wf, data)
+    if problems:  # before anything is stored, the workflow version included
+        out.fail(2, str(InputError(problems)))
     settings = _settings(home)
     store = _store(home)
     try:

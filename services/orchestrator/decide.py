@@ -106,6 +106,9 @@ Emit = Callable[[Any], None]
 
 
 def _start(s: Execution, c: Start, now: datetime, emit: Emit) -> None:
+    unknown = sorted(set(c.reused) - {step.id for step in c.definition.steps})
+    if unknown:  # a replay onto a version without these steps: refuse, do not crash in evolve
+        raise DecisionError("unknown_step", f"cannot reuse outputs of unknown steps {unknown}")
     emit(
         ev.ExecutionStarted(
             at=now, workflow=c.definition.name, version=c.version, content_hash=c.content_hash,
@@ -225,6 +228,8 @@ def _advance(s: Execution, now: datetime, emit: Emit) -> None:
     while progress and s.status == RUNNING:
         progress = False
         for step_def in wf.steps:
+            if s.status != RUNNING:
+                break  # a step dead-lettered at schedule time failed the execution: schedule no more
             step = s.steps[step_def.id]
             if step.status == "scheduled" and step.count is not None:
                 if all(t.status == "succeeded" for t in step.tasks.values()) and len(step.tasks) == step.count:

@@ -92,17 +92,19 @@ class Execution:
         return self.status in FINISHED
 
 
-_definitions: dict[str, WorkflowDef] = {}
+_definitions: dict[str, tuple[dict[str, Any], WorkflowDef]] = {}
 
 
 def _definition(content_hash: str, raw: dict[str, Any]) -> WorkflowDef:
     # A memo, not state: the same hash always parses to the same immutable definition.
-    wf = _definitions.get(content_hash)
-    if wf is None:
-        wf = WorkflowDef.model_validate(raw)
-        if len(_definitions) > 10_000:
-            _definitions.clear()
-        _definitions[content_hash] = wf
+    # The body is compared too: a caller's wrong hash must not run another definition.
+    hit = _definitions.get(content_hash)
+    if hit is not None and hit[0] == raw:
+        return hit[1]
+    wf = WorkflowDef.model_validate(raw)
+    if len(_definitions) > 10_000:
+        _definitions.clear()
+    _definitions[content_hash] = (raw, wf)
     return wf
 
 

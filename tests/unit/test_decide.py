@@ -40,11 +40,11 @@ def definition(*steps: dict[str, Any], output: Any = None) -> WorkflowDef:
 class Run:
     """An execution driven through decide(), keeping the history like the store would."""
 
-    def __init__(self, wf: WorkflowDef, input: Any = None, *, eid: str = EID, **start: Any):
+    def __init__(self, wf: WorkflowDef, input: Any = None, *, eid: str = EID, start_hash: str | None = None, **start: Any):
         self.wf = wf
         self.state = Execution(id=eid)
         self.history: list[Any] = []
-        self.last = self.do(Start(wf, 1, wf.content_hash(), input=input, **start))
+        self.last = self.do(Start(wf, 1, start_hash or wf.content_hash(), input=input, **start))
 
     def do(self, command: Any, now: datetime = NOW) -> list[Any]:
         events = decide(self.state, command, now)
@@ -819,3 +819,35 @@ def test_events_carry_the_time_they_are_given() -> None:
     events = run.do(result("a", "succeeded"), later)
     assert all(e.at == later for e in events)
     assert run.state.finished_at == later and run.state.started_at == NOW
+
+
+# ---- regressions ----------------------------------------------------------------------------
+
+
+def test_an_expression_error_stops_scheduling_the_other_ready_steps() -> None:
+    # Regression: the scheduling pass went on after the dead letter had failed the execution,
+    # scheduling (or dead-lettering again) the next ready step of a finished execution.
+    for second in ({"id": "b"}, {"id": "b", "input": "${{ abs(input.s) }}"}):
+        run = Run(definition({"id": "a", "input": "${{ abs(input.s) }}"}, second), {"s": "x"})
+        assert types(run.last) == ["ExecutionStarted", "StepDeadLettered", "ExecutionFailed"]
+        assert run.status("b") == "pending"
+
+
+def test_a_replay_reusing_a_step_the_definition_does_not_have_is_refused() -> None:
+    # Regression: evolve raised KeyError inside decide (a replay onto a version without the step).
+    wf = definition({"id": "a"}, {"id": "b", "needs": ["a"]})
+    with pytest.raises(DecisionError) as info:
+        decide(Execution(id=EID), Start(wf, 2, wf.content_hash(), replay_of="ex-0", reused={"gone": 1}), NOW)
+    assert info.value.code == "unknown_step" and "gone" in str(info.value)
+
+
+def test_a_wrong_content_hash_does_not_run_another_definition() -> None:
+    # Regression: definitions were memoised by content hash alone, so a second execution given
+    # the same (wrong) hash ran the first one's steps.
+    one = definition({"id": "one"})
+    two = parse_definition({"name": "other", "steps": [{"id": "two", "type": "noop"}]})
+    first = Run(one, start_hash="same")
+    second = Run(two, eid="ex-2", start_hash="same")
+    assert scheduled(first.last) == [("one", None, 1)]
+    assert scheduled(second.last) == [("two", None, 1)]
+    assert fold("ex-2", second.history) == second.state

@@ -1,0 +1,157 @@
+"""End to end, as a user: `weft up` as a subprocess, then the CLI against it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.e2e
+
+SLOW = """
+name: slow-then-done
+steps:
+  - {id: wait, type: sleep, with: {seconds: 2}}
+  - {id: done, type: transform, needs: [wait], with: {expression: "{ok: `true`}"}}
+output: "${{ steps.done.output }}"
+"""
+FAILING = """
+name: always-fails
+steps:
+  - id: boom
+    type: python
+    with: {callable: "tests.integration.steps:refuse"}
+"""
+
+
+def _env(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WEFT_")}
+    env["WEFT_HOME"] = str(home)
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
+def weft(home: Path, *args: str, check: bool = False, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "weft", *args], env=_env(home), cwd=ROOT, capture_output=True, text=True,
+        timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"weft {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+class Up:
+    def __init__(self, home: Path):
+        self.home = home
+        self.log = home / f"up-{time.monotonic_ns()}.log"
+        home.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "weft", "up"], env=_env(home), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 30
+        while not self._ready():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"weft up did not start:\n{self.log.read_text()}")
+            time.sleep(0.1)
+
+    def _ready(self) -> bool:
+        stack = self.home / "stack.json"
+        return stack.exists() and json.loads(stack.read_text()).get("pid") == self.proc.pid
+
+    def stop(self, sig: int = signal.SIGINT) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=30)
+
+
+@pytest.fixture
+def up(tmp_path: Path):
+    stack = Up(tmp_path / "home")
+    yield stack
+    stack.stop()
+
+
+def _json(proc: subprocess.CompletedProcess[str]) -> Any:
+    return json.loads(proc.stdout)
+
+
+def test_run_example_and_read_it_back(up: Up) -> None:
+    proc = weft(up.home, "run", "examples/order.yaml", "--input", '{"order_id": "A-1", "items": ["apple", "pear"]}', "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = _json(proc)
+    assert result["status"] == "completed"
+    assert result["output"] == {"order": "A-1", "summary": {"parcels": ["P0-1", "P1-2"], "count": 2}}
+    eid = result["execution_id"]
+
+    status = _json(weft(up.home, "status", eid, "--json", check=True))
+    assert {s["step_id"]: s["status"] for s in status["steps"]} == {
+        "reserve": "succeeded", "ship_each": "succeeded", "summary": "succeeded"}
+
+    lines = [json.loads(line) for line in weft(up.home, "history", eid, "--json", check=True).stdout.splitlines()]
+    assert [row["seq"] for row in lines] == list(range(1, len(lines) + 1))
+    assert lines[0]["type"] == "ExecutionStarted" and lines[-1]["type"] == "ExecutionCompleted"
+
+    as_of = _json(weft(up.home, "history", eid, "--at", "2", "--json", check=True))
+    assert as_of["status"] == "running" and as_of["as_of"] == 2
+
+    listed = _json(weft(up.home, "executions", "list", "--json", check=True))
+    assert any(row["id"] == eid and row["status"] == "completed" for row in listed)
+
+
+def test_bad_input_and_bad_definitions_exit_2_and_store_nothing(up: Up, tmp_path: Path) -> None:
+    before = _json(weft(up.home, "executions", "list", "--json", check=True))
+    proc = weft(up.home, "run", "examples/order.yaml", "--input", '{"items": 3}', "--json")
+    assert proc.returncode == 2
+    assert "order_id" in proc.stderr and "input.items" in proc.stderr
+    assert weft(up.home, "run", "examples/order.yaml", "--input", "{not json").returncode == 2
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: bad\nsteps:\n  - {id: a, type: noop, needs: [ghost]}\n")
+    proc = weft(up.home, "run", str(bad))
+    assert proc.returncode == 2 and "steps[0].needs[0] (line 3)" in proc.stderr
+    assert _json(weft(up.home, "executions", "list", "--json", check=True)) == before
+    assert _json(weft(up.home, "workflows", "list", "--json", check=True)) == []
+
+
+def test_failed_execution_exits_1(up: Up, tmp_path: Path) -> None:
+    wf = tmp_path / "failing.yaml"
+    wf.write_text(FAILING)
+    proc = weft(up.home, "run", str(wf), "--json")
+    assert proc.returncode == 1
+    result = _json(proc)
+    assert result["status"] == "failed"
+    assert result["error"] == {"step_id": "boom", "type": "NonRetryableError", "message": "refused"}
+
+
+def test_restart_resumes_in_flight_executions(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    first = Up(home)
+    wf = tmp_path / "slow.yaml"
+    wf.write_text(SLOW)
+    started = _json(weft(home, "run", str(wf), "--no-wait", "--json", check=True))
+    time.sleep(0.5)  # the sleep step is running on the worker
+    assert first.stop(signal.SIGKILL) == -signal.SIGKILL
+    second = Up(home)
+    try:
+        proc = weft(home, "run", str(wf), "--json")  # a second run, while the first resumes
+        assert proc.returncode == 0, proc.stderr
+        deadline = time.monotonic() + 60
+        while True:
+            status = _json(weft(home, "status", started["execution_id"], "--json", check=True))
+            if status["status"] == "completed" or time.monotonic() > deadline:
+                break
+            time.sleep(0.3)
+        assert status["status"] == "completed"
+        assert status["output"] == {"ok": True}
+    finally:
+        assert second.stop() == 0
+    assert not (home / "stack.json").exists()
