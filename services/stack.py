@@ -25,7 +25,7 @@ from services.worker.runtime import Worker
 from services.worker.steps import HttpPolicy, default_registry
 
 log = logging.getLogger("weft")
-ALL = ("orchestrator", "relay", "worker", "projector")
+ALL = ("orchestrator", "relay", "worker", "projector", "deadletters")
 
 
 class Stack:
@@ -38,6 +38,7 @@ class Stack:
         self.consumer: ResultConsumer | None = None
         self.worker: Worker | None = None
         self.projector: Projector | None = None
+        self.deadletters: Any = None  # services.deadletters.DeadLetterService
 
 
 async def connect(settings: Settings) -> tuple[EventStore, Transport]:
@@ -84,6 +85,13 @@ async def run_services(
         if "projector" in parts:
             stack.projector = await asyncio.to_thread(Projector, store, [ExecutionsView()])
             runs.append(stack.projector.run(stop))
+        if "deadletters" in parts:
+            from services.deadletters import DeadLetterService
+
+            stack.deadletters = await asyncio.to_thread(
+                DeadLetterService, store, transport, ack_wait=settings.ack_wait, poll_interval=max(settings.poll_interval, 0.05)
+            )
+            runs.append(stack.deadletters.run(stop))
         if on_ready is not None:
             maybe = on_ready(stack)
             if maybe is not None:

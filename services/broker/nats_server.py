@@ -110,8 +110,13 @@ class NatsServer:
         start_timeout: float = 30.0,
         stop_timeout: float = 15.0,
         binary: Path | str | None = None,
+        sync: str = "always",
     ) -> None:
         self.store_dir = Path(store_dir).resolve()
+        # "always": fsync every write (the default: durability first). Anything else is
+        # passed as the sync_interval (e.g. "2m", NATS's own default), for benchmarks
+        # and for clustered deployments that rely on replication instead.
+        self.sync = sync
         self.host = host
         self.port = port
         self.monitor_port = monitor_port
@@ -235,7 +240,7 @@ class NatsServer:
             "jetstream {",
             f"  store_dir: {q(self.store_dir)}",
             # fsync every write: an acked publish survives SIGKILL and power loss.
-            "  sync_interval: always",
+            f"  sync_interval: {self.sync}",
             "}",
         ]
         return "\n".join(lines) + "\n"

@@ -78,5 +78,6 @@ class ResultConsumer:
             kind, msg.data, reason=reason, headers=msg.headers, source_subject=msg.subject,
             delivered=msg.delivered, msg_id=f"dlq:{RESULTS_STREAM}:{msg.stream_seq}",
         )
+        crash_point("orchestrator.after_dead_letter")  # stored in the DLQ, not yet acked: redelivery dedups
         await msg.ack()
         log.warning("result dead-lettered (%s): %s", kind, reason)

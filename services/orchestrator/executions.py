@@ -123,6 +123,40 @@ class Executions:
             return self.load(execution_id, fresh=True), False
         return state, True
 
+    def start_many(self, version: Version, inputs: Sequence[Any], *, execution_ids: Sequence[str] | None = None) -> list[str]:
+        """Start many executions of one version in one transaction (bulk starts, backfills).
+
+        Every input is checked first; nothing is stored if any is invalid. With
+        given ids an execution that already exists is left alone (idempotent).
+        """
+        for i, data in enumerate(inputs):
+            problems = validate_input(version.definition, data)
+            if problems:
+                for p in problems:
+                    p.path = f"[{i}].{p.path}"
+                raise InputError(problems)
+        ids = list(execution_ids) if execution_ids is not None else [str(uuid.uuid4()) for _ in inputs]
+        now = self.clock()
+        states, records = [], []
+        for eid, data in zip(ids, inputs):
+            cmd = Start(definition=version.definition, version=version.version, content_hash=version.content_hash, input=data)
+            state = Execution(id=eid)
+            events = decide(state, cmd, now)
+            records.extend(_record(eid, i + 1, e) for i, e in enumerate(events))
+            for e in events:
+                evolve(state, e)
+            states.append(state)
+        try:
+            self.store.append(records)
+        except ConcurrencyError:  # some exist already: start the others one by one
+            for eid, data in zip(ids, inputs):
+                self.start(version, data, execution_id=eid)
+            return ids
+        for state in states:
+            self._remember(state)
+        self._notify()
+        return ids
+
     def command(self, execution_id: str, cmd: Command, *, attempts: int = 20) -> list[Any]:
         """Decide and append a control command, retrying on a concurrent write."""
         for _ in range(attempts):

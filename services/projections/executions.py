@@ -1,4 +1,10 @@
-"""The executions view: one row per execution, for listing and filtering."""
+"""The executions view: one row per execution, for listing, filtering and lineage.
+
+Row: status, workflow and version, input, output, error, timings, the status
+of every step and the steps running now, `replay_of` and `replays` (the
+executions started as replays of this one). Built only from the events, so a
+rebuild from position 0 gives the same rows whatever the batch boundaries.
+"""
 
 from __future__ import annotations
 
@@ -6,69 +12,212 @@ from typing import Any, Sequence
 
 import orjson
 
+from services.projections.tables import TableSpec, TableView, dumps, loads, millis, norm_time, select_in, write_rows
 from services.store import StoredRecord, ViewTransaction
 
-_STATUS = {
-    "ExecutionCompleted": "completed",
-    "ExecutionFailed": "failed",
-    "ExecutionCancelled": "cancelled",
-    "ExecutionPaused": "paused",
-    "ExecutionResumed": "running",
-    "ExecutionRetried": "running",
-    "StepReprocessRequested": "running",
-}
+_FINISH = {"ExecutionCompleted": "completed", "ExecutionFailed": "failed", "ExecutionCancelled": "cancelled"}
+_COLUMNS = (
+    ("id", "TEXT NOT NULL"), ("workflow", "TEXT NOT NULL"), ("version", "INTEGER NOT NULL"),
+    ("status", "TEXT NOT NULL"), ("started_at", "TEXT NOT NULL"), ("finished_at", "TEXT"),
+    ("updated_at", "TEXT NOT NULL"), ("duration_ms", "DOUBLE PRECISION"), ("input", "TEXT"), ("output", "TEXT"),
+    ("error", "TEXT"), ("error_type", "TEXT"), ("error_step", "TEXT"), ("steps", "TEXT NOT NULL"),
+    ("current_steps", "TEXT NOT NULL"), ("replay_of", "TEXT"), ("replays", "TEXT NOT NULL"),
+    ("trigger", "TEXT"), ("events", "INTEGER NOT NULL"), ("position", "BIGINT NOT NULL"),
+)
+_NAMES = tuple(c for c, _ in _COLUMNS)
+_UPDATE = ", ".join(f"{c} = excluded.{c}" for c in _NAMES if c != "id")
 
 
-class ExecutionsView:
+class ExecutionsView(TableView):
     name = "view:executions"
-    types = ("ExecutionStarted", *_STATUS)
-    table = "weft_executions"
-
-    def create(self, tx: ViewTransaction) -> None:
-        tx.execute(
-            f"CREATE TABLE IF NOT EXISTS {self.table} ("
-            "id TEXT PRIMARY KEY, workflow TEXT NOT NULL, version INTEGER NOT NULL, status TEXT NOT NULL, "
-            "started_at TEXT NOT NULL, finished_at TEXT, updated_at TEXT NOT NULL, replay_of TEXT, "
-            "error TEXT, position BIGINT NOT NULL)"
+    version = 2
+    types = (
+        "ExecutionStarted", "StepMapped", "StepScheduled", "StepSucceeded", "StepSkipped", "StepDeadLettered",
+        "StepReprocessRequested", "ExecutionCompleted", "ExecutionFailed", "ExecutionCancelled",
+        "ExecutionPaused", "ExecutionResumed", "ExecutionRetried",
+    )
+    tables = {
+        "executions": TableSpec(
+            _COLUMNS, ("id",),
+            indexes=(("wf", ("workflow", "started_at")), ("status", ("status", "started_at")),
+                     ("started", ("started_at",)), ("replay_of", ("replay_of",))),
         )
-        tx.execute(f"CREATE INDEX IF NOT EXISTS {self.table}_wf ON {self.table} (workflow, started_at)")
-        tx.execute(f"CREATE INDEX IF NOT EXISTS {self.table}_status ON {self.table} (status, started_at)")
+    }
+
+    @property
+    def table(self) -> str:
+        return self.t["executions"]
 
     def apply(self, tx: ViewTransaction, records: Sequence[StoredRecord]) -> None:
+        parsed = []
+        started: set[str] = set()  # executions this batch starts
+        missing: set[str] = set()  # rows to read: started before this batch
         for rec in records:
-            e = orjson.loads(rec.data)
             eid = str(rec.stream_id)
+            e = orjson.loads(rec.data)
+            parsed.append((rec, eid, e))
             if rec.type == "ExecutionStarted":
-                tx.execute(
-                    f"INSERT INTO {self.table} (id, workflow, version, status, started_at, updated_at, replay_of, position) "
-                    "VALUES (?, ?, ?, 'running', ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
-                    (eid, e["workflow"], e["version"], e["at"], e["at"], e.get("replay_of"), rec.position),
-                )
+                started.add(eid)
+                source = e.get("replay_of")
+                if source and source not in started:
+                    missing.add(source)
+            elif eid not in started:
+                missing.add(eid)
+        rows: dict[str, dict[str, Any]] = {}
+        if missing:
+            for row in select_in(tx, f"SELECT {', '.join(_NAMES)} FROM {self.table}", "id", missing):
+                r = dict(zip(_NAMES, row))
+                r["steps"], r["replays"] = loads(r["steps"]), loads(r["replays"])
+                rows[r["id"]] = r
+        touched: dict[str, dict[str, Any]] = {}
+        for rec, eid, e in parsed:
+            if rec.type == "ExecutionStarted":
+                row = _started(eid, e, rec)
+                if eid in rows:  # already there (a rebuild racing nothing, or a replayed append): keep lineage
+                    row["replays"] = rows[eid]["replays"]
+                rows[eid] = touched[eid] = row
+                source = rows.get(e.get("replay_of") or "")
+                if source is not None and eid not in source["replays"]:
+                    source["replays"].append(eid)
+                    touched[source["id"]] = source
                 continue
-            status = _STATUS[rec.type]
-            finished = e["at"] if status in ("completed", "failed", "cancelled") else None
-            error = e.get("error_message") if rec.type == "ExecutionFailed" else None
-            tx.execute(
-                f"UPDATE {self.table} SET status = ?, finished_at = ?, updated_at = ?, error = ?, position = ? "
-                "WHERE id = ?",
-                (status, finished, e["at"], error, rec.position, eid),
-            )
+            row = rows.get(eid)
+            if row is None:
+                continue  # events of an execution whose start this view never saw (not a valid history)
+            _evolve(row, rec.type, e)
+            row["updated_at"] = norm_time(e["at"])
+            row["events"], row["position"] = max(row["events"], rec.version), rec.position
+            touched[eid] = row
+        out = []
+        for row in touched.values():
+            finished = row["status"] in ("completed", "failed", "cancelled")
+            current = [] if finished else [s for s, st in row["steps"].items() if st == "scheduled"]
+            out.append(tuple(
+                dumps(row[c]) if c in ("steps", "replays") else dumps(current) if c == "current_steps" else row[c]
+                for c in _NAMES
+            ))
+        write_rows(tx, self.table, _NAMES, out, key=("id",), update=_UPDATE)
+
+
+def _started(eid: str, e: dict[str, Any], rec: StoredRecord) -> dict[str, Any]:
+    at = norm_time(e["at"])
+    steps = {s["id"]: "pending" for s in e["definition"].get("steps", ())}
+    trigger = e.get("trigger")
+    return {
+        "id": eid, "workflow": e["workflow"], "version": e["version"], "status": "running", "started_at": at,
+        "finished_at": None, "updated_at": at, "duration_ms": None, "input": dumps(e.get("input")), "output": None,
+        "error": None, "error_type": None, "error_step": None, "steps": steps, "replay_of": e.get("replay_of"),
+        "replays": [], "trigger": dumps(trigger) if trigger is not None else None, "events": rec.version,
+        "position": rec.position,
+    }
+
+
+def _evolve(row: dict[str, Any], kind: str, e: dict[str, Any]) -> None:
+    """Mirror of the core's evolve, for what this row shows (status, step statuses, result)."""
+    steps = row["steps"]
+    step = e.get("step_id")
+    if kind == "StepMapped":
+        steps[step] = "scheduled"
+    elif kind == "StepScheduled":
+        if steps.get(step) in ("pending", "dead_lettered"):
+            steps[step] = "scheduled"
+    elif kind == "StepSucceeded":
+        if e.get("item") is None:
+            steps[step] = "succeeded"
+    elif kind == "StepDeadLettered":
+        steps[step] = "dead_lettered"
+    elif kind == "StepSkipped":
+        steps[step] = "skipped"
+    elif kind == "StepReprocessRequested":
+        steps[step] = "pending"  # its new StepScheduled follows in the same append
+        _reopen(row)
+    elif kind == "ExecutionRetried":
+        for sid, status in steps.items():
+            if status == "dead_lettered":
+                steps[sid] = "pending"
+        _reopen(row)
+    elif kind in _FINISH:
+        row["status"] = _FINISH[kind]
+        row["finished_at"] = norm_time(e["at"])
+        row["duration_ms"] = millis(row["started_at"], row["finished_at"])
+        if kind == "ExecutionCompleted":
+            row["output"] = dumps(e.get("output"))
+        elif kind == "ExecutionFailed":
+            row["error"], row["error_type"], row["error_step"] = e["error_message"], e["error_type"], e.get("step_id")
+    elif kind == "ExecutionPaused":
+        row["status"] = "paused"
+    elif kind == "ExecutionResumed":
+        row["status"] = "running"
+
+
+def _reopen(row: dict[str, Any]) -> None:
+    row.update(status="running", finished_at=None, duration_ms=None, output=None, error=None, error_type=None,
+               error_step=None)
+
+
+# ---- reading ---------------------------------------------------------------------------------
+
+_LIST = ("id", "workflow", "version", "status", "started_at", "finished_at", "duration_ms", "replay_of", "replays",
+         "error", "current_steps", "updated_at")
 
 
 def list_executions(
-    tx: ViewTransaction, *, workflow: str | None = None, status: str | None = None, limit: int = 100, offset: int = 0
+    tx: ViewTransaction, *, workflow: str | None = None, status: str | None = None, limit: int = 100,
+    offset: int = 0, since: str | None = None, until: str | None = None, replay_of: str | None = None,
+    version: int | None = None, oldest_first: bool = False, after: tuple[str, str] | None = None,
+    table: str = "weft_executions",
 ) -> list[dict[str, Any]]:
+    """Executions from the view, newest first (or oldest first), filtered.
+
+    `since`/`until` bound `started_at` (ISO times, until exclusive); `after` is a
+    keyset cursor (started_at, id) for paging oldest first through large results.
+    """
     where, params = [], []
-    if workflow:
-        where.append("workflow = ?")
-        params.append(workflow)
-    if status:
-        where.append("status = ?")
-        params.append(status)
-    sql = "SELECT id, workflow, version, status, started_at, finished_at, replay_of, error FROM weft_executions"
+    for column, value in (("workflow", workflow), ("status", status), ("replay_of", replay_of), ("version", version)):
+        if value is not None:
+            where.append(f"{column} = ?")
+            params.append(value)
+    if since:
+        where.append("started_at >= ?")
+        params.append(norm_time(since))
+    if until:
+        where.append("started_at < ?")
+        params.append(norm_time(until))
+    if after is not None:
+        where.append("(started_at > ? OR (started_at = ? AND id > ?))")
+        params.extend([after[0], after[0], after[1]])
+    sql = f"SELECT {', '.join(_LIST)} FROM {table}"
     if where:
         sql += " WHERE " + " AND ".join(where)
-    sql += " ORDER BY started_at DESC, id LIMIT ? OFFSET ?"
+    order = "ASC" if oldest_first else "DESC"
+    sql += f" ORDER BY started_at {order}, id {order} LIMIT ? OFFSET ?"
     tx.execute(sql, (*params, limit, offset))
-    cols = ("id", "workflow", "version", "status", "started_at", "finished_at", "replay_of", "error")
-    return [dict(zip(cols, row), execution_id=row[0]) for row in tx.fetchall()]
+    out = []
+    for row in tx.fetchall():
+        r = dict(zip(_LIST, row))
+        r["replays"], r["current_steps"] = loads(r["replays"]), loads(r["current_steps"])
+        r["execution_id"] = r["id"]
+        out.append(r)
+    return out
+
+
+def get_execution(tx: ViewTransaction, execution_id: str, *, table: str = "weft_executions") -> dict[str, Any] | None:
+    """One execution's row with everything in it (input, output, step statuses), or None."""
+    tx.execute(f"SELECT {', '.join(_NAMES)} FROM {table} WHERE id = ?", (execution_id,))
+    row = tx.fetchone()
+    if row is None:
+        return None
+    r = dict(zip(_NAMES, row))
+    for c in ("input", "output", "steps", "current_steps", "replays", "trigger"):
+        r[c] = loads(r[c])
+    r["execution_id"] = r["id"]
+    return r
+
+
+def lineage(tx: ViewTransaction, execution_id: str, *, table: str = "weft_executions") -> dict[str, Any]:
+    """What an execution is a replay of, and its replays (oldest first)."""
+    tx.execute(f"SELECT replay_of, replays FROM {table} WHERE id = ?", (execution_id,))
+    row = tx.fetchone()
+    if row is None:
+        return {"replay_of": None, "replays": []}
+    return {"replay_of": row[0], "replays": loads(row[1])}

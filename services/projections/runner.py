@@ -1,14 +1,38 @@
-"""Runs projections: read a batch past the tracked position, apply, track, commit."""
+"""Runs projections: read a batch past the tracked position, apply, track, commit.
+
+Views at the same position are served together: one read of the log, one
+transaction for all of them (rows + each view's tracking record + its row in
+`weft_projections`), so a batch is applied exactly once even if the process
+is killed half-way through it.
+
+`weft_projections` (one row per view) mirrors the tracked position and holds
+what `weft projections status` shows (version, rebuild generation, rate). Each
+batch transaction first locks the view's row and checks the position it read
+from is still the recorded one: if a rebuild swapped the view in meanwhile (or
+another projector got there first), the batch is dropped and read again.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Protocol, Sequence
+import time
+from collections import deque
+from datetime import datetime, timezone
+from typing import Any, Protocol, Sequence
 
+from services.faults import crash_point
+from services.projections.tables import table_exists
 from services.store import EventStore, StoredRecord, ViewTransaction
 
 log = logging.getLogger("weft.projections")
+META = "weft_projections"
+_META_DDL = (
+    f"CREATE TABLE IF NOT EXISTS {META} (name TEXT PRIMARY KEY, position BIGINT NOT NULL, version INTEGER NOT NULL, "
+    "generation INTEGER NOT NULL DEFAULT 0, applied BIGINT NOT NULL DEFAULT 0, rate DOUBLE PRECISION, "
+    "updated_at TEXT, rebuilt_at TEXT, rebuild_token TEXT, rebuild_position BIGINT, rebuild_head BIGINT, "
+    "rebuild_heartbeat TEXT)"
+)
 
 
 class Projection(Protocol):
@@ -19,31 +43,152 @@ class Projection(Protocol):
     def apply(self, tx: ViewTransaction, records: Sequence[StoredRecord]) -> None: ...
 
 
+class Moved(Exception):
+    """The view's recorded position is not the one this batch was read from."""
+
+
+def now_text() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def ensure_meta(tx: ViewTransaction) -> None:
+    tx.execute(_META_DDL)
+
+
+def lock_meta(tx: ViewTransaction, name: str) -> tuple[Any, ...] | None:
+    """The view's meta row (position, version, generation), locked until the transaction ends.
+
+    SQLite needs no row lock: its write transactions (BEGIN IMMEDIATE) run one at a time.
+    """
+    lock = " FOR UPDATE" if tx.dialect == "postgresql" else ""
+    tx.execute(f"SELECT position, version, generation FROM {META} WHERE name = ?{lock}", (name,))
+    return tx.fetchone()
+
+
+def view_version(view: Any) -> int:
+    return int(getattr(view, "version", 0))
+
+
+def rebuildable(view: Any) -> bool:
+    return bool(getattr(view, "tables", None)) and hasattr(view, "bound")
+
+
 class Projector:
-    def __init__(self, store: EventStore, views: Sequence[Projection], *, batch: int = 1000, poll_interval: float = 0.1):
+    def __init__(
+        self, store: EventStore, views: Sequence[Projection], *, batch: int = 2000, poll_interval: float = 0.1,
+        auto_rebuild: bool = True,
+    ):
         self.store, self.views, self.batch, self.poll_interval = store, list(views), batch, poll_interval
+        self.auto_rebuild = auto_rebuild
+        self.outdated: list[Any] = []  # views whose tables an older code version built: rebuilt before use
+        self._window: dict[str, deque[tuple[float, float, int]]] = {v.name: deque() for v in self.views}
+        self._types = {v.name: frozenset(v.types) for v in self.views}
+        self._setup()
+
+    def _setup(self) -> None:
+        with self.store.transaction() as tx:
+            ensure_meta(tx)
         for view in self.views:
-            with store.transaction() as tx:
+            with self.store.transaction() as tx:
+                row = lock_meta(tx, view.name)
+                tracked = self.store.position(view.name)
+                if row is None:
+                    # No meta row: a fresh view, or tables built by code from before this
+                    # table existed, whose rows need a rebuild (version 0).
+                    old = tracked > 0 or any(table_exists(tx, t) for t in getattr(view, "t", {}).values())
+                    version = 0 if old else view_version(view)
+                    tx.execute(f"INSERT INTO {META} (name, position, version) VALUES (?, ?, ?) "
+                               "ON CONFLICT (name) DO NOTHING", (view.name, tracked, version))
+                    row = (tracked, version, 0)
+                if rebuildable(view) and row[1] != view_version(view):
+                    self.outdated.append(view)
+                    continue
                 view.create(tx)
 
-    def catch_up_once(self) -> int:
-        """Apply one batch to every view; returns how many events were applied."""
-        done = 0
-        for view in self.views:
-            position = self.store.position(view.name)
-            records = self.store.read(position, self.batch, view.types)
-            if not records:
+    # ---- following -------------------------------------------------------------------------
+
+    def _rebuild_outdated(self) -> None:
+        from services.projections.rebuild import RebuildBusy, rebuild
+
+        for view in list(self.outdated):
+            log.warning("view %s was built by another version of its code: rebuilding it", view.name)
+            try:
+                rebuild(self.store, view, batch=max(self.batch, 5000))
+            except RebuildBusy as exc:
+                log.info("%s", exc)
                 continue
-            with self.store.transaction() as tx:
-                view.apply(tx, records)
-                tx.track(view.name, records[-1].position)
-            done += len(records)
+            self.outdated.remove(view)
+
+    def catch_up_once(self) -> int:
+        """Apply one batch to every view; returns how many events were read and applied."""
+        if self.outdated:
+            if not self.auto_rebuild:
+                raise RuntimeError(f"views need a rebuild: {[v.name for v in self.outdated]}")
+            self._rebuild_outdated()
+        live = [v for v in self.views if v not in self.outdated]
+        if not live:
+            return 0
+        with self.store.transaction() as tx:
+            tx.execute(f"SELECT name, position FROM {META}")
+            positions = dict(tx.fetchall())
+        groups: dict[int, list[Any]] = {}
+        for view in live:
+            groups.setdefault(int(positions.get(view.name, 0)), []).append(view)
+        done = 0
+        for after, group in sorted(groups.items()):
+            try:
+                done += self._batch(after, group)
+            except Moved:
+                done += 1  # someone else moved it on: not idle, look again at once
         return done
 
-    def catch_up(self) -> int:
+    def _batch(self, after: int, views: list[Any]) -> int:
+        head = self.store.head()  # before the read: everything up to here is committed
+        types = sorted(set().union(*(self._types[v.name] for v in views)))
+        records = self.store.read(after, self.batch, types)
+        new = records[-1].position if records else after
+        if len(records) < self.batch:
+            new = max(new, head)  # the events in between are not ours: skip past them
+        if new <= after:
+            return 0
+        started = time.monotonic()
+        stamp = now_text()
+        with self.store.transaction() as tx:
+            for view in sorted(views, key=lambda v: v.name):  # one lock order: no deadlocks between projectors
+                row = lock_meta(tx, view.name)
+                if row is None or int(row[0]) != after:
+                    raise Moved(view.name)
+            for i, view in enumerate(views):
+                mine = [r for r in records if r.type in self._types[view.name]]
+                if mine:
+                    view.apply(tx, mine)
+                if i == 0:
+                    crash_point("projector.mid_batch")  # rows written, nothing tracked or committed yet
+            for view in views:
+                mine_n = sum(1 for r in records if r.type in self._types[view.name])
+                rate = self._rate(view.name, started, len(records))
+                tx.track(view.name, new)
+                tx.execute(f"UPDATE {META} SET position = ?, applied = applied + ?, rate = ?, updated_at = ? "
+                           "WHERE name = ?", (new, mine_n, rate, stamp, view.name))
+        return max(len(records), 1)
+
+    def _rate(self, name: str, started: float, n: int, window: float = 10.0) -> float:
+        """Events per second over the last `window` seconds of batches."""
+        w = self._window[name]
+        end = time.monotonic()
+        w.append((started, end, n))
+        while w and w[0][1] < end - window:
+            w.popleft()
+        span = max(end - w[0][0], 1e-3)
+        return round(sum(x[2] for x in w) / span, 1)
+
+    def catch_up(self, *, limit: int | None = None) -> int:
+        """Apply batches until every view is at the head (or `limit` events were applied)."""
         total = 0
         while (n := self.catch_up_once()) > 0:
             total += n
+            if limit is not None and total >= limit:
+                break
         return total
 
     async def run(self, stop: asyncio.Event) -> None:

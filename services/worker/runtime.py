@@ -46,12 +46,14 @@ class Worker:
         self.completed = 0
         self._slots = asyncio.Semaphore(concurrency)
         self._running: set[asyncio.Task[None]] = set()
+        self._in_flight: dict[int, tuple[Delivery, float]] = {}
 
     async def run(self, stop: asyncio.Event) -> None:
         consumer = await self.transport.consumer(
             STEPS_STREAM, DURABLE, ack_wait=self.ack_wait, max_deliver=self.max_deliver,
             max_ack_pending=max(self.concurrency * 4, 64),
         )
+        heartbeat = asyncio.create_task(self._heartbeat())
         delay = 0.1
         while not stop.is_set():
             free = self.concurrency - len(self._running)
@@ -74,6 +76,7 @@ class Worker:
                 task.add_done_callback(self._running.discard)
         if self._running:  # let running steps finish and report: graceful stop
             await asyncio.wait(self._running, timeout=self.ack_wait)
+        heartbeat.cancel()
         await consumer.close()
 
     async def _guarded(self, msg: Delivery) -> None:
@@ -92,6 +95,7 @@ class Worker:
                 "poison", msg.data, reason=str(exc), headers=msg.headers, source_subject=msg.subject,
                 delivered=msg.delivered, msg_id=f"dlq:{STEPS_STREAM}:{msg.stream_seq}",
             )
+            crash_point("worker.after_dead_letter")  # stored in the DLQ, not yet acked: redelivery dedups
             await msg.ack()
             return
         if ready.not_before is not None:
@@ -115,7 +119,8 @@ class Worker:
             idempotency_key=ready.idempotency_key, item=ready.item, workflow=ready.workflow,
             worker_id=self.worker_id,
         )
-        heartbeat = asyncio.create_task(self._heartbeat(msg)) if msg is not None else None
+        if msg is not None:
+            self._in_flight[id(msg)] = (msg, asyncio.get_running_loop().time())
         try:
             handler = self.registry.get(ready.step_type)
             output = await asyncio.wait_for(handler(ready.input, ready.config, ctx), timeout=ready.timeout)
@@ -128,23 +133,28 @@ class Worker:
         except Exception as exc:
             output, error = None, _error(exc)
         finally:
-            if heartbeat is not None:
-                heartbeat.cancel()
+            if msg is not None:
+                self._in_flight.pop(id(msg), None)
         return StepResult(
             execution_id=ready.execution_id, step_id=ready.step_id, item=ready.item, attempt=ready.attempt,
             status="failed" if error else "succeeded", output=output, error=error, worker_id=self.worker_id,
             started_at=started, finished_at=datetime.now(timezone.utc), scheduled_at=ready.scheduled_at,
         )
 
-    async def _heartbeat(self, msg: Delivery | None) -> None:
+    async def _heartbeat(self) -> None:
         # Long steps tell the broker they are alive, so it does not redeliver them.
-        assert msg is not None
+        # One loop for all steps: most steps are short and never need it.
+        period = max(self.ack_wait / 3, 0.05)
+        loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(max(self.ack_wait / 3, 0.05))
-            try:
-                await msg.in_progress()
-            except Exception:
-                log.debug("in-progress ack failed", exc_info=True)
+            await asyncio.sleep(period)
+            now = loop.time()
+            for msg, started in list(self._in_flight.values()):
+                if now - started >= period:
+                    try:
+                        await msg.in_progress()
+                    except Exception:
+                        log.debug("in-progress ack failed", exc_info=True)
 
 
 def _error(exc: BaseException) -> StepError:

@@ -211,3 +211,24 @@ async def test_two_orchestrators_share_the_results(tmp_path: Path, db_url: str, 
         for r in (two, one):
             r.stop.set()
             await asyncio.wait_for(r.task, timeout=30)
+
+
+async def test_broker_restart_mid_flight(tmp_path: Path, db_url: str) -> None:
+    """The broker goes away and comes back: every execution still finishes, once."""
+    from services.broker.nats_server import NatsServer
+
+    server = NatsServer(store_dir=tmp_path / "nats").start()
+    running = await _up(tmp_path, db_url, server.url, ack_wait=3.0)
+    try:
+        version = running.publish((ROOT / "examples/linear5.yaml").read_text())
+        ids = [await running.start(version) for _ in range(20)]
+        await asyncio.sleep(0.3)
+        await asyncio.to_thread(server.restart)
+        more = [await running.start(version) for _ in range(5)]
+        for eid in ids + more:
+            assert (await running.finished(eid, timeout=90)).status == "completed"
+            assert_applied_once(await running.history(eid))
+    finally:
+        running.stop.set()
+        await asyncio.wait_for(running.task, timeout=30)
+        server.stop()

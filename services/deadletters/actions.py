@@ -1,0 +1,294 @@
+"""Acting on dead letters: reprocess and discard, each recorded as an event.
+
+Reprocessing a step dead letter asks its execution for a new attempt
+(`Reprocess` through the pure core, which appends `StepReprocessRequested` and
+schedules the attempt with the same idempotency key; the execution reopens).
+Reprocessing a message dead letter republishes it, patched if asked, to the
+subject it came from. Either way a `DeadLetterReprocessed` follows in the dead
+letter's own stream. Doing it twice gives one new attempt: the dead letter's
+stream says it was done, the execution's history carries our request id, and
+the core ignores a reprocess of a task that is no longer dead-lettered.
+
+Patches are RFC 7386 merge patches, checked before anything is stored or
+published (`PatchError`). Nothing here prints: the CLI and an HTTP API share it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+from contracts import deadletters as dl
+from contracts.messages import MessageError, decode_ready, decode_result
+from contracts.subjects import RESULTS_PREFIX, STEPS_PREFIX, TRIGGERS_PREFIX
+from contracts.triggers import CloudEvent
+from services.broker import OutMessage, Transport
+from services.orchestrator.decide import DecisionError, Reprocess, merge_patch
+from services.orchestrator.executions import Executions, NotFound, utcnow
+from services.store import ConcurrencyError, EventStore, NewEvent
+
+MAX_INPUT_BYTES = 900_000  # a StepReady must still fit the broker's 1 MB message limit
+REPUBLISHED_FROM_HEADER = "Weft-Reprocessed-From"
+
+
+class PatchError(ValueError):
+    """A patch that cannot apply to this dead letter; nothing was stored."""
+
+
+@dataclass(slots=True)
+class Outcome:
+    id: str
+    outcome: str  # reprocessed | republished | discarded | already_reprocessed | already_discarded
+    #             | would_reprocess | would_republish | would_discard | failed | cancelled
+    kind: str = ""
+    execution_id: str | None = None
+    step_id: str | None = None
+    detail: str = ""
+    attempt: int | None = None  # the new attempt a step reprocess scheduled
+    preview: Any = None  # dry run: the input or payload that would go out
+    ok: bool = True
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {k: getattr(self, k) for k in ("id", "outcome", "kind", "execution_id", "step_id", "detail", "attempt")}
+        if self.preview is not None:
+            out["preview"] = self.preview
+        return out
+
+
+@dataclass
+class Actions:
+    store: EventStore
+    transport: Transport | None = None  # only republishing needs the broker
+    clock: Callable[[], datetime] = utcnow
+    executions: Executions = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.executions = Executions(self.store, clock=self.clock)
+
+    # ---- checking ---------------------------------------------------------------------------
+
+    def patched(self, row: dict[str, Any], patch: Any) -> Any:
+        """What would go out with `patch` applied; PatchError when it cannot."""
+        if patch is None:
+            return None
+        if not isinstance(patch, dict):
+            raise PatchError(f"--patch must be a JSON object (an RFC 7386 merge patch), not {_json_type(patch)}")
+        if row["source"] == "step":
+            return _patched_step_input(row, patch)
+        return _patched_message(row, patch)
+
+    # ---- reprocess ------------------------------------------------------------------------------
+
+    async def reprocess(self, row: dict[str, Any], *, patch: Any = None, by: str, why: str | None = None,
+                        dry_run: bool = False) -> Outcome:
+        """Reprocess one dead letter (a row of the view). Raises PatchError for a bad patch."""
+        preview = self.patched(row, patch)
+        if row["source"] == "step":
+            return await asyncio.to_thread(self.reprocess_step, row, patch, by, why, dry_run, preview)
+        return await self.republish(row, patch, by, why, dry_run, preview)
+
+    def reprocess_step(self, row: dict[str, Any], patch: dict[str, Any] | None, by: str, why: str | None,
+                       dry_run: bool = False, preview: Any = None) -> Outcome:
+        out = Outcome(row["id"], "", row["kind"], row["execution_id"], row["step_id"])
+        acts = self._acts(row["id"])
+        status = dl.status_of(acts)
+        if status != dl.OPEN:
+            return _already(out, status, acts)
+        execution_id, step_id, item = row["execution_id"], row["step_id"], row["item"]
+        version = int(row["details"].get("execution_version") or 0)
+        handled = self._handled_after(execution_id, version, step_id, item)
+        if handled is not None and handled.get("request_id") != row["id"]:
+            by_whom = handled.get("by") or "someone"
+            out.outcome, out.detail = "already_reprocessed", f"{handled['type']} by {by_whom}"
+            return out
+        if dry_run:
+            out.outcome, out.preview = "would_reprocess", preview if patch is not None else _json(row["payload"])
+            out.detail = f"new attempt of {step_id}" + (f"#{item}" if item is not None else "")
+            return out
+        if handled is None:
+            # Our request id rides on the event: after a crash between here and the dead
+            # letter's own event, the rerun finds it above and does not ask twice.
+            try:
+                events = self.executions.command(
+                    execution_id, Reprocess(step_id=step_id, item=item, patch=patch, by=by, why=why, request_id=row["id"]),
+                )
+            except (DecisionError, NotFound) as exc:
+                out.outcome, out.detail, out.ok = "failed", str(exc), False
+                return out
+            out.attempt = next((e.attempt for e in events if e.type == "StepScheduled" and e.step_id == step_id), None)
+        event = dl.DeadLetterReprocessed(
+            at=self.clock(), dead_letter_id=row["id"], by=by, why=why, patch=patch, action="reprocess_step",
+            execution_id=execution_id,
+        )
+        return self._record(out, acts, event, "reprocessed")
+
+    async def republish(self, row: dict[str, Any], patch: dict[str, Any] | None, by: str, why: str | None,
+                        dry_run: bool = False, preview: Any = None) -> Outcome:
+        out = Outcome(row["id"], "", row["kind"], row.get("execution_id"), row.get("step_id"))
+        acts = await asyncio.to_thread(self._acts, row["id"])
+        status = dl.status_of(acts)
+        if status != dl.OPEN:
+            return _already(out, status, acts)
+        subject = row.get("source_subject")
+        if not subject:
+            out.outcome, out.ok = "failed", False
+            out.detail = "the message did not say where it came from (no source subject); it can only be discarded"
+            return out
+        data = orjson.dumps(preview) if patch is not None else dl.decode_payload(row["payload"], row["payload_encoding"])
+        msg_id = f"reprocess:{row['id']}"  # the broker drops a second republish within its window
+        if dry_run:
+            out.outcome, out.detail = "would_republish", f"to {subject}"
+            out.preview = preview if patch is not None else _json(row["payload"]) if row["payload_encoding"] == "utf-8" else None
+            return out
+        if self.transport is None:
+            raise RuntimeError("republishing a message needs the broker: no transport given")
+        headers = dict(row.get("headers") or {})
+        headers[REPUBLISHED_FROM_HEADER] = row["id"]
+        # Publish before recording: a crash in between republishes once more (deduplicated
+        # by msg id, and harmless downstream), where the other order could lose it.
+        await self.transport.publish(OutMessage(subject=subject, data=data, msg_id=msg_id, headers=headers))
+        event = dl.DeadLetterReprocessed(
+            at=self.clock(), dead_letter_id=row["id"], by=by, why=why, patch=patch, action="republish",
+            subject=subject, msg_id=msg_id,
+        )
+        out.detail = f"to {subject}"
+        return await asyncio.to_thread(self._record, out, acts, event, "republished")
+
+    # ---- discard --------------------------------------------------------------------------------
+
+    def discard(self, row: dict[str, Any], *, by: str, why: str, dry_run: bool = False) -> Outcome:
+        out = Outcome(row["id"], "", row["kind"], row.get("execution_id"), row.get("step_id"))
+        acts = self._acts(row["id"])
+        status = dl.status_of(acts)
+        if status == dl.DISCARDED:
+            return _already(out, status, acts, "discard")
+        if status == dl.REPROCESSED or row["status"] == dl.REPROCESSED:
+            out.outcome, out.ok, out.detail = "failed", False, "already reprocessed; nothing to discard"
+            return out
+        if dry_run:
+            out.outcome = "would_discard"
+            return out
+        event = dl.DeadLetterDiscarded(at=self.clock(), dead_letter_id=row["id"], by=by, why=why)
+        return self._record(out, acts, event, "discarded", "discard")
+
+    # ---- helpers --------------------------------------------------------------------------------
+
+    def _acts(self, dead_letter_id: str) -> list[Any]:
+        return [dl.decode(r.type, r.data) for r in self.store.load(uuid.UUID(dead_letter_id))]
+
+    def _record(self, out: Outcome, acts: list[Any], event: Any, outcome: str, acting: str = "reprocess") -> Outcome:
+        sid = uuid.UUID(out.id)
+        for _ in range(20):
+            try:
+                self.store.append([NewEvent(sid, len(acts) + 1, event.type, dl.encode(event))])
+                out.outcome = outcome
+                return out
+            except ConcurrencyError:
+                acts = self._acts(out.id)
+                status = dl.status_of(acts)
+                if status != dl.OPEN:  # someone else acted at the same moment
+                    return _already(out, status, acts, acting)
+        raise ConcurrencyError(f"dead letter {out.id}: too much contention", kind="version")
+
+    def _handled_after(self, execution_id: str, version: int, step_id: str, item: int | None) -> dict[str, Any] | None:
+        """A reprocess or retry of this task after the dead-lettering at `version`, if any."""
+        for rec in self.store.load(uuid.UUID(execution_id), after_version=version):
+            if rec.type not in ("StepReprocessRequested", "ExecutionRetried"):
+                continue
+            e = orjson.loads(rec.data)
+            if rec.type == "ExecutionRetried" or (e.get("step_id") == step_id and e.get("item") == item):
+                return {"type": rec.type, **e}
+        return None
+
+
+def _already(out: Outcome, status: str, acts: list[Any], acting: str = "reprocess") -> Outcome:
+    last = next((a for a in reversed(acts) if a.type in ("DeadLetterReprocessed", "DeadLetterDiscarded")), None)
+    if status == dl.DISCARDED:
+        out.outcome = "already_discarded"
+        out.detail = f"discarded by {last.by}: {last.why}" if last is not None else "discarded"
+        # Reprocessing what a person threw away is refused, not silently skipped.
+        out.ok = acting == "discard"
+    else:
+        out.outcome = "already_reprocessed"
+        out.detail = f"by {last.by}" if last is not None else ""
+    return out
+
+
+def _json(text: str) -> Any:
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return text
+
+
+def _json_type(value: Any) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number")
+
+
+def _patched_step_input(row: dict[str, Any], patch: dict[str, Any]) -> Any:
+    if row["kind"] == "input_error":
+        raise PatchError(
+            f"step {row['step_id']!r} failed while computing its input (attempt 0), so there is no input to patch; "
+            "reprocess without --patch after fixing what the input mapping reads"
+        )
+    current = _json(row["payload"])
+    if current is not None and not isinstance(current, dict):
+        raise PatchError(
+            f"the input of step {row['step_id']!r} is {_json_type(current)}; a merge patch applies to an object"
+        )
+    result = merge_patch(current, patch)
+    size = len(orjson.dumps(result))
+    if size > MAX_INPUT_BYTES:
+        raise PatchError(f"the patched input is {size} bytes; at most {MAX_INPUT_BYTES} fit in a step message")
+    problems = check_step_input(row["details"].get("step_type"), row["details"].get("config") or {}, result)
+    if problems:
+        raise PatchError(f"the patched input does not suit a {row['details'].get('step_type')} step: " + "; ".join(problems))
+    return result
+
+
+def check_step_input(step_type: str | None, config: dict[str, Any], value: Any) -> list[str]:
+    """What can be checked of a built-in step type's input without running it."""
+    problems: list[str] = []
+    if step_type == "http" and isinstance(value, dict):
+        for key in ("params", "headers"):
+            if value.get(key) is not None and not isinstance(value[key], dict):
+                problems.append(f"input.{key} must be an object, not {_json_type(value[key])}")
+    elif step_type == "sleep" and "seconds" not in config:
+        seconds = value.get("seconds") if isinstance(value, dict) else None
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds < 0:
+            problems.append("input.seconds must be a number of seconds >= 0")
+    return problems
+
+
+def _patched_message(row: dict[str, Any], patch: dict[str, Any]) -> Any:
+    if row["payload_encoding"] != "utf-8":
+        raise PatchError("the payload is not text (it is stored base64); it cannot be merge-patched")
+    try:
+        body = orjson.loads(row["payload"])
+    except orjson.JSONDecodeError:
+        raise PatchError("the payload is not JSON, so a JSON merge patch cannot apply; reprocess it unpatched or discard it") from None
+    if not isinstance(body, dict):
+        raise PatchError(f"the payload is {_json_type(body)}; a merge patch applies to an object")
+    result = merge_patch(body, patch)
+    data = orjson.dumps(result)
+    subject = row.get("source_subject") or ""
+    # Patched means fixed: it must now be what its subject carries.
+    try:
+        if subject.startswith(RESULTS_PREFIX + "."):
+            decode_result(data)
+        elif subject.startswith(STEPS_PREFIX + "."):
+            decode_ready(data)
+        elif subject.startswith(TRIGGERS_PREFIX + "."):
+            CloudEvent.model_validate(result)
+    except MessageError as exc:
+        raise PatchError(f"the patched payload is still invalid: {exc}") from None
+    except ValueError as exc:
+        raise PatchError(f"the patched payload is still not a valid CloudEvent: {exc}") from None
+    return result

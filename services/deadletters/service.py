@@ -1,0 +1,66 @@
+"""The `deadletters` service: ingester, MaxDeliver capture and the dead-letter view, together.
+
+`weft up` runs it as the "deadletters" part; `weft deadletters` runs it alone.
+Several replicas may run: they share the durable consumers, and the view's
+tracked position makes each event apply once whoever gets there first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from opentelemetry.metrics import Meter
+
+from services.broker import Transport
+from services.deadletters.ingest import Ingester, MaxDeliverCapture, _sleep_or_stop
+from services.deadletters.metrics import OpenDeadLettersGauge
+from services.deadletters.view import DeadLettersView, catch_up, ensure_view
+from services.store import EventStore
+
+log = logging.getLogger("weft.deadletters")
+
+
+class DeadLetterService:
+    def __init__(
+        self, store: EventStore, transport: Transport, *, batch: int = 128, ack_wait: float = 30.0,
+        poll_interval: float = 0.1, meter: Meter | None = None, capture_max_deliver: bool = True,
+    ):
+        self.store, self.transport, self.poll_interval = store, transport, poll_interval
+        self.view = DeadLettersView(store)
+        ensure_view(store, self.view)
+        self.ingester = Ingester(store, transport, batch=batch, ack_wait=ack_wait)
+        self.capture: MaxDeliverCapture | None = None
+        if capture_max_deliver:
+            from services.deadletters.nats_archive import NatsArchive
+
+            if NatsArchive.supports(transport):
+                self.capture = MaxDeliverCapture(transport, NatsArchive(transport), ack_wait=ack_wait)  # type: ignore[arg-type]
+            else:
+                log.warning("deadletters: this broker has no MaxDeliver advisories; not capturing them")
+        self.gauge = OpenDeadLettersGauge(store, meter)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        runs: list[Any] = [self.ingester.run(stop), self._project(stop)]
+        if self.capture is not None:
+            runs.append(self.capture.run(stop))
+        tasks = [asyncio.ensure_future(r) for r in runs]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _project(self, stop: asyncio.Event) -> None:
+        delay = self.poll_interval
+        while not stop.is_set():
+            try:
+                n = await asyncio.to_thread(catch_up, self.store, self.view, rounds=1)
+                delay = self.poll_interval
+            except Exception:
+                log.exception("deadletters: view update failed, retrying in %.1fs", delay)
+                n, delay = 0, min(delay * 2, 5.0)
+            if n == 0:
+                await _sleep_or_stop(stop, delay)

@@ -1,0 +1,157 @@
+"""The trigger consumer: CloudEvents from the WEFT_TRIGGERS stream to started executions.
+
+Pulls a batch, validates each message as a CloudEvent, ingests the valid ones
+in one store transaction (services.triggers.ingest) and acks only after that
+commit: a crash before the ack means redelivery, which the trigger log turns
+into acked duplicates. Nothing is dropped:
+  - not a CloudEvent, or published on a topic that is not its type's:
+    dead-lettered as `trigger_invalid`, with the validation errors;
+  - a type no workflow subscribes to: dead-lettered as `trigger_unroutable`;
+  - a workflow whose input schema rejects the event's data: the other
+    workflows start; that one is recorded in the trigger log and dead-lettered
+    as `trigger_invalid` naming the workflow and the field;
+  - the store away for longer than the redelivery budget: dead-lettered as
+    `trigger_failed` on the last delivery, rather than dropped by the broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import orjson
+from pydantic import ValidationError
+
+from contracts.subjects import TRIGGERS_STREAM, trigger_subject
+from contracts.triggers import CloudEvent
+from services.broker import Consumer, Delivery, Transport
+from services.faults import crash_point
+from services.triggers.ingest import Ingestor, Outcome, Trigger
+from services.triggers.publish import message_id
+
+log = logging.getLogger("weft.triggers")
+DURABLE = "triggers"
+
+
+def describe(exc: ValidationError) -> str:
+    """Pydantic errors as `field: message; ...`."""
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "<event>"
+        parts.append(f"{where}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def decode(msg: Delivery) -> CloudEvent:
+    """The CloudEvent in a message, or ValueError saying what is wrong with it."""
+    try:
+        raw = orjson.loads(msg.data)
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"not JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ValueError("a CloudEvent must be a JSON object")
+    try:
+        event = CloudEvent.model_validate(raw)
+    except ValidationError as exc:
+        raise ValueError(f"not a valid CloudEvent: {describe(exc)}") from None
+    expected = trigger_subject(event.type)
+    if msg.subject != expected:
+        # Subject-level broker permissions would mean nothing if the body could name another type.
+        raise ValueError(f"published on {msg.subject!r}, but an event of type {event.type!r} belongs on {expected!r}")
+    return event
+
+
+class TriggerConsumer:
+    def __init__(
+        self, ingestor: Ingestor, transport: Transport, *, batch: int = 500, ack_wait: float = 30.0,
+        max_deliver: int = 20, durable: str = DURABLE,
+    ):
+        self.ingestor, self.transport = ingestor, transport
+        self.batch, self.ack_wait, self.max_deliver, self.durable = batch, ack_wait, max_deliver, durable
+        self.consumer: Consumer | None = None
+        self.received = self.invalid = self.unroutable = self.failed = 0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self.consumer = await self.transport.consumer(
+            TRIGGERS_STREAM, self.durable, ack_wait=self.ack_wait, max_deliver=self.max_deliver,
+            max_ack_pending=self.batch * 8,
+        )
+        delay = 0.1
+        while not stop.is_set():
+            try:
+                msgs = await self.consumer.fetch(self.batch, timeout=0.5)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("triggers: fetch failed, retrying in %.1fs", delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            if not msgs:
+                continue
+            try:
+                await self.handle(msgs)
+                delay = 0.1
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # store or broker away: nothing acked, so all comes back
+                log.exception("triggers: batch of %d failed, retrying in %.1fs", len(msgs), delay)
+                await self._give_up_on_last_tries(msgs, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        await self.consumer.close()
+
+    async def handle(self, msgs: list[Delivery]) -> None:
+        self.received += len(msgs)
+        good: list[tuple[Delivery, Trigger]] = []
+        for msg in msgs:
+            try:
+                good.append((msg, Trigger(decode(msg), via="topic")))
+            except ValueError as exc:
+                self.invalid += 1
+                await self._dead_letter(msg, "trigger_invalid", str(exc), f"dlq:{TRIGGERS_STREAM}:{msg.stream_seq}")
+        if good:
+            outcomes = await asyncio.to_thread(self.ingestor.ingest, [t for _, t in good])
+            crash_point("triggers.after_append")
+            for (msg, trigger), outcome in zip(good, outcomes):
+                await self._settle(msg, trigger, outcome)
+        for msg in msgs:
+            await msg.ack()
+
+    async def _settle(self, msg: Delivery, trigger: Trigger, outcome: Outcome) -> None:
+        mid = message_id(trigger.event.source, trigger.event.id)
+        if outcome.status == "unroutable":
+            self.unroutable += 1
+            await self._dead_letter(msg, "trigger_unroutable", outcome.reason, mid)
+            return
+        # Also for duplicates: if we crashed after the commit but before these were
+        # published, the redelivery publishes them (same dedup ids).
+        for label, why in outcome.rejected.items():
+            await self._dead_letter(msg, "trigger_invalid", f"workflow {label}: {why}", f"{mid}:{label}",
+                                    extra={"Weft-Workflow": label})
+
+    async def _dead_letter(self, msg: Delivery, kind: str, reason: str, dedup: str,
+                           extra: dict[str, str] | None = None) -> None:
+        headers: dict[str, Any] = dict(msg.headers)
+        if extra:
+            headers.update(extra)
+        await self.transport.dead_letter(
+            kind, msg.data, reason=reason, headers=headers, source_subject=msg.subject,
+            delivered=msg.delivered, msg_id=dedup,
+        )
+        log.warning("trigger dead-lettered (%s): %s", kind, reason)
+
+    async def _give_up_on_last_tries(self, msgs: list[Delivery], exc: Exception, delay: float) -> None:
+        """The broker drops a message after max_deliver tries: dead-letter it ourselves first."""
+        for msg in msgs:
+            try:
+                if msg.delivered >= self.max_deliver:
+                    self.failed += 1
+                    await self._dead_letter(msg, "trigger_failed", f"could not be ingested: {type(exc).__name__}: {exc}",
+                                            f"dlq:{TRIGGERS_STREAM}:{msg.stream_seq}")
+                    await msg.ack()
+                else:
+                    await msg.nak(delay=delay)
+            except Exception:  # the broker is away too: ack_wait brings them back
+                log.debug("triggers: could not settle message %s", msg.stream_seq, exc_info=True)

@@ -1,0 +1,245 @@
+"""Ingestion: trigger events in, trigger-log records and started executions out.
+
+Every trigger (topic, webhook, cron) goes through `Ingestor.ingest`. For a
+batch of CloudEvents it appends, in ONE store transaction:
+  - a `TriggerAccepted` per event, at version 1 of `trigger_stream(source, id)`;
+  - for each workflow the event starts, the execution's first events
+    (`ExecutionStarted` + `StepScheduled`s, decided by the pure core) in the
+    stream `execution_id_for(workflow, "trigger:<source>:<id>")`.
+Both stream ids are functions of (source, id), so an event seen before, even
+long after the broker's dedup window, collides on a version-1 record: the
+batch is refused as a whole and we fall back to one event at a time, where
+the collision marks that event a duplicate. Nothing is half-stored.
+
+Blocking (it talks to the store): call it from a thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Callable, Sequence
+
+import jsonschema
+import orjson
+
+from contracts import events as ev
+from contracts.definitions import Problem, WorkflowDef
+from contracts.triggers import CloudEvent, TriggerAccepted, trigger_stream
+from services.orchestrator.decide import Start, decide
+from services.orchestrator.executions import execution_id_for, utcnow
+from services.orchestrator.state import Execution
+from services.store import ConcurrencyError, EventStore, NewEvent
+from services.triggers.routing import Catalog, Route
+
+log = logging.getLogger("weft.triggers")
+
+
+def trigger_key(source: str, event_id: str) -> str:
+    """The idempotency key a trigger event gives the executions it starts."""
+    return f"trigger:{source}:{event_id}"
+
+
+def trigger_execution_id(workflow: str, source: str, event_id: str) -> str:
+    return execution_id_for(workflow, trigger_key(source, event_id))
+
+
+@dataclass(slots=True)
+class Trigger:
+    """One event to ingest. `routes` given (webhook, cron) or None (route by type)."""
+
+    event: CloudEvent
+    via: str = "topic"
+    routes: list[Route] | None = None
+    filtered: list[str] = field(default_factory=list)
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.raw:
+            self.raw = self.event.model_dump(mode="json")
+
+    @property
+    def stream(self) -> uuid.UUID:
+        return trigger_stream(self.event.source, self.event.id)
+
+
+@dataclass(slots=True)
+class Outcome:
+    status: str  # accepted | duplicate | unroutable
+    source: str
+    id: str
+    executions: dict[str, str] = field(default_factory=dict)  # "workflow@version" -> execution id
+    rejected: dict[str, str] = field(default_factory=dict)  # "workflow@version" -> why not started
+    filtered: list[str] = field(default_factory=list)
+    reason: str = ""
+
+
+@dataclass(slots=True)
+class _Plan:
+    trigger: Trigger
+    records: list[NewEvent]
+    executions: dict[str, str]
+    rejected: dict[str, str]
+    filtered: list[str]
+
+
+class Ingestor:
+    def __init__(
+        self, store: EventStore, catalog: Catalog, *, clock: Callable[[], datetime] = utcnow,
+        notify: Callable[[], None] | None = None,
+    ):
+        self.store, self.catalog, self.clock = store, catalog, clock
+        self.notify = notify or (lambda: None)
+        self._validators: dict[str, jsonschema.protocols.Validator] = {}
+        self._lock = threading.Lock()
+        # counters, for tests and benchmarks
+        self.accepted = 0
+        self.duplicates = 0
+        self.started = 0
+
+    def ingest(self, triggers: Sequence[Trigger]) -> list[Outcome]:
+        """Record the triggers and start their executions; one outcome per trigger, in order."""
+        self.catalog.refresh()
+        routed = [self._route(t) for t in triggers]
+        if any(r is None for r in routed) and self.catalog.refresh(force=True):
+            # A workflow published a moment ago may be what this event is for.
+            routed = [r if r is not None else self._route(t) for t, r in zip(triggers, routed)]
+        now = self.clock()
+        outcomes: list[Outcome | None] = [None] * len(triggers)
+        first: dict[uuid.UUID, int] = {}  # trigger stream -> index of its first occurrence in the batch
+        plans: list[tuple[int, _Plan]] = []
+        for i, (t, routes) in enumerate(zip(triggers, routed)):
+            if routes is None:
+                outcomes[i] = Outcome("unroutable", t.event.source, t.event.id,
+                                      reason=f"no workflow subscribes to event type {t.event.type!r}")
+                continue
+            if t.stream in first:
+                continue  # the same event twice in one batch: settled after the first is stored
+            first[t.stream] = i
+            plans.append((i, self._plan(t, routes, now)))
+        if plans:
+            for i, outcome in self._store(plans).items():
+                outcomes[i] = outcome
+            self.notify()
+        for i, t in enumerate(triggers):
+            if outcomes[i] is None:  # a repeat within the batch
+                o = outcomes[first[t.stream]]
+                assert o is not None
+                outcomes[i] = Outcome("duplicate", o.source, o.id, dict(o.executions), dict(o.rejected), list(o.filtered))
+                self.duplicates += 1
+        return [o for o in outcomes if o is not None]
+
+    # ---- planning ---------------------------------------------------------------------------
+
+    def _route(self, t: Trigger) -> list[Route] | None:
+        if t.routes is not None:
+            return t.routes
+        routing = self.catalog.route(t.raw)
+        if not routing.subscribed:
+            return None
+        t.filtered = routing.filtered
+        return routing.routes
+
+    def _plan(self, t: Trigger, routes: list[Route], now: datetime) -> _Plan:
+        e = t.event
+        data = {} if e.data is None else e.data
+        executions: dict[str, str] = {}
+        rejected: dict[str, str] = {}
+        records: list[NewEvent] = []
+        about = {"id": e.id, "source": e.source, "type": e.type, "subject": e.subject,
+                 "time": t.raw.get("time"), "via": t.via}
+        for route in routes:
+            v = route.version
+            problems = self._check_input(v.content_hash, v.definition, data)
+            if problems:
+                rejected[route.label] = "invalid input: " + "; ".join(str(p) for p in problems)
+                continue
+            eid = trigger_execution_id(v.name, e.source, e.id)
+            cmd = Start(definition=v.definition, version=v.version, content_hash=v.content_hash, input=data,
+                        trigger=about, idempotency_key=trigger_key(e.source, e.id))
+            try:
+                decided = decide(Execution(id=eid), cmd, now)
+            except Exception as exc:  # noqa: BLE001 - one bad route must not sink the batch
+                rejected[route.label] = f"cannot start: {type(exc).__name__}: {exc}"
+                continue
+            stream = uuid.UUID(eid)
+            records.extend(NewEvent(stream, n + 1, d.type, ev.encode(d)) for n, d in enumerate(decided))
+            executions[route.label] = eid
+        accepted = TriggerAccepted(at=now, event=t.raw, via=t.via, executions=executions,
+                                   filtered=list(t.filtered), rejected=rejected)
+        head = NewEvent(t.stream, 1, accepted.type, orjson.dumps(accepted.model_dump(mode="json")))
+        return _Plan(t, [head, *records], executions, rejected, list(t.filtered))
+
+    def _check_input(self, content_hash: str, wf: WorkflowDef, value: Any) -> list[Problem]:
+        if wf.input_schema is None:
+            return []
+        with self._lock:
+            validator = self._validators.get(content_hash)
+            if validator is None:
+                if len(self._validators) > 1000:
+                    self._validators.clear()
+                validator = self._validators[content_hash] = jsonschema.Draft202012Validator(wf.input_schema)
+        out = []
+        for err in sorted(validator.iter_errors(value), key=lambda x: list(x.absolute_path)):
+            path = "input" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err.absolute_path)
+            out.append(Problem(path=path, message=err.message))
+        return out
+
+    # ---- storing ----------------------------------------------------------------------------
+
+    def _store(self, plans: list[tuple[int, _Plan]]) -> dict[int, Outcome]:
+        """One append for the whole batch; on a collision, settle the colliding events one
+        by one and try the rest together again (the store names the streams that collided)."""
+        out: dict[int, Outcome] = {}
+        pending = plans
+        for _ in range(3):
+            try:
+                self.store.append([r for _, p in pending for r in p.records])
+            except ConcurrencyError as exc:
+                bad = set(exc.stream_ids)
+                suspects = [(i, p) for i, p in pending if any(r.stream_id in bad for r in p.records)]
+                if not suspects:
+                    break
+                for i, p in suspects:
+                    out[i] = self._append_one(p)
+                pending = [(i, p) for i, p in pending if i not in out]
+                if not pending:
+                    return out
+            else:
+                for i, p in pending:
+                    out[i] = self._accepted(p)
+                return out
+        for i, p in pending:
+            out[i] = self._append_one(p)
+        return out
+
+    def _accepted(self, plan: _Plan) -> Outcome:
+        self.accepted += 1
+        self.started += len(plan.executions)
+        e = plan.trigger.event
+        return Outcome("accepted", e.source, e.id, dict(plan.executions), dict(plan.rejected), list(plan.filtered))
+
+    def _append_one(self, plan: _Plan) -> Outcome:
+        records = list(plan.records)
+        for _ in range(5):
+            try:
+                self.store.append(records)
+                return self._accepted(plan)
+            except ConcurrencyError:
+                pass
+            stored = self.store.load(plan.trigger.stream)
+            if stored:  # seen before: report what it did then
+                self.duplicates += 1
+                prior = TriggerAccepted.model_validate_json(stored[0].data)
+                e = plan.trigger.event
+                return Outcome("duplicate", e.source, e.id, dict(prior.executions), dict(prior.rejected),
+                               list(prior.filtered))
+            # The trigger is new but an execution id is taken: someone started that
+            # execution with the same key by hand. It stands for this trigger's; keep it.
+            taken = {r.stream_id for r in records[1:] if r.version == 1 and self.store.load(r.stream_id, upto_version=1)}
+            records = [records[0]] + [r for r in records[1:] if r.stream_id not in taken]
+        raise ConcurrencyError(f"trigger {plan.trigger.event.source}:{plan.trigger.event.id}: too much contention",
+                               kind="version")

@@ -1,0 +1,53 @@
+"""Publishing trigger events onto their topic (`weft.triggers.<type>` on NATS).
+
+Used by `weft publish` and `POST /v1/triggers`. The broker message id is
+derived from (source, id), so a publisher retrying inside the broker's dedup
+window stores one message; beyond the window the trigger log catches it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from datetime import datetime, timezone
+from typing import Any
+
+import orjson
+
+from contracts.subjects import trigger_subject
+from contracts.triggers import CloudEvent
+from services.broker import OutMessage, Transport
+
+
+def new_event(
+    type: str, data: Any = None, *, id: str | None = None, source: str = "weft:cli", subject: str | None = None,
+    time: datetime | None = None, **extensions: Any,
+) -> CloudEvent:
+    """A CloudEvent with a fresh id and the current time unless given (raises pydantic ValidationError)."""
+    return CloudEvent.model_validate({
+        "id": id or str(uuid.uuid4()), "source": source, "type": type, "subject": subject,
+        "time": time or datetime.now(timezone.utc), "data": data, **extensions,
+    })
+
+
+def message_id(source: str, event_id: str) -> str:
+    return "trg:" + hashlib.sha256(f"{source}\x00{event_id}".encode()).hexdigest()[:40]
+
+
+def encode(event: CloudEvent) -> bytes:
+    """Structured-mode JSON: absent optional attributes are left out, not null."""
+    body = event.model_dump(mode="json", exclude_none=True)
+    if event.data is None:
+        body.pop("data", None)
+    return orjson.dumps(body)
+
+
+def to_message(event: CloudEvent) -> OutMessage:
+    return OutMessage(subject=trigger_subject(event.type), data=encode(event),
+                      msg_id=message_id(event.source, event.id),
+                      headers={"Content-Type": "application/cloudevents+json"})
+
+
+async def publish(transport: Transport, event: CloudEvent) -> bool:
+    """Publish and wait for the broker's ack. False: the broker already had this (source, id)."""
+    return await transport.publish(to_message(event))
