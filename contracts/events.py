@@ -205,11 +205,14 @@ _adapter: TypeAdapter[Any] = TypeAdapter(Event)
 
 
 def encode(event: _Event) -> bytes:
-    return orjson.dumps(event.model_dump(mode="json", exclude_defaults=False))
+    return event.__pydantic_serializer__.to_json(event)
 
 
 def decode(type_name: str, data: bytes) -> Any:
     """Stored bytes to an event model, upcasting older schema versions."""
+    cls = EVENT_TYPES.get(type_name)
+    if cls is not None and b'"schema_version":1' in data[:80]:
+        return cls.model_validate_json(data)  # the current shape: parse in one pass
     raw = orjson.loads(data)
     raw.setdefault("type", type_name)
     return _adapter.validate_python(upcast(raw))

@@ -381,6 +381,9 @@ def workflows_show(name: str, version: Optional[int] = typer.Option(None, "--ver
               "content_hash": v.content_hash, "definition": v.definition.canonical()}, as_json)
 
 
+from weft import cli_dlq as _cli_dlq  # noqa: E402,F401
+
+
 def main() -> None:
     start = time.perf_counter()
     try:

@@ -83,8 +83,17 @@ Command = Start | StepResult | Cancel | Pause | Resume | Retry | Reprocess
 
 def decide(state: Execution, command: Command, now: datetime) -> list[Any]:
     """The events that `command` causes. Never mutates `state`."""
+    return decide_into(state.copy(), command, now)
+
+
+def decide_into(scratch: Execution, command: Command, now: datetime) -> list[Any]:
+    """`decide` on a state the caller owns: the events are folded into `scratch` too.
+
+    The orchestrator's batch path folds many results into one working copy;
+    this spares it a copy of the state per result.
+    """
     out: list[Any] = []
-    scratch = state.copy()
+    state = scratch
 
     def emit(event: Any) -> None:
         out.append(event)

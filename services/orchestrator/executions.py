@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 from contracts import events as ev
 from contracts.definitions import Problem, validate_input
 from contracts.messages import StepResult
-from services.orchestrator.decide import Command, DecisionError, Start, UnknownTask, decide
+from services.orchestrator.decide import Command, DecisionError, Start, UnknownTask, decide, decide_into
 from services.orchestrator.registry import Version
 from services.orchestrator.state import Execution, evolve
 from services.store import ConcurrencyError, EventStore, NewEvent
@@ -86,7 +86,7 @@ class Executions:
 
     def _forget(self, execution_id: str) -> None:
         with self._lock:
-            self._forget(execution_id)
+            self._cache.pop(execution_id, None)  # was a recursive self._forget: deadlocked on the lock
 
     def _remember(self, state: Execution) -> None:
         with self._lock:
@@ -221,12 +221,12 @@ class Executions:
                 recheck.append(r)
                 continue
             try:
-                events = decide(scratch, r, self.clock())
+                # UnknownTask is raised before anything is folded into the scratch copy;
+                # any other error abandons the whole batch (nothing acked, all redelivered).
+                events = decide_into(scratch, r, self.clock())
             except UnknownTask:
                 recheck.append(r)  # our cached state may be behind: decide again on a fresh load
                 continue
-            for e in events:
-                evolve(scratch, e)
             pending.extend(events)
             inbox.append(mid)
             outcomes.append(Outcome(mid, "applied", r.execution_id))

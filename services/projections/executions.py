@@ -165,7 +165,7 @@ def list_executions(
     tx: ViewTransaction, *, workflow: str | None = None, status: str | None = None, limit: int = 100,
     offset: int = 0, since: str | None = None, until: str | None = None, replay_of: str | None = None,
     version: int | None = None, oldest_first: bool = False, after: tuple[str, str] | None = None,
-    table: str = "weft_executions",
+    table: str = "weft_executions", workflows: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Executions from the view, newest first (or oldest first), filtered.
 
@@ -183,8 +183,14 @@ def list_executions(
     if until:
         where.append("started_at < ?")
         params.append(norm_time(until))
+    if workflows is not None:  # only these (an API key bound to some workflows)
+        if not workflows:
+            return []
+        where.append(f"workflow IN ({', '.join('?' * len(workflows))})")
+        params.extend(workflows)
     if after is not None:
-        where.append("(started_at > ? OR (started_at = ? AND id > ?))")
+        op = ">" if oldest_first else "<"  # the cursor follows the order, either way
+        where.append(f"(started_at {op} ? OR (started_at = ? AND id {op} ?))")
         params.extend([after[0], after[0], after[1]])
     sql = f"SELECT {', '.join(_LIST)} FROM {table}"
     if where:

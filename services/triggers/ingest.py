@@ -84,6 +84,7 @@ class _Plan:
     executions: dict[str, str]
     rejected: dict[str, str]
     filtered: list[str]
+    starts: dict[str, list[NewEvent]]  # label -> that execution's first events
 
 
 class Ingestor:
@@ -148,7 +149,7 @@ class Ingestor:
         data = {} if e.data is None else e.data
         executions: dict[str, str] = {}
         rejected: dict[str, str] = {}
-        records: list[NewEvent] = []
+        starts: dict[str, list[NewEvent]] = {}
         about = {"id": e.id, "source": e.source, "type": e.type, "subject": e.subject,
                  "time": t.raw.get("time"), "via": t.via}
         for route in routes:
@@ -166,12 +167,13 @@ class Ingestor:
                 rejected[route.label] = f"cannot start: {type(exc).__name__}: {exc}"
                 continue
             stream = uuid.UUID(eid)
-            records.extend(NewEvent(stream, n + 1, d.type, ev.encode(d)) for n, d in enumerate(decided))
+            starts[route.label] = [NewEvent(stream, n + 1, d.type, ev.encode(d)) for n, d in enumerate(decided)]
             executions[route.label] = eid
         accepted = TriggerAccepted(at=now, event=t.raw, via=t.via, executions=executions,
                                    filtered=list(t.filtered), rejected=rejected)
         head = NewEvent(t.stream, 1, accepted.type, orjson.dumps(accepted.model_dump(mode="json")))
-        return _Plan(t, [head, *records], executions, rejected, list(t.filtered))
+        records = [head, *(r for rs in starts.values() for r in rs)]
+        return _Plan(t, records, executions, rejected, list(t.filtered), starts)
 
     def _check_input(self, content_hash: str, wf: WorkflowDef, value: Any) -> list[Problem]:
         if wf.input_schema is None:
@@ -230,16 +232,43 @@ class Ingestor:
                 return self._accepted(plan)
             except ConcurrencyError:
                 pass
-            stored = self.store.load(plan.trigger.stream)
-            if stored:  # seen before: report what it did then
+            stored = self.store.load(plan.trigger.stream, upto_version=1)
+            if stored:  # seen before
                 self.duplicates += 1
-                prior = TriggerAccepted.model_validate_json(stored[0].data)
-                e = plan.trigger.event
-                return Outcome("duplicate", e.source, e.id, dict(prior.executions), dict(prior.rejected),
-                               list(prior.filtered))
+                return self._duplicate(plan, TriggerAccepted.model_validate_json(stored[0].data))
             # The trigger is new but an execution id is taken: someone started that
             # execution with the same key by hand. It stands for this trigger's; keep it.
             taken = {r.stream_id for r in records[1:] if r.version == 1 and self.store.load(r.stream_id, upto_version=1)}
             records = [records[0]] + [r for r in records[1:] if r.stream_id not in taken]
         raise ConcurrencyError(f"trigger {plan.trigger.event.source}:{plan.trigger.event.id}: too much contention",
                                kind="version")
+
+    def _duplicate(self, plan: _Plan, prior: TriggerAccepted) -> Outcome:
+        """A repeat starts nothing new, except for a workflow that rejected the event's data the
+        first time: a corrected event (a reprocessed dead letter) may start it now, still at
+        most once, since its execution id is the same."""
+        started = {_name(label) for label in prior.executions}
+        executions, rejected = dict(prior.executions), dict(prior.rejected)
+        for label in prior.rejected:
+            name = _name(label)
+            if name in started:
+                continue
+            fresh = next((lbl for lbl in plan.starts if _name(lbl) == name), None)
+            if fresh is not None:
+                try:
+                    self.store.append(plan.starts[fresh])
+                    self.started += 1
+                except ConcurrencyError:
+                    pass  # started by an earlier repeat
+                executions[fresh] = plan.executions[fresh]
+                del rejected[label]
+            else:
+                again = next((lbl for lbl in plan.rejected if _name(lbl) == name), None)
+                if again is not None:
+                    rejected[label] = plan.rejected[again]
+        e = plan.trigger.event
+        return Outcome("duplicate", e.source, e.id, executions, rejected, list(prior.filtered))
+
+
+def _name(label: str) -> str:
+    return label.rpartition("@")[0]

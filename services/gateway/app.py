@@ -1,0 +1,96 @@
+"""The FastAPI application: `/v1` routes, `/healthz`, `/readyz`, `/v1/openapi.json`, `/v1/docs`."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
+
+from services.broker import Transport
+from services.gateway import errors
+from services.gateway.auth import Authenticator
+from services.gateway.keys import Keys
+from services.gateway.models import Health
+from services.orchestrator.executions import Executions
+from services.orchestrator.registry import Registry
+from services.store import EventStore
+from services.triggers.ingest import Ingestor
+from services.triggers.routing import Catalog
+
+DEFAULT_MAX_BODY = 1024 * 1024
+
+
+@dataclass
+class Context:
+    """What the routes use; one per gateway."""
+
+    store: EventStore
+    transport: Transport
+    executions: Executions
+    catalog: Catalog
+    ingestor: Ingestor
+    keys: Keys
+    auth: Authenticator
+    registry: Registry = field(init=False)
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    sse_poll: float = 0.25
+    sse_heartbeat: float = 15.0
+
+    def __post_init__(self) -> None:
+        self.registry = Registry(self.store)
+
+
+def create_app(ctx: Context, *, max_body: int = DEFAULT_MAX_BODY) -> FastAPI:
+    from services.gateway import routes_executions, routes_triggers, routes_workflows
+
+    app = FastAPI(
+        title="Weft", version="1", openapi_url="/v1/openapi.json", docs_url="/v1/docs", redoc_url=None,
+        description=(
+            "Event-sourced workflow orchestration. Authenticate with `Authorization: Bearer <key>` "
+            "(`weft keys create`). Scopes: `read` (GET), `trigger` (start executions, publish triggers), "
+            "`admin` (publish workflows, control executions, keys; implies the other two)."
+        ),
+    )
+    app.state.ctx = ctx
+    errors.install(app)
+    app.add_middleware(errors.BodyLimit, limit=max_body)
+    app.include_router(routes_workflows.router)
+    app.include_router(routes_executions.router)
+    app.include_router(routes_triggers.router)
+
+    @app.get("/healthz", response_model=Health, tags=["health"])
+    async def healthz() -> dict[str, Any]:
+        """The process is up."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", response_model=Health, tags=["health"],
+             responses={503: {"model": Health, "description": "The store or the broker is unreachable"}})
+    async def readyz() -> Any:
+        """The store and the broker are reachable."""
+        checks: dict[str, str] = {}
+        try:
+            await asyncio.wait_for(asyncio.to_thread(ctx.store.head), timeout=2.0)
+            checks["store"] = "ok"
+        except Exception as exc:  # noqa: BLE001 - any failure means not ready
+            checks["store"] = f"unreachable: {type(exc).__name__}"
+        connected = getattr(ctx.transport, "is_connected", True)
+        checks["broker"] = "ok" if connected else "unreachable"
+        ready = all(v == "ok" for v in checks.values())
+        return JSONResponse({"status": "ready" if ready else "not ready", **checks}, status_code=200 if ready else 503)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            schema.setdefault("components", {})["securitySchemes"] = {
+                "bearer": {"type": "http", "scheme": "bearer", "description": "weft_<prefix>_<secret>"},
+                "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+            }
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app

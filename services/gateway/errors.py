@@ -1,0 +1,163 @@
+"""The gateway's error model: every error is `{"error": {code, message, problems, error_id}}`.
+
+401 no or unknown key, 403 a scope or workflow binding forbids it, 404 unknown
+resource, 409 the command does not apply to the execution as it is, 413 body
+over the limit, 422 invalid input (each problem names its field), 503 the
+store or broker is unreachable, 500 anything else: logged here with a
+traceback under an error id, answered with only that id.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from services.broker import BrokerError
+from services.gateway.models import ErrorBody
+from services.store import StoreUnavailableError
+
+log = logging.getLogger("weft.gateway")
+
+_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
+          406: "not_acceptable", 409: "conflict", 413: "too_large", 415: "unsupported_media_type", 422: "invalid",
+          500: "internal", 503: "unavailable"}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, *, code: str | None = None,
+                 problems: list[dict[str, Any]] | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message = status, message
+        self.code = code or _CODES.get(status, "error")
+        self.problems = problems or []
+        self.headers = headers
+
+
+def error_response(status: int, message: str, *, code: str | None = None, problems: list[dict[str, Any]] | None = None,
+                   error_id: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    body: dict[str, Any] = {"code": code or _CODES.get(status, "error"), "message": message, "problems": problems or []}
+    if error_id:
+        body["error_id"] = error_id
+    return JSONResponse({"error": body}, status_code=status, headers=headers)
+
+
+def _field(loc: tuple[Any, ...]) -> str:
+    parts = [str(p) for p in loc]
+    if parts and parts[0] == "body" and len(parts) > 1:
+        parts = parts[1:]
+        return "body." + ".".join(parts)
+    return ".".join(parts) or "body"
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status, exc.message, code=exc.code, problems=exc.problems, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = [{"field": _field(tuple(e.get("loc", ()))), "message": e.get("msg", "invalid")} for e in exc.errors()]
+        message = "; ".join(f"{p['field']}: {p['message']}" for p in problems) or "invalid request"
+        return error_response(422, message, problems=problems)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        detail = exc.detail if isinstance(exc.detail, str) else "error"
+        return error_response(exc.status_code, detail, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(StoreUnavailableError)
+    async def _store_down(_: Request, exc: StoreUnavailableError) -> JSONResponse:
+        log.warning("store unavailable: %s", exc)
+        return error_response(503, "the event store is unreachable; try again", headers={"Retry-After": "1"})
+
+    @app.exception_handler(BrokerError)
+    async def _broker_down(_: Request, exc: BrokerError) -> JSONResponse:
+        log.warning("broker error: %s", exc)
+        return error_response(503, "the broker is unreachable; try again", headers={"Retry-After": "1"})
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, exc: Exception) -> JSONResponse:
+        error_id = uuid.uuid4().hex[:16]
+        log.error("error %s on %s %s", error_id, request.method, request.url.path, exc_info=exc)
+        return error_response(500, "internal error; the server log has the details under this error_id",
+                              error_id=error_id)
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": text}
+    for status, text in (
+        (401, "No API key, or an unknown or revoked one"),
+        (403, "The key's scopes or workflow binding do not allow this"),
+        (413, "The body is over the limit"),
+        (422, "Invalid input; each problem names its field"),
+        (500, "Internal error (answered with an error_id only)"),
+        (503, "The store or the broker is unreachable"),
+    )
+}
+
+
+def errors(*extra: int) -> dict[int | str, dict[str, Any]]:
+    text = {404: "Not found", 409: "The command does not apply to the execution as it is"}
+    out = dict(ERRORS)
+    for status in extra:
+        out[status] = {"model": ErrorBody, "description": text.get(status, "Error")}
+    return out
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes gets 413, whether it declares
+    its length or streams it; nothing of it reaches the application."""
+
+    def __init__(self, app: ASGIApp, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or ()).get(b"content-length")
+        if declared is not None:
+            try:
+                too_big = int(declared) > self.limit
+            except ValueError:
+                too_big = False
+            if too_big:
+                await self._reject(scope, receive, send)
+                return
+        body = bytearray()
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body.extend(message.get("body", b""))
+            more = message.get("more_body", False)
+            if len(body) > self.limit:
+                await self._reject(scope, receive, send)
+                return
+        sent = False
+
+        async def replay() -> Message:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = error_response(413, f"the request body is over the limit of {self.limit} bytes")
+        await response(scope, receive, send)
+
+
+def dumps(value: Any) -> bytes:
+    return orjson.dumps(value)

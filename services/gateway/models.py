@@ -1,0 +1,185 @@
+"""Request and response bodies of the HTTP API (they are its OpenAPI schemas)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Status = Literal["running", "paused", "completed", "failed", "cancelled"]
+
+
+class Problem(BaseModel):
+    field: str
+    message: str
+    line: int | None = None
+
+
+class ErrorDetail(BaseModel):
+    code: str  # unauthorized | forbidden | not_found | too_large | invalid | conflict | unavailable | internal ...
+    message: str
+    problems: list[Problem] = []
+    error_id: str | None = None  # quote it when asking about a 500: the server log has the details
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+# ---- workflows -----------------------------------------------------------------------------------
+
+
+class WorkflowVersionOut(BaseModel):
+    id: str  # name@version
+    workflow: str
+    version: int
+    content_hash: str
+    published_at: datetime
+    created: bool | None = None  # on publish: False when identical content was already published
+    definition: dict[str, Any] | None = None
+
+
+class WorkflowList(BaseModel):
+    items: list[WorkflowVersionOut]
+
+
+# ---- executions ----------------------------------------------------------------------------------
+
+
+class StartRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    workflow: str = Field(min_length=1, max_length=128)
+    version: int | None = Field(None, ge=1, description="default: the latest version")
+    input: Any = Field(default_factory=dict)
+
+
+class ControlRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    why: str | None = Field(None, max_length=2000)
+
+
+class StepOut(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    step_id: str
+    status: str
+
+
+class ErrorInfo(BaseModel):
+    step_id: str | None = None
+    type: str
+    message: str
+
+
+class ExecutionOut(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: str
+    execution_id: str
+    status: str
+    workflow: str
+    version: int
+    output: Any = None
+    error: ErrorInfo | None = None
+    started_at: str | None = None
+    finished_at: str | None = None
+    replay_of: str | None = None
+    events: int
+    duration_ms: float | None = None
+    input: Any = None
+    trigger: dict[str, Any] | None = None
+    steps: list[StepOut] | None = None
+    created: bool | None = None  # on start: False when the Idempotency-Key named an existing execution
+    applied: list[str] | None = None  # on cancel/pause/resume/retry: the events recorded
+
+
+class ExecutionRow(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: str
+    execution_id: str
+    workflow: str
+    version: int
+    status: str
+    started_at: str
+    finished_at: str | None = None
+
+
+class ExecutionPage(BaseModel):
+    items: list[ExecutionRow]
+    next_cursor: str | None = None
+
+
+class HistoryEvent(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    seq: int
+    type: str
+    at: str
+
+
+class HistoryOut(BaseModel):
+    execution_id: str
+    items: list[HistoryEvent]
+
+
+# ---- triggers ------------------------------------------------------------------------------------
+
+
+class TriggerIn(BaseModel):
+    """A CloudEvent to publish. `id` and `source` may be left out: a fresh id, and `weft:api`."""
+
+    model_config = ConfigDict(extra="allow")
+    specversion: Literal["1.0"] = "1.0"
+    type: str = Field(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    id: str | None = Field(None, min_length=1, max_length=256)
+    source: str | None = Field(None, min_length=1, max_length=1024)
+    subject: str | None = Field(None, max_length=1024)
+    time: datetime | None = None
+    datacontenttype: str | None = "application/json"
+    data: Any = None
+
+
+class TriggerOut(BaseModel):
+    id: str
+    source: str
+    type: str
+    topic: str
+    duplicate: bool  # the broker already had this (source, id): nothing new was published
+
+
+class WebhookOut(BaseModel):
+    id: str
+    source: str
+    duplicate: bool  # this delivery id was seen before: nothing new was started
+    deduplicated: bool  # False: the request had no delivery id, so a retry would start again
+    executions: dict[str, str]
+    rejected: dict[str, str] = {}
+
+
+# ---- keys ----------------------------------------------------------------------------------------
+
+
+class KeyCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    scopes: list[Literal["read", "trigger", "admin"]] = Field(min_length=1)
+    workflows: list[str] | None = Field(None, min_length=1, max_length=1000)
+    name: str | None = Field(None, max_length=200)
+
+
+class KeyOut(BaseModel):
+    id: str
+    prefix: str
+    scopes: list[str]
+    workflows: list[str] | None = None
+    name: str | None = None
+    created_at: str
+    revoked_at: str | None = None
+    active: bool
+    key: str | None = None  # only in the answer to its creation
+
+
+class KeyList(BaseModel):
+    items: list[KeyOut]
+
+
+class Health(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    status: str

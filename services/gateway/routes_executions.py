@@ -1,0 +1,261 @@
+"""`/v1/executions`: start, get, list, control (cancel, pause, resume, retry), history, live events (SSE)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import time
+import uuid
+from datetime import datetime
+from typing import Any, AsyncIterator
+
+import orjson
+from fastapi import APIRouter, Body, Header, Path, Query, Request, Response
+from fastapi.responses import StreamingResponse
+
+from contracts.events import FINISHING
+from services.gateway.auth import ScopedRoute, caller, scoped, who
+from services.gateway.errors import ApiError, errors
+from services.gateway.models import ControlRequest, ExecutionOut, ExecutionPage, HistoryOut, StartRequest, Status
+from services.orchestrator.decide import Cancel, DecisionError, Pause, Resume, Retry
+from services.orchestrator.executions import InputError, NotFound, execution_id_for
+from services.orchestrator.registry import UnknownWorkflow
+from services.orchestrator.state import Execution, step_view
+from services.projections.executions import list_executions
+
+router = APIRouter(prefix="/v1/executions", tags=["executions"], route_class=ScopedRoute)
+IdPath = Path(description="execution id (a UUID)", max_length=64)
+_REOPENING = frozenset({"ExecutionRetried", "StepReprocessRequested", "ExecutionResumed"})
+
+
+def summary(state: Execution, *, steps: bool = True) -> dict[str, Any]:
+    error = None
+    if state.error:
+        error = {"step_id": state.error[0], "type": state.error[1], "message": state.error[2]}
+    out: dict[str, Any] = {
+        "id": state.id, "execution_id": state.id, "status": state.status, "workflow": state.workflow,
+        "version": state.workflow_version, "output": state.output, "error": error,
+        "started_at": state.started_at.isoformat() if state.started_at else None,
+        "finished_at": state.finished_at.isoformat() if state.finished_at else None,
+        "replay_of": state.replay_of, "events": state.version, "input": state.input, "trigger": state.trigger,
+    }
+    if state.started_at and state.finished_at:
+        out["duration_ms"] = round((state.finished_at - state.started_at).total_seconds() * 1000, 1)
+    if steps:
+        out["steps"] = step_view(state)
+    return out
+
+
+def _load(request: Request, execution_id: str) -> Execution:
+    """The execution, or 404 when it does not exist or the key may not see its workflow."""
+    try:
+        uuid.UUID(execution_id)
+    except ValueError:
+        raise ApiError(404, f"no execution {execution_id!r}") from None
+    state = request.app.state.ctx.executions.load(execution_id)
+    if not state.version or not caller(request).can_use(state.workflow):
+        raise ApiError(404, f"no execution {execution_id!r}")
+    return state
+
+
+@router.post("", status_code=201, response_model=ExecutionOut, openapi_extra=scoped("trigger"),
+             responses={**errors(404, 409), 200: {"model": ExecutionOut,
+                                                  "description": "The Idempotency-Key named an existing execution"}})
+def start(
+    request: Request, response: Response, body: StartRequest,
+    idempotency_key: str | None = Header(None, min_length=1, max_length=256,
+                                         description="the same key starts one execution of a workflow, ever"),
+) -> Any:
+    """Start an execution. With an `Idempotency-Key`, repeating the request returns the same execution (200)."""
+    ctx = request.app.state.ctx
+    if not caller(request).can_use(body.workflow):
+        raise ApiError(403, f"this key may not use workflow {body.workflow!r}")
+    try:
+        version = ctx.registry.get(body.workflow, body.version)
+    except UnknownWorkflow as exc:
+        raise ApiError(404, str(exc)) from None
+    if idempotency_key:
+        # Look first: the common repeat is then a read, not a refused write.
+        existing = ctx.executions.load(execution_id_for(version.name, idempotency_key))
+        if existing.version:
+            return _repeat(response, existing, body.input)
+    try:
+        state, created = ctx.executions.start(version, body.input, idempotency_key=idempotency_key)
+    except InputError as exc:
+        problems = [{"field": f"body.{p.path}", "message": p.message} for p in exc.problems]
+        raise ApiError(422, str(exc), problems=problems) from None
+    if not created:
+        return _repeat(response, state, body.input)
+    response.status_code = 201
+    return summary(state) | {"created": True}
+
+
+def _repeat(response: Response, state: Execution, data: Any) -> dict[str, Any]:
+    if state.input != data:
+        raise ApiError(409, "this Idempotency-Key already started an execution with a different input",
+                       code="idempotency_conflict")
+    response.status_code = 200
+    return summary(state) | {"created": False}
+
+
+def _cursor(raw: str | None) -> tuple[str, str] | None:
+    if not raw:
+        return None
+    try:
+        at, _, eid = base64.urlsafe_b64decode(raw.encode() + b"=" * (-len(raw) % 4)).decode().partition("|")
+        uuid.UUID(eid)
+        datetime.fromisoformat(at)
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise ApiError(422, "query.cursor: not a cursor from a previous page",
+                       problems=[{"field": "query.cursor", "message": "not a cursor from a previous page"}]) from None
+    return at, eid
+
+
+@router.get("", response_model=ExecutionPage, responses=errors(), openapi_extra=scoped("read"))
+def list_(
+    request: Request,
+    workflow: str | None = Query(None, max_length=128),
+    status: Status | None = Query(None),
+    since: datetime | None = Query(None, description="started at or after"),
+    until: datetime | None = Query(None, description="started before"),
+    limit: int = Query(50, ge=1, le=500),
+    cursor: str | None = Query(None, max_length=512, description="next_cursor of the previous page"),
+) -> Any:
+    """Executions, newest first, from the executions view (which trails the log by a moment)."""
+    ctx = request.app.state.ctx
+    key = caller(request)
+    bound = sorted(key.workflows) if key.workflows is not None else None
+    if workflow is not None and bound is not None and workflow not in bound:
+        return {"items": [], "next_cursor": None}
+    with ctx.store.transaction() as tx:
+        rows = list_executions(
+            tx, workflow=workflow, status=status, limit=limit + 1, workflows=bound, after=_cursor(cursor),
+            since=since.isoformat() if since else None, until=until.isoformat() if until else None,
+        )
+    more = len(rows) > limit
+    rows = rows[:limit]
+    nxt = None
+    if more:
+        last = rows[-1]
+        nxt = base64.urlsafe_b64encode(f"{last['started_at']}|{last['id']}".encode()).decode().rstrip("=")
+    return {"items": rows, "next_cursor": nxt}
+
+
+@router.get("/{execution_id}", response_model=ExecutionOut, responses=errors(404), openapi_extra=scoped("read"))
+def get(request: Request, execution_id: str = IdPath) -> Any:
+    """One execution, with the state of every step."""
+    return summary(_load(request, execution_id))
+
+
+def _control(request: Request, execution_id: str, cmd: Any) -> dict[str, Any]:
+    ctx = request.app.state.ctx
+    _load(request, execution_id)
+    try:
+        events = ctx.executions.command(execution_id, cmd)
+    except NotFound as exc:
+        raise ApiError(404, str(exc)) from None
+    except DecisionError as exc:
+        raise ApiError(409, str(exc), code=exc.code) from None
+    return summary(ctx.executions.load(execution_id)) | {"applied": [e.type for e in events]}
+
+
+_CONTROL = dict(response_model=ExecutionOut, responses=errors(404, 409), openapi_extra=scoped("admin"))
+_WHY = Body(None, description="optional: {\"why\": \"...\"}, recorded with the event")
+
+
+@router.post("/{execution_id}/cancel", **_CONTROL)
+def cancel(request: Request, execution_id: str = IdPath, body: ControlRequest | None = _WHY) -> Any:
+    """Cancel (recorded as an event). Results that arrive afterwards are ignored, and recorded as ignored."""
+    return _control(request, execution_id, Cancel(by=who(caller(request)), why=body.why if body else None))
+
+
+@router.post("/{execution_id}/pause", **_CONTROL)
+def pause(request: Request, execution_id: str = IdPath, body: ControlRequest | None = _WHY) -> Any:
+    """Stop scheduling new steps; steps already running finish."""
+    return _control(request, execution_id, Pause(by=who(caller(request)), why=body.why if body else None))
+
+
+@router.post("/{execution_id}/resume", **_CONTROL)
+def resume(request: Request, execution_id: str = IdPath, body: ControlRequest | None = _WHY) -> Any:
+    """Resume a paused execution: schedule what became ready meanwhile."""
+    return _control(request, execution_id, Resume(by=who(caller(request)), why=body.why if body else None))
+
+
+@router.post("/{execution_id}/retry", **_CONTROL)
+def retry(request: Request, execution_id: str = IdPath, body: ControlRequest | None = _WHY) -> Any:
+    """Run a failed execution's failed steps again, keeping the successful outputs."""
+    return _control(request, execution_id, Retry(by=who(caller(request)), why=body.why if body else None))
+
+
+def _history_items(records: list[Any]) -> list[dict[str, Any]]:
+    items = []
+    for rec in records:
+        e = orjson.loads(rec.data)
+        e.setdefault("type", rec.type)
+        items.append({"seq": rec.version, **e})
+    return items
+
+
+@router.get("/{execution_id}/history", response_model=HistoryOut, responses=errors(404), openapi_extra=scoped("read"))
+def history(
+    request: Request, execution_id: str = IdPath,
+    after: int = Query(0, ge=0, le=2**31, description="only events with seq > after"),
+    limit: int = Query(1000, ge=1, le=10_000),
+) -> Any:
+    """The execution's events in order, each with its `seq` (1-based)."""
+    _load(request, execution_id)
+    records = request.app.state.ctx.store.load(uuid.UUID(execution_id), after_version=after, upto_version=after + limit)
+    return {"execution_id": execution_id, "items": _history_items(records)}
+
+
+@router.get(
+    "/{execution_id}/events", openapi_extra=scoped("read"), response_class=StreamingResponse,
+    responses={**errors(404), 200: {"description": "Server-Sent Events: `id: <seq>`, `event: <type>`, `data: <event JSON>`;"
+                                    " a final `event: end` once the execution has finished",
+                                    "content": {"text/event-stream": {"schema": {"type": "string"}}}}},
+)
+async def events(
+    request: Request, execution_id: str = IdPath,
+    last_event_id: str | None = Header(None, max_length=32, description="resume after this seq"),
+    after: int = Query(0, ge=0, le=2**31, description="start after this seq"),
+) -> Any:
+    """A live stream of the execution's events (SSE). It ends when the execution has finished."""
+    state = await asyncio.to_thread(_load, request, execution_id)
+    if last_event_id is not None:
+        try:
+            after = max(after, int(last_event_id))
+        except ValueError:
+            raise ApiError(422, "header.last-event-id: not a number",
+                           problems=[{"field": "header.last-event-id", "message": "not a number"}]) from None
+    return StreamingResponse(_stream(request, execution_id, after, state.finished), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _stream(request: Request, execution_id: str, seq: int, finished: bool) -> AsyncIterator[bytes]:
+    ctx = request.app.state.ctx
+    stream_id = uuid.UUID(execution_id)
+    beat = time.monotonic()
+    while not ctx.stop.is_set():
+        records = await asyncio.to_thread(ctx.store.load, stream_id, seq)
+        for item in _history_items(records):
+            seq = item["seq"]
+            if item["type"] in FINISHING:
+                finished = True
+            elif item["type"] in _REOPENING:
+                finished = False
+            yield f"id: {seq}\nevent: {item['type']}\ndata: ".encode() + orjson.dumps(item) + b"\n\n"
+        if records:
+            beat = time.monotonic()
+        elif finished:
+            yield b"event: end\ndata: {}\n\n"
+            return
+        elif time.monotonic() - beat > ctx.sse_heartbeat:
+            beat = time.monotonic()
+            yield b": keep-alive\n\n"
+        if await request.is_disconnected():
+            return
+        try:
+            await asyncio.wait_for(ctx.stop.wait(), timeout=ctx.sse_poll)
+        except asyncio.TimeoutError:
+            pass

@@ -1,0 +1,163 @@
+"""`/v1/triggers` (publish a CloudEvent onto its topic), `/v1/webhooks/{path}`, `/v1/keys`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from fastapi import APIRouter, Header, Path, Request, Response
+from pydantic import ValidationError
+
+from contracts.subjects import trigger_subject
+from services.gateway.auth import ScopedRoute, caller, scoped, who
+from services.gateway.errors import ApiError, errors
+from services.gateway.keys import KeyProblem
+from services.gateway.models import KeyCreate, KeyList, KeyOut, TriggerIn, TriggerOut, WebhookOut
+from services.triggers.consumer import describe
+from services.triggers.ingest import Trigger
+from services.triggers.publish import encode, message_id, new_event, publish
+from services.triggers.webhooks import WebhookError, delivery_id, secret_for, signature, verify, webhook_event
+
+log = logging.getLogger("weft.gateway")
+router = APIRouter(prefix="/v1", route_class=ScopedRoute)
+
+
+@router.post("/triggers", status_code=202, response_model=TriggerOut, responses=errors(), tags=["triggers"],
+             openapi_extra=scoped("trigger"))
+async def publish_trigger(request: Request, body: TriggerIn) -> Any:
+    """Publish a CloudEvent onto its topic (`weft.triggers.<type>`). Every workflow subscribed to
+    its type (and whose filter matches) starts once per (source, id), however often it is published."""
+    ctx = request.app.state.ctx
+    key = caller(request)
+    if key.workflows is not None:
+        # A bound key must not start workflows outside its binding through a shared topic.
+        await asyncio.to_thread(ctx.catalog.refresh)
+        names = {r.version.name for r in ctx.catalog.subscribers(body.type)}
+        outside = sorted(names - key.workflows)
+        if outside or not names:
+            why = f"it would also start {outside}" if outside else "none of its workflows subscribes to it"
+            raise ApiError(403, f"this key may not publish events of type {body.type!r}: {why}")
+    extras = dict(body.model_extra or {})
+    try:
+        event = new_event(body.type, body.data, id=body.id, source=body.source or "weft:api", subject=body.subject,
+                          time=body.time, datacontenttype=body.datacontenttype, **extras)
+    except ValidationError as exc:
+        problems = [{"field": "body." + ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in exc.errors()]
+        raise ApiError(422, describe(exc), problems=problems) from None
+    stored = await publish(ctx.transport, event)
+    return {"id": event.id, "source": event.source, "type": event.type, "topic": trigger_subject(event.type),
+            "duplicate": not stored}
+
+
+@router.post(
+    "/webhooks/{path:path}", status_code=202, response_model=WebhookOut, tags=["triggers"],
+    responses=errors(404),
+    openapi_extra={"requestBody": {"required": False, "content": {
+        "application/json": {"schema": {}}, "text/plain": {"schema": {"type": "string"}}}}},
+)
+async def webhook(
+    request: Request, response: Response, path: str = Path(max_length=512, description="the `webhook.path`"),
+    x_weft_signature: str | None = Header(None, max_length=200, description="sha256=<hex HMAC-SHA256 of the body>"),
+    x_weft_delivery: str | None = Header(None, max_length=256, description="delivery id: deduplicates retries"),
+    idempotency_key: str | None = Header(None, max_length=256, description="used when X-Weft-Delivery is absent"),
+) -> Any:
+    """Start the workflows listening on this path. Signed webhooks (a `secret_env` in the definition)
+    need a valid `X-Weft-Signature` and no key; unsigned ones need a key with the `trigger` scope."""
+    ctx = request.app.state.ctx
+    routes = ctx.catalog.webhooks(path)
+    if not routes:
+        await asyncio.to_thread(ctx.catalog.refresh, force=True)
+        routes = ctx.catalog.webhooks(path)
+    if not routes:
+        raise ApiError(404, f"no workflow listens on webhook /{path.strip('/')}")
+    body = await request.body()
+    sig = signature(request.headers)
+    allowed, why = [], []
+    key = None
+    for route in routes:
+        spec = route.spec.webhook
+        assert spec is not None
+        try:
+            secret = secret_for(spec.secret_env)
+        except KeyError:
+            log.error("webhook %s of %s: its secret %s is not set in the gateway's environment",
+                      spec.path, route.label, spec.secret_env)
+            why.append((503, "unavailable", "this webhook's secret is not configured on the gateway"))
+            continue
+        if secret is not None:
+            if verify(secret, body, sig):
+                allowed.append(route)
+            elif sig is None:
+                why.append((401, "unauthorized", "missing signature: send X-Weft-Signature: sha256=<hex HMAC of the body>"))
+            else:
+                why.append((401, "unauthorized", "the signature does not match the body"))
+            continue
+        if key is None:
+            key = await ctx.auth.identify(request)
+        if key is None:
+            why.append((401, "unauthorized", "this webhook is not signed: an API key with the 'trigger' scope is required"))
+        elif not key.allows("trigger") or not key.can_use(route.version.name):
+            why.append((403, "forbidden", "this key may not trigger this webhook"))
+        else:
+            allowed.append(route)
+    if not allowed:
+        status, code, message = sorted(why)[0]
+        raise ApiError(status, message, code=code)
+    try:
+        event_id, given = delivery_id(request.headers)
+        event = webhook_event(path, body, request.headers.get("content-type"), event_id)
+    except WebhookError as exc:
+        raise ApiError(exc.status, str(exc), problems=[{"field": exc.field or "body", "message": str(exc)}]) from None
+    [outcome] = await asyncio.to_thread(ctx.ingestor.ingest, [Trigger(event, via="webhook", routes=allowed)])
+    for label, reason in outcome.rejected.items():
+        await ctx.transport.dead_letter(
+            "trigger_invalid", encode(event), reason=f"workflow {label}: {reason}",
+            source_subject=f"webhook:{event.subject}", msg_id=f"{message_id(event.source, event.id)}:{label}",
+        )
+    if outcome.rejected and not outcome.executions:
+        problems = [{"field": "body", "message": f"{label}: {reason}"} for label, reason in outcome.rejected.items()]
+        raise ApiError(422, "; ".join(p["message"] for p in problems), problems=problems)
+    return {"id": event.id, "source": event.source, "duplicate": outcome.status == "duplicate", "deduplicated": given,
+            "executions": outcome.executions, "rejected": outcome.rejected}
+
+
+# ---- keys ----------------------------------------------------------------------------------------
+
+
+def _unbound(request: Request) -> None:
+    if caller(request).workflows is not None:
+        raise ApiError(403, "a key bound to workflows cannot manage keys")
+
+
+@router.get("/keys", response_model=KeyList, responses=errors(), tags=["keys"], openapi_extra=scoped("admin"))
+def list_keys(request: Request) -> Any:
+    """Every key: prefix, scopes, binding, whether revoked. Never the key itself."""
+    _unbound(request)
+    return {"items": [k.public() for k in request.app.state.ctx.keys.list()]}
+
+
+@router.post("/keys", status_code=201, response_model=KeyOut, responses=errors(), tags=["keys"],
+             openapi_extra=scoped("admin"))
+def create_key(request: Request, body: KeyCreate) -> Any:
+    """Create a key. The answer is the only time the key itself is shown."""
+    _unbound(request)
+    try:
+        token, key = request.app.state.ctx.keys.create(body.scopes, workflows=body.workflows, name=body.name,
+                                                       by=who(caller(request)))
+    except KeyProblem as exc:
+        field = str(exc).split(":")[0]
+        raise ApiError(422, str(exc), problems=[{"field": f"body.{field}", "message": str(exc)}]) from None
+    return key.public() | {"key": token}
+
+
+@router.delete("/keys/{key_id}", response_model=KeyOut, responses=errors(404), tags=["keys"],
+               openapi_extra=scoped("admin"))
+def revoke_key(request: Request, key_id: str = Path(max_length=64, description="the key's id (its prefix)")) -> Any:
+    """Revoke a key (recorded as an event); it stops working within seconds everywhere."""
+    _unbound(request)
+    try:
+        key = request.app.state.ctx.keys.revoke(key_id, by=who(caller(request)))
+    except KeyProblem as exc:
+        raise ApiError(404, str(exc)) from None
+    return key.public()

@@ -1,0 +1,98 @@
+"""Drive executions through the real core and store, playing the worker's part.
+
+For tests that need many real histories fast (projections, rebuild races, crash
+tests) without a broker: each round hands every scheduled task of the given
+executions to a `behaviour`, turns its answers into StepResults and applies them
+with `Executions.apply_results`, exactly as the result consumer does.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from typing import Any, Callable, Iterable
+
+from contracts.messages import StepError, StepResult
+from services.orchestrator.executions import Executions
+from services.orchestrator.state import Execution, Task
+
+# (state, step_id, item, task) -> ("succeeded", output) | ("failed", StepError) | None (no answer yet)
+Behaviour = Callable[[Execution, str, "int | None", Task], "tuple[str, Any] | None"]
+
+
+def echo(state: Execution, step_id: str, item: int | None, task: Task) -> tuple[str, Any]:
+    """Succeed with what the step was given, tagged with the step id."""
+    return "succeeded", {"step": step_id, "item": item, "input": task.input}
+
+
+def flaky(every: int = 3) -> Behaviour:
+    """Echo, but the first attempt of every `every`-th task fails (then the retry succeeds)."""
+    counter = {"n": 0}
+
+    def behaviour(state: Execution, step_id: str, item: int | None, task: Task) -> tuple[str, Any]:
+        counter["n"] += 1
+        if task.attempt == 1 and counter["n"] % every == 0:
+            return "failed", StepError(type="ConnectionError", message=f"{step_id} timed out")
+        return echo(state, step_id, item, task)
+
+    return behaviour
+
+
+class Clock:
+    """A deterministic clock that moves on by `tick` each time it is read."""
+
+    def __init__(self, start: datetime | None = None, tick: float = 0.01):
+        self.now = start or datetime(2025, 1, 1, tzinfo=timezone.utc)
+        self.tick = timedelta(seconds=tick)
+
+    def __call__(self) -> datetime:
+        self.now += self.tick
+        return self.now
+
+
+class Driver:
+    def __init__(self, executions: Executions, worker_id: str = "sim-worker"):
+        self.executions = executions
+        self.worker_id = worker_id
+
+    def pending(self, state: Execution) -> list[tuple[str, int | None, Task]]:
+        if state.status != "running":
+            return []
+        return [
+            (sid, item, task)
+            for sid, step in state.steps.items()
+            for item, task in step.tasks.items()
+            if task.status == "scheduled" and task.attempt not in task.finished
+        ]
+
+    def round(self, ids: Iterable[str], behaviour: Behaviour = echo) -> list[str]:
+        """Answer every scheduled task of these executions once; returns those still running."""
+        results, running = [], []
+        for eid in ids:
+            state = self.executions.load(eid)
+            todo = self.pending(state)
+            if not todo:
+                continue
+            running.append(eid)
+            for sid, item, task in todo:
+                answer = behaviour(state, sid, item, task)
+                if answer is None:
+                    continue
+                status, value = answer
+                now = self.executions.clock()
+                results.append(StepResult(
+                    execution_id=eid, step_id=sid, item=item, attempt=task.attempt, status=status,
+                    output=value if status == "succeeded" else None,
+                    error=value if status == "failed" else None, worker_id=self.worker_id,
+                    started_at=now, finished_at=now + timedelta(milliseconds=5 + (len(sid) * 7) % 40),
+                ))
+        if results:
+            self.executions.apply_results(results)
+        return running
+
+    def run(self, ids: Iterable[str], behaviour: Behaviour = echo, max_rounds: int = 200) -> None:
+        ids = list(ids)
+        for _ in range(max_rounds):
+            ids = self.round(ids, behaviour)
+            if not ids:
+                return
+        raise AssertionError(f"executions still running after {max_rounds} rounds: {ids[:5]}")
