@@ -106,7 +106,7 @@ async def run_shape(
         done_count = await asyncio.to_thread(_count_finished, store, version.name)
         now = time.perf_counter() - t0
         if now - last_report > 5:
-            print(f"  {label}: {done_count}/{count} finished after {now:.1f}s", file=sys.stderr)
+            print(f"  {label}: {done_count}/{count} finished after {now:.1f}s{await _queues(stack)}", file=sys.stderr)
             last_report = now
         if done_count >= count:
             break
@@ -157,8 +157,22 @@ def run_starter(args: argparse.Namespace) -> None:
     print(orjson.dumps(ids).decode())
 
 
+async def _queues(stack: Stack) -> str:
+    """Where the work waits: commands for workers, results for the orchestrator, the relay's lag."""
+    try:
+        js = stack.transport._js  # type: ignore[attr-defined]
+        steps = await js.consumer_info(stack.transport.stream_name("WEFT_STEPS"), "workers")  # type: ignore[attr-defined]
+        results = await js.consumer_info(stack.transport.stream_name("WEFT_RESULTS"), "orchestrator")  # type: ignore[attr-defined]
+        head = await asyncio.to_thread(stack.store.head)
+        relay = await asyncio.to_thread(stack.store.position, "relay")
+    except Exception as exc:  # a probe only
+        return f" (queues unknown: {exc})"
+    return (f" · queued: steps {steps.num_pending}+{steps.num_ack_pending} in flight,"
+            f" results {results.num_pending}+{results.num_ack_pending}, relay lag {head - relay}")
+
+
 def _count_finished(store: Any, workflow: str) -> int:
-    with store.transaction() as tx:
+    with store.reader() as tx:
         tx.execute("SELECT COUNT(*) FROM weft_executions WHERE workflow = ? AND status = 'completed'", (workflow,))
         row = tx.fetchone()
     return int(row[0]) if row else 0

@@ -28,10 +28,16 @@ class Settings(BaseModel):
     max_deliver: int = 20
     result_batch: int = 256
     relay_batch: int = 512
+    projection_batch: int = 10_000  # events per projector transaction
     poll_interval: float = 0.05
     http_allow_private: bool = False
     nats_port: int = 0  # 0 = a free port
     gateway_port: int = 0
+    gateway_host: str = "127.0.0.1"
+    gateway_auth: bool = True  # `weft up` turns it off on a loopback host unless set explicitly
+    gateway_max_body: int = 1024 * 1024  # bytes; larger bodies get 413
+    trigger_batch: int = 500  # trigger events ingested per store transaction
+    cron_grace: float = 60.0  # seconds a late cron tick still counts as on time
     no_worker: bool = False
 
     @classmethod

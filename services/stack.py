@@ -18,14 +18,14 @@ from services.broker import NatsTransport, Transport
 from services.orchestrator.consumer import ResultConsumer
 from services.orchestrator.executions import Executions
 from services.orchestrator.relay import Relay
-from services.projections import ExecutionsView, Projector
+from services.projections import Projector, default_views
 from services.settings import Settings
 from services.store import EventStore, open_store
 from services.worker.runtime import Worker
 from services.worker.steps import HttpPolicy, default_registry
 
 log = logging.getLogger("weft")
-ALL = ("orchestrator", "relay", "worker", "projector", "deadletters")
+ALL = ("orchestrator", "relay", "worker", "projector", "deadletters", "triggers", "scheduler", "gateway")
 
 
 class Stack:
@@ -39,13 +39,16 @@ class Stack:
         self.worker: Worker | None = None
         self.projector: Projector | None = None
         self.deadletters: Any = None  # services.deadletters.DeadLetterService
+        self.triggers: Any = None  # services.triggers.consumer.TriggerConsumer
+        self.scheduler: Any = None  # services.triggers.cron.Scheduler
+        self.gateway: Any = None  # services.gateway.server.GatewayServer (.url)
 
 
 async def connect(settings: Settings) -> tuple[EventStore, Transport]:
     if not settings.nats_url:
         raise RuntimeError("no NATS url: run `weft up`, or set WEFT_NATS_URL / --nats-url")
     assert settings.database_url
-    store = await asyncio.to_thread(open_store, settings.database_url)
+    store = await asyncio.to_thread(open_store, settings.database_url, pool_size=12)
     transport = await NatsTransport.connect(settings.nats_url, namespace=settings.namespace)
     await transport.ensure_streams()
     return store, transport
@@ -83,7 +86,9 @@ async def run_services(
             )
             runs.append(stack.worker.run(stop))
         if "projector" in parts:
-            stack.projector = await asyncio.to_thread(Projector, store, [ExecutionsView()])
+            stack.projector = await asyncio.to_thread(
+                Projector, store, default_views(), batch=settings.projection_batch, poll_interval=settings.poll_interval
+            )
             runs.append(stack.projector.run(stop))
         if "deadletters" in parts:
             from services.deadletters import DeadLetterService
@@ -92,6 +97,10 @@ async def run_services(
                 DeadLetterService, store, transport, ack_wait=settings.ack_wait, poll_interval=max(settings.poll_interval, 0.05)
             )
             runs.append(stack.deadletters.run(stop))
+        if parts & {"triggers", "scheduler", "gateway"}:
+            from services.gateway.server import front_door  # trigger consumer, cron scheduler, HTTP gateway
+
+            runs.extend(await front_door(stack, parts, stop))
         if on_ready is not None:
             maybe = on_ready(stack)
             if maybe is not None:

@@ -191,13 +191,12 @@ def status(execution_id: str, as_json: bool = JsonOpt, home: Optional[Path] = Ho
 @app.command()
 def history(
     execution_id: str,
-    at: Optional[int] = typer.Option(None, "--at", help="Show the state as of event N."),
+    at: Optional[str] = typer.Option(None, "--at", help="Show the state as of event N, or as of a time (ISO 8601)."),
     as_json: bool = JsonOpt,
     home: Optional[Path] = HomeOpt,
 ) -> None:
-    """The execution's events in order; with --at, its state as of event N."""
+    """The execution's events in order; with --at, its state as of event N (or a time)."""
     from services.orchestrator.executions import Executions
-    from services.orchestrator.state import fold
 
     store = _store(home)
     try:
@@ -208,11 +207,7 @@ def history(
     if not events:
         out.fail(1, f"no execution {execution_id}")
     if at is not None:
-        if at < 1:
-            out.fail(2, "--at: must be 1 or more")
-        state = fold(execution_id, events[:at])
-        out.emit(out.execution_summary(state, steps=True) | {"as_of": min(at, len(events))}, as_json,
-                 render=out.render_status)
+        _cli_history.show_history_at(execution_id, events, at, as_json)
         return
     rows = [{"seq": i + 1, **e.model_dump(mode="json")} for i, e in enumerate(events)]
     if as_json:
@@ -320,7 +315,7 @@ def executions_list(
     try:
         # Bring the view up to date first, so a list right after a run shows it.
         Projector(store, [ExecutionsView()]).catch_up()
-        with store.transaction() as tx:
+        with store.reader() as tx:
             rows = list_executions(tx, workflow=workflow, status=status_, limit=limit)
     finally:
         store.close()
@@ -382,6 +377,8 @@ def workflows_show(name: str, version: Optional[int] = typer.Option(None, "--ver
 
 
 from weft import cli_dlq as _cli_dlq  # noqa: E402,F401
+from weft import cli_history as _cli_history  # noqa: E402
+from weft import cli_gateway as _cli_gateway  # noqa: E402,F401
 
 
 def main() -> None:

@@ -25,6 +25,7 @@ from typing import Any, Optional
 
 import orjson
 import typer
+from rich import box
 from rich.markup import escape
 from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -195,29 +196,61 @@ def dlq_list(
     out.emit([_summary(r) for r in rows], as_json, render=lambda rs: _render_list(rs, filters))
 
 
+def _fit(names: list[str], rows: list[list[str]], flex: str, optional: tuple[str, ...] = ()) -> tuple[Table, list[list[str]]]:
+    """A table that fits the terminal: every column whole, except `flex`, which is cut with an
+    ellipsis; on a narrow terminal the `optional` columns go first."""
+    keep = list(range(len(names)))
+    widths = [max([len(n)] + [len(r[i]) for r in rows]) for i, n in enumerate(names)]
+
+    def room() -> int:
+        return out.console.width - sum(widths[i] for i in keep if names[i] != flex) - 3 * (len(keep) - 1)
+
+    for name in optional:
+        if room() >= 24:
+            break
+        keep.remove(names.index(name))
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
+    for i in keep:
+        if names[i] == flex:
+            width = max(room(), 12)
+            table.add_column(names[i], no_wrap=True, overflow="ellipsis", max_width=width, min_width=min(width, widths[i]))
+        else:
+            table.add_column(names[i], no_wrap=True, min_width=widths[i])
+    return table, [[r[i] for i in keep] for r in rows]
+
+
+def _short(value: Optional[str]) -> str:
+    """Today's times as HH:MM:SS, older ones with their date."""
+    text = _time(value)
+    return text[11:] if text[:10] == datetime.now(timezone.utc).strftime("%Y-%m-%d") else text[5:16]
+
+
 def _render_list(rows: list[dict[str, Any]], filters: Any) -> None:
     if not rows:
         out.console.print(f"no {filters.status or ''} dead letters".replace("  ", " "))
         return
-    table = Table()
-    for name in ("id", "kind", "status", "workflow", "step", "att."):
-        table.add_column(name, no_wrap=True)
-    table.add_column("error", no_wrap=True, overflow="ellipsis", min_width=12)
-    table.add_column("last seen", no_wrap=True)
+    with_status = filters.status is None  # one status asked for: the column would say the same on every line
+    names = ["id", "kind", *(["status"] if with_status else []), "workflow", "step", "att.", "error", "last seen"]
+    cells = []
     for r in rows:
         error = f"{r['error_type']}: {r['error_message'] or ''}" if r.get("error_type") else (r.get("error_message") or "")
-        table.add_row(r["id"][:8], r["kind"], _status(r["status"]), r.get("workflow") or "", _step(r),
-                      "" if r.get("attempt") is None else str(r["attempt"]), escape(error.splitlines()[0][:70] if error else ""),
-                      _time(r["last_seen"])[5:])
+        cells.append([r["id"][:8], r["kind"], *([r["status"]] if with_status else []), r.get("workflow") or "",
+                      _step(r), "" if r.get("attempt") is None else str(r["attempt"]),
+                      error.splitlines()[0] if error else "", _short(r["last_seen"])])
+    table, cells = _fit(names, cells, "error", optional=("last seen", "att.", "workflow"))
+    kept = [str(c.header) for c in table.columns]
+    for row in cells:
+        table.add_row(*(_status(c) if kept[i] == "status" else escape(c) for i, c in enumerate(row)))
     out.console.print(table)
-    out.console.print(f"{len(rows)} dead letter(s) · details: [bold]weft dlq show <id>[/bold]", highlight=False)
+    what = f"{filters.status} " if filters.status else ""
+    out.console.print(f"{len(rows)} {what}dead letter(s) · details: [bold]weft dlq show <id>[/bold]", highlight=False)
 
 
 def _render_groups(groups: list[dict[str, Any]]) -> None:
     if not groups:
         out.console.print("no dead letters")
         return
-    table = Table()
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
     for name in ("count", "kind"):
         table.add_column(name, no_wrap=True)
     table.add_column("error", overflow="fold", min_width=20)
@@ -360,7 +393,7 @@ def _run_bulk(rows: list[dict[str, Any]], act: Any, as_json: bool, verb: str, re
         loop = asyncio.get_running_loop()
         try:
             loop.add_signal_handler(signal.SIGINT, cancelled.set)
-        except (NotImplementedError, RuntimeError):
+        except (NotImplementedError, RuntimeError, ValueError):
             pass
         progress = _progress(as_json) if len(rows) > 1 else None
         task = progress.add_task(verb, total=len(rows)) if progress else None
@@ -383,7 +416,7 @@ def _run_bulk(rows: list[dict[str, Any]], act: Any, as_json: bool, verb: str, re
                     progress.advance(task)
         try:
             loop.remove_signal_handler(signal.SIGINT)
-        except (NotImplementedError, RuntimeError):
+        except (NotImplementedError, RuntimeError, ValueError):
             pass
 
     asyncio.run(main())
@@ -394,7 +427,7 @@ def _report(outcomes: list[Any], as_json: bool) -> None:
     if as_json:
         out.emit([o.as_dict() for o in outcomes], True)
     else:
-        table = Table()
+        table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
         for name in ("id", "kind", "execution", "step", "outcome"):
             table.add_column(name, no_wrap=True)
         table.add_column("detail", overflow="fold")

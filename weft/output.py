@@ -31,6 +31,10 @@ def emit(value: Any, as_json: bool, render: Callable[[Any], None] | None = None)
         console.print_json(orjson.dumps(value).decode())
 
 
+# Lineage lookup (the replays of an execution, from the executions view), set by weft.cli_history.
+lineage: Callable[[str], dict[str, Any]] | None = None
+
+
 def execution_summary(state: Any, steps: bool = False) -> dict[str, Any]:
     from services.orchestrator.state import step_view
 
@@ -54,6 +58,8 @@ def execution_summary(state: Any, steps: bool = False) -> dict[str, Any]:
         result["duration_ms"] = round((state.finished_at - state.started_at).total_seconds() * 1000, 1)
     if steps:
         result["steps"] = step_view(state)
+        if lineage is not None:
+            result.update(lineage(state.id))  # "replays": executions replaying this one
     return result
 
 
@@ -135,6 +141,8 @@ def render_status(r: dict[str, Any]) -> None:
     console.print(head)
     if r.get("replay_of"):
         console.print(f"replay of {r['replay_of']}")
+    if r.get("replays"):
+        console.print(f"replays: {', '.join(r['replays'])}")
     table = Table("step", "status", "attempts", "items", "output / error")
     for s in r["steps"]:
         detail = f"{s['error']['type']}: {s['error']['message']}" if s["error"] else orjson.dumps(s["output"]).decode()

@@ -17,6 +17,7 @@ from rich.console import Console
 
 from services.broker.nats_server import NatsServer
 from services.settings import Settings, read_stack, stack_file, write_stack
+from services.gateway.auth import is_loopback
 from services.stack import ALL, Stack, install_signal_handlers, run_services
 
 console = Console(stderr=True)
@@ -42,12 +43,15 @@ def run_up(settings: Settings, *, no_worker: bool = False) -> int:
     server = NatsServer(store_dir=home / "nats", port=settings.nats_port or previous.get("nats_port") or 0)
     server.start()
     settings = settings.model_copy(update={"home": home, "nats_url": server.url})
+    if "gateway_auth" not in settings.model_fields_set and is_loopback(settings.gateway_host):
+        settings = settings.model_copy(update={"gateway_auth": False})  # loopback only; said so when ready
     parts = tuple(p for p in ALL if not (no_worker and p == "worker"))
 
     def ready(stack: Stack) -> None:
         write_stack(home, {
             "pid": os.getpid(), "home": str(home), "nats_url": server.url, "nats_port": server.port,
             "database_url": settings.database_url, "services": list(parts),
+            "gateway_url": stack.gateway.url if stack.gateway is not None else None,
             "started_at": datetime.now(timezone.utc).isoformat(),
         })
         console.print(f"[bold]weft up[/bold] · home {home}")
@@ -55,6 +59,11 @@ def run_up(settings: Settings, *, no_worker: bool = False) -> int:
         console.print(f"  event store     {settings.database_url}")
         console.print(f"  services        {', '.join(parts)}"
                       + (f" (worker concurrency {settings.worker_concurrency})" if not no_worker else ""))
+        if stack.gateway is not None:
+            console.print(f"  HTTP gateway    {stack.gateway.url}/v1  (docs {stack.gateway.url}/v1/docs)")
+            if not settings.gateway_auth:
+                console.print("  [yellow]auth is off[/yellow]: the gateway listens on loopback only and takes no API "
+                              "keys; anyone on this machine can call it (WEFT_GATEWAY_AUTH=true requires keys)")
         console.print("  ready · Ctrl-C stops")
 
     async def main() -> None:

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import re
+import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -53,6 +54,19 @@ _DLQ_REASON_MAX = 4096  # headers share max_payload with the body; a traceback m
 
 DUPLICATE_WINDOW = 120.0
 TRIGGERS_MAX_AGE = 7 * 24 * 3600.0
+
+# JetStream accepts at most 1,000 messages in one atomic batch.
+ATOMIC_BATCH_MAX = 500
+
+
+def _one_stream(messages: Sequence[OutMessage]) -> bool:
+    # Weft's streams are told apart by the first two subject tokens (weft.steps, weft.results, ...).
+    first = messages[0].subject.split(".", 2)[:2]
+    return all(m.subject.split(".", 2)[:2] == first for m in messages)
+
+
+# After the first message of a fetch, how long to wait for more to fill the batch.
+_TOP_UP_WAIT = 0.0005
 
 # logical stream -> (retention, max_age seconds or None for forever)
 _RETENTION: dict[str, tuple[api.RetentionPolicy, float | None]] = {
@@ -162,7 +176,15 @@ class NatsConsumer:
             if remaining < 0.01:
                 remaining = 0.01
             try:
-                msgs = await self._sub.fetch(max_messages, timeout=remaining)
+                # nats-py's fetch(batch=N) lingers until N messages arrived or the
+                # timeout passed, holding what it already has. Instead: wait for the
+                # first message, then take what is there at once (a short probe).
+                msgs = await self._sub.fetch(1, timeout=remaining)
+                if max_messages > 1:
+                    try:
+                        msgs += await self._sub.fetch(max_messages - 1, timeout=_TOP_UP_WAIT)
+                    except asyncio.TimeoutError:
+                        pass
             except asyncio.TimeoutError:  # also FetchTimeoutError and nats.errors.TimeoutError
                 return []
             except _CLIENT_ERRORS as exc:
@@ -220,6 +242,7 @@ class NatsTransport:
         publish_retry_for: float = 30.0,
         publish_window: int = 512,
         replicas: int = 1,
+        atomic: bool = True,
     ) -> None:
         _check_namespace(namespace)
         if publish_window < 1:
@@ -232,6 +255,7 @@ class NatsTransport:
         self._publish_retry_for = publish_retry_for
         self._publish_window = publish_window
         self._replicas = replicas
+        self._atomic = atomic  # atomic batches in publish_many (nats-server >= 2.12)
         # The context's own pending cap only guards against misuse: the window
         # in publish_many is what bounds the in-flight count.
         self._js: JetStreamContext = nc.jetstream(
@@ -344,6 +368,7 @@ class NatsTransport:
             duplicate_window=DUPLICATE_WINDOW,
             num_replicas=self._replicas,
             discard=api.DiscardPolicy.OLD,
+            allow_atomic=True,  # publish_many writes a batch as one atomic (one-fsync) write
         )
 
     async def ensure_streams(self) -> None:
@@ -382,12 +407,56 @@ class NatsTransport:
         return not ack.duplicate
 
     async def publish_many(self, messages: Sequence[OutMessage]) -> None:
+        """Publish many messages, returning when all are stored.
+
+        Messages bound for one stream go as JetStream atomic batches: the server
+        stores a batch in one write, which with `sync_interval: always` is one
+        fsync instead of one per message (several times the throughput). An
+        atomic batch is refused whole if it holds a message id the stream has
+        already seen (a relay republishing after a crash, say); such a batch,
+        or one that fails for any other reason, is sent again message by
+        message, where the broker drops each duplicate on its own.
+        """
+        if not messages:
+            return
+        if len(messages) > 1 and self._atomic and _one_stream(messages):
+            for start in range(0, len(messages), ATOMIC_BATCH_MAX):
+                chunk = messages[start : start + ATOMIC_BATCH_MAX]
+                try:
+                    await self._publish_atomic(chunk)
+                    continue
+                except (BrokerError, asyncio.TimeoutError, *_CLIENT_ERRORS) as exc:
+                    log.debug("atomic batch of %d not stored (%s): sending one by one", len(chunk), exc)
+                await self._publish_pipelined(chunk)
+            return
+        await self._publish_pipelined(messages)
+
+    async def _publish_atomic(self, messages: Sequence[OutMessage]) -> None:
+        batch_id = uuid.uuid4().hex
+        last = len(messages)
+        for i, message in enumerate(messages, 1):
+            headers = self._headers(message) or {}
+            headers["Nats-Batch-Id"] = batch_id
+            headers["Nats-Batch-Sequence"] = str(i)
+            subject = self.subject(message.subject)
+            if i < last:
+                await self._nc.publish(subject, message.data, headers=headers)
+                continue
+            headers["Nats-Batch-Commit"] = "1"
+            reply = await self._nc.request(subject, message.data, headers=headers, timeout=self._request_timeout)
+            ack = json.loads(reply.data or b"{}")
+            if "error" in ack or ack.get("count") != last:
+                error = ack.get("error") or {}
+                raise BrokerError(
+                    f"atomic batch refused: {error.get('description') or ack}", operation="publish_many",
+                    subject=message.subject, retryable=False,
+                )
+
+    async def _publish_pipelined(self, messages: Sequence[OutMessage]) -> None:
         """Pipelined publish; messages that failed transiently are resent (same msg id) until the deadline.
 
         Without msg ids a resend may store a message twice (at-least-once).
         """
-        if not messages:
-            return
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._publish_retry_for
         todo = list(range(len(messages)))

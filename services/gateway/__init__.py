@@ -1,0 +1,20 @@
+"""The HTTP gateway: Weft's front door over HTTP (FastAPI, served by uvicorn in the stack's loop).
+
+What lives here:
+  app.py                 the FastAPI app and its Context (what routes use), /healthz, /readyz, OpenAPI
+  routes_workflows.py    /v1/workflows: publish, list, get (versions are immutable, content-hashed)
+  routes_executions.py   /v1/executions: start (Idempotency-Key), get, list, cancel/pause/resume/retry,
+                         history, live events (Server-Sent Events)
+  routes_triggers.py     /v1/triggers (publish a CloudEvent), /v1/webhooks/{path}, /v1/keys
+  auth.py                API-key authentication and per-route scopes
+  keys.py                API keys as events in the store (hashed; prefix in clear)
+  errors.py              the error model, handlers, and the body-size limit
+  models.py              request/response bodies (the OpenAPI schemas)
+  server.py              GatewayServer (uvicorn in the running loop) and `front_door`, the wiring of the
+                         trigger consumer, the cron scheduler and the gateway for services.stack
+
+Who may import it: entry points (services.stack, the CLI), tests. It imports
+services.triggers, the orchestrator's application services, projections'
+read functions, the store and the broker port. keys.py imports no web framework,
+so the CLI can manage keys without loading FastAPI.
+"""

@@ -63,14 +63,20 @@ def install(app: FastAPI) -> None:
         return error_response(exc.status, exc.message, code=exc.code, problems=exc.problems, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = [{"field": _field(tuple(e.get("loc", ()))), "message": e.get("msg", "invalid")} for e in exc.errors()]
+        media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media and "json" not in media and any(p["field"] == "body" for p in problems):
+            problems = [{"field": "body", "message": f"send JSON with Content-Type: application/json (not {media})"}]
         message = "; ".join(f"{p['field']}: {p['message']}" for p in problems) or "invalid request"
         return error_response(422, message, problems=problems)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         detail = exc.detail if isinstance(exc.detail, str) else "error"
+        if exc.status_code == 400:  # FastAPI's "error parsing the body": invalid input like any other
+            message = "body: could not be parsed (send UTF-8 JSON)"
+            return error_response(422, message, problems=[{"field": "body", "message": message[6:]}])
         return error_response(exc.status_code, detail, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(StoreUnavailableError)

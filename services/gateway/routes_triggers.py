@@ -6,7 +6,7 @@ import asyncio
 import logging
 from typing import Any
 
-from fastapi import APIRouter, Header, Path, Request, Response
+from fastapi import APIRouter, Header, Path, Request
 from pydantic import ValidationError
 
 from contracts.subjects import trigger_subject
@@ -57,7 +57,7 @@ async def publish_trigger(request: Request, body: TriggerIn) -> Any:
         "application/json": {"schema": {}}, "text/plain": {"schema": {"type": "string"}}}}},
 )
 async def webhook(
-    request: Request, response: Response, path: str = Path(max_length=512, description="the `webhook.path`"),
+    request: Request, path: str = Path(max_length=512, description="the `webhook.path`"),
     x_weft_signature: str | None = Header(None, max_length=200, description="sha256=<hex HMAC-SHA256 of the body>"),
     x_weft_delivery: str | None = Header(None, max_length=256, description="delivery id: deduplicates retries"),
     idempotency_key: str | None = Header(None, max_length=256, description="used when X-Weft-Delivery is absent"),

@@ -34,9 +34,15 @@ from services.projections.timeline import TimelineView, timeline
 
 
 def default_views(prefix: str = "weft_") -> list[Any]:
-    """The built-in views, as `weft up` and `weft projector` run them."""
-    return [ExecutionsView(prefix=prefix), StepRunsView(prefix=prefix), TimelineView(prefix=prefix),
-            WorkflowStatsView(prefix=prefix)]
+    """The built-in views, as `weft up` and `weft projector` run them.
+
+    Another table prefix gives an independent second set (named `view:<prefix><name>`),
+    which tests use to compare a rebuilt view with one followed live.
+    """
+    views = [ExecutionsView, StepRunsView, TimelineView, WorkflowStatsView]
+    if prefix == "weft_":
+        return [cls() for cls in views]
+    return [cls(prefix=prefix, name=f"view:{prefix}{cls.name.removeprefix('view:')}") for cls in views]
 
 
 def view_named(name: str, views: list[Any] | None = None) -> Any:

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-import orjson
-
-from services.projections.tables import TableSpec, TableView, dumps, loads, millis, norm_time, select_in, write_rows
-from services.store import StoredRecord, ViewTransaction
+from services.projections.tables import (
+    Ev, TableSpec, TableView, dumps, loads, millis, norm_time, select_in, write_rows,
+)
+from services.store import ViewTransaction
 
 _FINISH = {"ExecutionCompleted": "completed", "ExecutionFailed": "failed", "ExecutionCancelled": "cancelled"}
 _COLUMNS = (
@@ -48,14 +48,11 @@ class ExecutionsView(TableView):
     def table(self) -> str:
         return self.t["executions"]
 
-    def apply(self, tx: ViewTransaction, records: Sequence[StoredRecord]) -> None:
-        parsed = []
+    def apply_events(self, tx: ViewTransaction, events: Sequence[Ev]) -> None:
         started: set[str] = set()  # executions this batch starts
         missing: set[str] = set()  # rows to read: started before this batch
-        for rec in records:
-            eid = str(rec.stream_id)
-            e = orjson.loads(rec.data)
-            parsed.append((rec, eid, e))
+        for rec in events:
+            eid, e = rec.stream, rec.data
             if rec.type == "ExecutionStarted":
                 started.add(eid)
                 source = e.get("replay_of")
@@ -70,7 +67,8 @@ class ExecutionsView(TableView):
                 r["steps"], r["replays"] = loads(r["steps"]), loads(r["replays"])
                 rows[r["id"]] = r
         touched: dict[str, dict[str, Any]] = {}
-        for rec, eid, e in parsed:
+        for rec in events:
+            eid, e = rec.stream, rec.data
             if rec.type == "ExecutionStarted":
                 row = _started(eid, e, rec)
                 if eid in rows:  # already there (a rebuild racing nothing, or a replayed append): keep lineage
@@ -84,8 +82,8 @@ class ExecutionsView(TableView):
             row = rows.get(eid)
             if row is None:
                 continue  # events of an execution whose start this view never saw (not a valid history)
-            _evolve(row, rec.type, e)
-            row["updated_at"] = norm_time(e["at"])
+            _evolve(row, rec.type, e, rec.at)
+            row["updated_at"] = rec.at
             row["events"], row["position"] = max(row["events"], rec.version), rec.position
             touched[eid] = row
         out = []
@@ -96,11 +94,11 @@ class ExecutionsView(TableView):
                 dumps(row[c]) if c in ("steps", "replays") else dumps(current) if c == "current_steps" else row[c]
                 for c in _NAMES
             ))
-        write_rows(tx, self.table, _NAMES, out, key=("id",), update=_UPDATE)
+        write_rows(tx, self.table, self.tables["executions"], out, update=_UPDATE)
 
 
-def _started(eid: str, e: dict[str, Any], rec: StoredRecord) -> dict[str, Any]:
-    at = norm_time(e["at"])
+def _started(eid: str, e: dict[str, Any], rec: Ev) -> dict[str, Any]:
+    at = rec.at
     steps = {s["id"]: "pending" for s in e["definition"].get("steps", ())}
     trigger = e.get("trigger")
     return {
@@ -112,7 +110,7 @@ def _started(eid: str, e: dict[str, Any], rec: StoredRecord) -> dict[str, Any]:
     }
 
 
-def _evolve(row: dict[str, Any], kind: str, e: dict[str, Any]) -> None:
+def _evolve(row: dict[str, Any], kind: str, e: dict[str, Any], at: str) -> None:
     """Mirror of the core's evolve, for what this row shows (status, step statuses, result)."""
     steps = row["steps"]
     step = e.get("step_id")
@@ -138,7 +136,7 @@ def _evolve(row: dict[str, Any], kind: str, e: dict[str, Any]) -> None:
         _reopen(row)
     elif kind in _FINISH:
         row["status"] = _FINISH[kind]
-        row["finished_at"] = norm_time(e["at"])
+        row["finished_at"] = at
         row["duration_ms"] = millis(row["started_at"], row["finished_at"])
         if kind == "ExecutionCompleted":
             row["output"] = dumps(e.get("output"))

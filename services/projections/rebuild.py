@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable
 
+from services.projections import log
+from services.projections.log import read_batch
 from services.projections.runner import META, ensure_meta, lock_meta, now_text, view_version
 from services.store import EventStore, ViewTransaction
 
@@ -55,6 +57,7 @@ def rebuild(
     _claim(store, view.name, token, stale_after)
     shadow = {logical: f"{physical}{SHADOW}" for logical, physical in view.t.items()}
     sview = view.bound(shadow)
+    wanted = frozenset(view.types)
     try:
         with store.transaction() as tx:
             for table in shadow.values():
@@ -62,22 +65,19 @@ def rebuild(
             sview.create(tx, indexes=False)  # bulk loads run faster without secondary indexes
         pos, applied = 0, 0
         while True:
-            head = store.head()
-            records = store.read(pos, batch, view.types)
-            new = records[-1].position if records else pos
-            if len(records) < batch:
-                new = max(new, head)
-            if new > pos:
-                with store.transaction() as tx:
-                    _check_token(tx, view.name, token)
-                    if records:
-                        sview.apply(tx, records)
-                    tx.execute(f"UPDATE {META} SET rebuild_position = ?, rebuild_head = ?, rebuild_heartbeat = ? "
-                               "WHERE name = ?", (new, head, now_text(), view.name))
-                pos, applied = new, applied + len(records)
+            with store.transaction() as tx:
+                _check_token(tx, view.name, token)
+                raws, new = read_batch(store, tx, pos, batch, view.types)
+                if raws:
+                    sview.apply_events(tx, log.events(raws, wanted))
+                head = log.read_head(tx)
+                tx.execute(f"UPDATE {META} SET rebuild_position = ?, rebuild_head = ?, rebuild_heartbeat = ? "
+                           "WHERE name = ?", (new, head, now_text(), view.name))
+            done = new == pos or new >= head  # near enough: the swap applies the rest
+            pos, applied = new, applied + len(raws)
             if progress is not None:
                 progress(pos, max(head, pos))
-            if len(records) < batch:
+            if done:
                 break
         if store.dialect == "postgresql":
             with store.transaction() as tx:
@@ -89,17 +89,13 @@ def rebuild(
             _check_token(tx, view.name, token)
             live_pos = int(row[0]) if row else 0
             while True:  # what was appended since: the live view may be ahead of the shadow
-                head = store.head()
-                records = store.read(pos, batch, view.types)
-                if records:
-                    sview.apply(tx, records)
-                    applied += len(records)
-                new = records[-1].position if records else pos
-                if len(records) < batch:
-                    new = max(new, head)
-                pos = max(pos, new)
-                if len(records) < batch:
+                raws, new = read_batch(store, tx, pos, batch, view.types)
+                if raws:
+                    sview.apply_events(tx, log.events(raws, wanted))
+                    applied += len(raws)
+                if new == pos:
                     break
+                pos = new
             for logical, spec in view.tables.items():
                 _swap(tx, shadow[logical], view.t[logical], spec)
             if pos > live_pos:
@@ -136,18 +132,18 @@ def _swap(tx: ViewTransaction, shadow: str, live: str, spec: Any) -> None:
 
 
 def _claim(store: EventStore, name: str, token: str, stale_after: float) -> None:
+    tracked, head = store.position(name), store.head()  # not inside the transaction: SQLite's pool rule
     with store.transaction() as tx:
         ensure_meta(tx)
         row = lock_meta(tx, name)
         if row is None:
-            tx.execute(f"INSERT INTO {META} (name, position, version) VALUES (?, ?, 0)",
-                       (name, store.position(name)))
+            tx.execute(f"INSERT INTO {META} (name, position, version) VALUES (?, ?, 0)", (name, tracked))
         tx.execute(f"SELECT rebuild_token, rebuild_heartbeat FROM {META} WHERE name = ?", (name,))
         other, beat = tx.fetchone()
         if other and beat and _age(beat) < timedelta(seconds=stale_after):
             raise RebuildBusy(f"a rebuild of {name} is already running (last progress at {beat})")
         tx.execute(f"UPDATE {META} SET rebuild_token = ?, rebuild_position = 0, rebuild_head = ?, "
-                   "rebuild_heartbeat = ? WHERE name = ?", (token, store.head(), now_text(), name))
+                   "rebuild_heartbeat = ? WHERE name = ?", (token, head, now_text(), name))
 
 
 def _check_token(tx: ViewTransaction, name: str, token: str) -> None:

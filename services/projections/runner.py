@@ -18,14 +18,17 @@ import asyncio
 import logging
 import time
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any, Protocol, Sequence
 
 from services.faults import crash_point
+from services.projections import log
+from services.projections.log import read_batch
 from services.projections.tables import table_exists
 from services.store import EventStore, StoredRecord, ViewTransaction
 
-log = logging.getLogger("weft.projections")
+logger = logging.getLogger("weft.projections")
 META = "weft_projections"
 _META_DDL = (
     f"CREATE TABLE IF NOT EXISTS {META} (name TEXT PRIMARY KEY, position BIGINT NOT NULL, version INTEGER NOT NULL, "
@@ -75,7 +78,7 @@ def rebuildable(view: Any) -> bool:
 
 class Projector:
     def __init__(
-        self, store: EventStore, views: Sequence[Projection], *, batch: int = 2000, poll_interval: float = 0.1,
+        self, store: EventStore, views: Sequence[Projection], *, batch: int = 10_000, poll_interval: float = 0.1,
         auto_rebuild: bool = True,
     ):
         self.store, self.views, self.batch, self.poll_interval = store, list(views), batch, poll_interval
@@ -83,15 +86,17 @@ class Projector:
         self.outdated: list[Any] = []  # views whose tables an older code version built: rebuilt before use
         self._window: dict[str, deque[tuple[float, float, int]]] = {v.name: deque() for v in self.views}
         self._types = {v.name: frozenset(v.types) for v in self.views}
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="projector-read")
+        self._ahead: tuple[tuple[int, frozenset[str]], Future[Any]] | None = None
         self._setup()
 
     def _setup(self) -> None:
         with self.store.transaction() as tx:
             ensure_meta(tx)
         for view in self.views:
+            tracked = self.store.position(view.name)  # outside the transaction: SQLite's pool rule (log.py)
             with self.store.transaction() as tx:
                 row = lock_meta(tx, view.name)
-                tracked = self.store.position(view.name)
                 if row is None:
                     # No meta row: a fresh view, or tables built by code from before this
                     # table existed, whose rows need a rebuild (version 0).
@@ -111,11 +116,11 @@ class Projector:
         from services.projections.rebuild import RebuildBusy, rebuild
 
         for view in list(self.outdated):
-            log.warning("view %s was built by another version of its code: rebuilding it", view.name)
+            logger.warning("view %s was built by another version of its code: rebuilding it", view.name)
             try:
                 rebuild(self.store, view, batch=max(self.batch, 5000))
             except RebuildBusy as exc:
-                log.info("%s", exc)
+                logger.info("%s", exc)
                 continue
             self.outdated.remove(view)
 
@@ -143,34 +148,55 @@ class Projector:
         return done
 
     def _batch(self, after: int, views: list[Any]) -> int:
-        head = self.store.head()  # before the read: everything up to here is committed
-        types = sorted(set().union(*(self._types[v.name] for v in views)))
-        records = self.store.read(after, self.batch, types)
-        new = records[-1].position if records else after
-        if len(records) < self.batch:
-            new = max(new, head)  # the events in between are not ours: skip past them
-        if new <= after:
-            return 0
         started = time.monotonic()
-        stamp = now_text()
+        types = set().union(*(self._types[v.name] for v in views))
         with self.store.transaction() as tx:
             for view in sorted(views, key=lambda v: v.name):  # one lock order: no deadlocks between projectors
                 row = lock_meta(tx, view.name)
                 if row is None or int(row[0]) != after:
                     raise Moved(view.name)
+            ahead, self._ahead = self._ahead, None
+            key = (after, frozenset(types))
+            if ahead is not None and ahead[0] == key:
+                raws, new, parsed = ahead[1].result()
+            else:
+                raws, new = read_batch(self.store, tx, after, self.batch, sorted(types))
+                parsed = log.events(raws, frozenset(types))
+            if new <= after:
+                return 0
+            if len(raws) >= self.batch // 2:
+                # More is waiting: read and decode the next batch in a thread while this
+                # one is written (the database wait releases the GIL).
+                self._ahead = ((new, frozenset(types)), self._pool.submit(self._read_ahead, new, types))
+            counts = {}
             for i, view in enumerate(views):
-                mine = [r for r in records if r.type in self._types[view.name]]
-                if mine:
-                    view.apply(tx, mine)
+                wanted = self._types[view.name]
+                if hasattr(view, "apply_events"):
+                    mine = [e for e in parsed if e.type in wanted]
+                    if mine:
+                        view.apply_events(tx, mine)
+                else:
+                    mine = log.records(raws, wanted)
+                    if mine:
+                        view.apply(tx, mine)
+                counts[view.name] = len(mine)
                 if i == 0:
                     crash_point("projector.mid_batch")  # rows written, nothing tracked or committed yet
+            stamp = now_text()
             for view in views:
-                mine_n = sum(1 for r in records if r.type in self._types[view.name])
-                rate = self._rate(view.name, started, len(records))
+                rate = self._rate(view.name, started, len(raws))
                 tx.track(view.name, new)
                 tx.execute(f"UPDATE {META} SET position = ?, applied = applied + ?, rate = ?, updated_at = ? "
-                           "WHERE name = ?", (new, mine_n, rate, stamp, view.name))
-        return max(len(records), 1)
+                           "WHERE name = ?", (new, counts[view.name], rate, stamp, view.name))
+        return max(len(raws), 1)
+
+    def _read_ahead(self, after: int, types: set[str]) -> tuple[list[log.Raw], int, list[Any]]:
+        raws, new = read_batch(self.store, None, after, self.batch, sorted(types))
+        return raws, new, log.events(raws, frozenset(types))
+
+    def close(self) -> None:
+        self._ahead = None
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
     def _rate(self, name: str, started: float, n: int, window: float = 10.0) -> float:
         """Events per second over the last `window` seconds of batches."""
@@ -198,7 +224,7 @@ class Projector:
                 n = await asyncio.to_thread(self.catch_up_once)
                 delay = self.poll_interval
             except Exception:
-                log.exception("projector failed, retrying in %.1fs", delay)
+                logger.exception("projector failed, retrying in %.1fs", delay)
                 n, delay = 0, min(delay * 2, 5.0)
             if n == 0:
                 try:

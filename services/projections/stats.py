@@ -11,10 +11,8 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-import orjson
-
-from services.projections.tables import TableSpec, TableView, millis, norm_time, select_in, write_rows
-from services.store import StoredRecord, ViewTransaction
+from services.projections.tables import Ev, TableSpec, TableView, millis, select_in, write_rows
+from services.store import ViewTransaction
 
 STATUSES = ("running", "paused", "completed", "failed", "cancelled")
 _STATUS = {
@@ -41,11 +39,10 @@ class WorkflowStatsView(TableView):
         "stats_executions": TableSpec(_EXEC_COLUMNS, ("id",), indexes=(("dur", ("workflow", "duration_ms")),)),
     }
 
-    def apply(self, tx: ViewTransaction, records: Sequence[StoredRecord]) -> None:
-        parsed, started, missing = [], set(), set()
-        for rec in records:
-            eid = str(rec.stream_id)
-            parsed.append((rec.type, eid, orjson.loads(rec.data)))
+    def apply_events(self, tx: ViewTransaction, events: Sequence[Ev]) -> None:
+        started, missing = set(), set()
+        for rec in events:
+            eid = rec.stream
             if rec.type == "ExecutionStarted":
                 started.add(eid)
             elif eid not in started:
@@ -60,8 +57,9 @@ class WorkflowStatsView(TableView):
                 before[r["id"]] = (r["workflow"], r["status"])
         touched: dict[str, dict[str, Any]] = {}
         latest: dict[str, str] = {}
-        for kind, eid, e in parsed:
-            at = norm_time(e["at"])
+        for rec in events:
+            kind, eid, e = rec.type, rec.stream, rec.data
+            at = rec.at
             if kind == "ExecutionStarted":
                 if eid in rows:
                     continue  # started twice in the log is not a valid history; count it once
@@ -86,17 +84,17 @@ class WorkflowStatsView(TableView):
             else:
                 d[prior[1]] -= 1
             d[row["status"]] += 1
-        write_rows(tx, self.t["stats_executions"], _EXEC_NAMES,
+        write_rows(tx, self.t["stats_executions"], self.tables["stats_executions"],
                    [tuple(r[c] for c in _EXEC_NAMES) for r in touched.values()],
-                   key=("id",), update=", ".join(f"{c} = excluded.{c}" for c in _EXEC_NAMES[1:]))
+                   update=", ".join(f"{c} = excluded.{c}" for c in _EXEC_NAMES[1:]))
         stats = self.t["workflow_stats"]
         counters = ("total", *STATUSES)
         update = ", ".join(f"{c} = {stats}.{c} + excluded.{c}" for c in counters)
         update += f", updated_at = CASE WHEN excluded.updated_at > {stats}.updated_at OR {stats}.updated_at IS NULL " \
                   f"THEN excluded.updated_at ELSE {stats}.updated_at END"
-        write_rows(tx, stats, _STATS_NAMES,
+        write_rows(tx, stats, self.tables["workflow_stats"],
                    [(wf, *(d[c] for c in counters), latest.get(wf)) for wf, d in sorted(deltas.items())],
-                   key=("workflow",), update=update)
+                   update=update)
 
 
 def workflow_stats(

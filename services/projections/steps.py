@@ -14,12 +14,10 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-import orjson
-
 from services.projections.tables import (
-    TableSpec, TableView, item_of, item_out, millis, norm_time, write_rows,
+    Ev, TableSpec, TableView, item_of, item_out, millis, norm_time, write_rows,
 )
-from services.store import StoredRecord, ViewTransaction
+from services.store import ViewTransaction
 
 _COLUMNS = (
     ("execution_id", "TEXT NOT NULL"), ("step_id", "TEXT NOT NULL"), ("item", "INTEGER NOT NULL"),
@@ -53,14 +51,14 @@ class StepRunsView(TableView):
     def table(self) -> str:
         return self.t["step_runs"]
 
-    def apply(self, tx: ViewTransaction, records: Sequence[StoredRecord]) -> None:
+    def apply_events(self, tx: ViewTransaction, events: Sequence[Ev]) -> None:
         rows: dict[tuple[str, str, int, int], dict[str, Any]] = {}
-        for rec in records:
-            e = orjson.loads(rec.data)
-            part = _partial(rec.type, e)
+        for rec in events:
+            e = rec.data
+            part = _partial(rec.type, e, rec.at)
             if part is None:
                 continue
-            key = (str(rec.stream_id), e["step_id"], item_of(e.get("item")), e["attempt"])
+            key = (rec.stream, e["step_id"], item_of(e.get("item")), e["attempt"])
             if rec.type == "StepScheduled" or e["attempt"] == 0:
                 part["position"] = rec.position  # where the attempt's row begins: lists keep schedule order
             row = rows.get(key)
@@ -73,17 +71,17 @@ class StepRunsView(TableView):
                 if v is not None:
                     row[c] = v
         out = [(*key, *(row.get(c) for c in _NAMES[4:])) for key, row in rows.items()]
-        write_rows(tx, self.table, _NAMES, out, key=_KEY, update=_update(self.table))
+        write_rows(tx, self.table, self.tables["step_runs"], out, update=_update(self.table))
 
 
-def _partial(kind: str, e: dict[str, Any]) -> dict[str, Any] | None:
+def _partial(kind: str, e: dict[str, Any], at: str) -> dict[str, Any] | None:
     if kind == "StepScheduled":
         return {"status": "scheduled", "step_type": e.get("step_type"), "reason": e.get("reason"),
-                "scheduled_at": norm_time(e["at"]), "not_before": norm_time(e.get("not_before"))}
+                "scheduled_at": at, "not_before": norm_time(e.get("not_before"))}
     if kind in ("StepSucceeded", "StepFailed"):
         if e["attempt"] == 0:
             if kind == "StepSucceeded" and e.get("reused_from"):
-                return {"status": "reused", "reused_from": e["reused_from"], "finished_at": norm_time(e["at"])}
+                return {"status": "reused", "reused_from": e["reused_from"], "finished_at": at}
             return None  # a map step's gathered output: not an attempt
         started, finished = norm_time(e.get("started_at")), norm_time(e.get("finished_at"))
         part = {"status": "succeeded" if kind == "StepSucceeded" else "failed", "worker_id": e.get("worker_id"),

@@ -5,10 +5,10 @@ and writes them through `self.t[logical]`, the physical name. The live view
 uses `weft_<logical>`; a rebuild binds the same code to shadow tables
 (`bound()`), fills them from position 0 and swaps them in (rebuild.py).
 
-Writes are batched: `write_rows` sends many rows per statement in a few fixed
-chunk sizes (so the statement texts repeat and PostgreSQL prepares them once),
-merged per key in Python beforehand, which is what lets a view catch up at tens
-of thousands of events per second.
+Writes are batched: rows are merged per key in Python, then `write_rows` sends
+them in one statement (PostgreSQL: all rows as one json parameter;
+SQLite: `executemany` of one prepared statement), which is what lets a view
+catch up at tens of thousands of events per second.
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ import orjson
 
 from services.store import StoredRecord, ViewTransaction
 
-_MAX_PARAMS = 30_000  # below SQLite's 32766 and PostgreSQL's 65535 bind parameters
-_CHUNKS = (500, 100, 20, 5, 1)
 _IN_SIZES = (1, 4, 16, 64, 256)
+
+
+_TEXT_C = 'TEXT COLLATE "C"'
 
 
 @dataclass(frozen=True)
@@ -37,8 +38,11 @@ class TableSpec:
     def names(self) -> tuple[str, ...]:
         return tuple(c for c, _ in self.columns)
 
-    def ddl(self, table: str) -> str:
-        cols = ", ".join(f"{c} {t}" for c, t in self.columns)
+    def ddl(self, table: str, dialect: str = "sqlite") -> str:
+        # PostgreSQL: byte-order text ("C"): the keys are ids and ISO times, whose byte
+        # order is their order, and btree upserts run ~2x faster than under a locale.
+        pg = dialect == "postgresql"
+        cols = ", ".join(f"{c} {t.replace('TEXT', _TEXT_C, 1) if pg else t}" for c, t in self.columns)
         return f"CREATE TABLE IF NOT EXISTS {table} ({cols}, PRIMARY KEY ({', '.join(self.key)}))"
 
     def index_ddl(self, table: str, index_base: str | None = None) -> list[str]:
@@ -70,13 +74,37 @@ class TableView:
 
     def create(self, tx: ViewTransaction, *, indexes: bool = True) -> None:
         for logical, spec in self.tables.items():
-            tx.execute(spec.ddl(self.t[logical]))
+            tx.execute(spec.ddl(self.t[logical], tx.dialect))
             if indexes:
                 for sql in spec.index_ddl(self.t[logical]):
                     tx.execute(sql)
 
-    def apply(self, tx: ViewTransaction, records: Sequence[StoredRecord]) -> None:  # pragma: no cover
+    def apply(self, tx: ViewTransaction, records: Sequence[StoredRecord]) -> None:
+        self.apply_events(tx, parse(records))
+
+    def apply_events(self, tx: ViewTransaction, events: Sequence[Ev]) -> None:  # pragma: no cover
         raise NotImplementedError
+
+
+@dataclass(slots=True, frozen=True)
+class Ev:
+    """A stored event, decoded once per batch and shared by every view of the batch."""
+
+    position: int
+    stream: str  # the stream (execution) id as text
+    version: int  # place in its stream, 1-based
+    type: str
+    data: dict[str, Any]
+    at: str  # data["at"], normalised (norm_time)
+
+
+def ev(position: int, stream: str, version: int, kind: str, raw: bytes) -> Ev:
+    data = orjson.loads(raw)
+    return Ev(position, stream, version, kind, data, norm_time(data["at"]))  # type: ignore[arg-type]
+
+
+def parse(records: Sequence[StoredRecord]) -> list[Ev]:
+    return [ev(r.position, str(r.stream_id), r.version, r.type, r.data) for r in records]
 
 
 # ---- batched writes ------------------------------------------------------------------------
@@ -84,38 +112,38 @@ class TableView:
 _sql_cache: dict[tuple[Any, ...], str] = {}
 
 
-def _insert_sql(table: str, columns: Sequence[str], n: int, key: Sequence[str], update: str | None) -> str:
-    cache_key = (table, tuple(columns), n, tuple(key), update)
+def _write_sql(dialect: str, table: str, spec: TableSpec, update: str | None) -> str:
+    cache_key = (dialect, table, spec, update)
     sql = _sql_cache.get(cache_key)
     if sql is None:
-        one = "(" + ",".join("?" * len(columns)) + ")"
-        sql = f"INSERT INTO {table} ({', '.join(columns)}) VALUES " + ",".join([one] * n)
-        sql += f" ON CONFLICT ({', '.join(key)}) " + (f"DO UPDATE SET {update}" if update else "DO NOTHING")
-        if len(_sql_cache) > 2000:
-            _sql_cache.clear()
+        cols = ", ".join(spec.names)
+        if dialect == "postgresql":
+            # All rows as ONE json parameter: a short statement PostgreSQL parses once, and
+            # orjson plus the server's json parser are far cheaper than adapting arrays.
+            sql = f"INSERT INTO {table} ({cols}) SELECT {cols} FROM json_populate_recordset(NULL::{table}, ?::json)"
+        else:
+            sql = f"INSERT INTO {table} ({cols}) VALUES ({','.join('?' * len(spec.names))})"
+        sql += f" ON CONFLICT ({', '.join(spec.key)}) " + (f"DO UPDATE SET {update}" if update else "DO NOTHING")
         _sql_cache[cache_key] = sql
     return sql
 
 
 def write_rows(
-    tx: ViewTransaction, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], *,
-    key: Sequence[str], update: str | None = None,
+    tx: ViewTransaction, table: str, spec: TableSpec, rows: Sequence[Sequence[Any]], *, update: str | None = None,
 ) -> None:
-    """INSERT many rows; on a key conflict run `update` (a SET list using `excluded.`) or do nothing.
+    """INSERT many rows (every column of `spec`, in order); on a key conflict run `update`
+    (a SET list that may use `excluded.`) or do nothing.
 
     Rows must have distinct keys (PostgreSQL refuses to update one row twice in a statement).
     """
     if not rows:
         return
-    width = len(columns)
-    sizes = [s for s in _CHUNKS if s * width <= _MAX_PARAMS] or [1]
-    i = 0
-    for size in sizes:
-        while len(rows) - i >= size:
-            chunk = rows[i : i + size]
-            params = [v for row in chunk for v in row]
-            tx.execute(_insert_sql(table, columns, size, key, update), params)
-            i += size
+    sql = _write_sql(tx.dialect, table, spec, update)
+    if tx.dialect == "postgresql":
+        names = spec.names
+        tx.execute(sql, (orjson.dumps([dict(zip(names, row)) for row in rows]).decode(),))
+    else:
+        tx.executemany(sql, rows)  # sqlite3 loops in C over one prepared statement
 
 
 def select_in(

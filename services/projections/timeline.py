@@ -6,8 +6,8 @@ from typing import Any, Sequence
 
 import orjson
 
-from services.projections.tables import TableSpec, TableView, norm_time, write_rows
-from services.store import StoredRecord, ViewTransaction
+from services.projections.tables import Ev, TableSpec, TableView, write_rows
+from services.store import ViewTransaction
 
 _COLUMNS = (
     ("execution_id", "TEXT NOT NULL"), ("seq", "INTEGER NOT NULL"), ("position", "BIGINT NOT NULL"),
@@ -34,15 +34,15 @@ class TimelineView(TableView):
     def table(self) -> str:
         return self.t["timeline"]
 
-    def apply(self, tx: ViewTransaction, records: Sequence[StoredRecord]) -> None:
+    def apply_events(self, tx: ViewTransaction, events: Sequence[Ev]) -> None:
         rows = []
-        for rec in records:
-            e = orjson.loads(rec.data)
+        for rec in events:
+            e = rec.data
             rows.append((
-                str(rec.stream_id), rec.version, rec.position, norm_time(e["at"]), rec.type, e.get("step_id"),
+                rec.stream, rec.version, rec.position, rec.at, rec.type, e.get("step_id"),
                 e.get("item"), e.get("attempt"), detail(rec.type, e),
             ))
-        write_rows(tx, self.table, _NAMES, rows, key=("execution_id", "seq"))
+        write_rows(tx, self.table, self.tables["timeline"], rows)
 
 
 def _short(value: Any) -> str:

@@ -278,6 +278,14 @@ class BaseStore:
         with self._errors("transaction"), self._view_transaction() as tx:
             yield tx
 
+    @contextmanager
+    def reader(self) -> Iterator[ViewTransaction]:
+        with self._errors("reader"), self._read_transaction() as tx:
+            yield tx
+
+    def _read_transaction(self) -> Any:  # backends without a cheaper reader use a rolled-back transaction
+        return self._view_transaction()
+
     def close(self) -> None:
         if not self._closed:
             self._closed = True

@@ -173,4 +173,8 @@ class EventStore(Protocol):
     def transaction(self) -> AbstractContextManager[ViewTransaction]:
         """Commits on exit, rolls back on exception."""
 
+    def reader(self) -> AbstractContextManager[ViewTransaction]:
+        """A read-only transaction for queries of view tables: on SQLite it does not
+        take the single writer (transaction() does), so reads never queue behind writes."""
+
     def close(self) -> None: ...

@@ -31,7 +31,7 @@ from eventsourcing.sqlite import (
 from services.store._base import BaseStore, ViewTxBase
 
 BUSY_TIMEOUT_S = 30.0  # wait this long for another process's write lock
-POOL_TIMEOUT_S = 30.0  # wait this long for this process's writer connection
+POOL_TIMEOUT_S = 30.0  # one writer at a time: waiting for it is normal under load
 _CHUNK = 500  # host parameters per IN (...) list
 
 
@@ -184,6 +184,12 @@ class SQLiteStore(BaseStore):
                 )
                 rows.extend(tuple(r) for r in c.fetchall())
         return rows
+
+    @contextmanager
+    def _read_transaction(self) -> Iterator[_SQLiteViewTx]:
+        # A reader connection: WAL lets it read beside the writer, without its lock.
+        with self._datastore.transaction(commit=False) as curs:
+            yield _SQLiteViewTx(curs, self._recorder)
 
     @contextmanager
     def _view_transaction(self) -> Iterator[_SQLiteViewTx]:

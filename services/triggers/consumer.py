@@ -70,7 +70,7 @@ class TriggerConsumer:
         self.ingestor, self.transport = ingestor, transport
         self.batch, self.ack_wait, self.max_deliver, self.durable = batch, ack_wait, max_deliver, durable
         self.consumer: Consumer | None = None
-        self.received = self.invalid = self.unroutable = self.failed = 0
+        self.received = self.handled = self.invalid = self.unroutable = self.failed = 0  # handled: acked
 
     async def run(self, stop: asyncio.Event) -> None:
         self.consumer = await self.transport.consumer(
@@ -118,6 +118,7 @@ class TriggerConsumer:
                 await self._settle(msg, trigger, outcome)
         for msg in msgs:
             await msg.ack()
+        self.handled += len(msgs)
 
     async def _settle(self, msg: Delivery, trigger: Trigger, outcome: Outcome) -> None:
         mid = message_id(trigger.event.source, trigger.event.id)

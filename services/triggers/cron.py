@@ -44,6 +44,7 @@ from services.triggers.routing import Catalog, Route
 log = logging.getLogger("weft.cron")
 CRON_EVENT_TYPE = "weft.cron.tick"
 _EPSILON = timedelta(microseconds=1)
+_COUNT_CAP = 1000
 
 
 def check_triggers(wf: WorkflowDef) -> list[Problem]:
@@ -65,7 +66,7 @@ def check_triggers(wf: WorkflowDef) -> list[Problem]:
 class TickPlan:
     run: list[datetime]  # ticks to start, oldest first (UTC)
     latest: datetime | None  # the most recent due tick: handled after this plan
-    skipped: int  # missed ticks that do not run (at least this many)
+    skipped: int  # missed ticks that do not run (counted up to 1000)
 
 
 def plan_ticks(
@@ -76,15 +77,17 @@ def plan_ticks(
     keep = 1 + (limit if missed == "catch_up" else 0)
     it = croniter(expr, (now + _EPSILON).astimezone(zone))  # get_prev excludes its start: now itself counts
     due: list[datetime] = []
-    more = False
+    more = 0  # older due ticks, counted up to a cap (only the log needs the number)
     while True:
         tick = it.get_prev(datetime).astimezone(timezone.utc)
         if tick <= last:
             break
-        if len(due) == keep:
-            more = True  # older due ticks exist; we need not know how many
-            break
-        due.append(tick)
+        if len(due) < keep:
+            due.append(tick)
+        else:
+            more += 1
+            if more >= _COUNT_CAP:
+                break
     if not due:
         return TickPlan([], None, 0)
     due.reverse()
@@ -93,7 +96,7 @@ def plan_ticks(
     missed_ticks = due[:-1] if on_time else due
     caught = missed_ticks[len(missed_ticks) - limit:] if missed == "catch_up" and limit > 0 else []
     run = caught + ([latest] if on_time else [])
-    return TickPlan(run, latest, len(missed_ticks) - len(caught) + (1 if more else 0))
+    return TickPlan(run, latest, len(missed_ticks) - len(caught) + more)
 
 
 def tick_event(workflow: str, spec_cron: str, tz: str, tick: datetime) -> CloudEvent:

@@ -22,6 +22,7 @@ import weft
 from contracts.messages import MessageError, StepError, StepReady, StepResult, decode_ready
 from contracts.subjects import STEPS_STREAM, result_subject
 from services.broker import Delivery, OutMessage, Transport
+from services.broker.batching import Batcher
 from services.faults import crash_point
 from services.worker.steps import StepRegistry
 
@@ -47,6 +48,7 @@ class Worker:
         self._slots = asyncio.Semaphore(concurrency)
         self._running: set[asyncio.Task[None]] = set()
         self._in_flight: dict[int, tuple[Delivery, float]] = {}
+        self._results = Batcher(transport)
 
     async def run(self, stop: asyncio.Event) -> None:
         consumer = await self.transport.consumer(
@@ -105,7 +107,7 @@ class Worker:
                 await msg.nak(delay=wait)
                 return
         result = await self.execute(ready, msg)
-        await self.transport.publish(
+        await self._results.publish(
             OutMessage(subject=result_subject(ready.execution_id), data=result.encode(), msg_id=result.message_id)
         )
         crash_point("worker.after_publish")

@@ -96,3 +96,90 @@ class Driver:
             if not ids:
                 return
         raise AssertionError(f"executions still running after {max_rounds} rounds: {ids[:5]}")
+
+
+# ---- a mixed history: every kind of event an execution can have --------------------------------
+
+MIX_WORKFLOWS = {
+    "shapes": """
+name: shapes
+input_schema: {type: object, required: [n]}
+steps:
+  - {id: a, type: noop}
+  - {id: b, type: noop, needs: [a], map: "${{ input.items }}"}
+  - {id: c, type: noop, needs: [a], when: "${{ input.flag }}"}
+  - {id: d, type: noop, needs: [b, c], retry: {max_attempts: 2, initial_delay: 0}}
+output: {b: "${{ steps.b.output }}", d: "${{ steps.d.output }}"}
+""",
+    "linear": """
+name: linear
+steps:
+  - {id: one, type: noop}
+  - {id: two, type: noop, needs: [one]}
+  - {id: three, type: noop, needs: [two]}
+""",
+}
+
+
+def refuse_d(state: Execution, step_id: str, item: int | None, task: Task) -> tuple[str, Any] | None:
+    """Step d fails for good (non-retryable) when the input says so; everything else echoes."""
+    fixed = isinstance(task.input, dict) and task.input.get("fixed")  # a reprocess patched it in
+    if step_id == "d" and (state.input or {}).get("fail") and not fixed:
+        return "failed", StepError(type="PaymentDeclined", message="card declined", non_retryable=True)
+    return echo(state, step_id, item, task)
+
+
+def seed_mix(executions: Executions, count: int = 24, *, prefix: str = "") -> dict[str, list[str]]:
+    """Start and drive `count` executions of every kind; returns ids by kind.
+
+    Kinds: completed (with map, skip and retries), failed (dead-lettered),
+    reprocessed (failed, then its dead letter reprocessed with a patch),
+    retried (failed, then Retry), cancelled (results then ignored), paused,
+    running (left mid-way), replayed (a replay from a step: reused outputs).
+    """
+    from contracts.definitions import parse_definition
+    from services.orchestrator.decide import Cancel, Pause, Reprocess, Retry
+    from services.orchestrator.registry import Registry
+
+    reg = Registry(executions.store)
+    shapes = reg.publish(parse_definition(MIX_WORKFLOWS["shapes"]))
+    linear = reg.publish(parse_definition(MIX_WORKFLOWS["linear"]))
+    driver = Driver(executions)
+    kinds: dict[str, list[str]] = {k: [] for k in (
+        "completed", "failed", "reprocessed", "retried", "cancelled", "paused", "running", "replayed", "linear")}
+    for i in range(count):
+        kind = list(kinds)[i % len(kinds)]
+        fail = kind in ("failed", "reprocessed", "retried")
+        data = {"n": i, "items": list(range(i % 4)), "flag": i % 3 != 0, "fail": fail}
+        if kind == "linear":
+            eid = executions.start(linear, {"n": i})[0].id
+            driver.run([eid], flaky(2))
+        elif kind == "replayed":
+            source = executions.start(shapes, data)[0].id
+            driver.run([source], echo)
+            src = executions.load(source)
+            reused = {"a": src.steps["a"].output, "b": src.steps["b"].output}
+            eid = executions.start(shapes, data, replay_of=source, reused=reused)[0].id
+            driver.run([eid], echo)
+            kinds["completed"].append(source)
+        else:
+            eid = executions.start(shapes, data)[0].id
+            if kind == "running":
+                driver.round([eid], echo)
+            elif kind == "cancelled":
+                driver.round([eid], echo)
+                executions.command(eid, Cancel(why="test"))
+                driver.round([eid], echo)  # results of attempts in flight: ignored
+            elif kind == "paused":
+                executions.command(eid, Pause())
+                driver.round([eid], echo)
+            else:
+                driver.run([eid], flaky(4) if kind == "completed" else refuse_d)
+                if kind == "reprocessed":
+                    executions.command(eid, Reprocess(step_id="d", patch={"fixed": True}))
+                    driver.run([eid], refuse_d)
+                elif kind == "retried":
+                    executions.command(eid, Retry())
+                    driver.run([eid], lambda s, sid, item, t: echo(s, sid, item, t))
+        kinds[kind].append(eid)
+    return kinds

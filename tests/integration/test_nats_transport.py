@@ -269,7 +269,7 @@ async def test_publish_many_is_pipelined(transport: NatsTransport) -> None:
 
     sampler = asyncio.create_task(sample())
     start = time.perf_counter()
-    await transport.publish_many([OutMessage(PY, b"p%d" % i) for i in range(n)])
+    await transport._publish_pipelined([OutMessage(PY, b"p%d" % i) for i in range(n)])
     pipelined = time.perf_counter() - start
     done.set()
     await sampler
@@ -279,6 +279,29 @@ async def test_publish_many_is_pipelined(transport: NatsTransport) -> None:
     sequential = time.perf_counter() - start
     print(f"publish: {n / sequential:,.0f} msg/s, publish_many: {n / pipelined:,.0f} msg/s, peak in flight {peak}")
     assert peak > 50
+
+
+async def test_publish_many_atomic_batch_and_duplicate_fallback(transport: NatsTransport) -> None:
+    """publish_many goes as atomic batches; a batch holding an id the stream has
+    seen is refused whole by the server, and then sent one by one, so the new
+    messages are stored once and the duplicate is dropped."""
+    consumer = await transport.consumer(STEPS_STREAM, "atomic", ack_wait=30)
+    first = [OutMessage(PY, b"a%d" % i, msg_id=f"a{i}") for i in range(10)]
+    await transport.publish_many(first)
+    again = [OutMessage(PY, b"a5", msg_id="a5")] + [OutMessage(PY, b"b%d" % i, msg_id=f"b{i}") for i in range(5)]
+    await transport.publish_many(again)
+    got: list[bytes] = []
+
+    async def all_in() -> bool:
+        for m in await consumer.fetch(50, timeout=0.5):
+            got.append(m.data)
+            await m.ack()
+        return len(got) >= 15
+
+    await wait_until(all_in, timeout=10)
+    assert sorted(got) == sorted([b"a%d" % i for i in range(10)] + [b"b%d" % i for i in range(5)])
+    assert not await consumer.fetch(5, timeout=0.3)
+    await consumer.close()
 
 
 async def test_publish_many_of_nothing(transport: NatsTransport) -> None:

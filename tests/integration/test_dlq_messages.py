@@ -1,0 +1,212 @@
+"""Dead letters of broker messages: poison on the results and steps subjects, MaxDeliver,
+triggers; each lands in the DLQ and the view with its payload intact, and can be
+republished (patched and re-validated) to where it came from.
+
+Throughput: the test below checks a healthy workload keeps most of its throughput
+beside a flood of garbage with a deliberately loose bound (to stay stable on a
+busy CI machine); `bench/dlq.py` measures the same comparison properly (>= 90%).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from contracts import deadletters as dl
+from contracts.messages import StepResult
+from contracts.subjects import RESULTS_STREAM, TRIGGERS_STREAM, result_subject, step_subject, trigger_subject
+from services.broker import OutMessage
+from services.deadletters import Actions, Filters, PatchError, catch_up, find, list_dead_letters
+from services.deadletters.nats_archive import NatsArchive
+from tests.integration.test_loop import Running, _up
+from tests.support import wait_until
+
+pytestmark = pytest.mark.integration
+
+LINEAR = """
+name: healthy
+steps:
+  - {id: a, type: noop}
+  - {id: b, type: noop, needs: [a]}
+  - {id: c, type: noop, needs: [b]}
+"""
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request: pytest.FixtureRequest) -> str:
+    return request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url")
+
+
+async def _stop(running: Running) -> None:
+    running.stop.set()
+    await asyncio.wait_for(running.task, timeout=30)
+
+
+def _rows(running: Running, **filters: Any) -> list[dict[str, Any]]:
+    store = running.stack.store
+    catch_up(store, running.stack.deadletters.view)
+    with store.transaction() as tx:
+        return list_dead_letters(tx, Filters(**filters), limit=100_000)
+
+
+async def _letters(running: Running, n: int, timeout: float = 30, **filters: Any) -> list[dict[str, Any]]:
+    async def enough() -> Any:
+        rows = await asyncio.to_thread(_rows, running, **filters)
+        return rows if len(rows) >= n else None
+
+    return await wait_until(enough, timeout=timeout, interval=0.1, what=f"{n} dead letters")
+
+
+async def test_poison_lands_in_the_dlq_intact_and_consumers_keep_running(tmp_path: Path, db_url: str, nats_url: str) -> None:
+    running = await _up(tmp_path, db_url, nats_url)
+    try:
+        transport = running.stack.transport
+        unknown = StepResult(execution_id=str(uuid.uuid4()), step_id="a", attempt=1, status="succeeded", output=1)
+        garbage = {
+            "bin": (result_subject("x"), b"\x00\xff\xfe binary \x80"),
+            "schema": (result_subject("y"), b'{"execution_id": 1}'),
+            "text": (step_subject("noop"), b"this is not a command"),
+            "step-schema": (step_subject("python"), orjson.dumps({"execution_id": "e", "step_id": "s"})),
+            "unknown": (result_subject(unknown.execution_id), unknown.encode()),
+        }
+        for name, (subject, data) in garbage.items():
+            await transport.publish(OutMessage(subject, data, msg_id=f"garbage-{name}", headers={"X-Test": name}))
+        version = await asyncio.to_thread(running.publish, LINEAR)
+        eid = await running.start(version)
+        assert (await running.finished(eid)).status == "completed"  # the consumers kept running
+
+        rows = await _letters(running, len(garbage), kind="message")
+        by_test = {r["headers"].get("X-Test"): r for r in rows}
+        assert set(by_test) == set(garbage)
+        for name, (subject, data) in garbage.items():
+            row = by_test[name]
+            assert dl.decode_payload(row["payload"], row["payload_encoding"]) == data, name  # byte for byte
+            assert row["source_subject"] == subject and row["status"] == "open" and row["delivered"] == 1
+        assert by_test["bin"]["payload_encoding"] == "base64"
+        assert by_test["unknown"]["kind"] == "unknown_task"
+        assert (by_test["unknown"]["execution_id"], by_test["unknown"]["step_id"]) == (unknown.execution_id, "a")
+        assert {by_test[n]["kind"] for n in ("bin", "schema", "text", "step-schema")} == {"poison"}
+        assert by_test["schema"]["error_message"].startswith("undecodable StepResult")
+        assert by_test["step-schema"]["error_message"].startswith("undecodable StepReady")
+        assert running.stack.deadletters.ingester.counts["recorded"] == len(garbage)
+    finally:
+        await _stop(running)
+
+
+async def _run_healthy(running: Running, version: Any, n: int) -> float:
+    start = time.perf_counter()
+    ids = [await running.start(version) for _ in range(n)]
+
+    async def all_done() -> bool:
+        states = await asyncio.to_thread(lambda: [running.reader.load(i, fresh=True) for i in ids])
+        return all(s.status == "completed" for s in states)
+
+    await wait_until(all_done, timeout=90, interval=0.05, what="the healthy executions")
+    return n / (time.perf_counter() - start)
+
+
+async def test_healthy_throughput_beside_a_poison_flood(tmp_path: Path, pg_url: str, nats_url: str) -> None:
+    running = await _up(tmp_path, pg_url, nats_url)
+    try:
+        transport = running.stack.transport
+        version = await asyncio.to_thread(running.publish, LINEAR)
+        await _run_healthy(running, version, 30)  # warm up
+        baseline = await _run_healthy(running, version, 150)
+
+        flood = 1500
+
+        async def poison() -> None:
+            messages = [
+                OutMessage(result_subject("flood") if i % 2 else step_subject("noop"), b"\xde\xad" + str(i).encode(),
+                           msg_id=f"flood-{i}")
+                for i in range(flood)
+            ]
+            for i in range(0, flood, 100):
+                await transport.publish_many(messages[i : i + 100])
+                await asyncio.sleep(0.02)
+
+        flooding = asyncio.create_task(poison())
+        under_flood = await _run_healthy(running, version, 150)
+        await flooding
+        ratio = under_flood / baseline
+        print(f"healthy throughput: {baseline:.0f}/s alone, {under_flood:.0f}/s beside {flood} poison messages ({ratio:.0%})")
+        assert ratio >= 0.5, f"throughput fell to {ratio:.0%} of the baseline"
+        rows = await _letters(running, flood, timeout=60, kind="poison")
+        assert len(rows) == flood  # every one of them, once
+    finally:
+        await _stop(running)
+
+
+async def test_max_deliver_is_captured_moved_and_republished(tmp_path: Path, pg_url: str, nats_url: str) -> None:
+    running = await _up(tmp_path, pg_url, nats_url, parts=("deadletters",))
+    try:
+        transport = running.stack.transport
+        subject = result_subject("stuck")
+        payload = orjson.dumps({"execution_id": "stuck", "anything": [1, 2, 3]})
+        await transport.publish(OutMessage(subject, payload, msg_id="stuck-1", headers={"X-Trace": "t-1"}))
+        # A consumer that takes the message and never acks it, until JetStream gives up on it.
+        stuck = await transport.consumer(RESULTS_STREAM, "stuck", ack_wait=0.3, max_deliver=2)
+        seqs = set()
+
+        async def captured() -> Any:
+            seqs.update(m.stream_seq for m in await stuck.fetch(1, timeout=0.2))
+            rows = await asyncio.to_thread(_rows, running, kind="max_deliver")
+            return rows[0] if rows else None
+
+        row = await wait_until(captured, timeout=30, interval=0.05, what="the MaxDeliver dead letter")
+        assert dl.decode_payload(row["payload"], row["payload_encoding"]) == payload
+        assert (row["source_subject"], row["delivered"], row["headers"]["X-Trace"]) == (subject, 2, "t-1")
+        assert "MaxDeliver" in row["error_message"] and row["error_type"] == "MaxDeliverExceeded"
+        archive = NatsArchive(transport)  # type: ignore[arg-type]
+        assert await archive.get(RESULTS_STREAM, seqs.pop()) is None  # moved out of the work queue
+
+        actions = Actions(running.stack.store, transport)
+        outcome = await actions.reprocess(row, by="tester", why="consumer fixed")
+        assert (outcome.outcome, outcome.detail) == ("republished", f"to {subject}")
+        again = await actions.reprocess(row, by="tester")
+        assert again.outcome == "already_reprocessed"
+        got = await wait_until(lambda: stuck.fetch(1, timeout=0.5), timeout=10, what="the republished message")
+        assert got[0].data == payload and got[0].headers["X-Trace"] == "t-1"
+        assert got[0].headers["Weft-Reprocessed-From"] == row["id"]
+        await got[0].ack()
+        await stuck.close()
+        assert running.stack.deadletters.capture.captured == 1
+    finally:
+        await _stop(running)
+
+
+async def test_trigger_dead_letters_republish_only_valid_patches(tmp_path: Path, pg_url: str, nats_url: str) -> None:
+    running = await _up(tmp_path, pg_url, nats_url, parts=("deadletters",))
+    try:
+        transport = running.stack.transport
+        subject = trigger_subject("order.created")
+        event = {"specversion": "1.0", "id": "evt-1", "source": "shop", "type": "order.created", "data": {"qty": "x"}}
+        await transport.dead_letter(
+            "trigger_unroutable", orjson.dumps(event), reason="no workflow subscribes to order.created",
+            source_subject=subject, msg_id="dlq:WEFT_TRIGGERS:1",
+        )
+        (row,) = await _letters(running, 1, kind="trigger_unroutable")
+        assert row["error_type"] == "UnroutableTrigger" and row["details"]["event_type"] == "order.created"
+        actions = Actions(running.stack.store, transport)
+        with pytest.raises(PatchError, match="CloudEvent"):
+            actions.patched(row, {"type": "bad type!"})
+        with pytest.raises(PatchError, match="JSON object"):
+            actions.patched(row, [1])
+        with running.stack.store.transaction() as tx:
+            assert find(tx, row["id"][:6])[0]["id"] == row["id"]
+        watcher = await transport.consumer(TRIGGERS_STREAM, "watcher")
+        outcome = await actions.reprocess(row, patch={"data": {"qty": 2}}, by="tester")
+        assert outcome.outcome == "republished"
+        got = await wait_until(lambda: watcher.fetch(10, timeout=0.5), timeout=10)
+        assert [orjson.loads(m.data)["data"] for m in got] == [{"qty": 2}] and got[0].subject == subject
+        await watcher.close()
+        rows = await asyncio.to_thread(_rows, running, status="reprocessed")
+        assert [(r["id"], r["actor"]) for r in rows] == [(row["id"], "tester")]
+    finally:
+        await _stop(running)

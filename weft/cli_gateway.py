@@ -1,0 +1,202 @@
+"""CLI: `weft publish`, `weft gateway`, `weft triggers`, `weft scheduler`, `weft keys create|list|revoke`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from weft import output as out
+from weft.cli import HomeOpt, JsonOpt, _json_arg, _settings, _store, _user, app
+
+keys_app = typer.Typer(no_args_is_help=True, help="API keys for the HTTP gateway.")
+app.add_typer(keys_app, name="keys")
+
+
+# ---- publishing a trigger ---------------------------------------------------------------------------
+
+
+@app.command()
+def publish(
+    type_: str = typer.Argument(..., metavar="TYPE", help="Event type, e.g. order.created"),
+    data: str = typer.Option("null", "--data", "-d", help="Event data as JSON, or @file.json."),
+    id_: Optional[str] = typer.Option(None, "--id", help="Event id (default: a new UUID). (source, id) is the "
+                                                          "idempotency key: the same pair starts a workflow once."),
+    source: str = typer.Option("weft:cli", "--source", help="Event source."),
+    subject: Optional[str] = typer.Option(None, "--subject", help="Event subject."),
+    as_json: bool = JsonOpt,
+    home: Optional[Path] = HomeOpt,
+) -> None:
+    """Publish a trigger event (a CloudEvent) onto its topic; print its id."""
+    from pydantic import ValidationError
+
+    from contracts.subjects import trigger_subject
+    from services.broker import BrokerError, NatsTransport
+    from services.triggers.consumer import describe
+    from services.triggers.publish import new_event
+    from services.triggers.publish import publish as publish_event
+
+    payload = _json_arg("--data", data)
+    try:
+        event = new_event(type_, payload, id=id_, source=source, subject=subject)
+    except ValidationError as exc:
+        out.fail(2, describe(exc).replace("type:", "TYPE:"))
+    settings = _settings(home)
+    if not settings.nats_url:
+        out.fail(1, f"no broker: start `weft up` (home {settings.home}) or set WEFT_NATS_URL")
+
+    async def send() -> bool:
+        transport = await NatsTransport.connect(settings.nats_url, namespace=settings.namespace, connect_timeout=5,
+                                                publish_retry_for=10)
+        try:
+            await transport.ensure_streams()
+            return await publish_event(transport, event)
+        finally:
+            await transport.close()
+
+    try:
+        stored = asyncio.run(send())
+    except BrokerError as exc:
+        out.fail(1, f"could not publish: {exc}")
+    result = {"id": event.id, "source": event.source, "type": event.type, "subject": event.subject,
+              "topic": trigger_subject(event.type), "duplicate": not stored}
+    if as_json:
+        out.emit(result, True)
+        return
+    sys.stdout.write(event.id + "\n")
+    note = " (the broker already had this source and id: not published again)" if not stored else ""
+    out.errors.print(f"published {event.type} from {event.source} on {result['topic']}{note}", highlight=False)
+
+
+# ---- services ---------------------------------------------------------------------------------------
+
+
+def _run(parts: tuple[str, ...], settings: Any, log_level: str, announce: Any = None) -> None:
+    from services.stack import install_signal_handlers, run_services
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        install_signal_handlers(stop)
+        await run_services(settings, parts, stop, on_ready=announce)
+
+    try:
+        asyncio.run(main())
+    except RuntimeError as exc:
+        out.fail(1, str(exc))
+
+
+@app.command()
+def gateway(
+    host: Optional[str] = typer.Option(None, "--host", help="Address to listen on (default 127.0.0.1)."),
+    port: Optional[int] = typer.Option(None, "--port", help="Port (default 0: a free one)."),
+    no_auth: bool = typer.Option(False, "--no-auth", help="Serve without API keys (loopback addresses only)."),
+    home: Optional[Path] = HomeOpt,
+    log_level: str = typer.Option("INFO", envvar="WEFT_LOG_LEVEL"),
+) -> None:
+    """Run the HTTP gateway (API keys required unless --no-auth on loopback)."""
+    from services.gateway.auth import is_loopback
+
+    flags: dict[str, Any] = {"gateway_host": host, "gateway_port": port}
+    if no_auth:
+        flags["gateway_auth"] = False
+    settings = _settings(home, **flags)
+    if not settings.gateway_auth and not is_loopback(settings.gateway_host):
+        out.fail(2, f"--no-auth: only on a loopback address, not {settings.gateway_host}")
+
+    def announce(stack: Any) -> None:
+        auth = "API keys required" if settings.gateway_auth else "auth OFF (loopback only): anyone on this machine may call it"
+        out.errors.print(f"weft gateway · {stack.gateway.url}/v1 · {auth}", highlight=False)
+        out.errors.print(f"  OpenAPI {stack.gateway.url}/v1/openapi.json · docs {stack.gateway.url}/v1/docs",
+                         highlight=False)
+        if settings.gateway_auth and not _any_key(stack.store):
+            out.errors.print("  [yellow]no API keys yet:[/yellow] create one with `weft keys create --scopes admin`")
+
+    _run(("gateway",), settings, log_level, announce)
+
+
+def _any_key(store: Any) -> bool:
+    return bool(store.read(0, 1, types=["ApiKeyCreated"]))
+
+
+@app.command()
+def triggers(home: Optional[Path] = HomeOpt, log_level: str = typer.Option("INFO", envvar="WEFT_LOG_LEVEL")) -> None:
+    """Run the trigger consumer: events on weft.triggers.> start their workflows (any number of replicas)."""
+    _run(("triggers",), _settings(home), log_level)
+
+
+@app.command()
+def scheduler(home: Optional[Path] = HomeOpt, log_level: str = typer.Option("INFO", envvar="WEFT_LOG_LEVEL")) -> None:
+    """Run the cron scheduler (any number of replicas: each tick starts once)."""
+    _run(("scheduler",), _settings(home), log_level)
+
+
+# ---- keys -------------------------------------------------------------------------------------------
+
+
+@keys_app.command("create")
+def keys_create(
+    scopes: str = typer.Option(..., "--scopes", help="Comma-separated: read, trigger, admin (admin implies both)."),
+    workflows: Optional[str] = typer.Option(None, "--workflows", help="Bind the key to these workflows (comma-separated)."),
+    name: Optional[str] = typer.Option(None, "--name", help="A label, shown in `weft keys list`."),
+    as_json: bool = JsonOpt,
+    home: Optional[Path] = HomeOpt,
+) -> None:
+    """Create an API key. It is printed once: only its hash is stored."""
+    from services.gateway.keys import KeyProblem, Keys
+
+    store = _store(home)
+    try:
+        try:
+            token, key = Keys(store).create([scopes], workflows=workflows.split(",") if workflows else None,
+                                            name=name, by=_user())
+        except KeyProblem as exc:
+            out.fail(2, f"--{exc}")
+    finally:
+        store.close()
+    result = key.public() | {"key": token}
+    if as_json:
+        out.emit(result, True)
+        return
+    sys.stdout.write(token + "\n")
+    bound = f" · workflows {', '.join(result['workflows'])}" if result["workflows"] else ""
+    out.errors.print(f"key {result['prefix']} · scopes {', '.join(result['scopes'])}{bound}\n"
+                     "  shown once: store it now (only its hash is kept)", highlight=False)
+
+
+@keys_app.command("list")
+def keys_list(as_json: bool = JsonOpt, home: Optional[Path] = HomeOpt) -> None:
+    """Every key: prefix, scopes, binding, revoked or not (never the key itself)."""
+    from services.gateway.keys import Keys
+
+    store = _store(home)
+    try:
+        rows = [k.public() for k in Keys(store).list()]
+    finally:
+        store.close()
+    out.emit(rows, as_json, render=lambda rs: out.render_table([
+        {"id": r["id"], "prefix": r["prefix"], "scopes": ",".join(r["scopes"]),
+         "workflows": ",".join(r["workflows"] or ["*"]), "name": r["name"] or "", "created": r["created_at"][:19],
+         "active": "yes" if r["active"] else "revoked"} for r in rs]))
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str = typer.Argument(..., help="The key's id or prefix (weft_xxxxxxxx)."),
+                as_json: bool = JsonOpt, home: Optional[Path] = HomeOpt) -> None:
+    """Revoke a key (recorded as an event). Gateways stop accepting it within seconds."""
+    from services.gateway.keys import KeyProblem, Keys
+
+    store = _store(home)
+    try:
+        try:
+            key = Keys(store).revoke(key_id, by=_user())
+        except KeyProblem as exc:
+            out.fail(1, str(exc))
+    finally:
+        store.close()
+    out.emit(key.public(), as_json)

@@ -1,0 +1,381 @@
+"""CLI: projections (status, rebuild), replay (one or bulk), backfill, and `history --at`.
+
+Registered by one import at the end of weft/cli.py. Reporting commands take
+--json (then JSON only); long-running ones show a Rich progress bar on stderr
+unless --json. Exit codes: 0 ok, 1 the operation failed (or was cancelled),
+2 bad input.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import click
+import orjson
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from weft import output as out
+from weft.cli import HomeOpt, JsonOpt, _json_arg, _store, app
+
+projections_app = typer.Typer(no_args_is_help=True, help="Status views: position, lag, rebuild.")
+app.add_typer(projections_app, name="projections")
+
+
+# ---- shared -----------------------------------------------------------------------------------
+
+
+def _progress(as_json: bool) -> Progress | None:
+    if as_json or not (sys.stderr.isatty() or os.environ.get("WEFT_PROGRESS")):
+        return None
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), console=out.errors, transient=False)
+
+
+@contextmanager
+def _interruptible() -> Iterator[Callable[[], bool]]:
+    """First Ctrl-C asks the loop to stop between items (and report); a second one aborts."""
+    asked = {"stop": False}
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum: int, frame: Any) -> None:
+        if asked["stop"]:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        asked["stop"] = True
+        out.errors.print("[yellow]stopping after the current item (Ctrl-C again to abort)[/yellow]")
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: asked["stop"]
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _status(text: str) -> str:
+    return out._status(text)  # noqa: SLF001 - the shared status colours
+
+
+# ---- projections ------------------------------------------------------------------------------
+
+
+@projections_app.command("status")
+def projections_status(as_json: bool = JsonOpt, home: Optional[Path] = HomeOpt) -> None:
+    """Each view: tracked position, head of the log, lag, event rate, rebuild state."""
+    from services.projections import default_views, projection_status
+
+    store = _store(home)
+    try:
+        rows = projection_status(store, default_views())
+    finally:
+        store.close()
+    out.emit(rows, as_json, render=_render_projections)
+
+
+def _render_projections(rows: list[dict[str, Any]]) -> None:
+    table = Table("view", "position", "head", "lag", "events/s", "version", "rebuilt", "state")
+    for r in rows:
+        state = "ok" if r["lag"] == 0 else "catching up"
+        if r["rebuilding"]:
+            rb = r["rebuilding"]
+            state = f"rebuilding {rb['position']}/{rb['head']}"
+        elif r["needs_rebuild"]:
+            state = f"needs rebuild (v{r['version']} -> v{r['code_version']})"
+        table.add_row(r["name"], str(r["position"]), str(r["head"]), str(r["lag"]), f"{r['events_per_s']:,.0f}",
+                      str(r["version"]), (r["rebuilt_at"] or "never")[:19], state)
+    out.console.print(table)
+
+
+@projections_app.command("rebuild")
+def projections_rebuild(
+    name: str = typer.Argument(..., help="View: executions, step_runs, timeline, workflow_stats, or all."),
+    batch: int = typer.Option(5000, "--batch", min=1, help="Events per batch."),
+    as_json: bool = JsonOpt,
+    home: Optional[Path] = HomeOpt,
+) -> None:
+    """Build a view again from position 0 into shadow tables, then swap it in atomically.
+
+    Reads and the live projector carry on meanwhile. Use it when a view's code changed.
+    """
+    from services.projections import RebuildBusy, default_views, rebuild, view_named
+
+    try:
+        views = default_views() if name == "all" else [view_named(name)]
+    except KeyError as exc:
+        out.fail(2, str(exc.args[0]))
+    store = _store(home)
+    results = []
+    try:
+        bar = _progress(as_json)
+        with bar or _Null():
+            for view in views:
+                task = bar.add_task(f"rebuild {view.name.removeprefix('view:')}", total=None) if bar else None
+
+                def progress(done: int, total: int, task: Any = task) -> None:
+                    if bar is not None:
+                        bar.update(task, completed=done, total=total)
+
+                try:
+                    results.append(rebuild(store, view, batch=batch, progress=progress).as_dict())
+                except RebuildBusy as exc:
+                    out.fail(1, str(exc))
+    finally:
+        store.close()
+    value: Any = results if name == "all" else results[0]
+    out.emit(value, as_json, render=_render_rebuilds)
+
+
+def _render_rebuilds(value: Any) -> None:
+    for r in value if isinstance(value, list) else [value]:
+        out.console.print(
+            f"rebuilt [bold]{r['name']}[/bold]: {r['events']:,} events in {r['seconds']:.2f}s "
+            f"({(r['events_per_s'] or 0):,.0f} events/s) · position {r['position']} · generation {r['generation']} "
+            f"· tables {', '.join(r['tables'])}"
+        )
+
+
+class _Null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+# ---- replay -----------------------------------------------------------------------------------
+
+
+@app.command()
+def replay(
+    execution_id: Optional[str] = typer.Argument(None, help="The execution to replay (or use --filter)."),
+    from_step: Optional[str] = typer.Option(None, "--from-step", help="Re-run this step and what follows; "
+                                            "keep the recorded outputs of the others."),
+    input_patch: Optional[str] = typer.Option(None, "--input-patch", help="RFC 7386 merge patch of the input "
+                                              "(JSON, or @file.json)."),
+    version: str = typer.Option("same", "--version", help="same | latest | N"),
+    filter_: Optional[str] = typer.Option(None, "--filter", help="Bulk: workflow=W,status=failed,since=24h,"
+                                          "until=T,version=N,limit=N"),
+    operation_id: Optional[str] = typer.Option(None, "--operation-id", help="Bulk: name the operation "
+                                               "(default: derived from the filter and options)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Show what would be reused and re-run; change nothing."),
+    wait: bool = typer.Option(False, "--wait", help="Follow the replay until it finishes (one execution)."),
+    as_json: bool = JsonOpt,
+    home: Optional[Path] = HomeOpt,
+) -> None:
+    """Replay a past execution as a new one (same version and input unless told otherwise), or many with --filter."""
+    from services.replay import ReplayError, bulk_replay, replay_execution
+
+    if (execution_id is None) == (filter_ is None):
+        out.fail(2, "give an execution id or --filter (not both)")
+    patch = _json_arg("--input-patch", input_patch) if input_patch is not None else None
+    store = _store(home)
+    try:
+        if filter_ is not None:
+            if wait:
+                out.fail(2, "--wait applies to one execution, not to --filter")
+            bar = _progress(as_json)
+            task = bar.add_task("replay", total=None) if bar else None
+
+            def progress(done: int, total: int, item: dict[str, Any]) -> None:
+                if bar is not None:
+                    bar.update(task, completed=done, total=total, description=f"replay {item['outcome']:<11}")
+
+            try:
+                with _interruptible() as stop, bar or _Null():
+                    report = bulk_replay(store, filter_, from_step=from_step, input_patch=patch, version=version,
+                                         dry_run=dry_run, operation_id=operation_id, progress=progress,
+                                         should_stop=stop)
+            except ReplayError as exc:
+                out.fail(exc.exit_code, str(exc))
+            out.emit(report, as_json, render=_render_bulk)
+            raise typer.Exit(1 if report["failed"] or report["cancelled"] else 0)
+        try:
+            result = replay_execution(store, execution_id, from_step=from_step, input_patch=patch,
+                                      version=version, dry_run=dry_run)
+        except ReplayError as exc:
+            out.fail(exc.exit_code, str(exc))
+        if wait and not dry_run:
+            from services.orchestrator.executions import Executions
+
+            state = out.follow(Executions(store), result["execution_id"], quiet=as_json)
+            result |= out.execution_summary(state) | {"replay_of": result["replay_of"]}
+            out.emit(result, as_json, render=_render_replay)
+            raise typer.Exit(0 if state.status == "completed" else 1)
+    finally:
+        store.close()
+    out.emit(result, as_json, render=_render_replay)
+
+
+def _render_replay(r: dict[str, Any]) -> None:
+    versions = f"{r['workflow']}@{r['source_version']}"
+    if r["version"] != r["source_version"]:
+        versions += f" -> @{r['version']}"
+    if r["dry_run"]:
+        out.console.print(f"[bold]dry run[/bold] · replay of {r['replay_of']} · {versions} · nothing was started")
+    else:
+        out.console.print(f"replay [bold]{r['execution_id']}[/bold] of {r['replay_of']} · {versions} · "
+                          f"{_status(r['status'])}" + ("" if r.get("created", True) else " (already started)"))
+    table = Table("step", "action", "in the source")
+    for s in r["steps"]:
+        action = "[green]reuse output[/green]" if s["action"] == "reuse" else "[cyan]run again[/cyan]"
+        table.add_row(s["step_id"], action, _status(s["source_status"] or "-"))
+    out.console.print(table)
+    if r.get("input_patch") is not None:
+        out.console.print_json(orjson.dumps({"input": r["input"]}).decode())
+    if r.get("dropped_steps"):
+        out.console.print(f"[yellow]not in the target version:[/yellow] {', '.join(r['dropped_steps'])}")
+    if r.get("output") is not None or r.get("finished_at"):
+        out.render_result(r)
+
+
+def _render_bulk(r: dict[str, Any]) -> None:
+    mode = "dry run · " if r["dry_run"] else ""
+    out.console.print(f"{mode}operation [bold]{r['operation_id']}[/bold] · filter {r['filter']} · "
+                      f"{r['total']} selected")
+    if r["items"]:
+        table = Table("source", "outcome", "replay", "detail")
+        for it in r["items"]:
+            colour = {"started": "green", "would_start": "cyan", "skipped": "dim", "failed": "red"}[it["outcome"]]
+            table.add_row(it["source"], f"[{colour}]{it['outcome']}[/]", it["execution_id"], it.get("error") or "")
+        out.console.print(table)
+    counts = ", ".join(f"{k.replace('_', ' ')} {r[k]}" for k in ("started", "would_start", "skipped", "failed")
+                       if r[k] or k in ("started", "skipped", "failed"))
+    out.console.print(counts + (" · [yellow]cancelled[/yellow]: run the same command to carry on" if r["cancelled"]
+                                else ""))
+
+
+# ---- backfill ---------------------------------------------------------------------------------
+
+
+def _rate(text: Optional[str]) -> Optional[float]:
+    if text is None:
+        return None
+    raw = text.strip().removesuffix("/s")
+    try:
+        value = float(raw)
+    except ValueError:
+        out.fail(2, f"--rate: expected N or N/s (starts per second), got {text!r}")
+    if value <= 0:
+        out.fail(2, "--rate: must be more than 0")
+    return value
+
+
+@app.command()
+def backfill(
+    workflow: str = typer.Option(..., "--workflow", help="NAME or NAME@VERSION (default: the latest version)."),
+    from_: str = typer.Option(..., "--from", help="Start of the time range (ISO 8601, or 24h, 7d back from now)."),
+    to: str = typer.Option(..., "--to", help="End of the time range, exclusive (ISO 8601, or now, or 1h)."),
+    event_type: Optional[str] = typer.Option(None, "--event-type", help="Only this event type (default: the "
+                                             "workflow's `on: event` types)."),
+    rate: Optional[str] = typer.Option(None, "--rate", help="At most N starts per second (N or N/s)."),
+    backfill_id: Optional[str] = typer.Option(None, "--id", help="Name this backfill (default: derived from "
+                                              "workflow, version, range and event type)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List what would start; change nothing."),
+    as_json: bool = JsonOpt,
+    home: Optional[Path] = HomeOpt,
+) -> None:
+    """Run the trigger events recorded in a time range through a workflow version.
+
+    Each event starts at most one execution per backfill id: run the same command
+    again after an interruption and it carries on where it stopped.
+    """
+    from datetime import datetime, timezone
+
+    from services.replay import BackfillError, ReplayError, backfill as run_backfill, parse_time, parse_workflow
+
+    try:
+        name, version = parse_workflow(workflow)
+        now = datetime.now(timezone.utc)
+        start = parse_time("--from", from_, now)
+        end = now if to.strip().lower() == "now" else parse_time("--to", to, now)
+    except (BackfillError, ReplayError) as exc:
+        out.fail(2, str(exc))
+    pace = _rate(rate)
+    store = _store(home)
+    try:
+        bar = _progress(as_json)
+        task = bar.add_task("backfill", total=None) if bar else None
+
+        def progress(done: int, total: int, item: dict[str, Any]) -> None:
+            if bar is not None:
+                bar.update(task, completed=done, total=total, description=f"backfill {item['outcome']:<11}")
+
+        try:
+            with _interruptible() as stop, bar or _Null():
+                report = run_backfill(store, name, version=version, start=start, end=end, event_type=event_type,
+                                      rate=pace, dry_run=dry_run, backfill_id=backfill_id, progress=progress,
+                                      should_stop=stop)
+        except BackfillError as exc:
+            out.fail(2, str(exc))
+    finally:
+        store.close()
+    out.emit(report, as_json, render=_render_backfill)
+    raise typer.Exit(1 if report["failed"] or report["cancelled"] else 0)
+
+
+def _render_backfill(r: dict[str, Any]) -> None:
+    mode = "dry run · " if r["dry_run"] else ""
+    out.console.print(f"{mode}backfill [bold]{r['backfill_id']}[/bold] · {r['workflow']}@{r['version']} · "
+                      f"{r['from']} .. {r['to']} · events {', '.join(r['event_types'])} · {r['total']} found")
+    if r["dry_run"] and r["items"]:
+        table = Table("event", "source", "time", "outcome", "execution")
+        for it in r["items"]:
+            table.add_row(it["id"], it["source"], it["time"][:19], it["outcome"], it["execution_id"])
+        out.console.print(table)
+    for it in r["items"]:
+        if it["outcome"] == "failed":
+            out.console.print(f"[red]failed[/red] {it['source']} {it['id']}: {it['error']}", highlight=False)
+    line = (f"would start {r['would_start']}, " if r["dry_run"] else f"started {r['started']}, ") + \
+        f"skipped (already done) {r['skipped']}, failed {r['failed']}"
+    if r["cancelled"]:
+        line += f" · [yellow]cancelled[/yellow] with {r['remaining']} left: run the same command to carry on"
+    out.console.print(line)
+
+
+# ---- history --at (called by `weft history`) ----------------------------------------------------
+
+
+def show_history_at(execution_id: str, history: list[Any], at: str, as_json: bool) -> None:
+    """Print the state as of event N or as of a time: steps with status, outputs so far, attempts."""
+    from services.replay import AtError, state_at
+
+    try:
+        state, n, attempts = state_at(execution_id, history, at)
+    except AtError as exc:
+        out.fail(exc.code, str(exc))
+    summary = out.execution_summary(state, steps=True) | {
+        "as_of": n, "as_of_time": history[n - 1].at.isoformat(), "of": len(history), "attempts": attempts,
+    }
+    out.emit(summary, as_json, render=out.render_status)
+
+
+# ---- lineage in `weft status` --------------------------------------------------------------------
+
+
+def _lineage(execution_id: str) -> dict[str, Any]:
+    """Replays of an execution, from the executions view (brought up to date first); {} if unavailable."""
+    from services.projections import ExecutionsView, Projector, lineage
+
+    ctx = click.get_current_context(silent=True)
+    home = ctx.params.get("home") if ctx is not None else None
+    try:
+        store = _store(home)
+    except (click.exceptions.Exit, typer.Exit):
+        return {}
+    try:
+        Projector(store, [ExecutionsView()], auto_rebuild=False).catch_up(limit=100_000)
+        with store.transaction() as tx:
+            return {"replays": lineage(tx, execution_id)["replays"]}
+    except Exception:  # noqa: BLE001 - status must not fail because a view is unavailable
+        return {}
+    finally:
+        store.close()
+
+
+out.lineage = _lineage
