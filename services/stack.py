@@ -94,7 +94,7 @@ async def run_services(
             from services.deadletters import DeadLetterService
 
             stack.deadletters = await asyncio.to_thread(
-                DeadLetterService, store, transport, ack_wait=settings.ack_wait, poll_interval=max(settings.poll_interval, 0.05)
+                DeadLetterService, store, transport, ack_wait=settings.ack_wait
             )
             runs.append(stack.deadletters.run(stop))
         if parts & {"triggers", "scheduler", "gateway"}:

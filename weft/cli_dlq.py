@@ -80,7 +80,7 @@ def _filters(store: Any, *, workflow: Optional[str], step: Optional[str], kind: 
     if status is not None and status not in (*dl.STATUSES, "all"):
         out.fail(2, f"--status: must be one of {', '.join(dl.STATUSES)} or all, not {status!r}")
     if kind is not None:
-        with store.transaction() as tx:
+        with store.reader() as tx:
             tx.execute("SELECT DISTINCT kind FROM weft_dead_letters")
             known = {r[0] for r in tx.fetchall()} | set(dl.STEP_KINDS) | set(dl.MESSAGE_KINDS) | {"step", "message"}
         if kind not in known:
@@ -107,7 +107,7 @@ def _rows(store: Any, filters: Any, limit: int | None = None) -> list[dict[str, 
 
     rows: list[dict[str, Any]] = []
     page = 1000 if limit is None else min(limit, 1000)
-    with store.transaction() as tx:
+    with store.reader() as tx:
         while limit is None or len(rows) < limit:
             batch = list_dead_letters(tx, filters, limit=page, offset=len(rows))
             rows += batch
@@ -120,7 +120,7 @@ def _resolve(store: Any, refs: list[str]) -> list[dict[str, Any]]:
     from services.deadletters import find
 
     rows, seen = [], set()
-    with store.transaction() as tx:
+    with store.reader() as tx:
         for ref in refs:
             found = find(tx, ref)
             if not found:
@@ -378,16 +378,24 @@ def _selection(store: Any, refs: list[str], select_all: bool, filter_pairs: list
     return list(reversed(_rows(store, filters)))  # oldest first: the order they failed in
 
 
-def _run_bulk(rows: list[dict[str, Any]], act: Any, as_json: bool, verb: str, resources: Any = None) -> list[Any]:
-    """Run `act(row)` for each row, with progress; Ctrl-C stops after the item in hand.
+def _chunks(rows: list[dict[str, Any]], size: int = 100) -> list[list[dict[str, Any]]]:
+    """Step dead letters go in batches (one transaction each); messages one by one (each a publish)."""
+    steps = [r for r in rows if r["source"] == "step"]
+    out = [steps[i : i + size] for i in range(0, len(steps), size)]
+    return out + [[r] for r in rows if r["source"] != "step"]
 
-    `resources`, if given, is an async context manager entered first (e.g. the broker connection)."""
+
+def _run_bulk(chunks: list[list[dict[str, Any]]], act: Any, as_json: bool, verb: str, resources: Any = None) -> list[Any]:
+    """Run `act(chunk) -> outcomes` for each chunk, with progress. Ctrl-C stops before the next
+    chunk; the one in hand finishes (each is stored whole or not at all), the rest are reported
+    as cancelled. `resources`, if given, is an async context manager entered first (the broker)."""
     from contextlib import AsyncExitStack
 
     from services.deadletters import Outcome
 
     cancelled = asyncio.Event()
     outcomes: list[Any] = []
+    total = sum(len(c) for c in chunks)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -395,25 +403,25 @@ def _run_bulk(rows: list[dict[str, Any]], act: Any, as_json: bool, verb: str, re
             loop.add_signal_handler(signal.SIGINT, cancelled.set)
         except (NotImplementedError, RuntimeError, ValueError):
             pass
-        progress = _progress(as_json) if len(rows) > 1 else None
-        task = progress.add_task(verb, total=len(rows)) if progress else None
+        progress = _progress(as_json) if total > 1 else None
+        task = progress.add_task(verb, total=total) if progress else None
         async with AsyncExitStack() as stack:
             if resources is not None:
                 await stack.enter_async_context(resources)
             if progress:
                 stack.enter_context(progress)
-            for row in rows:
+            for chunk in chunks:
                 if cancelled.is_set():
-                    outcomes.append(Outcome(row["id"], "cancelled", row["kind"], row.get("execution_id"), row.get("step_id"),
-                                            "not attempted: cancelled with Ctrl-C", ok=False))
+                    outcomes.extend(Outcome(r["id"], "cancelled", r["kind"], r.get("execution_id"), r.get("step_id"),
+                                            "not attempted: cancelled with Ctrl-C", ok=False) for r in chunk)
                     continue
                 try:
-                    outcomes.append(await act(row))
-                except Exception as exc:  # one item's trouble must not hide the others' outcomes
-                    outcomes.append(Outcome(row["id"], "failed", row["kind"], row.get("execution_id"), row.get("step_id"),
-                                            f"{type(exc).__name__}: {exc}", ok=False))
+                    outcomes.extend(await act(chunk))
+                except Exception as exc:  # one chunk's trouble must not hide the others' outcomes
+                    outcomes.extend(Outcome(r["id"], "failed", r["kind"], r.get("execution_id"), r.get("step_id"),
+                                            f"{type(exc).__name__}: {exc}", ok=False) for r in chunk)
                 if progress:
-                    progress.advance(task)
+                    progress.advance(task, len(chunk))
         try:
             loop.remove_signal_handler(signal.SIGINT)
         except (NotImplementedError, RuntimeError, ValueError):
@@ -502,10 +510,12 @@ def dlq_reprocess(
         by = _user()
         needs_broker = not dry_run and any(r["source"] == "message" and r["status"] == "open" for r in rows)
 
-        async def act(row: dict[str, Any]) -> Any:
-            return await actions.reprocess(row, patch=patch_value, by=by, why=why, dry_run=dry_run)
+        async def act(chunk: list[dict[str, Any]]) -> Any:
+            if chunk[0]["source"] == "step":
+                return await asyncio.to_thread(actions.reprocess_steps, chunk, patch_value, by, why, dry_run)
+            return [await actions.reprocess(chunk[0], patch=patch_value, by=by, why=why, dry_run=dry_run)]
 
-        outcomes = _run_bulk(rows, act, as_json, "reprocessing", _Broker(home, actions) if needs_broker else None)
+        outcomes = _run_bulk(_chunks(rows), act, as_json, "reprocessing", _Broker(home, actions) if needs_broker else None)
     finally:
         store.close()
     _report(outcomes, as_json)
@@ -534,10 +544,10 @@ def dlq_discard(
         actions = Actions(store)
         by = _user()
 
-        async def act(row: dict[str, Any]) -> Any:
-            return await asyncio.to_thread(actions.discard, row, by=by, why=reason.strip(), dry_run=dry_run)
+        async def act(chunk: list[dict[str, Any]]) -> Any:
+            return await asyncio.to_thread(actions.discard_many, chunk, by=by, why=reason.strip(), dry_run=dry_run)
 
-        outcomes = _run_bulk(rows, act, as_json, "discarding")
+        outcomes = _run_bulk([rows[i : i + 100] for i in range(0, len(rows), 100)], act, as_json, "discarding")
     finally:
         store.close()
     _report(outcomes, as_json)
@@ -564,19 +574,18 @@ def dlq_watch(
     filters = _filters(store, workflow=workflow, step=step, kind=kind, status=None, since=None, until=None,
                        error_contains=error_contains)
     start = _when("--since", since)
-    with store.transaction() as tx:
+    with store.reader() as tx:
         if start is None:
             tx.execute("SELECT COALESCE(MAX(seq), 0) FROM weft_dead_letters")
             last = int(tx.fetchone()[0])  # type: ignore[index]
         else:
             tx.execute("SELECT COALESCE(MIN(seq), 0) - 1 FROM weft_dead_letters WHERE last_seen >= ?", (start,))
             last = int(tx.fetchone()[0])  # type: ignore[index]
-    if not as_json:
-        out.errors.print("watching for dead letters · Ctrl-C stops")
+    out.errors.print("watching for dead letters · Ctrl-C stops")  # stderr: --json keeps stdout pure
     try:
         while True:
             catch_up(store, view)
-            with store.transaction() as tx:
+            with store.reader() as tx:
                 rows = list_dead_letters(tx, filters, limit=500, after_seq=last, oldest_first=True)
             for r in rows:
                 last = max(last, r["seq"])
@@ -607,7 +616,7 @@ def dlq_stats(
 
     store = _open(home)
     try:
-        with store.transaction() as tx:
+        with store.reader() as tx:
             counts = open_counts(tx)
             statuses = status_counts(tx)
     finally:

@@ -103,11 +103,11 @@ def note_stack(settings: Any) -> None:
     stack = read_stack(settings.home)
     if not stack and not os.environ.get("WEFT_DATABASE_URL"):
         errors.print(f"[yellow]note:[/yellow] no `weft up` found in {settings.home}; the execution runs when a stack does")
-    elif stack.get("pid") and not _alive(stack["pid"]):
+    elif stack.get("pid") and not alive(stack["pid"]):
         errors.print(f"[yellow]note:[/yellow] `weft up` (pid {stack['pid']}) is not running; the execution runs when it does")
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

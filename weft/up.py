@@ -19,25 +19,16 @@ from services.broker.nats_server import NatsServer
 from services.settings import Settings, read_stack, stack_file, write_stack
 from services.gateway.auth import is_loopback
 from services.stack import ALL, Stack, install_signal_handlers, run_services
+from weft.output import alive
 
 console = Console(stderr=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def run_up(settings: Settings, *, no_worker: bool = False) -> int:
     home = settings.home.resolve()
     home.mkdir(parents=True, exist_ok=True)
     previous = read_stack(home)
-    if previous.get("pid") and previous["pid"] != os.getpid() and _alive(previous["pid"]):
+    if previous.get("pid") and previous["pid"] != os.getpid() and alive(previous["pid"]):
         console.print(f"[red]error:[/red] `weft up` is already running on {home} (pid {previous['pid']})")
         return 1
     server = NatsServer(store_dir=home / "nats", port=settings.nats_port or previous.get("nats_port") or 0)

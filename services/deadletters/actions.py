@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -26,11 +26,13 @@ import orjson
 
 from contracts import deadletters as dl
 from contracts.messages import MessageError, decode_ready, decode_result
-from contracts.subjects import RESULTS_PREFIX, STEPS_PREFIX, TRIGGERS_PREFIX
+from contracts.subjects import RESULTS_PREFIX, STEPS_PREFIX, TRIGGERS_PREFIX, trigger_subject
 from contracts.triggers import CloudEvent
 from services.broker import OutMessage, Transport
-from services.orchestrator.decide import DecisionError, Reprocess, merge_patch
-from services.orchestrator.executions import Executions, NotFound, utcnow
+from contracts import events as ev
+from services.orchestrator.decide import DecisionError, Reprocess, decide, merge_patch
+from services.orchestrator.executions import utcnow
+from services.orchestrator.state import Execution, evolve, fold
 from services.store import ConcurrencyError, EventStore, NewEvent
 
 MAX_INPUT_BYTES = 900_000  # a StepReady must still fit the broker's 1 MB message limit
@@ -66,10 +68,7 @@ class Actions:
     store: EventStore
     transport: Transport | None = None  # only republishing needs the broker
     clock: Callable[[], datetime] = utcnow
-    executions: Executions = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.executions = Executions(self.store, clock=self.clock)
+    listeners: list[Callable[[], None]] = field(default_factory=list)  # told after an append (e.g. wake a relay)
 
     # ---- checking ---------------------------------------------------------------------------
 
@@ -90,43 +89,89 @@ class Actions:
         """Reprocess one dead letter (a row of the view). Raises PatchError for a bad patch."""
         preview = self.patched(row, patch)
         if row["source"] == "step":
-            return await asyncio.to_thread(self.reprocess_step, row, patch, by, why, dry_run, preview)
+            [out] = await asyncio.to_thread(self.reprocess_steps, [row], patch, by, why, dry_run)
+            return out
         return await self.republish(row, patch, by, why, dry_run, preview)
 
-    def reprocess_step(self, row: dict[str, Any], patch: dict[str, Any] | None, by: str, why: str | None,
-                       dry_run: bool = False, preview: Any = None) -> Outcome:
-        out = Outcome(row["id"], "", row["kind"], row["execution_id"], row["step_id"])
-        acts = self._acts(row["id"])
-        status = dl.status_of(acts)
-        if status != dl.OPEN:
-            return _already(out, status, acts)
-        execution_id, step_id, item = row["execution_id"], row["step_id"], row["item"]
-        version = int(row["details"].get("execution_version") or 0)
-        handled = self._handled_after(execution_id, version, step_id, item)
-        if handled is not None and handled.get("request_id") != row["id"]:
-            by_whom = handled.get("by") or "someone"
-            out.outcome, out.detail = "already_reprocessed", f"{handled['type']} by {by_whom}"
-            return out
-        if dry_run:
-            out.outcome, out.preview = "would_reprocess", preview if patch is not None else _json(row["payload"])
-            out.detail = f"new attempt of {step_id}" + (f"#{item}" if item is not None else "")
-            return out
-        if handled is None:
-            # Our request id rides on the event: after a crash between here and the dead
-            # letter's own event, the rerun finds it above and does not ask twice.
+    def reprocess_steps(self, rows: Sequence[dict[str, Any]], patch: dict[str, Any] | None, by: str, why: str | None,
+                        dry_run: bool = False) -> list[Outcome]:
+        """Reprocess step dead letters: every execution's new attempt and every dead letter's
+        `DeadLetterReprocessed` in one transaction, so there is no moment where one is stored
+        without the other. If anything raced us, the rows are done again one at a time."""
+        for _ in range(20):
             try:
-                events = self.executions.command(
-                    execution_id, Reprocess(step_id=step_id, item=item, patch=patch, by=by, why=why, request_id=row["id"]),
-                )
-            except (DecisionError, NotFound) as exc:
+                return self._reprocess_steps(rows, patch, by, why, dry_run)
+            except ConcurrencyError:
+                if len(rows) > 1:
+                    return [o for row in rows for o in self.reprocess_steps([row], patch, by, why, dry_run)]
+        raise ConcurrencyError("reprocess: too much contention", kind="version")
+
+    def _reprocess_steps(self, rows: Sequence[dict[str, Any]], patch: dict[str, Any] | None, by: str,
+                         why: str | None, dry_run: bool) -> list[Outcome]:
+        acts = self._load_many([r["id"] for r in rows])
+        histories = self._load_many([r["execution_id"] for r in rows])
+        states: dict[str, Execution] = {}
+        base: dict[str, int] = {}
+        new_events: dict[str, list[Any]] = {}
+        records: list[NewEvent] = []
+        outcomes: list[Outcome] = []
+        now = self.clock()
+        for row in rows:
+            out = Outcome(row["id"], "", row["kind"], row["execution_id"], row["step_id"])
+            outcomes.append(out)
+            done = [dl.decode(r.type, r.data) for r in acts[row["id"]]]
+            status = dl.status_of(done)
+            if status != dl.OPEN:
+                _already(out, status, done)
+                continue
+            execution_id, step_id, item = row["execution_id"], row["step_id"], row["item"]
+            history = histories[execution_id]
+            handled = _handled_after(history, int(row["details"].get("execution_version") or 0), step_id, item)
+            if handled is not None:
+                out.outcome, out.detail = "already_reprocessed", f"{handled['type']} by {handled.get('by') or 'someone'}"
+                continue
+            if dry_run:
+                out.outcome, out.detail = "would_reprocess", f"new attempt of {step_id}" + (f"#{item}" if item is not None else "")
+                out.preview = self.patched(row, patch) if patch is not None else _json(row["payload"])
+                continue
+            state = states.get(execution_id)
+            if state is None:
+                state = states[execution_id] = fold(execution_id, [ev.decode(r.type, r.data) for r in history])
+                base[execution_id] = state.version
+            if not state.version:
+                out.outcome, out.detail, out.ok = "failed", f"no execution {execution_id}", False
+                continue
+            try:
+                # Our request id rides on the event: the history then says who asked, and why.
+                events = decide(state, Reprocess(step_id=step_id, item=item, patch=patch, by=by, why=why, request_id=row["id"]), now)
+            except DecisionError as exc:
                 out.outcome, out.detail, out.ok = "failed", str(exc), False
-                return out
+                continue
+            if not events:  # the core says there is nothing dead-lettered there any more
+                out.outcome, out.detail = "already_reprocessed", "the step is no longer dead-lettered"
+                continue
+            for e in events:
+                evolve(state, e)
+            new_events.setdefault(execution_id, []).extend(events)
             out.attempt = next((e.attempt for e in events if e.type == "StepScheduled" and e.step_id == step_id), None)
-        event = dl.DeadLetterReprocessed(
-            at=self.clock(), dead_letter_id=row["id"], by=by, why=why, patch=patch, action="reprocess_step",
-            execution_id=execution_id,
-        )
-        return self._record(out, acts, event, "reprocessed")
+            audit = dl.DeadLetterReprocessed(
+                at=now, dead_letter_id=row["id"], by=by, why=why, patch=patch, action="reprocess_step",
+                execution_id=execution_id,
+            )
+            records.append(NewEvent(uuid.UUID(row["id"]), len(done) + 1, audit.type, dl.encode(audit)))
+            out.outcome = "reprocessed"
+        for execution_id, events in new_events.items():
+            v = base[execution_id]
+            records += [NewEvent(uuid.UUID(execution_id), v + i + 1, e.type, ev.encode(e)) for i, e in enumerate(events)]
+        if records:
+            self.store.append(records)
+            for listener in self.listeners:
+                listener()
+        return outcomes
+
+    def _load_many(self, ids: Sequence[str]) -> dict[str, list[Any]]:
+        found = self.store.load_many([uuid.UUID(i) for i in dict.fromkeys(ids)])  # type: ignore[attr-defined]
+        return {str(k): v for k, v in found.items()}
 
     async def republish(self, row: dict[str, Any], patch: dict[str, Any] | None, by: str, why: str | None,
                         dry_run: bool = False, preview: Any = None) -> Outcome:
@@ -135,12 +180,13 @@ class Actions:
         status = dl.status_of(acts)
         if status != dl.OPEN:
             return _already(out, status, acts)
-        subject = row.get("source_subject")
+        data = orjson.dumps(preview) if patch is not None else dl.decode_payload(row["payload"], row["payload_encoding"])
+        subject = target_subject(row, data)
         if not subject:
             out.outcome, out.ok = "failed", False
-            out.detail = "the message did not say where it came from (no source subject); it can only be discarded"
+            out.detail = (f"it came from {row.get('source_subject') or 'nowhere known'}, not a broker subject it can be "
+                          "republished to; it can only be discarded")
             return out
-        data = orjson.dumps(preview) if patch is not None else dl.decode_payload(row["payload"], row["payload_encoding"])
         msg_id = f"reprocess:{row['id']}"  # the broker drops a second republish within its window
         if dry_run:
             out.outcome, out.detail = "would_republish", f"to {subject}"
@@ -163,21 +209,35 @@ class Actions:
     # ---- discard --------------------------------------------------------------------------------
 
     def discard(self, row: dict[str, Any], *, by: str, why: str, dry_run: bool = False) -> Outcome:
-        out = Outcome(row["id"], "", row["kind"], row.get("execution_id"), row.get("step_id"))
-        acts = self._acts(row["id"])
-        status = dl.status_of(acts)
-        if status == dl.DISCARDED:
-            return _already(out, status, acts, "discard")
-        if status == dl.REPROCESSED or row["status"] == dl.REPROCESSED:
-            out.outcome, out.ok, out.detail = "failed", False, "already reprocessed; nothing to discard"
-            return out
-        if dry_run:
-            out.outcome = "would_discard"
-            return out
-        event = dl.DeadLetterDiscarded(at=self.clock(), dead_letter_id=row["id"], by=by, why=why)
-        return self._record(out, acts, event, "discarded", "discard")
+        return self.discard_many([row], by=by, why=why, dry_run=dry_run)[0]
 
-    # ---- helpers --------------------------------------------------------------------------------
+    def discard_many(self, rows: Sequence[dict[str, Any]], *, by: str, why: str, dry_run: bool = False) -> list[Outcome]:
+        """Discard dead letters, all in one transaction (one at a time if something raced us)."""
+        acts = self._load_many([r["id"] for r in rows])
+        outcomes, records, now = [], [], self.clock()
+        for row in rows:
+            out = Outcome(row["id"], "", row["kind"], row.get("execution_id"), row.get("step_id"))
+            outcomes.append(out)
+            done = [dl.decode(r.type, r.data) for r in acts[row["id"]]]
+            status = dl.status_of(done)
+            if status == dl.DISCARDED:
+                _already(out, status, done, "discard")
+            elif status == dl.REPROCESSED or row["status"] == dl.REPROCESSED:
+                out.outcome, out.ok, out.detail = "failed", False, "already reprocessed; nothing to discard"
+            elif dry_run:
+                out.outcome = "would_discard"
+            else:
+                event = dl.DeadLetterDiscarded(at=now, dead_letter_id=row["id"], by=by, why=why)
+                records.append(NewEvent(uuid.UUID(row["id"]), len(done) + 1, event.type, dl.encode(event)))
+                out.outcome = "discarded"
+        if records:
+            try:
+                self.store.append(records)
+            except ConcurrencyError:
+                if len(rows) == 1:
+                    return self.discard_many(rows, by=by, why=why, dry_run=dry_run)
+                return [o for row in rows for o in self.discard_many([row], by=by, why=why, dry_run=dry_run)]
+        return outcomes
 
     def _acts(self, dead_letter_id: str) -> list[Any]:
         return [dl.decode(r.type, r.data) for r in self.store.load(uuid.UUID(dead_letter_id))]
@@ -196,15 +256,33 @@ class Actions:
                     return _already(out, status, acts, acting)
         raise ConcurrencyError(f"dead letter {out.id}: too much contention", kind="version")
 
-    def _handled_after(self, execution_id: str, version: int, step_id: str, item: int | None) -> dict[str, Any] | None:
-        """A reprocess or retry of this task after the dead-lettering at `version`, if any."""
-        for rec in self.store.load(uuid.UUID(execution_id), after_version=version):
-            if rec.type not in ("StepReprocessRequested", "ExecutionRetried"):
-                continue
-            e = orjson.loads(rec.data)
-            if rec.type == "ExecutionRetried" or (e.get("step_id") == step_id and e.get("item") == item):
-                return {"type": rec.type, **e}
-        return None
+
+
+def _handled_after(history: Sequence[Any], version: int, step_id: str, item: int | None) -> dict[str, Any] | None:
+    """A reprocess or retry of this task after the dead-lettering at `version`, if any."""
+    for rec in history:
+        if rec.version <= version or rec.type not in ("StepReprocessRequested", "ExecutionRetried"):
+            continue
+        e = orjson.loads(rec.data)
+        if rec.type == "ExecutionRetried" or (e.get("step_id") == step_id and e.get("item") == item):
+            return {"type": rec.type, **e}
+    return None
+
+
+def target_subject(row: dict[str, Any], data: bytes) -> str | None:
+    """Where a message goes back to: its own subject, or for a trigger that came by webhook
+    or cron (no broker subject), the topic of its event type."""
+    subject = row.get("source_subject") or ""
+    if subject.startswith((STEPS_PREFIX + ".", RESULTS_PREFIX + ".", TRIGGERS_PREFIX + ".")):
+        return subject
+    if row["kind"].startswith("trigger_"):
+        try:
+            event = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return None
+        if isinstance(event, dict) and isinstance(event.get("type"), str) and event["type"]:
+            return trigger_subject(event["type"])
+    return None
 
 
 def _already(out: Outcome, status: str, acts: list[Any], acting: str = "reprocess") -> Outcome:
@@ -285,7 +363,7 @@ def _patched_message(row: dict[str, Any], patch: dict[str, Any]) -> Any:
             decode_result(data)
         elif subject.startswith(STEPS_PREFIX + "."):
             decode_ready(data)
-        elif subject.startswith(TRIGGERS_PREFIX + "."):
+        elif subject.startswith(TRIGGERS_PREFIX + ".") or row["kind"].startswith("trigger_"):
             CloudEvent.model_validate(result)
     except MessageError as exc:
         raise PatchError(f"the patched payload is still invalid: {exc}") from None

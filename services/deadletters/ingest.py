@@ -110,22 +110,24 @@ def _store_one(store: EventStore, letter: dl.DeadLetterRecorded) -> str:
 
 class Ingester:
     def __init__(
-        self, store: EventStore, transport: Transport, *, batch: int = 128, ack_wait: float = 30.0,
-        clock: Callable[[], datetime] = utcnow,
+        self, store: EventStore, transport: Transport, *, batch: int = 256, ack_wait: float = 30.0,
+        linger: float = 0.1, clock: Callable[[], datetime] = utcnow,
     ):
         self.store, self.transport, self.batch, self.ack_wait, self.clock = store, transport, batch, ack_wait, clock
+        self.linger = linger
         self.counts = {"recorded": 0, "duplicate": 0, "seen_again": 0}
         self.consumer: Consumer | None = None
+        self.stored: Callable[[], None] = lambda: None  # told after each batch is in the store
 
     async def run(self, stop: asyncio.Event) -> None:
         # Unlimited deliveries: a dead letter must never itself be given up on.
         self.consumer = await self.transport.consumer(
-            DLQ_STREAM, DURABLE, ack_wait=self.ack_wait, max_deliver=-1, max_ack_pending=self.batch * 4,
+            DLQ_STREAM, DURABLE, ack_wait=self.ack_wait, max_deliver=-1, max_ack_pending=self.batch * 2,
         )
         delay = 0.1
         while not stop.is_set():
             try:
-                msgs = await self.consumer.fetch(self.batch, timeout=0.5)
+                msgs = await self._gather(self.consumer)
                 if msgs:
                     await self.handle(msgs)
                 delay = 0.1
@@ -137,6 +139,21 @@ class Ingester:
                 delay = min(delay * 2, 5.0)
         await self.consumer.close()
 
+    async def _gather(self, consumer: Consumer) -> list[Delivery]:
+        """A batch: the first message, then whatever follows within `linger`. Dead letters can
+        wait a moment; an append per message would hold the events table's lock a thousand
+        times in a flood, and the healthy executions' appends would queue behind it."""
+        msgs = list(await consumer.fetch(self.batch, timeout=0.5))
+        if not msgs:
+            return msgs
+        deadline = asyncio.get_running_loop().time() + self.linger
+        while len(msgs) < self.batch:
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                break
+            msgs += await consumer.fetch(self.batch - len(msgs), timeout=left)
+        return msgs
+
     async def handle(self, msgs: Sequence[Delivery]) -> None:
         at = self.clock()
         letters = [recorded_from(m, at) for m in msgs]
@@ -146,6 +163,7 @@ class Ingester:
             await m.ack()
         for k, n in counts.items():
             self.counts[k] += n
+        self.stored()
         if counts["recorded"]:
             log.info("deadletters: recorded %d dead letter(s)", counts["recorded"])
 

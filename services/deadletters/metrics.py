@@ -36,7 +36,7 @@ class OpenDeadLettersGauge:
         )
 
     def counts(self) -> list[tuple[str, str, int]]:
-        with self.store.transaction() as tx:
+        with self.store.reader() as tx:
             return open_counts(tx)
 
     def _observe(self, options: CallbackOptions) -> Iterable[Observation]:

@@ -14,7 +14,7 @@ from typing import Any
 from opentelemetry.metrics import Meter
 
 from services.broker import Transport
-from services.deadletters.ingest import Ingester, MaxDeliverCapture, _sleep_or_stop
+from services.deadletters.ingest import Ingester, MaxDeliverCapture
 from services.deadletters.metrics import OpenDeadLettersGauge
 from services.deadletters.view import DeadLettersView, catch_up, ensure_view
 from services.store import EventStore
@@ -24,8 +24,8 @@ log = logging.getLogger("weft.deadletters")
 
 class DeadLetterService:
     def __init__(
-        self, store: EventStore, transport: Transport, *, batch: int = 128, ack_wait: float = 30.0,
-        poll_interval: float = 0.1, meter: Meter | None = None, capture_max_deliver: bool = True,
+        self, store: EventStore, transport: Transport, *, batch: int = 256, ack_wait: float = 30.0,
+        poll_interval: float = 0.25, meter: Meter | None = None, capture_max_deliver: bool = True,
     ):
         self.store, self.transport, self.poll_interval = store, transport, poll_interval
         self.view = DeadLettersView(store)
@@ -54,8 +54,13 @@ class DeadLetterService:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _project(self, stop: asyncio.Event) -> None:
+        # Step dead letters are rare and come from other processes: a relaxed poll finds them.
+        # Message dead letters are stored here, and the ingester wakes this loop at once.
+        self._wake = asyncio.Event()
+        self.ingester.stored = self._wake.set
         delay = self.poll_interval
         while not stop.is_set():
+            self._wake.clear()
             try:
                 n = await asyncio.to_thread(catch_up, self.store, self.view, rounds=1)
                 delay = self.poll_interval
@@ -63,4 +68,7 @@ class DeadLetterService:
                 log.exception("deadletters: view update failed, retrying in %.1fs", delay)
                 n, delay = 0, min(delay * 2, 5.0)
             if n == 0:
-                await _sleep_or_stop(stop, delay)
+                waits = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(stop.wait())]
+                _, pending = await asyncio.wait(waits, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+                for w in pending:
+                    w.cancel()

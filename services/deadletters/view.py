@@ -33,6 +33,7 @@ COLUMNS = (
 _JSON_COLUMNS = ("headers", "details")
 STEP_TYPES = ("StepDeadLettered", "StepReprocessRequested", "ExecutionRetried")
 TYPES = (*STEP_TYPES, *dl.EVENT_TYPES)
+SKIP_AHEAD = 500  # unrelated events to pass over before recording the position past them
 
 
 def ts(value: datetime | str) -> str:
@@ -80,15 +81,13 @@ class DeadLettersView:
 
     def apply(self, tx: ViewTransaction, records: Sequence[StoredRecord], prepared: dict[int, dict[str, Any]] | None = None) -> None:
         prepared = prepared if prepared is not None else self.prepare(records)
+        inserts: list[tuple[Any, ...]] = []
         for rec in records:
             if rec.position in prepared:
                 row = prepared[rec.position]
-                tx.execute(
-                    f"INSERT INTO {TABLE} ({', '.join(COLUMNS)}, position) VALUES ({', '.join('?' * (len(COLUMNS) + 1))}) "
-                    "ON CONFLICT (id) DO NOTHING",
-                    (*(_db(c, row.get(c)) for c in COLUMNS), rec.position),
-                )
+                inserts.append((*(_db(c, row.get(c)) for c in COLUMNS), rec.position))
                 continue
+            self._insert(tx, inserts)  # rows first: a later act in this batch may update them
             e = orjson.loads(rec.data)
             at = ts(e["at"])
             if rec.type == "StepReprocessRequested":
@@ -119,6 +118,16 @@ class DeadLettersView:
                     f"UPDATE {TABLE} SET status = ?, actor = ?, action_reason = ?, acted_at = ?, position = ? WHERE id = ?",
                     (status, e.get("by"), e.get("why"), at, rec.position, e["dead_letter_id"]),
                 )
+        self._insert(tx, inserts)
+
+    def _insert(self, tx: ViewTransaction, rows: list[tuple[Any, ...]]) -> None:
+        if rows:
+            tx.executemany(
+                f"INSERT INTO {TABLE} ({', '.join(COLUMNS)}, position) VALUES ({', '.join('?' * (len(COLUMNS) + 1))}) "
+                "ON CONFLICT (id) DO NOTHING",
+                rows,
+            )
+            rows.clear()
 
     def _step_row(self, rec: StoredRecord) -> dict[str, Any]:
         e = orjson.loads(rec.data)
@@ -238,8 +247,15 @@ def catch_up(store: EventStore, view: DeadLettersView, *, batch: int = 500, roun
     while rounds is None or n < rounds:
         n += 1
         position = store.position(view.name)
+        head = store.head()  # before the read: positions commit in order on both backends
         records = store.read(position, batch, view.types)
         if not records:
+            if head - position >= SKIP_AHEAD:
+                # Nothing of ours up to head: move the mark, or every poll re-scans all of it.
+                try:
+                    store.track(view.name, head)
+                except ConcurrencyError:
+                    pass
             break
         prepared = view.prepare(records)
         try:

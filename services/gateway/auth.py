@@ -100,9 +100,5 @@ def caller(request: Request) -> ApiKey:
     return getattr(request.state, "key", OPEN)
 
 
-def can_see(key: ApiKey, workflow: str | None) -> bool:
-    return key.can_use(workflow)
-
-
 def who(key: ApiKey) -> str:
     return "api" if key is OPEN else f"key:{key.key_id}"

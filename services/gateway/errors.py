@@ -13,7 +13,6 @@ import logging
 import uuid
 from typing import Any
 
-import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -163,7 +162,3 @@ class BodyLimit:
     async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
         response = error_response(413, f"the request body is over the limit of {self.limit} bytes")
         await response(scope, receive, send)
-
-
-def dumps(value: Any) -> bytes:
-    return orjson.dumps(value)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 Status = Literal["running", "paused", "completed", "failed", "cancelled"]
 
@@ -135,6 +135,13 @@ class TriggerIn(BaseModel):
     time: datetime | None = None
     datacontenttype: str | None = "application/json"
     data: Any = None
+
+    @field_validator("time", mode="before")
+    @classmethod
+    def _rfc3339(cls, value: Any) -> Any:
+        if value is not None and not isinstance(value, str):
+            raise ValueError("must be an RFC 3339 time string")
+        return value
 
 
 class TriggerOut(BaseModel):

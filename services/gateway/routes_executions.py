@@ -7,7 +7,7 @@ import base64
 import binascii
 import time
 import uuid
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any, AsyncIterator
 
 import orjson
@@ -99,6 +99,22 @@ def _repeat(response: Response, state: Execution, data: Any) -> dict[str, Any]:
     return summary(state) | {"created": False}
 
 
+def _time(name: str, raw: str | None) -> str | None:
+    """An RFC 3339 time (a bare number is not one: no guessing at epoch units)."""
+    if raw is None:
+        return None
+    try:
+        if not raw[:4].isdigit() or "-" not in raw:
+            raise ValueError(raw)
+        value = datetime.fromisoformat(raw.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        message = "not an RFC 3339 time, e.g. 2024-05-01T12:00:00Z"
+        raise ApiError(422, f"query.{name}: {message}", problems=[{"field": f"query.{name}", "message": message}]) from None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
+    return value.isoformat()
+
+
 def _cursor(raw: str | None) -> tuple[str, str] | None:
     if not raw:
         return None
@@ -117,8 +133,8 @@ def list_(
     request: Request,
     workflow: str | None = Query(None, max_length=128),
     status: Status | None = Query(None),
-    since: datetime | None = Query(None, description="started at or after"),
-    until: datetime | None = Query(None, description="started before"),
+    since: str | None = Query(None, max_length=64, description="started at or after (RFC 3339 time)"),
+    until: str | None = Query(None, max_length=64, description="started before (RFC 3339 time)"),
     limit: int = Query(50, ge=1, le=500),
     cursor: str | None = Query(None, max_length=512, description="next_cursor of the previous page"),
 ) -> Any:
@@ -128,10 +144,10 @@ def list_(
     bound = sorted(key.workflows) if key.workflows is not None else None
     if workflow is not None and bound is not None and workflow not in bound:
         return {"items": [], "next_cursor": None}
-    with ctx.store.transaction() as tx:
+    with ctx.store.reader() as tx:  # not the writer: on SQLite a list never waits for ingestion
         rows = list_executions(
             tx, workflow=workflow, status=status, limit=limit + 1, workflows=bound, after=_cursor(cursor),
-            since=since.isoformat() if since else None, until=until.isoformat() if until else None,
+            since=_time("since", since), until=_time("until", until),
         )
     more = len(rows) > limit
     rows = rows[:limit]

@@ -65,6 +65,7 @@ async def webhook(
     """Start the workflows listening on this path. Signed webhooks (a `secret_env` in the definition)
     need a valid `X-Weft-Signature` and no key; unsigned ones need a key with the `trigger` scope."""
     ctx = request.app.state.ctx
+    await asyncio.to_thread(ctx.catalog.refresh)  # at most every 0.1 s: a new version may have changed the secret
     routes = ctx.catalog.webhooks(path)
     if not routes:
         await asyncio.to_thread(ctx.catalog.refresh, force=True)

@@ -61,6 +61,9 @@ class GatewayServer:
         return f"http://{host}:{self.port}"
 
     async def run(self, stop: asyncio.Event) -> None:
+        quiet = logging.getLogger("uvicorn.error")
+        if quiet.level == logging.NOTSET:  # "Started server process" etc.: we announce the URL ourselves
+            quiet.setLevel(logging.WARNING)
         config = uvicorn.Config(
             self.app, log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=3,
             server_header=False,

@@ -55,11 +55,14 @@ class ResultConsumer:
 
     async def handle(self, msgs: list[Delivery]) -> None:
         good: list[tuple[Delivery, StepResult]] = []
+        poison: list[tuple[Delivery, str]] = []
         for msg in msgs:
             try:
                 good.append((msg, decode_result(msg.data)))
             except MessageError as exc:
-                await self._dead_letter(msg, "poison", str(exc))
+                poison.append((msg, str(exc)))
+        if poison:  # concurrently: a flood of garbage must not hold up the good results behind it
+            await asyncio.gather(*(self._dead_letter(m, "poison", why) for m, why in poison))
         if not good:
             return
         outcomes = await asyncio.to_thread(self.executions.apply_results, [r for _, r in good])

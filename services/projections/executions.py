@@ -13,6 +13,7 @@ from typing import Any, Sequence
 from services.projections.tables import (
     Ev, TableSpec, TableView, dumps, loads, millis, norm_time, select_in, write_rows,
 )
+from services.projections.timeline import EXECUTION_EVENTS
 from services.store import ViewTransaction
 
 _FINISH = {"ExecutionCompleted": "completed", "ExecutionFailed": "failed", "ExecutionCancelled": "cancelled"}
@@ -31,11 +32,7 @@ _UPDATE = ", ".join(f"{c} = excluded.{c}" for c in _NAMES if c != "id")
 class ExecutionsView(TableView):
     name = "view:executions"
     version = 2
-    types = (
-        "ExecutionStarted", "StepMapped", "StepScheduled", "StepSucceeded", "StepSkipped", "StepDeadLettered",
-        "StepReprocessRequested", "ExecutionCompleted", "ExecutionFailed", "ExecutionCancelled",
-        "ExecutionPaused", "ExecutionResumed", "ExecutionRetried",
-    )
+    types = EXECUTION_EVENTS  # all of them: `events`, `updated_at` and `position` count every event
     tables = {
         "executions": TableSpec(
             _COLUMNS, ("id",),

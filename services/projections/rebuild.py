@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 from services.projections import log
 from services.projections.log import read_batch
-from services.projections.runner import META, ensure_meta, lock_meta, now_text, view_version
+from services.projections.runner import META, ensure_meta, lock_meta, now_text, relax_commit, view_version
 from services.store import EventStore, ViewTransaction
 
 SHADOW = "__rebuild"
@@ -41,12 +41,13 @@ class RebuildResult:
     seconds: float
     generation: int
     tables: list[str]
+    during_swap: int = 0  # events appended while the shadow filled, applied inside the swap
 
     def as_dict(self) -> dict[str, Any]:
         rate = round(self.events / self.seconds, 1) if self.seconds > 0 else None
         return {"id": self.name, "name": self.name, "events": self.events, "position": self.position,
                 "seconds": round(self.seconds, 3), "events_per_s": rate, "generation": self.generation,
-                "tables": self.tables}
+                "tables": self.tables, "during_swap": self.during_swap}
 
 
 def rebuild(
@@ -66,6 +67,7 @@ def rebuild(
         pos, applied = 0, 0
         while True:
             with store.transaction() as tx:
+                relax_commit(tx)  # shadow rows only: a crash restarts the rebuild anyway
                 _check_token(tx, view.name, token)
                 raws, new = read_batch(store, tx, pos, batch, view.types)
                 if raws:
@@ -88,6 +90,7 @@ def rebuild(
             row = lock_meta(tx, view.name)
             _check_token(tx, view.name, token)
             live_pos = int(row[0]) if row else 0
+            before_swap = applied
             while True:  # what was appended since: the live view may be ahead of the shadow
                 raws, new = read_batch(store, tx, pos, batch, view.types)
                 if raws:
@@ -113,7 +116,8 @@ def rebuild(
         raise
     if progress is not None:
         progress(pos, pos)
-    return RebuildResult(view.name, applied, pos, time.monotonic() - began, generation, list(view.t.values()))
+    return RebuildResult(view.name, applied, pos, time.monotonic() - began, generation, list(view.t.values()),
+                         applied - before_swap)
 
 
 def _swap(tx: ViewTransaction, shadow: str, live: str, spec: Any) -> None:

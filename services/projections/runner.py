@@ -68,6 +68,14 @@ def lock_meta(tx: ViewTransaction, name: str) -> tuple[Any, ...] | None:
     return tx.fetchone()
 
 
+def relax_commit(tx: ViewTransaction) -> None:
+    """PostgreSQL: do not wait for this commit's WAL flush. A crash may forget the last
+    batches, but their rows and tracking record together, so they are simply applied
+    again: exactly once still holds, and catching up does not wait on fsync."""
+    if tx.dialect == "postgresql":
+        tx.execute("SET LOCAL synchronous_commit = off")
+
+
 def view_version(view: Any) -> int:
     return int(getattr(view, "version", 0))
 
@@ -150,21 +158,24 @@ class Projector:
     def _batch(self, after: int, views: list[Any]) -> int:
         started = time.monotonic()
         types = set().union(*(self._types[v.name] for v in views))
+        ahead, self._ahead = self._ahead, None
+        # Waited for before the transaction: a thread holding SQLite's writer must not wait
+        # on another that needs a pooled connection (log.py).
+        prefetched = ahead[1].result() if ahead is not None and ahead[0] == (after, frozenset(types)) else None
         with self.store.transaction() as tx:
+            relax_commit(tx)
             for view in sorted(views, key=lambda v: v.name):  # one lock order: no deadlocks between projectors
                 row = lock_meta(tx, view.name)
                 if row is None or int(row[0]) != after:
                     raise Moved(view.name)
-            ahead, self._ahead = self._ahead, None
-            key = (after, frozenset(types))
-            if ahead is not None and ahead[0] == key:
-                raws, new, parsed = ahead[1].result()
+            if prefetched is not None:
+                raws, new, parsed = prefetched
             else:
                 raws, new = read_batch(self.store, tx, after, self.batch, sorted(types))
                 parsed = log.events(raws, frozenset(types))
             if new <= after:
                 return 0
-            if len(raws) >= self.batch // 2:
+            if new - after >= self.batch // 2:
                 # More is waiting: read and decode the next batch in a thread while this
                 # one is written (the database wait releases the GIL).
                 self._ahead = ((new, frozenset(types)), self._pool.submit(self._read_ahead, new, types))

@@ -56,14 +56,12 @@ class Trigger:
     routes: list[Route] | None = None
     filtered: list[str] = field(default_factory=list)
     raw: dict[str, Any] = field(default_factory=dict)
+    stream: uuid.UUID = field(init=False)  # its trigger-log stream, named by (source, id)
 
     def __post_init__(self) -> None:
         if not self.raw:
             self.raw = self.event.model_dump(mode="json")
-
-    @property
-    def stream(self) -> uuid.UUID:
-        return trigger_stream(self.event.source, self.event.id)
+        self.stream = trigger_stream(self.event.source, self.event.id)
 
 
 @dataclass(slots=True)
@@ -152,8 +150,12 @@ class Ingestor:
         starts: dict[str, list[NewEvent]] = {}
         about = {"id": e.id, "source": e.source, "type": e.type, "subject": e.subject,
                  "time": t.raw.get("time"), "via": t.via}
+        planned: set[str] = set()
         for route in routes:
             v = route.version
+            if v.name in planned:
+                continue  # two `on:` entries of one workflow (say, one webhook path twice): one execution
+            planned.add(v.name)
             problems = self._check_input(v.content_hash, v.definition, data)
             if problems:
                 rejected[route.label] = "invalid input: " + "; ".join(str(p) for p in problems)

@@ -131,30 +131,23 @@ class Catalog:
             if not force and time.monotonic() - self._checked < self.min_interval:
                 return False
             changed = False
+            latest = dict(self._latest)  # readers keep the old one until it is complete
             while True:
                 # Taken before the read: everything at or below head is committed (the
                 # store hands positions out in commit order), so the next read may start there.
                 head = self.store.head()
                 batch = self.store.read(self._scanned, 1000, types=["WorkflowPublished"])
                 for rec in batch:
-                    changed |= self._add(orjson.loads(rec.data))
+                    changed |= _add(latest, orjson.loads(rec.data))
                 if len(batch) < 1000:
                     self._scanned = max(self._scanned, head, batch[-1].position if batch else 0)
                     break
                 self._scanned = batch[-1].position
             self._checked = time.monotonic()
             if changed:
+                self._latest = latest
                 self._rebuild()
             return changed
-
-    def _add(self, raw: dict[str, Any]) -> bool:
-        event = WorkflowPublished.model_validate(raw)
-        current = self._latest.get(event.name)
-        if current is not None and current.version >= event.version:
-            return False
-        wf = WorkflowDef.model_validate(event.definition)
-        self._latest[event.name] = Version(event.name, event.version, event.content_hash, wf, event.at)
-        return True
 
     def _rebuild(self) -> None:
         by_type: dict[str, list[Route]] = {}
@@ -205,6 +198,16 @@ class Catalog:
 
     def crons(self) -> list[Route]:
         return list(self._crons)
+
+
+def _add(latest: dict[str, Version], raw: dict[str, Any]) -> bool:
+    event = WorkflowPublished.model_validate(raw)
+    current = latest.get(event.name)
+    if current is not None and current.version >= event.version:
+        return False
+    wf = WorkflowDef.model_validate(event.definition)
+    latest[event.name] = Version(event.name, event.version, event.content_hash, wf, event.at)
+    return True
 
 
 def normalise_path(path: str) -> str:

@@ -288,7 +288,8 @@ async def test_watch_follows_new_dead_letters(stack: Running, tmp_path: Path) ->
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     try:
-        await asyncio.sleep(2.0)  # let it start and take its bearings
+        ready = await asyncio.wait_for(proc.stderr.readline(), timeout=60)  # type: ignore[union-attr]
+        assert b"watching" in ready  # it has taken its bearings: what comes now is new
         eid = await _failed(stack, POSITIVE, {"n": -2})
         line = await asyncio.wait_for(proc.stdout.readline(), timeout=30)  # type: ignore[union-attr]
         seen = orjson.loads(line)

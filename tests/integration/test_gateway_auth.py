@@ -7,7 +7,6 @@ import asyncio
 import os
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, AsyncIterator
 
 import httpx

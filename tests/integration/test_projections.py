@@ -153,6 +153,7 @@ def test_rebuild_gives_the_live_rows_under_concurrent_appends(store: EventStore)
                 flying += [ex.start(version, {"n": 1, "items": [1, 2], "flag": True})[0].id for _ in range(3)]
                 flying = driver.round(flying, flaky(5))
                 appended["rounds"] += 1
+                time.sleep(0.01)  # a steady stream, not a flood the rebuild can never catch
         except BaseException as exc:  # noqa: BLE001 - reported by the test
             errors.append(exc)
 
@@ -175,12 +176,15 @@ def test_rebuild_gives_the_live_rows_under_concurrent_appends(store: EventStore)
             # reads of the live view keep working while the shadow fills
             with store.transaction() as tx:
                 seen.append(len(list_executions(tx, limit=100_000)))
+            if done >= total:  # the shadow caught up: an append right now lands between it and the swap
+                ex.start(_version(store), {"n": 2, "items": [], "flag": False})
 
         deadline = time.monotonic() + 10
         while appended["rounds"] < 5 and time.monotonic() < deadline:
             time.sleep(0.05)
-        results = [rebuild(store, view, batch=40, progress=progress) for view in live]
+        results = [rebuild(store, view, batch=120, progress=progress) for view in live]
         assert all(r.generation == 1 for r in results)
+        assert all(r.during_swap > 0 for r in results), "the swaps had nothing to catch up: no race tested"
         assert seen and seen == sorted(seen) and seen[0] > 0
         time.sleep(0.2)  # appends carry on after the swaps too
     finally:

@@ -1,0 +1,150 @@
+"""Nothing dropped, nothing doubled: SIGKILL between storing a dead letter and acking its
+source, then restart, over real subprocesses (`python -m weft <service>`), NATS and PostgreSQL.
+
+- the dead-letter service killed after its append committed and before the DLQ acks;
+- the orchestrator / a worker killed after publishing a poison message to the DLQ and
+  before acking it on the results / steps stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from contracts import deadletters as dl
+from contracts.subjects import DLQ_STREAM, result_subject, step_subject
+from services.broker import OutMessage
+from services.broker.nats import NatsTransport
+from services.deadletters import DeadLettersView, Filters, list_dead_letters
+from services.deadletters.view import ensure_view
+from services.store import open_store
+from tests.integration.test_crash import Services
+from tests.support import wait_until
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def env(tmp_path: Path, pg_url: str, nats_url: str) -> dict[str, str]:
+    out = {
+        **os.environ, "WEFT_HOME": str(tmp_path), "WEFT_DATABASE_URL": pg_url, "WEFT_NATS_URL": nats_url,
+        "WEFT_NAMESPACE": f"d{uuid.uuid4().hex[:8]}", "WEFT_ACK_WAIT": "2", "WEFT_POLL_INTERVAL": "0.02",
+        "WEFT_LOG_LEVEL": "INFO", "PYTHONPATH": str(ROOT),
+    }
+    out.pop("WEFT_CRASH_AT", None)
+    return out
+
+
+@pytest.fixture
+def services(tmp_path: Path, env: dict[str, str]):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    svc = Services(env, logs)
+    yield svc
+    svc.stop_all()
+
+
+@pytest.fixture
+async def transport(env: dict[str, str], nats_url: str):
+    t = await NatsTransport.connect(nats_url, namespace=env["WEFT_NAMESPACE"])
+    await t.ensure_streams()
+    yield t
+    await t.close()
+
+
+async def _died(proc: Any, timeout: float = 60) -> None:
+    await wait_until(lambda: proc.poll() is not None, timeout=timeout, what="the crash point to be reached")
+    assert proc.returncode == -signal.SIGKILL, f"expected SIGKILL, got {proc.returncode}"
+
+
+def _recorded(store: Any) -> list[Any]:
+    out, position = [], 0
+    while batch := store.read(position, 1000, ["DeadLetterRecorded", "DeadLetterSeen"]):
+        out += batch
+        position = batch[-1].position
+    return out
+
+
+def _rows(store: Any) -> list[dict[str, Any]]:
+    ensure_view(store, DeadLettersView(store))  # the service may not have made it yet
+    with store.reader() as tx:
+        return list_dead_letters(tx, Filters(), limit=10_000)
+
+
+async def _settled(transport: NatsTransport, durable: str, stream: str) -> bool:
+    info = await transport._js.consumer_info(transport.stream_name(stream), durable)  # noqa: SLF001
+    return info.num_pending == 0 and info.num_ack_pending == 0
+
+
+async def test_sigkill_between_store_and_ack_neither_loses_nor_doubles(
+    services: Services, transport: NatsTransport, pg_url: str,
+) -> None:
+    payloads = [f"letter {i}".encode() for i in range(39)] + [b"\xff\x00binary"]
+    for i, data in enumerate(payloads):
+        await transport.dead_letter(
+            "poison", data, reason=f"test {i}", source_subject=result_subject("x"), delivered=1, msg_id=f"src-{i}",
+        )
+    victim = services.start("deadletters", WEFT_CRASH_AT="deadletters.after_store:1")
+    await _died(victim)
+    store = open_store(pg_url)
+    try:
+        stored_before_ack = len(await asyncio.to_thread(_recorded, store))
+        assert stored_before_ack >= 1  # the batch was committed, and not acked: it comes back
+
+        services.start("deadletters")
+
+        async def all_in_view() -> bool:
+            rows = await asyncio.to_thread(_rows, store)
+            return len(rows) >= len(payloads) and await _settled(transport, "deadletters", DLQ_STREAM)
+
+        await wait_until(all_in_view, timeout=60, interval=0.2, what="every dead letter in the view, all acked")
+        await asyncio.sleep(1.0)  # anything redelivered late would show up now
+        recorded = await asyncio.to_thread(_recorded, store)
+        rows = await asyncio.to_thread(_rows, store)
+        assert [r.type for r in recorded] == ["DeadLetterRecorded"] * len(payloads)  # redeliveries were no-ops
+        assert len(rows) == len(payloads)
+        assert sorted(dl.decode_payload(r["payload"], r["payload_encoding"]) for r in rows) == sorted(payloads)
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("victim,point,subject", [
+    ("orchestrator", "orchestrator.after_dead_letter:1", result_subject("poisoned")),
+    ("worker", "worker.after_dead_letter:1", step_subject("noop")),
+])
+async def test_sigkill_at_the_source_after_dead_lettering(
+    services: Services, transport: NatsTransport, pg_url: str, victim: str, point: str, subject: str,
+) -> None:
+    services.start("deadletters")
+    proc = services.start(victim, WEFT_CRASH_AT=point)
+    garbage = b"\x01 definitely not a message " + victim.encode()
+    await transport.publish(OutMessage(subject, garbage, msg_id=f"garbage-{victim}"))
+    await _died(proc)
+    services.start(victim)  # the source message is redelivered to the restarted service
+    store = open_store(pg_url)
+    try:
+        durable = {"orchestrator": "orchestrator", "worker": "workers"}[victim]
+        stream = {"orchestrator": "WEFT_RESULTS", "worker": "WEFT_STEPS"}[victim]
+
+        async def settled() -> bool:
+            rows = await asyncio.to_thread(_rows, store)
+            return (len(rows) >= 1 and await _settled(transport, durable, stream)
+                    and await _settled(transport, "deadletters", DLQ_STREAM))
+
+        await wait_until(settled, timeout=60, interval=0.2, what="the source acked and its dead letter in the view")
+        await asyncio.sleep(1.0)
+        rows = await asyncio.to_thread(_rows, store)
+        assert len(rows) == 1
+        row = rows[0]
+        assert (row["kind"], row["source_subject"]) == ("poison", subject)
+        assert dl.decode_payload(row["payload"], row["payload_encoding"]) == garbage
+        assert [r.type for r in await asyncio.to_thread(_recorded, store)] == ["DeadLetterRecorded"]
+    finally:
+        store.close()
