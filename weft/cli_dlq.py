@@ -15,11 +15,10 @@ Exit codes: 0 done, 1 not found / some item failed / cancelled, 2 bad input.
 from __future__ import annotations
 
 import asyncio
-import re
 import signal
 import sys
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
@@ -58,16 +57,12 @@ def deadletters(home: Optional[Path] = HomeOpt, log_level: str = typer.Option("I
 
 
 def _when(name: str, text: Optional[str]) -> Optional[str]:
-    from services.deadletters.view import ts
+    from services.deadletters.bulk import parse_when
 
     if text is None:
         return None
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", text)
-    if m:
-        unit = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2)]
-        return ts(datetime.now(timezone.utc) - timedelta(seconds=float(m.group(1)) * unit))
     try:
-        return ts(text.strip())
+        return parse_when(text)
     except ValueError:
         out.fail(2, f"{name}: {text!r} is neither an ISO time (2024-05-01T12:00:00Z) nor an age (30m, 2h, 7d)")
 
@@ -196,9 +191,10 @@ def dlq_list(
     out.emit([_summary(r) for r in rows], as_json, render=lambda rs: _render_list(rs, filters))
 
 
-def _fit(names: list[str], rows: list[list[str]], flex: str, optional: tuple[str, ...] = ()) -> tuple[Table, list[list[str]]]:
+def _fit(names: list[str], rows: list[list[str]], flex: str, optional: tuple[str, ...] = (),
+         wrap: bool = False) -> tuple[Table, list[list[str]]]:
     """A table that fits the terminal: every column whole, except `flex`, which is cut with an
-    ellipsis; on a narrow terminal the `optional` columns go first."""
+    ellipsis (or wrapped); on a narrow terminal the `optional` columns go first."""
     keep = list(range(len(names)))
     widths = [max([len(n)] + [len(r[i]) for r in rows]) for i, n in enumerate(names)]
 
@@ -213,7 +209,8 @@ def _fit(names: list[str], rows: list[list[str]], flex: str, optional: tuple[str
     for i in keep:
         if names[i] == flex:
             width = max(room(), 12)
-            table.add_column(names[i], no_wrap=True, overflow="ellipsis", max_width=width, min_width=min(width, widths[i]))
+            table.add_column(names[i], no_wrap=not wrap, overflow="fold" if wrap else "ellipsis", max_width=width,
+                             min_width=min(width, widths[i]))
         else:
             table.add_column(names[i], no_wrap=True, min_width=widths[i])
     return table, [[r[i] for i in keep] for r in rows]
@@ -250,28 +247,27 @@ def _render_groups(groups: list[dict[str, Any]]) -> None:
     if not groups:
         out.console.print("no dead letters")
         return
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
-    for name in ("count", "kind"):
-        table.add_column(name, no_wrap=True)
-    table.add_column("error", overflow="fold", min_width=20)
-    for name in ("workflows", "steps", "last seen", "example"):
-        table.add_column(name, no_wrap=True)
-    for g in groups:
-        error = f"{g['error_type']}: {g['error']}" if g["error_type"] else g["error"]
-        table.add_row(str(g["count"]), g["kind"], escape(error[:70]), ", ".join(g["workflows"])[:30],
-                      ", ".join(g["steps"])[:30], _time(g["last_seen"])[5:], g["example"][:8])
+    names = ["count", "kind", "error", "workflows", "steps", "last seen", "example"]
+    cells = [[str(g["count"]), g["kind"], f"{g['error_type']}: {g['error']}" if g["error_type"] else g["error"],
+              ", ".join(g["workflows"]), ", ".join(g["steps"]), _short(g["last_seen"]), g["example"][:8]] for g in groups]
+    table, cells = _fit(names, cells, "error", optional=("last seen", "steps", "workflows"), wrap=True)
+    for row in cells:
+        table.add_row(*(escape(c) for c in row))
     out.console.print(table)
+    out.console.print(f"{sum(g['count'] for g in groups)} dead letter(s) in {len(groups)} cluster(s) · "
+                      "[bold]weft dlq list --error-contains TEXT[/bold] lists one", highlight=False)
 
 
 @dlq_app.command("show")
 def dlq_show(ref: str = typer.Argument(..., metavar="ID"), as_json: bool = JsonOpt, home: Optional[Path] = HomeOpt) -> None:
     """One dead letter: payload, error, traceback, the execution's history around the failure."""
     from contracts import deadletters as dl
+    from services.deadletters.actions import history_around
 
     store = _open(home)
     try:
         row = _resolve(store, [ref])[0]
-        history = _history_around(store, row)
+        history = history_around(store, row)
         import uuid
 
         acts = [dl.decode(r.type, r.data).model_dump(mode="json") for r in store.load(uuid.UUID(row["id"]))]
@@ -289,33 +285,14 @@ def dlq_show(ref: str = typer.Argument(..., metavar="ID"), as_json: bool = JsonO
     out.emit(result, as_json, render=_render_show)
 
 
-def _history_around(store: Any, row: dict[str, Any], before: int = 8, after: int = 4) -> list[dict[str, Any]]:
-    import uuid
-
-    from services.orchestrator.executions import Executions
-
-    eid = row.get("execution_id")
-    try:
-        uuid.UUID(eid or "")
-    except ValueError:
-        return []
-    events = Executions(store).history(eid)  # type: ignore[arg-type]
-    rows = [{"seq": i + 1, **e.model_dump(mode="json")} for i, e in enumerate(events)]
-    if not rows:
-        return []
-    at = row["details"].get("execution_version")
-    if at is None:  # a message: centre on the attempt it was about
-        at = next((r["seq"] for r in reversed(rows) if r["type"] == "StepScheduled" and r.get("step_id") == row.get("step_id")
-                   and r.get("attempt") == row.get("attempt")), len(rows))
-    return [r for r in rows if at - before <= r["seq"] <= at + after]
-
-
 def _render_show(r: dict[str, Any]) -> None:
     c = out.console
     c.print(f"[bold]dead letter {r['id']}[/bold] · {r['kind']} · {_status(r['status'])}")
     facts = [("workflow", r.get("workflow")), ("execution", r.get("execution_id")), ("step", _step(r) or None),
              ("attempt", r.get("attempt")), ("deliveries", r.get("delivered")), ("source subject", r.get("source_subject")),
              ("idempotency key", r["details"].get("idempotency_key")), ("worker", r["details"].get("worker_id")),
+             ("event", " ".join(f"{k} {r['details'][f'event_{k}']}" for k in ("type", "id", "source")
+                                if r["details"].get(f"event_{k}")) or None),
              ("first seen", _time(r["first_seen"])), ("last seen", _time(r["last_seen"]))]
     if r["status"] != "open":
         facts += [(f"{r['status']} by", r.get("actor")), ("why", r.get("action_reason")), ("at", _time(r.get("acted_at")))]
@@ -339,7 +316,16 @@ def _render_show(r: dict[str, Any]) -> None:
     if r.get("headers"):
         c.print(Panel("\n".join(f"{escape(k)}: {escape(str(v))}" for k, v in r["headers"].items()), title="headers", title_align="left"))
     if r.get("traceback"):
-        c.print(Panel(Syntax(r["traceback"].rstrip(), "pytb", word_wrap=True), title="traceback", title_align="left"))
+        import sysconfig
+
+        from services.deadletters.view import user_frames
+
+        # The step's own frames are what matter; the worker's and the standard library's are noise.
+        weft_dir = Path(out.__file__).resolve().parent
+        hide = [str(weft_dir) + "/", str(weft_dir.parent / "services") + "/", sysconfig.get_paths()["stdlib"] + "/"]
+        text, hidden = user_frames(r["traceback"], hide)
+        title = "traceback" + (f" ({hidden} frames of weft and the standard library hidden; --json has all)" if hidden else "")
+        c.print(Panel(Syntax(text, "pytb", word_wrap=True), title=title, title_align="left"))
     if r.get("history"):
         c.print("[bold]history around the failure[/bold]")
         out.render_history(r["history"])
@@ -378,27 +364,17 @@ def _selection(store: Any, refs: list[str], select_all: bool, filter_pairs: list
     return list(reversed(_rows(store, filters)))  # oldest first: the order they failed in
 
 
-def _chunks(rows: list[dict[str, Any]], size: int = 100) -> list[list[dict[str, Any]]]:
-    """Step dead letters go in batches (one transaction each); messages one by one (each a publish)."""
-    steps = [r for r in rows if r["source"] == "step"]
-    out = [steps[i : i + size] for i in range(0, len(steps), size)]
-    return out + [[r] for r in rows if r["source"] != "step"]
-
-
 def _run_bulk(chunks: list[list[dict[str, Any]]], act: Any, as_json: bool, verb: str, resources: Any = None) -> list[Any]:
-    """Run `act(chunk) -> outcomes` for each chunk, with progress. Ctrl-C stops before the next
-    chunk; the one in hand finishes (each is stored whole or not at all), the rest are reported
-    as cancelled. `resources`, if given, is an async context manager entered first (the broker)."""
+    """Run the batches with a progress bar; Ctrl-C stops before the next batch (see services.deadletters.bulk).
+    `resources`, if given, is an async context manager entered first (the broker connection)."""
     from contextlib import AsyncExitStack
 
-    from services.deadletters import Outcome
+    from services.deadletters.bulk import run_batches
 
-    cancelled = asyncio.Event()
-    outcomes: list[Any] = []
     total = sum(len(c) for c in chunks)
 
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
+    async def main() -> list[Any]:
+        loop, cancelled = asyncio.get_running_loop(), asyncio.Event()
         try:
             loop.add_signal_handler(signal.SIGINT, cancelled.set)
         except (NotImplementedError, RuntimeError, ValueError):
@@ -410,40 +386,27 @@ def _run_bulk(chunks: list[list[dict[str, Any]]], act: Any, as_json: bool, verb:
                 await stack.enter_async_context(resources)
             if progress:
                 stack.enter_context(progress)
-            for chunk in chunks:
-                if cancelled.is_set():
-                    outcomes.extend(Outcome(r["id"], "cancelled", r["kind"], r.get("execution_id"), r.get("step_id"),
-                                            "not attempted: cancelled with Ctrl-C", ok=False) for r in chunk)
-                    continue
-                try:
-                    outcomes.extend(await act(chunk))
-                except Exception as exc:  # one chunk's trouble must not hide the others' outcomes
-                    outcomes.extend(Outcome(r["id"], "failed", r["kind"], r.get("execution_id"), r.get("step_id"),
-                                            f"{type(exc).__name__}: {exc}", ok=False) for r in chunk)
-                if progress:
-                    progress.advance(task, len(chunk))
-        try:
-            loop.remove_signal_handler(signal.SIGINT)
-        except (NotImplementedError, RuntimeError, ValueError):
-            pass
+            return await run_batches(chunks, act, cancelled=cancelled,
+                                     progress=lambda n: progress.advance(task, n) if progress else None)
 
-    asyncio.run(main())
-    return outcomes
+    return asyncio.run(main())
 
 
 def _report(outcomes: list[Any], as_json: bool) -> None:
     if as_json:
         out.emit([o.as_dict() for o in outcomes], True)
     else:
-        table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+        table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
         for name in ("id", "kind", "execution", "step", "outcome"):
             table.add_column(name, no_wrap=True)
         table.add_column("detail", overflow="fold")
-        for o in outcomes:
+        shown = outcomes if len(outcomes) <= 50 else [o for o in outcomes if not o.ok]  # a big run: the trouble only
+        for o in shown:
             colour = "green" if o.ok and not o.outcome.startswith("already") else "yellow" if o.ok else "red"
+            detail = o.detail or (f"attempt {o.attempt} scheduled" if o.attempt else "")
             table.add_row(o.id[:8], o.kind, (o.execution_id or "")[:8], o.step_id or "", f"[{colour}]{o.outcome}[/]",
-                          escape((o.detail or "")[:70] + (f" (attempt {o.attempt})" if o.attempt else "")))
-        if len(outcomes) <= 50 or any(not o.ok for o in outcomes):
+                          escape(detail[:200]))
+        if shown:
             out.console.print(table)
         counts: dict[str, int] = {}
         for o in outcomes:
@@ -495,6 +458,7 @@ def dlq_reprocess(
 ) -> None:
     """Push dead letters through again: a new attempt for a step, a republish for a message."""
     from services.deadletters import Actions, PatchError
+    from services.deadletters.bulk import batches
 
     patch_value = _json_arg("--patch", patch) if patch is not None else None
     store = _open(home)
@@ -515,7 +479,7 @@ def dlq_reprocess(
                 return await asyncio.to_thread(actions.reprocess_steps, chunk, patch_value, by, why, dry_run)
             return [await actions.reprocess(chunk[0], patch=patch_value, by=by, why=why, dry_run=dry_run)]
 
-        outcomes = _run_bulk(_chunks(rows), act, as_json, "reprocessing", _Broker(home, actions) if needs_broker else None)
+        outcomes = _run_bulk(batches(rows), act, as_json, "reprocessing", _Broker(home, actions) if needs_broker else None)
     finally:
         store.close()
     _report(outcomes, as_json)
@@ -534,6 +498,7 @@ def dlq_discard(
 ) -> None:
     """Give up on dead letters, saying why. Recorded as an event; the execution stays failed."""
     from services.deadletters import Actions
+    from services.deadletters.bulk import BATCH
 
     if not reason or not reason.strip():
         out.fail(2, "--reason: say why these are discarded (it is recorded with your name)")
@@ -547,7 +512,7 @@ def dlq_discard(
         async def act(chunk: list[dict[str, Any]]) -> Any:
             return await asyncio.to_thread(actions.discard_many, chunk, by=by, why=reason.strip(), dry_run=dry_run)
 
-        outcomes = _run_bulk([rows[i : i + 100] for i in range(0, len(rows), 100)], act, as_json, "discarding")
+        outcomes = _run_bulk([rows[i : i + BATCH] for i in range(0, len(rows), BATCH)], act, as_json, "discarding")
     finally:
         store.close()
     _report(outcomes, as_json)
@@ -630,6 +595,10 @@ def dlq_stats(
     }
 
     def render(r: dict[str, Any]) -> None:
+        if not r["open"]:
+            out.console.print("no open dead letters · " + " · ".join(f"{n} {s}" for s, n in r["by_status"].items()),
+                              highlight=False)
+            return
         table = Table("kind", "workflow", "open")
         for row in r["open"]:
             table.add_row(row["kind"], row["workflow"] or "", str(row["count"]))

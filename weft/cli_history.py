@@ -22,7 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from weft import output as out
-from weft.cli import HomeOpt, JsonOpt, _json_arg, _store, app
+from weft.cli import HomeOpt, JsonOpt, _check_id, _json_arg, _store, app, executions_app, workflows_app
 
 projections_app = typer.Typer(no_args_is_help=True, help="Status views: position, lag, rebuild.")
 app.add_typer(projections_app, name="projections")
@@ -148,6 +148,86 @@ class _Null:
         return None
 
 
+# ---- reads from the views: attempts, timeline, workflow stats -----------------------------------
+
+
+def _read_view(home: Optional[Path], view: Any, read: Callable[[Any], Any]) -> Any:
+    """Bring one view up to date (bounded), then read it."""
+    from services.projections import Projector
+
+    store = _store(home)
+    try:
+        Projector(store, [view]).catch_up(limit=200_000)
+        with store.reader() as tx:
+            return read(tx)
+    finally:
+        store.close()
+
+
+@executions_app.command("attempts")
+def executions_attempts(execution_id: str, as_json: bool = JsonOpt, home: Optional[Path] = HomeOpt) -> None:
+    """Every attempt of an execution's steps: status, duration, worker, error (from the step-runs view)."""
+    from services.projections import StepRunsView, step_runs
+
+    _check_id(execution_id)
+    rows = _read_view(home, StepRunsView(), lambda tx: step_runs(tx, execution_id))
+    if not rows:
+        out.fail(1, f"no attempts recorded for {execution_id}")
+    out.emit(rows, as_json, render=_render_attempts)
+
+
+def _render_attempts(rows: list[dict[str, Any]]) -> None:
+    table = Table("step", "attempt", "status", "duration ms", "worker", "error / note")
+    for r in rows:
+        step = r["step_id"] + (f"#{r['item']}" if r["item"] is not None else "")
+        note = f"{r['error_type']}: {r['error_message']}" if r["error_type"] else ""
+        note = note or (f"reused from {r['reused_from']}" if r["reused_from"] else "") or (r["ignored_reason"] or "")
+        duration = f"{r['duration_ms']:.1f}" if r["duration_ms"] is not None else ""
+        table.add_row(step, str(r["attempt"]), _status(r["status"]), duration, r["worker_id"] or "", note[:70])
+    out.console.print(table)
+
+
+@executions_app.command("timeline")
+def executions_timeline(execution_id: str, as_json: bool = JsonOpt, home: Optional[Path] = HomeOpt) -> None:
+    """An execution's events as a timeline, one line each (from the timeline view)."""
+    from services.projections import TimelineView, timeline
+
+    _check_id(execution_id)
+    rows = _read_view(home, TimelineView(), lambda tx: timeline(tx, execution_id))
+    if not rows:
+        out.fail(1, f"no execution {execution_id}")
+    out.emit(rows, as_json, render=_render_timeline)
+
+
+def _render_timeline(rows: list[dict[str, Any]]) -> None:
+    table = Table("seq", "at", "event", "step", "attempt", "detail")
+    for r in rows:
+        step = (r["step_id"] or "") + (f"#{r['item']}" if r["item"] is not None else "")
+        table.add_row(str(r["seq"]), r["at"][11:23], r["type"], step, str(r["attempt"] or ""), (r["detail"] or "")[:70])
+    out.console.print(table)
+
+
+@workflows_app.command("stats")
+def workflows_stats(name: Optional[str] = typer.Argument(None), as_json: bool = JsonOpt,
+                    home: Optional[Path] = HomeOpt) -> None:
+    """Per workflow: executions by status, p50/p95 duration of completed ones, failure rate."""
+    from services.projections import WorkflowStatsView, workflow_stats
+
+    rows = _read_view(home, WorkflowStatsView(), lambda tx: workflow_stats(tx, name))
+    out.emit(rows, as_json, render=_render_stats)
+
+
+def _render_stats(rows: list[dict[str, Any]]) -> None:
+    table = Table("workflow", "total", "running", "paused", "completed", "failed", "cancelled", "p50 ms", "p95 ms",
+                  "failure rate")
+    for r in rows:
+        rate = f"{r['failure_rate']:.1%}" if r["failure_rate"] is not None else ""
+        table.add_row(r["workflow"], *(str(r[k]) for k in ("total", "running", "paused", "completed", "failed",
+                                                            "cancelled")),
+                      *(f"{r[k]:.1f}" if r[k] is not None else "" for k in ("p50_ms", "p95_ms")), rate)
+    out.console.print(table)
+
+
 # ---- replay -----------------------------------------------------------------------------------
 
 
@@ -219,8 +299,9 @@ def _render_replay(r: dict[str, Any]) -> None:
     if r["dry_run"]:
         out.console.print(f"[bold]dry run[/bold] · replay of {r['replay_of']} · {versions} · nothing was started")
     else:
-        out.console.print(f"replay [bold]{r['execution_id']}[/bold] of {r['replay_of']} · {versions} · "
-                          f"{_status(r['status'])}" + ("" if r.get("created", True) else " (already started)"))
+        out.console.print(f"replay [bold]{r['execution_id']}[/bold] · {_status(r['status'])}"
+                          + ("" if r.get("created", True) else " (already started)"))
+        out.console.print(f"  of {r['replay_of']} · {versions}")
     table = Table("step", "action", "in the source")
     for s in r["steps"]:
         action = "[green]reuse output[/green]" if s["action"] == "reuse" else "[cyan]run again[/cyan]"
@@ -239,15 +320,18 @@ def _render_bulk(r: dict[str, Any]) -> None:
     out.console.print(f"{mode}operation [bold]{r['operation_id']}[/bold] · filter {r['filter']} · "
                       f"{r['total']} selected")
     if r["items"]:
-        table = Table("source", "outcome", "replay", "detail")
+        errors = any(it.get("error") for it in r["items"])
+        table = Table("source", "outcome", "replay", *(("error",) if errors else ()))
         for it in r["items"]:
             colour = {"started": "green", "would_start": "cyan", "skipped": "dim", "failed": "red"}[it["outcome"]]
-            table.add_row(it["source"], f"[{colour}]{it['outcome']}[/]", it["execution_id"], it.get("error") or "")
+            cells = [it["source"], f"[{colour}]{it['outcome']}[/]", it["execution_id"]]
+            table.add_row(*cells, *((it.get("error") or "",) if errors else ()))
         out.console.print(table)
-    counts = ", ".join(f"{k.replace('_', ' ')} {r[k]}" for k in ("started", "would_start", "skipped", "failed")
-                       if r[k] or k in ("started", "skipped", "failed"))
-    out.console.print(counts + (" · [yellow]cancelled[/yellow]: run the same command to carry on" if r["cancelled"]
-                                else ""))
+    first = f"would start {r['would_start']}" if r["dry_run"] else f"started {r['started']}"
+    line = f"{first}, skipped (already replayed by this operation) {r['skipped']}, failed {r['failed']}"
+    if r["cancelled"]:
+        line += " · [yellow]cancelled[/yellow]: run the same command to carry on"
+    out.console.print(line)
 
 
 # ---- backfill ---------------------------------------------------------------------------------
@@ -352,6 +436,7 @@ def show_history_at(execution_id: str, history: list[Any], at: str, as_json: boo
     summary = out.execution_summary(state, steps=True) | {
         "as_of": n, "as_of_time": history[n - 1].at.isoformat(), "of": len(history), "attempts": attempts,
     }
+    summary.pop("replays", None)  # lineage is of now, not of then
     out.emit(summary, as_json, render=out.render_status)
 
 
@@ -370,7 +455,7 @@ def _lineage(execution_id: str) -> dict[str, Any]:
         return {}
     try:
         Projector(store, [ExecutionsView()], auto_rebuild=False).catch_up(limit=100_000)
-        with store.transaction() as tx:
+        with store.reader() as tx:
             return {"replays": lineage(tx, execution_id)["replays"]}
     except Exception:  # noqa: BLE001 - status must not fail because a view is unavailable
         return {}

@@ -148,6 +148,8 @@ def render_status(r: dict[str, Any]) -> None:
         detail = f"{s['error']['type']}: {s['error']['message']}" if s["error"] else orjson.dumps(s["output"]).decode()
         if s.get("skip_reason"):
             detail = s["skip_reason"]
+        if s.get("reused_from"):
+            detail = "reused · " + detail  # a replay kept the output its source recorded
         table.add_row(s["step_id"], _status(s["status"]), str(s["attempts"]), str(s["items"] or ""), detail[:80])
     console.print(table)
     if r.get("error"):
@@ -168,10 +170,11 @@ def render_history(rows: list[dict[str, Any]]) -> None:
 
 
 def render_executions(rows: list[dict[str, Any]]) -> None:
-    table = Table("id", "workflow", "version", "status", "started", "finished")
+    lineage = any(r.get("replay_of") for r in rows)
+    table = Table("id", "workflow", "version", "status", "started", "finished", *(("replay of",) if lineage else ()))
     for r in rows:
         table.add_row(r["id"], r["workflow"], str(r["version"]), _status(r["status"]), r["started_at"][:19],
-                      (r["finished_at"] or "")[:19])
+                      (r["finished_at"] or "")[:19], *(((r.get("replay_of") or "")[:8],) if lineage else ()))
     console.print(table)
 
 

@@ -4,10 +4,11 @@ Reprocessing a step dead letter asks its execution for a new attempt
 (`Reprocess` through the pure core, which appends `StepReprocessRequested` and
 schedules the attempt with the same idempotency key; the execution reopens).
 Reprocessing a message dead letter republishes it, patched if asked, to the
-subject it came from. Either way a `DeadLetterReprocessed` follows in the dead
-letter's own stream. Doing it twice gives one new attempt: the dead letter's
-stream says it was done, the execution's history carries our request id, and
-the core ignores a reprocess of a task that is no longer dead-lettered.
+subject it came from. Either way a `DeadLetterReprocessed` goes into the dead
+letter's own stream (for a step, in the same transaction as the execution's
+events). Doing it twice gives one new attempt: the dead letter's stream says it
+was done, and the core ignores a reprocess of a task no longer dead-lettered.
+A reprocess or retry made on the execution directly counts too.
 
 Patches are RFC 7386 merge patches, checked before anything is stored or
 published (`PatchError`). Nothing here prints: the CLI and an HTTP API share it.
@@ -25,11 +26,11 @@ from typing import Any
 import orjson
 
 from contracts import deadletters as dl
+from contracts import events as ev
 from contracts.messages import MessageError, decode_ready, decode_result
 from contracts.subjects import RESULTS_PREFIX, STEPS_PREFIX, TRIGGERS_PREFIX, trigger_subject
 from contracts.triggers import CloudEvent
 from services.broker import OutMessage, Transport
-from contracts import events as ev
 from services.orchestrator.decide import DecisionError, Reprocess, decide, merge_patch
 from services.orchestrator.executions import utcnow
 from services.orchestrator.state import Execution, evolve, fold
@@ -77,7 +78,7 @@ class Actions:
         if patch is None:
             return None
         if not isinstance(patch, dict):
-            raise PatchError(f"--patch must be a JSON object (an RFC 7386 merge patch), not {_json_type(patch)}")
+            raise PatchError(f"a patch must be a JSON object (an RFC 7386 merge patch), not {_json_type(patch)}")
         if row["source"] == "step":
             return _patched_step_input(row, patch)
         return _patched_message(row, patch)
@@ -256,6 +257,22 @@ class Actions:
                     return _already(out, status, acts, acting)
         raise ConcurrencyError(f"dead letter {out.id}: too much contention", kind="version")
 
+
+
+def history_around(store: EventStore, row: dict[str, Any], before: int = 8, after: int = 4) -> list[dict[str, Any]]:
+    """The execution's events around the failure (`seq` numbered like `weft history`); [] without one."""
+    try:
+        execution_id = uuid.UUID(row.get("execution_id") or "")
+    except ValueError:
+        return []
+    rows = [{"seq": r.version, **ev.decode(r.type, r.data).model_dump(mode="json")} for r in store.load(execution_id)]
+    if not rows:
+        return []
+    at = row["details"].get("execution_version")
+    if at is None:  # a message: centre on the attempt it was about
+        at = next((r["seq"] for r in reversed(rows) if r["type"] == "StepScheduled" and r.get("step_id") == row.get("step_id")
+                   and r.get("attempt") == row.get("attempt")), len(rows))
+    return [r for r in rows if at - before <= r["seq"] <= at + after]
 
 
 def _handled_after(history: Sequence[Any], version: int, step_id: str, item: int | None) -> dict[str, Any] | None:

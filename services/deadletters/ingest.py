@@ -195,13 +195,15 @@ class MaxDeliverCapture:
         self.captured = 0
 
     async def run(self, stop: asyncio.Event) -> None:
-        await self.archive.ensure()
-        consumer = await self.transport.consumer(
-            self.archive.advisory_stream, MAX_DELIVER_DURABLE, ack_wait=self.ack_wait, max_deliver=-1,
-        )
+        consumer: Consumer | None = None
         delay = 0.1
         while not stop.is_set():
             try:
+                if consumer is None:  # set up inside the loop: a broker that says no now may say yes later
+                    await self.archive.ensure()
+                    consumer = await self.transport.consumer(
+                        self.archive.advisory_stream, MAX_DELIVER_DURABLE, ack_wait=self.ack_wait, max_deliver=-1,
+                    )
                 for msg in await consumer.fetch(32, timeout=0.5):
                     await self.handle(msg)
                 delay = 0.1
@@ -211,7 +213,8 @@ class MaxDeliverCapture:
                 log.exception("deadletters: MaxDeliver capture failed, retrying in %.1fs", delay)
                 await _sleep_or_stop(stop, delay)
                 delay = min(delay * 2, 5.0)
-        await consumer.close()
+        if consumer is not None:
+            await consumer.close()
 
     async def handle(self, msg: Delivery) -> None:
         try:

@@ -402,3 +402,25 @@ def group_by_error(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         for k in ("workflows", "steps", "statuses"):
             g[k] = sorted(g[k])
     return out
+
+
+def user_frames(traceback: str, hide: Sequence[str]) -> tuple[str, int]:
+    """The traceback without the frames of files under `hide` (the worker, the standard library),
+    so what is left is the step's own code; and how many frames were hidden. Unchanged if that
+    would hide every frame."""
+    kept: list[str] = []
+    hidden = frames = 0
+    skipping = False
+    for line in traceback.rstrip().splitlines():
+        if line.startswith('  File "'):
+            frames += 1
+            path = line[len('  File "'):].split('"', 1)[0]
+            skipping = any(path.startswith(h) for h in hide)
+            hidden += skipping
+        elif not line.startswith("    "):
+            skipping = False  # "Traceback ...", "The above exception ...", the exception itself
+        if not skipping:
+            kept.append(line)
+    if hidden == frames:
+        return traceback.rstrip(), 0
+    return "\n".join(kept), hidden

@@ -8,6 +8,8 @@ swapped in atomically, while reads and the live view carry on.
 What lives here:
   runner.py      Projector (batched catch-up of many views), the Projection protocol,
                  the `weft_projections` table (position, version, rate, rebuild state)
+  log.py         reading the notification log in batches, inside the view transaction
+  pipeline.py    overlapping a batch's writes with the next view's Python work
   tables.py      TableView/TableSpec (declared tables), batched upserts, time helpers
   executions.py  ExecutionsView + list_executions / get_execution / lineage
   steps.py       StepRunsView + step_runs (every attempt)

@@ -31,6 +31,7 @@ _UPDATE = ", ".join(f"{c} = excluded.{c}" for c in _NAMES if c != "id")
 
 class ExecutionsView(TableView):
     name = "view:executions"
+    cost = 2  # relative database work per event: spreads views over lanes
     version = 2
     types = EXECUTION_EVENTS  # all of them: `events`, `updated_at` and `position` count every event
     tables = {
@@ -38,6 +39,7 @@ class ExecutionsView(TableView):
             _COLUMNS, ("id",),
             indexes=(("wf", ("workflow", "started_at")), ("status", ("status", "started_at")),
                      ("started", ("started_at",)), ("replay_of", ("replay_of",))),
+            fillfactor=70,
         )
     }
 
@@ -83,15 +85,14 @@ class ExecutionsView(TableView):
             row["updated_at"] = rec.at
             row["events"], row["position"] = max(row["events"], rec.version), rec.position
             touched[eid] = row
-        out = []
-        for row in touched.values():
-            finished = row["status"] in ("completed", "failed", "cancelled")
-            current = [] if finished else [s for s, st in row["steps"].items() if st == "scheduled"]
-            out.append(tuple(
-                dumps(row[c]) if c in ("steps", "replays") else dumps(current) if c == "current_steps" else row[c]
-                for c in _NAMES
-            ))
-        write_rows(tx, self.table, self.tables["executions"], out, update=_UPDATE)
+        write_rows(tx, self.table, self.tables["executions"], [_out(row) for row in touched.values()], update=_UPDATE)
+
+
+def _out(row: dict[str, Any]) -> tuple[Any, ...]:
+    finished = row["status"] in ("completed", "failed", "cancelled")
+    current = [] if finished else [s for s, st in row["steps"].items() if st == "scheduled"]
+    r = row | {"steps": dumps(row["steps"]), "replays": dumps(row["replays"]), "current_steps": dumps(current)}
+    return tuple(r[c] for c in _NAMES)
 
 
 def _started(eid: str, e: dict[str, Any], rec: Ev) -> dict[str, Any]:
@@ -111,14 +112,16 @@ def _evolve(row: dict[str, Any], kind: str, e: dict[str, Any], at: str) -> None:
     """Mirror of the core's evolve, for what this row shows (status, step statuses, result)."""
     steps = row["steps"]
     step = e.get("step_id")
-    if kind == "StepMapped":
-        steps[step] = "scheduled"
-    elif kind == "StepScheduled":
+    if kind == "StepScheduled":  # the common cases first: this runs for nearly every event
         if steps.get(step) in ("pending", "dead_lettered"):
             steps[step] = "scheduled"
     elif kind == "StepSucceeded":
         if e.get("item") is None:
             steps[step] = "succeeded"
+    elif kind in ("StepFailed", "StepResultIgnored"):
+        return  # no step or execution status changes with these
+    elif kind == "StepMapped":
+        steps[step] = "scheduled"
     elif kind == "StepDeadLettered":
         steps[step] = "dead_lettered"
     elif kind == "StepSkipped":

@@ -1,9 +1,12 @@
 """Runs projections: read a batch past the tracked position, apply, track, commit.
 
-Views at the same position are served together: one read of the log, one
-transaction for all of them (rows + each view's tracking record + its row in
-`weft_projections`), so a batch is applied exactly once even if the process
-is killed half-way through it.
+Views at the same position are served together: one read of the log (the
+next batch is read and decoded ahead, in a thread), then the rows of each view
+written with its tracking record and its row in `weft_projections` in the same
+transaction, so a batch is applied exactly once even if the process is killed
+half-way through it. On SQLite all views share one transaction (there is one
+writer anyway); on PostgreSQL they are spread over `lanes` transactions that
+run side by side on their own connections.
 
 `weft_projections` (one row per view) mirrors the tracked position and holds
 what `weft projections status` shows (version, rebuild generation, rate). Each
@@ -25,6 +28,7 @@ from typing import Any, Protocol, Sequence
 from services.faults import crash_point
 from services.projections import log
 from services.projections.log import read_batch
+from services.projections.pipeline import Pipelined
 from services.projections.tables import table_exists
 from services.store import EventStore, StoredRecord, ViewTransaction
 
@@ -87,14 +91,18 @@ def rebuildable(view: Any) -> bool:
 class Projector:
     def __init__(
         self, store: EventStore, views: Sequence[Projection], *, batch: int = 10_000, poll_interval: float = 0.1,
-        auto_rebuild: bool = True,
+        auto_rebuild: bool = True, lanes: int = 2,
     ):
         self.store, self.views, self.batch, self.poll_interval = store, list(views), batch, poll_interval
         self.auto_rebuild = auto_rebuild
         self.outdated: list[Any] = []  # views whose tables an older code version built: rebuilt before use
         self._window: dict[str, deque[tuple[float, float, int]]] = {v.name: deque() for v in self.views}
         self._types = {v.name: frozenset(v.types) for v in self.views}
+        self.lanes = max(1, lanes)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="projector-read")
+        self._lane_pool = ThreadPoolExecutor(max_workers=max(1, self.lanes - 1), thread_name_prefix="projector-lane")
+        self._writers = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"projector-write{i}")
+                         for i in range(self.lanes)]
         self._ahead: tuple[tuple[int, frozenset[str]], Future[Any]] | None = None
         self._setup()
 
@@ -141,7 +149,7 @@ class Projector:
         live = [v for v in self.views if v not in self.outdated]
         if not live:
             return 0
-        with self.store.transaction() as tx:
+        with self.store.reader() as tx:
             tx.execute(f"SELECT name, position FROM {META}")
             positions = dict(tx.fetchall())
         groups: dict[int, list[Any]] = {}
@@ -157,57 +165,123 @@ class Projector:
 
     def _batch(self, after: int, views: list[Any]) -> int:
         started = time.monotonic()
-        types = set().union(*(self._types[v.name] for v in views))
+        types = frozenset().union(*(self._types[v.name] for v in views))
         ahead, self._ahead = self._ahead, None
-        # Waited for before the transaction: a thread holding SQLite's writer must not wait
+        # Waited for before any transaction: a thread holding SQLite's writer must not wait
         # on another that needs a pooled connection (log.py).
-        prefetched = ahead[1].result() if ahead is not None and ahead[0] == (after, frozenset(types)) else None
+        prefetched = ahead[1].result() if ahead is not None and ahead[0] == (after, types) else None
+        lanes = self._lanes(views)
+        if len(lanes) == 1:
+            with self.store.transaction() as tx:
+                relax_commit(tx)
+                self._check(tx, views, after)
+                if prefetched is not None:
+                    raws, new, parsed = prefetched
+                else:
+                    raws, new = read_batch(self.store, tx, after, self.batch, sorted(types))
+                    parsed = log.events(raws, types)
+                if new <= after:
+                    return 0
+                self._read_next(after, new, types)
+                self._apply(tx, views, raws, parsed, types, new, started, self._writers[0], first=True)
+            return max(len(raws), 1)
+        # PostgreSQL: the views' transactions run side by side on their own connections
+        # (each view is tracked on its own, so each lane commits on its own).
+        if prefetched is not None:
+            raws, new, parsed = prefetched
+        else:
+            raws, new = read_batch(self.store, None, after, self.batch, sorted(types))
+            parsed = log.events(raws, types)
+        if new <= after:
+            return 0
+        self._read_next(after, new, types)
+        others = [self._lane_pool.submit(self._lane, lane, after, new, raws, parsed, types, started, i)
+                  for i, lane in enumerate(lanes[1:], 1)]
+        errors: list[BaseException] = []
+        try:
+            self._lane(lanes[0], after, new, raws, parsed, types, started, 0)
+        except BaseException as exc:  # noqa: BLE001 - after the other lanes have finished
+            errors.append(exc)
+        for f in others:
+            try:
+                f.result()
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
+        real = [e for e in errors if not isinstance(e, Moved)]
+        if real:
+            raise real[0]
+        if errors:
+            raise errors[0]
+        return max(len(raws), 1)
+
+    def _lanes(self, views: list[Any]) -> list[list[Any]]:
+        if self.store.dialect != "postgresql" or self.lanes < 2 or len(views) < 2:
+            return [views]
+        lanes: list[list[Any]] = [[] for _ in range(min(self.lanes, len(views)))]
+        load = [0] * len(lanes)
+        for view in sorted(views, key=lambda v: -getattr(v, "cost", 1)):  # heaviest first, to the lightest lane
+            i = load.index(min(load))
+            lanes[i].append(view)
+            load[i] += getattr(view, "cost", 1)
+        return lanes
+
+    def _lane(self, views: list[Any], after: int, new: int, raws: list[log.Raw], parsed: list[Any],
+              types: frozenset[str], started: float, index: int) -> None:
         with self.store.transaction() as tx:
             relax_commit(tx)
-            for view in sorted(views, key=lambda v: v.name):  # one lock order: no deadlocks between projectors
-                row = lock_meta(tx, view.name)
-                if row is None or int(row[0]) != after:
-                    raise Moved(view.name)
-            if prefetched is not None:
-                raws, new, parsed = prefetched
-            else:
-                raws, new = read_batch(self.store, tx, after, self.batch, sorted(types))
-                parsed = log.events(raws, frozenset(types))
-            if new <= after:
-                return 0
-            if new - after >= self.batch // 2:
-                # More is waiting: read and decode the next batch in a thread while this
-                # one is written (the database wait releases the GIL).
-                self._ahead = ((new, frozenset(types)), self._pool.submit(self._read_ahead, new, types))
-            counts = {}
+            self._check(tx, views, after)
+            self._apply(tx, views, raws, parsed, types, new, started, self._writers[index], first=index == 0)
+
+    def _check(self, tx: ViewTransaction, views: list[Any], after: int) -> None:
+        for view in sorted(views, key=lambda v: v.name):  # one lock order: no deadlocks between projectors
+            row = lock_meta(tx, view.name)
+            if row is None or int(row[0]) != after:
+                raise Moved(view.name)
+
+    def _read_next(self, after: int, new: int, types: frozenset[str]) -> None:
+        if new - after >= self.batch // 2:
+            # More is waiting: read and decode the next batch in a thread while this one
+            # is written (the database waits release the GIL).
+            self._ahead = ((new, types), self._pool.submit(self._read_ahead, new, types))
+
+    def _apply(self, tx: ViewTransaction, views: list[Any], raws: list[log.Raw], parsed: list[Any],
+               types: frozenset[str], new: int, started: float, writer: ThreadPoolExecutor, *, first: bool) -> None:
+        counts = {}
+        piped = Pipelined(tx, writer)
+        try:
             for i, view in enumerate(views):
                 wanted = self._types[view.name]
                 if hasattr(view, "apply_events"):
-                    mine = [e for e in parsed if e.type in wanted]
+                    mine = parsed if wanted >= types else [e for e in parsed if e.type in wanted]
                     if mine:
-                        view.apply_events(tx, mine)
+                        view.apply_events(piped, mine)
                 else:
                     mine = log.records(raws, wanted)
                     if mine:
-                        view.apply(tx, mine)
+                        view.apply(piped, mine)
                 counts[view.name] = len(mine)
-                if i == 0:
+                if first and i == 0:
+                    piped.flush()
                     crash_point("projector.mid_batch")  # rows written, nothing tracked or committed yet
-            stamp = now_text()
-            for view in views:
-                rate = self._rate(view.name, started, len(raws))
-                tx.track(view.name, new)
-                tx.execute(f"UPDATE {META} SET position = ?, applied = applied + ?, rate = ?, updated_at = ? "
-                           "WHERE name = ?", (new, counts[view.name], rate, stamp, view.name))
-        return max(len(raws), 1)
+        finally:
+            piped.flush()  # never leave a write running past the end of the transaction
+        stamp = now_text()
+        for view in views:
+            rate = self._rate(view.name, started, len(raws))
+            tx.track(view.name, new)
+            tx.execute(f"UPDATE {META} SET position = ?, applied = applied + ?, rate = ?, updated_at = ? "
+                       "WHERE name = ?", (new, counts[view.name], rate, stamp, view.name))
 
-    def _read_ahead(self, after: int, types: set[str]) -> tuple[list[log.Raw], int, list[Any]]:
+    def _read_ahead(self, after: int, types: frozenset[str]) -> tuple[list[log.Raw], int, list[Any]]:
         raws, new = read_batch(self.store, None, after, self.batch, sorted(types))
-        return raws, new, log.events(raws, frozenset(types))
+        return raws, new, log.events(raws, types)
 
     def close(self) -> None:
         self._ahead = None
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._lane_pool.shutdown(wait=True)
+        for writer in self._writers:
+            writer.shutdown(wait=True)
 
     def _rate(self, name: str, started: float, n: int, window: float = 10.0) -> float:
         """Events per second over the last `window` seconds of batches."""
@@ -229,6 +303,12 @@ class Projector:
         return total
 
     async def run(self, stop: asyncio.Event) -> None:
+        try:
+            await self._follow(stop)
+        finally:
+            await asyncio.to_thread(self.close)
+
+    async def _follow(self, stop: asyncio.Event) -> None:
         delay = self.poll_interval
         while not stop.is_set():
             try:

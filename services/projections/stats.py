@@ -32,11 +32,13 @@ _STATS_NAMES = tuple(c for c, _ in _STATS_COLUMNS)
 
 class WorkflowStatsView(TableView):
     name = "view:workflow_stats"
+    cost = 1  # relative database work per event: spreads views over lanes
     version = 1
     types = ("ExecutionStarted", *_STATUS)
     tables = {
         "workflow_stats": TableSpec(_STATS_COLUMNS, ("workflow",)),
-        "stats_executions": TableSpec(_EXEC_COLUMNS, ("id",), indexes=(("dur", ("workflow", "duration_ms")),)),
+        "stats_executions": TableSpec(_EXEC_COLUMNS, ("id",), indexes=(("dur", ("workflow", "duration_ms")),),
+                                      fillfactor=80),
     }
 
     def apply_events(self, tx: ViewTransaction, events: Sequence[Ev]) -> None:

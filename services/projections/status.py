@@ -5,7 +5,8 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any, Sequence
 
-from services.projections.runner import META, ensure_meta, view_version
+from services.projections.runner import META, view_version
+from services.projections.tables import table_exists
 from services.store import EventStore
 
 IDLE_AFTER_S = 10.0  # a rate older than this is shown as 0: nothing was applied lately
@@ -13,11 +14,12 @@ IDLE_AFTER_S = 10.0  # a rate older than this is shown as 0: nothing was applied
 
 def projection_status(store: EventStore, views: Sequence[Any]) -> list[dict[str, Any]]:
     """One dict per view. `lag` is positions behind the head of the notification log."""
-    with store.transaction() as tx:
-        ensure_meta(tx)
-        tx.execute(f"SELECT name, position, version, generation, applied, rate, updated_at, rebuilt_at, "
-                   f"rebuild_token, rebuild_position, rebuild_head, rebuild_heartbeat FROM {META}")
-        meta = {row[0]: row for row in tx.fetchall()}
+    meta: dict[str, tuple[Any, ...]] = {}
+    with store.reader() as tx:  # no write: a status query never waits for the writer
+        if table_exists(tx, META):
+            tx.execute(f"SELECT name, position, version, generation, applied, rate, updated_at, rebuilt_at, "
+                       f"rebuild_token, rebuild_position, rebuild_head, rebuild_heartbeat FROM {META}")
+            meta = {row[0]: row for row in tx.fetchall()}
     head = store.head()
     now = datetime.now(timezone.utc)
     out = []

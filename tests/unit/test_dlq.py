@@ -18,7 +18,7 @@ from contracts.messages import StepError, StepResult
 from services.deadletters import Actions, DeadLettersView, Filters, PatchError, catch_up, find, list_dead_letters
 from services.deadletters.actions import check_step_input, target_subject
 from services.deadletters.metrics import OpenDeadLettersGauge, prometheus_text
-from services.deadletters.view import ensure_view, error_signature, group_by_error, open_counts, ts
+from services.deadletters.view import ensure_view, error_signature, group_by_error, open_counts, ts, user_frames
 from services.orchestrator.executions import Executions
 from services.orchestrator.registry import Registry
 from services.store import open_store
@@ -219,3 +219,23 @@ def test_payloads_round_trip_byte_for_byte() -> None:
     assert dl.encode_payload(b"\xff")[1] == "base64"
     assert [dl.step_kind(r) for r in ("retries exhausted after 3 attempts", "non-retryable error", "input error")] == [
         "retries_exhausted", "non_retryable", "input_error"]
+
+
+def test_tracebacks_keep_the_steps_own_frames() -> None:
+    tb = (
+        "Traceback (most recent call last):\n"
+        '  File "/opt/weft/services/worker/runtime.py", line 1, in execute\n'
+        "    output = await handler()\n"
+        "             ^^^^^^^^^^^^^^^\n"
+        '  File "/usr/lib/python3.11/asyncio/tasks.py", line 2, in wait_for\n'
+        "    return await fut\n"
+        '  File "/home/me/shop/steps.py", line 3, in charge\n'
+        "    raise ConnectionError('down')\n"
+        "ConnectionError: down\n"
+    )
+    text, hidden = user_frames(tb, ["/opt/weft/", "/usr/lib/python3.11/"])
+    assert hidden == 2
+    assert text.splitlines() == [
+        "Traceback (most recent call last):", '  File "/home/me/shop/steps.py", line 3, in charge',
+        "    raise ConnectionError('down')", "ConnectionError: down"]
+    assert user_frames(tb, ["/"]) == (tb.rstrip(), 0)  # never hide everything
