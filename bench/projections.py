@@ -19,6 +19,7 @@ Prints the figures, then one JSON line.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sys
 import tempfile
@@ -145,7 +146,8 @@ def main() -> None:
     parser.add_argument("--db", default="postgresql://postgres@127.0.0.1:5432/test",
                         help="PostgreSQL URL (a fresh schema is used and dropped), or 'sqlite'")
     parser.add_argument("--events", type=int, default=500_000)
-    parser.add_argument("--batch", type=int, default=5000, help="projector batch size")
+    parser.add_argument("--batch", type=int, default=10_000, help="projector batch size")
+    parser.add_argument("--lanes", type=int, default=2, help="parallel view transactions (PostgreSQL)")
     parser.add_argument("--keep", action="store_true", help="keep the PostgreSQL schema")
     args = parser.parse_args()
 
@@ -163,12 +165,14 @@ def main() -> None:
         head = store.head()
         print(f"generated {n} events ({head} positions) in {gen_s:.1f}s ({n / gen_s:,.0f} events/s appended)")
 
-        projector = Projector(store, default_views(), batch=args.batch)
+        projector = Projector(store, default_views(), batch=args.batch, lanes=args.lanes)
+        load = os.getloadavg()[0]
         t0 = time.perf_counter()
         applied = projector.catch_up()
         catch_s = time.perf_counter() - t0
         rate = head / catch_s
-        print(f"cold catch-up, 4 views, batch {args.batch}: {head} events in {catch_s:.1f}s = {rate:,.0f} events/s")
+        print(f"cold catch-up, 4 views, batch {args.batch}, {args.lanes} lane(s): {head} events in {catch_s:.1f}s "
+              f"= {rate:,.0f} events/s  ({os.cpu_count()} CPUs, load {load:.1f} before)")
 
         t0 = time.perf_counter()
         result = rebuild(store, ExecutionsView(), batch=args.batch)
@@ -184,7 +188,8 @@ def main() -> None:
 
         print(orjson.dumps({
             "bench": "projections", "backend": backend, "events": head, "executions": executions,
-            "batch": args.batch, "catch_up_s": round(catch_s, 2), "catch_up_events_per_s": round(rate),
+            "batch": args.batch, "lanes": args.lanes, "cpus": os.cpu_count(), "load_before": round(load, 2),
+            "catch_up_s": round(catch_s, 2), "catch_up_events_per_s": round(rate),
             "rebuild_executions_s": round(rebuild_s, 2), "rebuild_events_per_s": round(head / rebuild_s),
             "generate_s": round(gen_s, 2), "applied": applied, "rebuild_generation": result.generation,
         }).decode())

@@ -86,7 +86,7 @@ class Executions:
 
     def _forget(self, execution_id: str) -> None:
         with self._lock:
-            self._cache.pop(execution_id, None)  # was a recursive self._forget: deadlocked on the lock
+            self._cache.pop(execution_id, None)
 
     def _remember(self, state: Execution) -> None:
         with self._lock:
