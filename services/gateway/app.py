@@ -45,7 +45,7 @@ class Context:
 
 
 def create_app(ctx: Context, *, max_body: int = DEFAULT_MAX_BODY) -> FastAPI:
-    from services.gateway import routes_executions, routes_triggers, routes_workflows
+    from services.gateway import routes_executions, routes_replay, routes_triggers, routes_workflows
 
     app = FastAPI(
         title="Weft", version="1", openapi_url="/v1/openapi.json", docs_url="/v1/docs", redoc_url=None,
@@ -61,6 +61,7 @@ def create_app(ctx: Context, *, max_body: int = DEFAULT_MAX_BODY) -> FastAPI:
     app.include_router(routes_workflows.router)
     app.include_router(routes_executions.router)
     app.include_router(routes_triggers.router)
+    app.include_router(routes_replay.router)
 
     @app.get("/healthz", response_model=Health, tags=["health"])
     async def healthz() -> dict[str, Any]:

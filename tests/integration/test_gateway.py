@@ -351,3 +351,34 @@ def test_weft_up_runs_the_gateway_without_auth_on_loopback_and_says_so(tmp_path:
     refused = subprocess.run([sys.executable, "-m", "weft", "gateway", "--no-auth", "--host", "0.0.0.0"], env=env,
                              cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and "loopback" in refused.stderr
+
+
+async def test_replay_bulk_replay_and_backfill_over_http(api: Api) -> None:
+    await api.publish(ECHO)
+    first = (await api.start("echo", {"msg": "hi"})).json()["id"]
+    await api.finished(first)
+    c = api.client
+    dry = await c.post(f"/v1/executions/{first}/replay", json={"dry_run": True})
+    assert dry.status_code == 201 and dry.json()["dry_run"] is True
+    r = await c.post(f"/v1/executions/{first}/replay", json={"input_patch": {"msg": "again"}},
+                     headers={"Idempotency-Key": "rp-1"})
+    assert r.status_code == 201, r.text
+    replay_id = r.json()["execution_id"]
+    done = await api.finished(replay_id)
+    assert done["output"] == "again" and done["replay_of"] == first
+    same = await c.post(f"/v1/executions/{first}/replay", json={"input_patch": {"msg": "again"}},
+                        headers={"Idempotency-Key": "rp-1"})
+    assert same.json()["execution_id"] == replay_id  # the same key replays once
+    bad = await c.post(f"/v1/executions/{first}/replay", json={"input_patch": {"msg": 3}})
+    assert bad.status_code == 422
+    assert (await c.post(f"/v1/executions/{first}/replay", json={"from_step": "nope"})).status_code == 422
+    assert (await c.post(f"/v1/executions/{uuid.uuid4()}/replay", json={})).status_code == 404
+
+    bulk = await c.post("/v1/replays", json={"filter": "workflow=echo,status=completed", "dry_run": True})
+    assert bulk.status_code == 200, bulk.text
+    assert (await c.post("/v1/replays", json={"filter": "colour=blue"})).status_code == 422
+
+    window = {"workflow": "echo", "from": "2020-01-01T00:00:00Z", "to": "2020-01-02T00:00:00Z", "dry_run": True}
+    fill = await c.post("/v1/backfills", json=window)
+    assert fill.status_code == 200, fill.text
+    assert (await c.post("/v1/backfills", json={**window, "workflow": "ghost"})).status_code == 422

@@ -98,6 +98,10 @@ ROUTES: list[tuple[str, str, Any, str | None]] = [
     ("POST", "/v1/executions/{alpha}/resume", {}, "admin"),
     ("POST", "/v1/executions/{alpha}/retry", {}, "admin"),
     ("POST", "/v1/triggers", {"type": "alpha.happened", "data": {}}, "trigger"),
+    ("POST", "/v1/executions/{alpha}/replay", {"dry_run": True}, "trigger"),
+    ("POST", "/v1/replays", {"filter": "workflow=alpha", "dry_run": True}, "admin"),
+    ("POST", "/v1/backfills", {"workflow": "alpha", "from": "2020-01-01T00:00:00Z", "to": "2020-01-02T00:00:00Z",
+                               "dry_run": True}, "admin"),
     ("GET", "/v1/keys", None, "admin"),
     ("POST", "/v1/keys", {"scopes": ["read"], "name": "matrix"}, "admin"),
     ("DELETE", "/v1/keys/deadbeef", None, "admin"),
@@ -158,6 +162,11 @@ async def test_a_bound_key_cannot_reach_another_workflows_resources(world: World
         assert shared.status_code == 403 and "shared" in shared.json()["error"]["message"]
         assert (await c.post("/v1/triggers", json={"type": "beta.happened"})).status_code == 403
         assert (await c.post("/v1/triggers", json={"type": "alpha.happened"})).status_code == 202
+        assert (await c.post(f"/v1/executions/{beta}/replay", json={"dry_run": True})).status_code == 404
+        assert (await c.post("/v1/replays", json={"filter": "status=completed", "dry_run": True})).status_code == 403
+        assert (await c.post("/v1/replays", json={"filter": "workflow=beta", "dry_run": True})).status_code == 403
+        assert (await c.post("/v1/backfills", json={"workflow": "beta", "from": "2020-01-01T00:00:00Z",
+                                                    "to": "2020-01-02T00:00:00Z"})).status_code == 403
         assert (await c.get("/v1/keys")).status_code == 403  # no escalation through new keys
         assert (await c.post("/v1/keys", json={"scopes": ["admin"]})).status_code == 403
     async with world.client("bound-read") as c:

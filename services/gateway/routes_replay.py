@@ -1,0 +1,107 @@
+"""`/v1/executions/{id}/replay`, `/v1/replays` (bulk) and `/v1/backfills`: running history again.
+
+Thin HTTP wrappers over services.replay, which the CLI uses too. Bulk replays
+and backfills are idempotent operations (their ids are derived from what they
+select), so a client that times out can simply send the same request again.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from fastapi import APIRouter, Header, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from services.gateway.auth import ScopedRoute, caller, scoped
+from services.gateway.errors import ApiError, errors
+from services.gateway.routes_executions import IdPath, _load
+from services.replay import BackfillError, ReplayError, backfill, bulk_replay, parse_filter, replay_execution
+
+router = APIRouter(prefix="/v1", tags=["replay"], route_class=ScopedRoute)
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ReplayRequest(_Body):
+    from_step: str | None = Field(None, max_length=64, description="re-run this step and what follows; keep the rest")
+    input_patch: dict[str, Any] | None = Field(None, description="RFC 7386 merge patch of the original input")
+    version: Literal["same", "latest"] | int = "same"
+    dry_run: bool = False
+
+
+class BulkReplayRequest(ReplayRequest):
+    filter: str = Field(min_length=1, max_length=1000, description="e.g. workflow=W,status=failed,since=24h")
+    operation_id: str | None = Field(None, max_length=128)
+
+
+class BackfillRequest(_Body):
+    workflow: str = Field(min_length=1, max_length=128)
+    version: int | None = Field(None, ge=1)
+    from_: datetime = Field(alias="from")
+    to: datetime
+    event_type: str | None = Field(None, max_length=256)
+    dry_run: bool = False
+    id: str | None = Field(None, max_length=128)
+
+
+def _replay_error(exc: ReplayError | BackfillError) -> ApiError:
+    if getattr(exc, "code", "") == "not_found":
+        return ApiError(404, str(exc))
+    problems = [{"field": p.path, "message": p.message} for p in getattr(exc, "problems", [])]
+    return ApiError(422, str(exc), problems=problems)
+
+
+@router.post("/executions/{execution_id}/replay", status_code=201, responses=errors(404, 422),
+             openapi_extra=scoped("trigger"))
+def replay(
+    request: Request, body: ReplayRequest, execution_id: str = IdPath,
+    idempotency_key: str | None = Header(None, min_length=1, max_length=256,
+                                         description="the same key replays once, however often it is sent"),
+) -> Any:
+    """Replay one execution as a new one (`replay_of` records where it came from)."""
+    source = _load(request, execution_id)
+    if not caller(request).can_use(source.workflow):
+        raise ApiError(404, f"no execution {execution_id!r}")
+    try:
+        return replay_execution(
+            request.app.state.ctx.store, execution_id, from_step=body.from_step, input_patch=body.input_patch,
+            version=body.version, dry_run=body.dry_run, idempotency_key=idempotency_key,
+        )
+    except ReplayError as exc:
+        raise _replay_error(exc) from None
+
+
+@router.post("/replays", responses=errors(422), openapi_extra=scoped("admin"))
+def replay_many(request: Request, body: BulkReplayRequest) -> Any:
+    """Replay every execution a filter selects, as one idempotent operation."""
+    try:
+        selected = parse_filter(body.filter)
+    except ReplayError as exc:
+        raise _replay_error(exc) from None
+    if caller(request).workflows is not None and not caller(request).can_use(selected.workflow):
+        # a key bound to some workflows must name one of them: it may not replay the others'
+        raise ApiError(403, "this key is bound to some workflows: the filter must name one (workflow=...)")
+    try:
+        return bulk_replay(
+            request.app.state.ctx.store, body.filter, from_step=body.from_step, input_patch=body.input_patch,
+            version=body.version, dry_run=body.dry_run, operation_id=body.operation_id,
+        )
+    except ReplayError as exc:
+        raise _replay_error(exc) from None
+
+
+@router.post("/backfills", responses=errors(422), openapi_extra=scoped("admin"))
+def backfill_(request: Request, body: BackfillRequest) -> Any:
+    """Run the trigger events recorded in [from, to) through a workflow version."""
+    if not caller(request).can_use(body.workflow):
+        raise ApiError(403, f"this key may not start {body.workflow!r}")
+    try:
+        return backfill(
+            request.app.state.ctx.store, body.workflow, start=body.from_, end=body.to, version=body.version,
+            event_type=body.event_type, dry_run=body.dry_run, backfill_id=body.id,
+        )
+    except (BackfillError, ReplayError) as exc:
+        raise _replay_error(exc) from None
