@@ -117,11 +117,24 @@ def qmark_to_pyformat(sql: str) -> str:
     return "".join(out)
 
 
+_DDL_LOCK = 0x5745_4654_4444  # "WEFTDD": serialises view DDL across processes
+
+
 class _PostgresViewTx(ViewTxBase):
     dialect = "postgresql"
+    _ddl_locked = False
 
     def _sql(self, sql: str) -> str:
         return qmark_to_pyformat(sql)
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> None:
+        # CREATE ... IF NOT EXISTS is not safe against a concurrent twin in PostgreSQL
+        # (both pass the check, one fails on the catalog's unique index). Processes
+        # that set up the same view at once take turns: the lock lasts the transaction.
+        if not self._ddl_locked and sql.lstrip()[:6].upper() in ("CREATE", "ALTER ", "DROP T", "DROP I"):
+            self._ddl_locked = True
+            super().execute("SELECT pg_advisory_xact_lock(?)", (_DDL_LOCK,))
+        super().execute(sql, params)
 
 
 class PostgresStore(BaseStore):
