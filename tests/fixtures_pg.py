@@ -60,3 +60,9 @@ def pg_url(pg_server_url: str) -> Iterator[str]:
 def sqlite_url(tmp_path: Path) -> str:
     """A SQLite store URL for a (not yet existing) file in tmp_path."""
     return f"sqlite:///{tmp_path / 'weft.db'}"
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request: pytest.FixtureRequest) -> str:
+    """The same test on both backends: a SQLite file, then a fresh PostgreSQL schema."""
+    return request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url")

@@ -24,10 +24,6 @@ pytestmark = pytest.mark.integration
 T0 = datetime(2024, 1, 1, 12, 0, 0, 500_000, tzinfo=timezone.utc)
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def db_url(request: pytest.FixtureRequest) -> str:
-    return request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url")
-
 
 @pytest.fixture
 def stores(db_url: str):

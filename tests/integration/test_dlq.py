@@ -23,7 +23,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from services.deadletters.metrics import OpenDeadLettersGauge
-from tests.integration.test_loop import Running, _up
+from tests.support import Running, stack_up
 from tests.support import assert_applied_once, wait_until
 from weft import StepContext
 
@@ -73,17 +73,11 @@ output: "${{ steps.check.output }}"
 """
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def db_url(request: pytest.FixtureRequest) -> str:
-    return request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url")
-
 
 @pytest.fixture
 async def stack(tmp_path: Path, db_url: str, nats_url: str):
-    running = await _up(tmp_path, db_url, nats_url)
-    yield running
-    running.stop.set()
-    await asyncio.wait_for(running.task, timeout=30)
+    async with stack_up(tmp_path, db_url, nats_url) as running:
+        yield running
 
 
 class Cli:

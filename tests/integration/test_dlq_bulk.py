@@ -14,7 +14,7 @@ import pytest
 
 from services.deadletters import Filters, list_dead_letters
 from tests.integration.test_dlq import Cli
-from tests.integration.test_loop import _up
+from tests.support import up_stack
 from tests.support import wait_until
 from weft import StepContext
 
@@ -51,7 +51,7 @@ async def _finished(store: Any, ids: set[str], finishing: str, timeout: float = 
 
 
 async def test_bulk_reprocess_of_a_thousand_and_again(tmp_path: Path, pg_url: str, nats_url: str) -> None:
-    running = await _up(tmp_path, pg_url, nats_url, concurrency=32)
+    running = await up_stack(tmp_path, pg_url, nats_url, concurrency=32)
     try:
         store, cli, flag = running.stack.store, Cli(running, tmp_path), tmp_path / "downstream-up"
         version = await asyncio.to_thread(running.publish, BULK)

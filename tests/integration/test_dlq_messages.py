@@ -24,7 +24,7 @@ from contracts.subjects import RESULTS_STREAM, TRIGGERS_STREAM, result_subject, 
 from services.broker import OutMessage
 from services.deadletters import Actions, Filters, PatchError, catch_up, find, list_dead_letters
 from services.deadletters.nats_archive import NatsArchive
-from tests.integration.test_loop import Running, _up
+from tests.support import Running, up_stack
 from tests.support import wait_until
 
 pytestmark = pytest.mark.integration
@@ -37,10 +37,6 @@ steps:
   - {id: c, type: noop, needs: [b]}
 """
 
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def db_url(request: pytest.FixtureRequest) -> str:
-    return request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url")
 
 
 async def _stop(running: Running) -> None:
@@ -64,7 +60,7 @@ async def _letters(running: Running, n: int, timeout: float = 30, **filters: Any
 
 
 async def test_poison_lands_in_the_dlq_intact_and_consumers_keep_running(tmp_path: Path, db_url: str, nats_url: str) -> None:
-    running = await _up(tmp_path, db_url, nats_url)
+    running = await up_stack(tmp_path, db_url, nats_url)
     try:
         transport = running.stack.transport
         unknown = StepResult(execution_id=str(uuid.uuid4()), step_id="a", attempt=1, status="succeeded", output=1)
@@ -119,7 +115,7 @@ async def _run_healthy(running: Running, version: Any, n: int) -> float:
 async def test_healthy_throughput_beside_a_poison_flood(tmp_path: Path, pg_url: str, nats_url: str) -> None:
     """Alternating rounds, best of each: other work on a shared machine only slows rounds down,
     and the bound is loose on purpose; bench/dlq.py measures the >= 90% of the issue."""
-    running = await _up(tmp_path, pg_url, nats_url)
+    running = await up_stack(tmp_path, pg_url, nats_url)
     try:
         transport = running.stack.transport
         version = await asyncio.to_thread(running.publish, LINEAR)
@@ -151,7 +147,7 @@ async def test_healthy_throughput_beside_a_poison_flood(tmp_path: Path, pg_url: 
 
 
 async def test_max_deliver_is_captured_moved_and_republished(tmp_path: Path, pg_url: str, nats_url: str) -> None:
-    running = await _up(tmp_path, pg_url, nats_url, parts=("deadletters",))
+    running = await up_stack(tmp_path, pg_url, nats_url, parts=("deadletters",))
     try:
         transport = running.stack.transport
         subject = result_subject("stuck")
@@ -189,7 +185,7 @@ async def test_max_deliver_is_captured_moved_and_republished(tmp_path: Path, pg_
 
 
 async def test_trigger_dead_letters_republish_only_valid_patches(tmp_path: Path, pg_url: str, nats_url: str) -> None:
-    running = await _up(tmp_path, pg_url, nats_url, parts=("deadletters",))
+    running = await up_stack(tmp_path, pg_url, nats_url, parts=("deadletters",))
     try:
         transport = running.stack.transport
         subject = trigger_subject("order.created")

@@ -21,7 +21,7 @@ import pytest
 
 from services.gateway.app import create_app
 from services.settings import read_stack
-from tests.integration.test_loop import Running, _up
+from tests.support import Running, up_stack
 from tests.support import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -93,7 +93,7 @@ async def _admin_client(running: Running) -> httpx.AsyncClient:
 
 @pytest.fixture
 async def api(tmp_path: Path, pg_url: str, nats_url: str) -> AsyncIterator[Api]:
-    running = await _up(tmp_path, pg_url, nats_url, parts=PARTS)
+    running = await up_stack(tmp_path, pg_url, nats_url, parts=PARTS)
     client = await _admin_client(running)
     try:
         yield Api(running, client)

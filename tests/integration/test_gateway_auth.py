@@ -15,7 +15,7 @@ import pytest_asyncio
 
 from services.gateway.keys import Keys
 from services.triggers.webhooks import sign
-from tests.integration.test_loop import Running, _up
+from tests.support import Running, up_stack
 from tests.support import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
@@ -45,7 +45,7 @@ class World:
 async def world(tmp_path_factory: pytest.TempPathFactory, nats_server: Any) -> AsyncIterator[World]:
     tmp = tmp_path_factory.mktemp("auth")
     os.environ[SECRET_ENV] = SECRET  # the gateway reads webhook secrets from its environment
-    running = await _up(tmp, f"sqlite:///{tmp / 'weft.db'}", nats_server.url, parts=PARTS)
+    running = await up_stack(tmp, f"sqlite:///{tmp / 'weft.db'}", nats_server.url, parts=PARTS)
     store = running.stack.store
     keys = Keys(store)
     w = World(running, running.stack.gateway.url)

@@ -6,74 +6,23 @@ from __future__ import annotations
 import asyncio
 import uuid
 from pathlib import Path
-from typing import Any
 
 import orjson
 import pytest
 
-from contracts.definitions import parse_definition
 from contracts.subjects import DLQ_STREAM, result_subject, step_subject
 from services.broker import OutMessage
 from services.orchestrator.decide import Cancel, Pause, Reprocess, Resume
-from services.orchestrator.executions import Executions
-from services.orchestrator.registry import Registry
-from services.settings import Settings
-from services.stack import ALL, Stack, run_services
-from tests.support import assert_applied_once, wait_until
+from tests.support import Running, assert_applied_once, stack_up, up_stack, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def db_url(request: pytest.FixtureRequest) -> str:
-    return request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url")
-
-
-class Running:
-    def __init__(self, stack: Stack, stop: asyncio.Event, task: asyncio.Task[None]):
-        self.stack, self.stop, self.task = stack, stop, task
-        self.reader = Executions(stack.store)  # its own cache: the stack's runs in other threads
-
-    def publish(self, text: str):
-        return Registry(self.stack.store).publish(parse_definition(text))
-
-    async def start(self, version: Any, data: Any = None, **kw: Any) -> str:
-        state, _ = await asyncio.to_thread(self.stack.executions.start, version, data if data is not None else {}, **kw)
-        return state.id
-
-    async def finished(self, execution_id: str, timeout: float = 30):
-        async def done():
-            s = await asyncio.to_thread(self.reader.load, execution_id, fresh=True)
-            return s if s.finished else None
-
-        return await wait_until(done, timeout=timeout, what=f"execution {execution_id} to finish")
-
-    async def history(self, execution_id: str) -> list[Any]:
-        return await asyncio.to_thread(self.reader.history, execution_id)
-
-
-async def _up(tmp_path: Path, db_url: str, nats_url: str, parts=ALL, **overrides: Any) -> Running:
-    settings = Settings(
-        home=tmp_path, database_url=db_url, nats_url=nats_url, namespace=overrides.pop("namespace", f"t{uuid.uuid4().hex[:8]}"),
-        ack_wait=overrides.pop("ack_wait", 5.0), worker_concurrency=overrides.pop("concurrency", 8),
-        poll_interval=0.02, **overrides,
-    )
-    stop = asyncio.Event()
-    ready: asyncio.Future[Stack] = asyncio.get_running_loop().create_future()
-    task = asyncio.create_task(run_services(settings, parts, stop, on_ready=ready.set_result))
-    done, _ = await asyncio.wait([ready, task], timeout=30, return_when=asyncio.FIRST_COMPLETED)
-    if task in done:
-        task.result()
-    return Running(ready.result(), stop, task)
-
-
 @pytest.fixture
 async def stack(tmp_path: Path, db_url: str, nats_url: str):
-    running = await _up(tmp_path, db_url, nats_url)
-    yield running
-    running.stop.set()
-    await asyncio.wait_for(running.task, timeout=30)
+    async with stack_up(tmp_path, db_url, nats_url) as running:
+        yield running
 
 
 async def test_example_workflow_completes_with_retries(stack: Running) -> None:
@@ -195,9 +144,9 @@ async def test_poison_messages_are_dead_lettered_and_loop_survives(stack: Runnin
 
 
 async def test_two_orchestrators_share_the_results(tmp_path: Path, db_url: str, nats_url: str) -> None:
-    one = await _up(tmp_path / "one", db_url, nats_url)
+    one = await up_stack(tmp_path / "one", db_url, nats_url)
     ns = one.stack.settings.namespace
-    two = await _up(tmp_path / "two", db_url, nats_url, parts=("orchestrator",), namespace=ns)
+    two = await up_stack(tmp_path / "two", db_url, nats_url, parts=("orchestrator",), namespace=ns)
     try:
         version = one.publish((ROOT / "examples/linear5.yaml").read_text())
         ids = [await one.start(version) for _ in range(40)]
@@ -218,7 +167,7 @@ async def test_broker_restart_mid_flight(tmp_path: Path, db_url: str) -> None:
     from services.broker.nats_server import NatsServer
 
     server = NatsServer(store_dir=tmp_path / "nats").start()
-    running = await _up(tmp_path, db_url, server.url, ack_wait=3.0)
+    running = await up_stack(tmp_path, db_url, server.url, ack_wait=3.0)
     try:
         version = running.publish((ROOT / "examples/linear5.yaml").read_text())
         ids = [await running.start(version) for _ in range(20)]

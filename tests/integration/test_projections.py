@@ -29,10 +29,6 @@ from tests.golden.drive import MIX_WORKFLOWS, Clock, Driver, flaky, seed_mix
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def db_url(request: pytest.FixtureRequest) -> str:
-    return request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url")
-
 
 @pytest.fixture
 def store(db_url: str):

@@ -33,10 +33,6 @@ EXECUTION_EVENTS = (
 )
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def db_url(request: pytest.FixtureRequest) -> str:
-    return request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url")
-
 
 def _projector(tmp_path: Path, db_url: str, nats_url: str, **extra: str) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if k != "WEFT_CRASH_AT"}

@@ -17,7 +17,7 @@ import pytest
 from services.projections import ExecutionsView, Projector, get_execution
 from services.replay import ReplayError, bulk_replay, replay_execution
 from services.replay.replay import replay_id
-from tests.integration.test_loop import Running, _up
+from tests.support import Running, stack_up
 from tests.support import assert_applied_once
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -59,17 +59,11 @@ output: "${{ steps.check.output }}"
 """
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def db_url(request: pytest.FixtureRequest) -> str:
-    return request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url")
-
 
 @pytest.fixture
 async def stack(tmp_path: Path, db_url: str, nats_url: str):
-    running = await _up(tmp_path, db_url, nats_url, parts=PARTS)
-    yield running
-    running.stop.set()
-    await asyncio.wait_for(running.task, timeout=30)
+    async with stack_up(tmp_path, db_url, nats_url, parts=PARTS) as running:
+        yield running
 
 
 async def _replay(stack: Running, source: str, **kw: Any) -> dict[str, Any]:

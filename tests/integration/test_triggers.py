@@ -20,7 +20,7 @@ from services.broker import OutMessage
 from services.store import open_store
 from services.triggers.ingest import trigger_execution_id
 from services.triggers.publish import encode, new_event, publish, to_message
-from tests.integration.test_loop import Running, _up
+from tests.support import Running, stack_up
 from tests.support import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,17 +28,11 @@ pytestmark = pytest.mark.integration
 PARTS = ("orchestrator", "relay", "worker", "triggers")
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def db_url(request: pytest.FixtureRequest) -> str:
-    return request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url")
-
 
 @pytest.fixture
 async def stack(tmp_path: Path, db_url: str, nats_url: str):
-    running = await _up(tmp_path, db_url, nats_url, parts=PARTS)
-    yield running
-    running.stop.set()
-    await asyncio.wait_for(running.task, timeout=30)
+    async with stack_up(tmp_path, db_url, nats_url, parts=PARTS) as running:
+        yield running
 
 
 def wf(name: str, event: str, extra: str = "") -> str:
