@@ -40,17 +40,9 @@ from services.broker.nats_server import NatsServer  # noqa: E402
 from services.orchestrator.executions import Executions  # noqa: E402
 from services.orchestrator.registry import Registry  # noqa: E402
 from services.settings import Settings  # noqa: E402
-from services.stack import ALL, Stack, run_services  # noqa: E402
+from services.stack import Stack, run_services  # noqa: E402
 
-LINEAR = """
-name: bench-linear
-steps:
-  - {id: s1, type: noop}
-  - {id: s2, type: noop, needs: [s1]}
-  - {id: s3, type: noop, needs: [s2]}
-  - {id: s4, type: noop, needs: [s3]}
-  - {id: s5, type: noop, needs: [s4]}
-"""
+LINEAR = (ROOT / "examples" / "linear5.yaml").read_text()  # the 5-step linear workflow
 FANOUT = """
 name: bench-fanout
 steps:

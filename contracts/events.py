@@ -54,7 +54,7 @@ class StepScheduled(_Event):
     idempotency_key: str
     timeout: float | None = None
     not_before: datetime | None = None  # a retry waits out its backoff until then
-    reason: str = "ready"  # ready | retry | reprocess | resume | retry_execution
+    reason: str = "ready"  # ready | retry | reprocess (also after a Retry) | resume
 
 
 class StepSucceeded(_Event):

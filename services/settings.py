@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Mapping, TypeVar
 
 import orjson
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 T = TypeVar("T", bound="Settings")
 
@@ -38,7 +38,7 @@ class Settings(BaseModel):
     gateway_max_body: int = 1024 * 1024  # bytes; larger bodies get 413
     trigger_batch: int = 500  # trigger events ingested per store transaction
     cron_grace: float = 60.0  # seconds a late cron tick still counts as on time
-    no_worker: bool = False
+    no_worker: bool = False  # `weft up` without its in-process worker
 
     @classmethod
     def load(cls: type[T], env: Mapping[str, str] | None = None, **flags: Any) -> T:
@@ -48,8 +48,18 @@ class Settings(BaseModel):
             raw = env.get(f"WEFT_{name.upper()}")
             if raw is not None and raw != "":
                 values[name] = raw
-        values.update({k: v for k, v in flags.items() if v is not None})
-        settings = cls.model_validate(values)
+        from_env = set(values)
+        flags = {k: v for k, v in flags.items() if v is not None}
+        values.update(flags)
+        try:
+            settings = cls.model_validate(values)
+        except ValidationError as exc:
+            problems = []
+            for err in exc.errors():
+                name = str(err["loc"][0]) if err["loc"] else "?"
+                where = f"WEFT_{name.upper()}" if name in from_env and name not in flags else name
+                problems.append(f"{where}={values.get(name)!r}: {err['msg']}")
+            raise ValueError("; ".join(problems)) from None
         return settings.with_stack()
 
     def with_stack(self: T) -> T:

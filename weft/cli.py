@@ -10,7 +10,6 @@ import asyncio
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -40,11 +39,10 @@ def _settings(home: Optional[Path], **flags: Any):
         out.fail(2, f"bad settings: {exc}")
 
 
-def _store(home: Optional[Path]):
+def _store(home: Optional[Path], settings: Any = None):
     from services.store import open_store
 
-    settings = _settings(home)
-    return open_store(settings.database_url)
+    return open_store((settings or _settings(home)).database_url)
 
 
 def _json_arg(name: str, raw: str) -> Any:
@@ -80,16 +78,16 @@ def _definition(file: Path):
 def up(
     home: Optional[Path] = HomeOpt,
     nats_port: int = typer.Option(0, help="NATS port (0: a free one)."),
-    concurrency: int = typer.Option(16, help="Worker concurrency."),
-    no_worker: bool = typer.Option(False, "--no-worker", help="Run no worker in this process."),
+    concurrency: Optional[int] = typer.Option(None, help="Worker concurrency (default 16, or WEFT_WORKER_CONCURRENCY)."),
+    no_worker: Optional[bool] = typer.Option(None, "--no-worker", help="Run no worker in this process."),
     log_level: str = typer.Option("WARNING", envvar="WEFT_LOG_LEVEL"),
 ) -> None:
     """Run the whole stack on embedded defaults: NATS + SQLite + all services."""
     from weft.up import run_up
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = _settings(home, nats_port=nats_port or None, worker_concurrency=concurrency)
-    raise typer.Exit(run_up(settings, no_worker=no_worker))
+    settings = _settings(home, nats_port=nats_port or None, worker_concurrency=concurrency, no_worker=no_worker)
+    raise typer.Exit(run_up(settings))
 
 
 def _service(parts: tuple[str, ...], home: Optional[Path], log_level: str, **flags: Any) -> None:
@@ -159,14 +157,11 @@ def run(
     if problems:  # before anything is stored, the workflow version included
         out.fail(2, str(InputError(problems)))
     settings = _settings(home)
-    store = _store(home)
+    store = _store(home, settings)
     try:
         version = Registry(store).publish(wf)
         executions = Executions(store)
-        try:
-            state, _ = executions.start(version, data, idempotency_key=idempotency_key)
-        except InputError as exc:
-            out.fail(2, str(exc))
+        state, _ = executions.start(version, data, idempotency_key=idempotency_key)
         if no_wait:
             out.emit({"execution_id": state.id, "status": state.status, "workflow": wf.name,
                       "version": version.version}, as_json)
@@ -249,9 +244,7 @@ def _control(execution_id: str, cmd: Any, as_json: bool, home: Optional[Path]) -
         executions = Executions(store)
         try:
             events = executions.command(execution_id, cmd)
-        except NotFound as exc:
-            out.fail(1, str(exc))
-        except DecisionError as exc:
+        except (NotFound, DecisionError) as exc:
             out.fail(1, str(exc))
         state = executions.load(execution_id)
     finally:
@@ -382,9 +375,4 @@ from weft import cli_gateway as _cli_gateway  # noqa: E402,F401
 
 
 def main() -> None:
-    start = time.perf_counter()
-    try:
-        app()
-    finally:
-        if os.environ.get("WEFT_CLI_TIMING"):
-            sys.stderr.write(f"weft: {time.perf_counter() - start:.3f}s\n")
+    app()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from contextlib import nullcontext
 from typing import Any, Callable, NoReturn
 
 import orjson
@@ -73,7 +74,7 @@ def follow(executions: Any, execution_id: str, *, timeout: float = 0, quiet: boo
         SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         console=errors, transient=True,
     )
-    with progress or _Null():
+    with progress or nullcontext():
         task = progress.add_task(f"{state.workflow} {state.id[:8]}", total=total) if progress else None
         while not state.finished:
             if deadline and time.monotonic() > deadline:
@@ -87,14 +88,6 @@ def follow(executions: Any, execution_id: str, *, timeout: float = 0, quiet: boo
                 desc = f"{state.workflow} {state.id[:8]} {state.status}" + (f" · {', '.join(running[:3])}" if running else "")
                 progress.update(task, completed=done, description=desc)
     return state
-
-
-class _Null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 def note_stack(settings: Any) -> None:

@@ -24,7 +24,7 @@ from weft.output import alive
 console = Console(stderr=True)
 
 
-def run_up(settings: Settings, *, no_worker: bool = False) -> int:
+def run_up(settings: Settings) -> int:
     home = settings.home.resolve()
     home.mkdir(parents=True, exist_ok=True)
     previous = read_stack(home)
@@ -36,7 +36,7 @@ def run_up(settings: Settings, *, no_worker: bool = False) -> int:
     settings = settings.model_copy(update={"home": home, "nats_url": server.url})
     if "gateway_auth" not in settings.model_fields_set and is_loopback(settings.gateway_host):
         settings = settings.model_copy(update={"gateway_auth": False})  # loopback only; said so when ready
-    parts = tuple(p for p in ALL if not (no_worker and p == "worker"))
+    parts = tuple(p for p in ALL if not (settings.no_worker and p == "worker"))
 
     def ready(stack: Stack) -> None:
         write_stack(home, {
@@ -49,7 +49,7 @@ def run_up(settings: Settings, *, no_worker: bool = False) -> int:
         console.print(f"  NATS JetStream  {server.url}  (data in {home / 'nats'})")
         console.print(f"  event store     {settings.database_url}")
         console.print(f"  services        {', '.join(parts)}"
-                      + (f" (worker concurrency {settings.worker_concurrency})" if not no_worker else ""))
+                      + (f" (worker concurrency {settings.worker_concurrency})" if not settings.no_worker else ""))
         if stack.gateway is not None:
             console.print(f"  HTTP gateway    {stack.gateway.url}/v1  (docs {stack.gateway.url}/v1/docs)")
             if not settings.gateway_auth:

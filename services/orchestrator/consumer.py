@@ -18,6 +18,7 @@ from contracts.subjects import RESULTS_STREAM
 from services.broker import Consumer, Delivery, Transport
 from services.faults import crash_point
 from services.orchestrator.executions import Executions
+from services.retrying import Backoff
 
 log = logging.getLogger("weft.orchestrator")
 DURABLE = "orchestrator"
@@ -38,19 +39,15 @@ class ResultConsumer:
             RESULTS_STREAM, DURABLE, ack_wait=self.ack_wait, max_deliver=self.max_deliver,
             max_ack_pending=self.batch * 8,
         )
-        delay = 0.1
+        backoff = Backoff()
         while not stop.is_set():
             try:
                 msgs = await self.consumer.fetch(self.batch, timeout=0.5)
                 if msgs:
                     await self.handle(msgs)
-                delay = 0.1
-            except asyncio.CancelledError:
-                raise
+                backoff.reset()
             except Exception:  # store or broker away: nothing acked, so all is redelivered
-                log.exception("orchestrator: batch failed, retrying in %.1fs", delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                await backoff.failed(stop, log, "orchestrator: a batch")
         await self.consumer.close()
 
     async def handle(self, msgs: list[Delivery]) -> None:

@@ -93,20 +93,19 @@ def decide_into(scratch: Execution, command: Command, now: datetime) -> list[Any
     this spares it a copy of the state per result.
     """
     out: list[Any] = []
-    state = scratch
 
     def emit(event: Any) -> None:
         out.append(event)
         evolve(scratch, event)
 
     if isinstance(command, Start):
-        if state.version == 0:
+        if scratch.version == 0:
             _start(scratch, command, now, emit)
     elif isinstance(command, StepResult):
         _result(scratch, command, now, emit)
     else:
-        if state.version == 0:
-            raise DecisionError("not_found", f"execution {state.id} does not exist")
+        if scratch.version == 0:
+            raise DecisionError("not_found", f"execution {scratch.id} does not exist")
         _control(scratch, command, now, emit)
     return out
 
@@ -207,9 +206,11 @@ def _control(s: Execution, c: Command, now: datetime, emit: Emit) -> None:
         if step is None:
             raise DecisionError("unknown_step", f"execution {s.id} has no step {c.step_id!r}")
         task = step.tasks.get(c.item)
-        if task is None and (step.tasks or step.status != "dead_lettered"):
-            raise DecisionError("unknown_step", f"step {c.step_id!r} has no item {c.item}")
-        if (task is not None and task.status != "dead_lettered") or (task is None and step.status != "dead_lettered"):
+        if task is None and step.tasks:
+            raise DecisionError("unknown_step", f"step {c.step_id!r} has no map item {c.item}")
+        if task is None and step.status != "dead_lettered":
+            raise DecisionError("unknown_step", f"step {c.step_id!r} is {step.status}: it ran no task to reprocess")
+        if task is not None and task.status != "dead_lettered":
             return  # already reprocessed: one new attempt, not two
         if s.status == "cancelled":
             raise DecisionError("finished", f"execution {s.id} was cancelled")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable, Sequence
 
@@ -110,11 +110,8 @@ class Executions:
             execution_id = (
                 execution_id_for(version.name, idempotency_key) if idempotency_key else str(uuid.uuid4())
             )
-        cmd = Start(
-            definition=version.definition, version=version.version, content_hash=version.content_hash,
-            input=input, trigger=trigger, replay_of=replay_of, reused=reused or {},
-            idempotency_key=idempotency_key, trace_id=trace_id,
-        )
+        cmd = _start(version, input, trigger=trigger, replay_of=replay_of, reused=reused or {},
+                     idempotency_key=idempotency_key, trace_id=trace_id)
         # No read first: appending version 1 either wins or proves it already exists.
         state = Execution(id=execution_id)
         try:
@@ -139,12 +136,9 @@ class Executions:
         now = self.clock()
         states, records = [], []
         for eid, data in zip(ids, inputs):
-            cmd = Start(definition=version.definition, version=version.version, content_hash=version.content_hash, input=data)
             state = Execution(id=eid)
-            events = decide(state, cmd, now)
+            events = decide_into(state, _start(version, data), now)
             records.extend(_record(eid, i + 1, e) for i, e in enumerate(events))
-            for e in events:
-                evolve(state, e)
             states.append(state)
         try:
             self.store.append(records)
@@ -203,7 +197,7 @@ class Executions:
         self._warm([r.execution_id for r in results])
         outcomes: list[Outcome] = []
         recheck: list[StepResult] = []
-        staged: dict[str, tuple[Execution, Execution, list[Any], list[str]]] = {}
+        staged: dict[str, _Staged] = {}
         for r in results:
             mid = r.message_id
             if mid in seen:
@@ -215,35 +209,34 @@ class Executions:
                 # Trust the cache: if another writer moved this execution on, the
                 # append below fails on its version and we fall back to fresh loads.
                 base = self._get(r.execution_id) or Execution(id=r.execution_id)
-                entry = staged[r.execution_id] = (base, base.copy(), [], [])
-            base, scratch, pending, inbox = entry
-            if not scratch.version:
+                entry = staged[r.execution_id] = _Staged(base.version, base.copy())
+            if not entry.state.version:
                 recheck.append(r)
                 continue
             try:
-                # UnknownTask is raised before anything is folded into the scratch copy;
+                # UnknownTask is raised before anything is folded into the working copy;
                 # any other error abandons the whole batch (nothing acked, all redelivered).
-                events = decide_into(scratch, r, self.clock())
+                events = decide_into(entry.state, r, self.clock())
             except UnknownTask:
                 recheck.append(r)  # our cached state may be behind: decide again on a fresh load
                 continue
-            pending.extend(events)
-            inbox.append(mid)
+            entry.events.extend(events)
+            entry.inbox.append(mid)
             outcomes.append(Outcome(mid, "applied", r.execution_id))
-        batch = [(b, evs, ids) for b, _s, evs, ids in staged.values() if evs or ids]
+        batch = [s for s in staged.values() if s.inbox]
         if batch:
-            records = [_record(b.id, b.version + i + 1, e) for b, evs, _ in batch for i, e in enumerate(evs)]
-            batch_ids = {m for _, _, ids in batch for m in ids}
+            records = [_record(s.state.id, s.base_version + i + 1, e) for s in batch for i, e in enumerate(s.events)]
+            batch_ids = {m for s in batch for m in s.inbox}
             try:
                 self.store.append(records, inbox=list(batch_ids))
             except ConcurrencyError:
-                for b, _, _ in batch:
-                    self._forget(b.id)
+                for s in batch:
+                    self._forget(s.state.id)
                 outcomes = [o for o in outcomes if o.message_id not in batch_ids]
                 recheck = [r for r in results if r.message_id in batch_ids] + recheck
             else:
-                for b, _, _ in batch:
-                    self._remember(staged[b.id][1])
+                for s in batch:
+                    self._remember(s.state)
                 self._notify()
         if recheck:
             outcomes += self._apply_one_by_one(recheck)
@@ -296,6 +289,21 @@ class Executions:
             else:
                 raise ConcurrencyError(f"execution {r.execution_id}: too much contention")
         return outcomes
+
+
+@dataclass(slots=True)
+class _Staged:
+    """One execution's share of a result batch: its working copy and what to append."""
+
+    base_version: int
+    state: Execution
+    events: list[Any] = field(default_factory=list)
+    inbox: list[str] = field(default_factory=list)
+
+
+def _start(version: Version, input: Any, **kw: Any) -> Start:
+    return Start(definition=version.definition, version=version.version, content_hash=version.content_hash,
+                 input=input, **kw)
 
 
 def _record(execution_id: str, version: int, event: Any) -> NewEvent:

@@ -19,6 +19,7 @@ import orjson
 from contracts.subjects import step_subject
 from services.broker import OutMessage, Transport
 from services.faults import crash_point
+from services.retrying import Backoff
 from services.store import EventStore, StoredRecord
 
 log = logging.getLogger("weft.relay")
@@ -79,7 +80,7 @@ class Relay:
         # Up to `in_flight` batches are being published at once; positions are
         # saved strictly in order, only for batches whose publishes were all acked.
         pending: deque[tuple[int, int, asyncio.Task[None]]] = deque()
-        delay = self.poll_interval
+        backoff = Backoff(first=self.poll_interval)
         while not stop.is_set():
             try:
                 done_to = tracked
@@ -102,18 +103,16 @@ class Relay:
                     task = asyncio.ensure_future(self.transport.publish_many([to_message(r) for r in records]))
                     pending.append((records[-1].position, len(records), task))
                     position = records[-1].position
-                    delay = self.poll_interval
+                    backoff.reset()
                     continue
                 if pending:
                     await asyncio.wait({pending[0][2]}, timeout=self.poll_interval)
                     continue
             except Exception:  # the broker or the database is away: wait, then go on
-                log.exception("relay: publish failed, retrying in %.1fs", delay)
                 for _, _, task in pending:
                     task.cancel()
                 pending.clear()
-                await _sleep_or_stop(stop, delay)
-                delay = min(delay * 2, 5.0)
+                await backoff.failed(stop, log, "relay: a publish")
                 tracked = await _position_or(self.store, self.name, tracked)
                 position = tracked  # republish what was not confirmed: the broker drops duplicates
                 continue
@@ -124,13 +123,6 @@ class Relay:
                 w.cancel()
         for _, _, task in pending:
             task.cancel()
-
-
-async def _sleep_or_stop(stop: asyncio.Event, delay: float) -> None:
-    try:
-        await asyncio.wait_for(stop.wait(), timeout=delay)
-    except asyncio.TimeoutError:
-        pass
 
 
 async def _position_or(store: EventStore, name: str, fallback: int) -> int:

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from contracts import events as ev
 from contracts.definitions import WorkflowDef
 
 RUNNING, PAUSED, COMPLETED, FAILED, CANCELLED = "running", "paused", "completed", "failed", "cancelled"

@@ -16,7 +16,6 @@ import traceback
 from datetime import datetime, timezone
 from typing import Any
 
-import orjson
 
 import weft
 from contracts.messages import MessageError, StepError, StepReady, StepResult, decode_ready
@@ -24,6 +23,7 @@ from contracts.subjects import STEPS_STREAM, result_subject
 from services.broker import Delivery, OutMessage, Transport
 from services.broker.batching import Batcher
 from services.faults import crash_point
+from services.retrying import Backoff
 from services.worker.steps import StepRegistry
 
 log = logging.getLogger("weft.worker")
@@ -56,7 +56,7 @@ class Worker:
             max_ack_pending=max(self.concurrency * 4, 64),
         )
         heartbeat = asyncio.create_task(self._heartbeat())
-        delay = 0.1
+        backoff = Backoff()
         while not stop.is_set():
             free = self.concurrency - len(self._running)
             if free <= 0:
@@ -64,13 +64,9 @@ class Worker:
                 continue
             try:
                 msgs = await consumer.fetch(free, timeout=0.5)
-                delay = 0.1
-            except asyncio.CancelledError:
-                raise
+                backoff.reset()
             except Exception:
-                log.exception("worker: fetch failed, retrying in %.1fs", delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                await backoff.failed(stop, log, "worker: a fetch")
                 continue
             for msg in msgs:
                 task = asyncio.create_task(self._guarded(msg))
@@ -84,8 +80,6 @@ class Worker:
     async def _guarded(self, msg: Delivery) -> None:
         try:
             await self.handle(msg)
-        except asyncio.CancelledError:
-            raise
         except Exception:  # publishing failed: leave unacked, it will be redelivered
             log.exception("worker: could not report a step; it will be redelivered")
 
@@ -107,8 +101,13 @@ class Worker:
                 await msg.nak(delay=wait)
                 return
         result = await self.execute(ready, msg)
+        try:
+            data = result.encode()
+        except ValueError as exc:  # an output that cannot travel fails the step, like any error
+            result = result.model_copy(update={"status": "failed", "output": None, "error": _error(exc)})
+            data = result.encode()
         await self._results.publish(
-            OutMessage(subject=result_subject(ready.execution_id), data=result.encode(), msg_id=result.message_id)
+            OutMessage(subject=result_subject(ready.execution_id), data=data, msg_id=result.message_id)
         )
         crash_point("worker.after_publish")
         await msg.ack()
@@ -126,12 +125,9 @@ class Worker:
         try:
             handler = self.registry.get(ready.step_type)
             output = await asyncio.wait_for(handler(ready.input, ready.config, ctx), timeout=ready.timeout)
-            orjson.dumps(output)  # a result must travel: refuse what cannot be serialised
             error = None
         except asyncio.TimeoutError:
             output, error = None, StepError(type="StepTimeout", message=f"step timed out after {ready.timeout}s")
-        except asyncio.CancelledError:
-            raise
         except Exception as exc:
             output, error = None, _error(exc)
         finally:
