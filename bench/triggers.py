@@ -19,23 +19,21 @@ import asyncio
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import orjson
-import psycopg
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common import drop_schema, prepare_db, running_services  # noqa: E402 - bench/common.py
 from contracts.definitions import parse_definition  # noqa: E402
 from contracts.subjects import trigger_subject  # noqa: E402
 from services.broker import OutMessage  # noqa: E402
 from services.broker.nats_server import NatsServer  # noqa: E402
 from services.orchestrator.registry import Registry  # noqa: E402
 from services.settings import Settings  # noqa: E402
-from services.stack import Stack, run_services  # noqa: E402
 from services.triggers.publish import encode, new_event, to_message  # noqa: E402
 
 WORKFLOW = """
@@ -57,63 +55,55 @@ def count_started(store: Any) -> int:
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="weft-bench-triggers-"))
     server = NatsServer(store_dir=workdir / "nats").start()
-    schema = None
-    if args.db == "sqlite":
-        url = f"sqlite:///{workdir / 'bench.db'}"
-    else:
-        schema = f"bench_{uuid.uuid4().hex[:8]}"
-        url = f"{args.db}?schema={schema}"
+    url, schema = prepare_db(args.db, workdir)
     settings = Settings(home=workdir, database_url=url, nats_url=server.url, namespace="benchtrg",
                         trigger_batch=args.batch, poll_interval=0.02)
     parts = ("triggers",) + (("orchestrator", "relay", "worker") if args.with_stack else ())
-    stop = asyncio.Event()
-    ready: asyncio.Future[Stack] = asyncio.get_running_loop().create_future()
-    task = asyncio.create_task(run_services(settings, parts, stop, on_ready=ready.set_result))
     try:
-        stack = await asyncio.wait_for(ready, 60)
-        store = stack.store
-        await asyncio.to_thread(Registry(store).publish, parse_definition(WORKFLOW))
-        events = [new_event("bench.tick", {"n": n}, id=f"tick-{n}", source="bench") for n in range(args.events)]
-        messages = [to_message(e) for e in events]
-        step = max(1, args.events // max(1, args.repeats)) if args.repeats else 0
-        repeats = [OutMessage(trigger_subject("bench.tick"), encode(events[i]), msg_id=f"again-{i}")
-                   for i in range(0, args.events, step)][: args.repeats] if args.repeats else []
-        print(f"publishing {len(messages)} events (+{len(repeats)} repeats) on {trigger_subject('bench.tick')}",
-              file=sys.stderr)
-        t0 = time.perf_counter()
-        # Copies go in after their originals: a copy can never be the first to arrive.
-        await stack.transport.publish_many(messages + repeats)
-        published = time.perf_counter() - t0
-        consumer = stack.triggers
-        last = 0.0
-        while consumer.ingestor.started < args.events:
-            await asyncio.sleep(0.02)
-            now = time.perf_counter() - t0
-            if now - last > 2:
-                print(f"  {consumer.ingestor.started}/{args.events} started after {now:.1f}s", file=sys.stderr)
-                last = now
-            if now > 600:
-                raise RuntimeError("did not finish in 10 minutes")
-        wall = time.perf_counter() - t0
-        while consumer.handled < len(messages) + len(repeats) and time.perf_counter() - t0 < wall + 60:
-            await asyncio.sleep(0.05)  # let the copies be refused before counting
-        stored = await asyncio.to_thread(count_started, store)
-        if stored != args.events:
-            raise RuntimeError(f"expected {args.events} ExecutionStarted in the store, found {stored}")
-        return {
-            "benchmark": "trigger_ingestion", "db": "sqlite" if args.db == "sqlite" else "postgresql",
-            "events": args.events, "repeats": len(repeats), "batch": args.batch,
-            "with_stack": args.with_stack, "seconds": round(wall, 3),
-            "events_per_s": round(args.events / wall, 1), "publish_seconds": round(published, 3),
-            "duplicates_refused": consumer.ingestor.duplicates, "executions_stored": stored,
-        }
+        async with running_services(settings, parts) as stack:
+            return await measure(stack, args)
     finally:
-        stop.set()
-        await asyncio.wait_for(task, 60)
         server.stop()
-        if schema:
-            with psycopg.connect(args.db, autocommit=True) as conn:
-                conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        drop_schema(args.db, schema)
+
+
+async def measure(stack: Any, args: argparse.Namespace) -> dict[str, Any]:
+    store = stack.store
+    await asyncio.to_thread(Registry(store).publish, parse_definition(WORKFLOW))
+    events = [new_event("bench.tick", {"n": n}, id=f"tick-{n}", source="bench") for n in range(args.events)]
+    messages = [to_message(e) for e in events]
+    step = max(1, args.events // max(1, args.repeats)) if args.repeats else 0
+    repeats = [OutMessage(trigger_subject("bench.tick"), encode(events[i]), msg_id=f"again-{i}")
+               for i in range(0, args.events, step)][: args.repeats] if args.repeats else []
+    print(f"publishing {len(messages)} events (+{len(repeats)} repeats) on {trigger_subject('bench.tick')}",
+          file=sys.stderr)
+    t0 = time.perf_counter()
+    # Copies go in after their originals: a copy can never be the first to arrive.
+    await stack.transport.publish_many(messages + repeats)
+    published = time.perf_counter() - t0
+    consumer = stack.triggers
+    last = 0.0
+    while consumer.ingestor.started < args.events:
+        await asyncio.sleep(0.02)
+        now = time.perf_counter() - t0
+        if now - last > 2:
+            print(f"  {consumer.ingestor.started}/{args.events} started after {now:.1f}s", file=sys.stderr)
+            last = now
+        if now > 600:
+            raise RuntimeError("did not finish in 10 minutes")
+    wall = time.perf_counter() - t0
+    while consumer.handled < len(messages) + len(repeats) and time.perf_counter() - t0 < wall + 60:
+        await asyncio.sleep(0.05)  # let the copies be refused before counting
+    stored = await asyncio.to_thread(count_started, store)
+    if stored != args.events:
+        raise RuntimeError(f"expected {args.events} ExecutionStarted in the store, found {stored}")
+    return {
+        "benchmark": "trigger_ingestion", "db": "sqlite" if args.db == "sqlite" else "postgresql",
+        "events": args.events, "repeats": len(repeats), "batch": args.batch,
+        "with_stack": args.with_stack, "seconds": round(wall, 3),
+        "events_per_s": round(args.events / wall, 1), "publish_seconds": round(published, 3),
+        "duplicates_refused": consumer.ingestor.duplicates, "executions_stored": stored,
+    }
 
 
 def main() -> None:

@@ -10,10 +10,12 @@ from __future__ import annotations
 import hashlib
 import re
 from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import jsonschema
 import orjson
 import yaml
+from croniter import croniter
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from contracts.expressions import ExpressionError, check_template, expressions_in
@@ -141,7 +143,11 @@ class WorkflowDef(_Strict):
 
 
 def check_rules(wf: WorkflowDef, step_types: frozenset[str] | set[str] = BUILTIN_STEP_TYPES) -> list[Problem]:
-    """Rules that need the whole definition: ids, needs, cycles, expressions, schema."""
+    """Rules that need the whole definition: schedules, ids, needs, cycles, expressions, schema."""
+    return _check_schedules(wf) + _check_steps(wf, step_types)
+
+
+def _check_steps(wf: WorkflowDef, step_types: frozenset[str] | set[str]) -> list[Problem]:
     problems: list[Problem] = []
     seen: dict[str, int] = {}
     for i, step in enumerate(wf.steps):
@@ -171,6 +177,21 @@ def check_rules(wf: WorkflowDef, step_types: frozenset[str] | set[str] = BUILTIN
             jsonschema.Draft202012Validator.check_schema(wf.input_schema)
         except jsonschema.SchemaError as exc:
             problems.append(Problem(path="input_schema", message=exc.message))
+    return problems
+
+
+def _check_schedules(wf: WorkflowDef) -> list[Problem]:
+    """Cron expressions (5 fields, or 6 with seconds last) and time zones the scheduler can compute."""
+    problems = []
+    for i, spec in enumerate(wf.on):
+        if spec.cron is None:
+            continue
+        if not croniter.is_valid(spec.cron):
+            problems.append(Problem(path=f"on[{i}].cron", message=f"not a cron expression: {spec.cron!r}"))
+        try:
+            ZoneInfo(spec.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            problems.append(Problem(path=f"on[{i}].timezone", message=f"unknown time zone {spec.timezone!r}"))
     return problems
 
 

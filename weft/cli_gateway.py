@@ -152,11 +152,10 @@ def keys_create(
 
     store = _store(home)
     try:
-        try:
-            token, key = Keys(store).create([scopes], workflows=workflows.split(",") if workflows else None,
-                                            name=name, by=_user())
-        except KeyProblem as exc:
-            out.fail(2, f"--{exc}")
+        token, key = Keys(store).create([scopes], workflows=workflows.split(",") if workflows else None,
+                                        name=name, by=_user())
+    except KeyProblem as exc:
+        out.fail(2, f"--{exc}")
     finally:
         store.close()
     result = key.public() | {"key": token}
@@ -193,10 +192,9 @@ def keys_revoke(key_id: str = typer.Argument(..., help="The key's id or prefix (
 
     store = _store(home)
     try:
-        try:
-            key = Keys(store).revoke(key_id, by=_user())
-        except KeyProblem as exc:
-            out.fail(1, str(exc))
+        key = Keys(store).revoke(key_id, by=_user())
+    except KeyProblem as exc:
+        out.fail(1, str(exc))
     finally:
         store.close()
     out.emit(key.public(), as_json)

@@ -6,6 +6,7 @@ What lives here:
   routes_executions.py   /v1/executions: start (Idempotency-Key), get, list, cancel/pause/resume/retry,
                          history, live events (Server-Sent Events)
   routes_triggers.py     /v1/triggers (publish a CloudEvent), /v1/webhooks/{path}, /v1/keys
+  routes_replay.py       /v1/executions/{id}/replay, /v1/replays (bulk), /v1/backfills (over services.replay)
   auth.py                API-key authentication and per-route scopes
   keys.py                API keys as events in the store (hashed; prefix in clear)
   errors.py              the error model, handlers, and the body-size limit

@@ -29,8 +29,8 @@ _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="weft"'}
 
 
 def is_loopback(host: str) -> bool:
-    if host in ("localhost", ""):
-        return host == "localhost"
+    if host == "localhost":
+        return True
     try:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
@@ -56,7 +56,7 @@ def token_of(request: Request) -> str | None:
 
 
 class Authenticator:
-    def __init__(self, keys: Keys | None, *, enabled: bool):
+    def __init__(self, keys: Keys, *, enabled: bool):
         self.keys, self.enabled = keys, enabled
 
     async def identify(self, request: Request) -> ApiKey | None:
@@ -66,7 +66,6 @@ class Authenticator:
         token = token_of(request)
         if token is None:
             return None
-        assert self.keys is not None
         key = await asyncio.to_thread(self.keys.authenticate, token)
         if key is None:
             raise ApiError(401, "unknown or revoked API key", headers=_CHALLENGE)

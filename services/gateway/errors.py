@@ -40,6 +40,11 @@ class ApiError(Exception):
         self.headers = headers
 
 
+def invalid(field: str, message: str) -> ApiError:
+    """A 422 for one bad input: `field: message`, with the problem naming the field."""
+    return ApiError(422, f"{field}: {message}", problems=[{"field": field, "message": message}])
+
+
 def error_response(status: int, message: str, *, code: str | None = None, problems: list[dict[str, Any]] | None = None,
                    error_id: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
     body: dict[str, Any] = {"code": code or _CODES.get(status, "error"), "message": message, "problems": problems or []}
@@ -49,17 +54,17 @@ def error_response(status: int, message: str, *, code: str | None = None, proble
 
 
 def _field(loc: tuple[Any, ...]) -> str:
-    parts = [str(p) for p in loc]
-    if parts and parts[0] == "body" and len(parts) > 1:
-        parts = parts[1:]
-        return "body." + ".".join(parts)
-    return ".".join(parts) or "body"
+    return ".".join(str(p) for p in loc) or "body"
+
+
+def _respond(exc: ApiError) -> JSONResponse:
+    return error_response(exc.status, exc.message, code=exc.code, problems=exc.problems, headers=exc.headers)
 
 
 def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.status, exc.message, code=exc.code, problems=exc.problems, headers=exc.headers)
+        return _respond(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -74,8 +79,7 @@ def install(app: FastAPI) -> None:
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         detail = exc.detail if isinstance(exc.detail, str) else "error"
         if exc.status_code == 400:  # FastAPI's "error parsing the body": invalid input like any other
-            message = "body: could not be parsed (send UTF-8 JSON)"
-            return error_response(422, message, problems=[{"field": "body", "message": message[6:]}])
+            return _respond(invalid("body", "could not be parsed (send UTF-8 JSON)"))
         return error_response(exc.status_code, detail, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(StoreUnavailableError)

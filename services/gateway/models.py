@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from contracts.triggers import CloudEvent
+
 Status = Literal["running", "paused", "completed", "failed", "cancelled"]
 
 
@@ -123,18 +125,11 @@ class HistoryOut(BaseModel):
 # ---- triggers ------------------------------------------------------------------------------------
 
 
-class TriggerIn(BaseModel):
+class TriggerIn(CloudEvent):
     """A CloudEvent to publish. `id` and `source` may be left out: a fresh id, and `weft:api`."""
 
-    model_config = ConfigDict(extra="allow")
-    specversion: Literal["1.0"] = "1.0"
-    type: str = Field(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    id: str | None = Field(None, min_length=1, max_length=256)
-    source: str | None = Field(None, min_length=1, max_length=1024)
-    subject: str | None = Field(None, max_length=1024)
-    time: datetime | None = None
-    datacontenttype: str | None = "application/json"
-    data: Any = None
+    id: str | None = Field(None, min_length=1, max_length=256)  # type: ignore[assignment]
+    source: str | None = Field(None, min_length=1, max_length=1024)  # type: ignore[assignment]
 
     @field_validator("time", mode="before")
     @classmethod

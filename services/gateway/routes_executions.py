@@ -16,7 +16,7 @@ from fastapi.responses import StreamingResponse
 
 from contracts.events import FINISHING
 from services.gateway.auth import ScopedRoute, caller, scoped, who
-from services.gateway.errors import ApiError, errors
+from services.gateway.errors import ApiError, errors, invalid
 from services.gateway.models import ControlRequest, ExecutionOut, ExecutionPage, HistoryOut, StartRequest, Status
 from services.orchestrator.decide import Cancel, DecisionError, Pause, Resume, Retry
 from services.orchestrator.executions import InputError, NotFound, execution_id_for
@@ -108,8 +108,7 @@ def _time(name: str, raw: str | None) -> str | None:
             raise ValueError(raw)
         value = datetime.fromisoformat(raw.replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError:
-        message = "not an RFC 3339 time, e.g. 2024-05-01T12:00:00Z"
-        raise ApiError(422, f"query.{name}: {message}", problems=[{"field": f"query.{name}", "message": message}]) from None
+        raise invalid(f"query.{name}", "not an RFC 3339 time, e.g. 2024-05-01T12:00:00Z") from None
     if value.tzinfo is None:
         value = value.replace(tzinfo=timezone.utc)
     return value.isoformat()
@@ -123,8 +122,7 @@ def _cursor(raw: str | None) -> tuple[str, str] | None:
         uuid.UUID(eid)
         datetime.fromisoformat(at)
     except (ValueError, binascii.Error, UnicodeDecodeError):
-        raise ApiError(422, "query.cursor: not a cursor from a previous page",
-                       problems=[{"field": "query.cursor", "message": "not a cursor from a previous page"}]) from None
+        raise invalid("query.cursor", "not a cursor from a previous page") from None
     return at, eid
 
 
@@ -164,9 +162,11 @@ def get(request: Request, execution_id: str = IdPath) -> Any:
     return summary(_load(request, execution_id))
 
 
-def _control(request: Request, execution_id: str, cmd: Any) -> dict[str, Any]:
+def _control(request: Request, execution_id: str, command: type, body: ControlRequest | None) -> dict[str, Any]:
+    """Record a control command by this caller (with its optional `why`) and answer the new state."""
     ctx = request.app.state.ctx
     _load(request, execution_id)
+    cmd = command(by=who(caller(request)), why=body.why if body else None)
     try:
         events = ctx.executions.command(execution_id, cmd)
     except NotFound as exc:
@@ -183,25 +183,25 @@ _WHY = Body(None, description="optional: {\"why\": \"...\"}, recorded with the e
 @router.post("/{execution_id}/cancel", **_CONTROL)
 def cancel(request: Request, execution_id: str = IdPath, body: ControlRequest | None = _WHY) -> Any:
     """Cancel (recorded as an event). Results that arrive afterwards are ignored, and recorded as ignored."""
-    return _control(request, execution_id, Cancel(by=who(caller(request)), why=body.why if body else None))
+    return _control(request, execution_id, Cancel, body)
 
 
 @router.post("/{execution_id}/pause", **_CONTROL)
 def pause(request: Request, execution_id: str = IdPath, body: ControlRequest | None = _WHY) -> Any:
     """Stop scheduling new steps; steps already running finish."""
-    return _control(request, execution_id, Pause(by=who(caller(request)), why=body.why if body else None))
+    return _control(request, execution_id, Pause, body)
 
 
 @router.post("/{execution_id}/resume", **_CONTROL)
 def resume(request: Request, execution_id: str = IdPath, body: ControlRequest | None = _WHY) -> Any:
     """Resume a paused execution: schedule what became ready meanwhile."""
-    return _control(request, execution_id, Resume(by=who(caller(request)), why=body.why if body else None))
+    return _control(request, execution_id, Resume, body)
 
 
 @router.post("/{execution_id}/retry", **_CONTROL)
 def retry(request: Request, execution_id: str = IdPath, body: ControlRequest | None = _WHY) -> Any:
     """Run a failed execution's failed steps again, keeping the successful outputs."""
-    return _control(request, execution_id, Retry(by=who(caller(request)), why=body.why if body else None))
+    return _control(request, execution_id, Retry, body)
 
 
 def _history_items(records: list[Any]) -> list[dict[str, Any]]:
@@ -242,8 +242,7 @@ async def events(
         try:
             after = max(after, int(last_event_id))
         except ValueError:
-            raise ApiError(422, "header.last-event-id: not a number",
-                           problems=[{"field": "header.last-event-id", "message": "not a number"}]) from None
+            raise invalid("header.last-event-id", "not a number") from None
     return StreamingResponse(_stream(request, execution_id, after, state.finished), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 

@@ -62,9 +62,7 @@ def replay(
                                          description="the same key replays once, however often it is sent"),
 ) -> Any:
     """Replay one execution as a new one (`replay_of` records where it came from)."""
-    source = _load(request, execution_id)
-    if not caller(request).can_use(source.workflow):
-        raise ApiError(404, f"no execution {execution_id!r}")
+    _load(request, execution_id)  # 404 unless it exists and this key may see its workflow
     try:
         return replay_execution(
             request.app.state.ctx.store, execution_id, from_step=body.from_step, input_patch=body.input_patch,

@@ -16,7 +16,7 @@ from services.gateway.keys import KeyProblem
 from services.gateway.models import KeyCreate, KeyList, KeyOut, TriggerIn, TriggerOut, WebhookOut
 from services.triggers.consumer import describe
 from services.triggers.ingest import Trigger
-from services.triggers.publish import encode, message_id, new_event, publish
+from services.triggers.publish import dead_letter_rejected, encode, new_event, publish
 from services.triggers.webhooks import WebhookError, delivery_id, secret_for, signature, verify, webhook_event
 
 log = logging.getLogger("weft.gateway")
@@ -111,11 +111,8 @@ async def webhook(
     except WebhookError as exc:
         raise ApiError(exc.status, str(exc), problems=[{"field": exc.field or "body", "message": str(exc)}]) from None
     [outcome] = await asyncio.to_thread(ctx.ingestor.ingest, [Trigger(event, via="webhook", routes=allowed)])
-    for label, reason in outcome.rejected.items():
-        await ctx.transport.dead_letter(
-            "trigger_invalid", encode(event), reason=f"workflow {label}: {reason}",
-            source_subject=f"webhook:{event.subject}", msg_id=f"{message_id(event.source, event.id)}:{label}",
-        )
+    if outcome.rejected:
+        await dead_letter_rejected(ctx.transport, outcome, encode(event), source_subject=f"webhook:{event.subject}")
     if outcome.rejected and not outcome.executions:
         problems = [{"field": "body", "message": f"{label}: {reason}"} for label, reason in outcome.rejected.items()]
         raise ApiError(422, "; ".join(p["message"] for p in problems), problems=problems)

@@ -7,12 +7,11 @@ from typing import Any
 
 from fastapi import APIRouter, Path, Request, Response
 
-from contracts.definitions import DefinitionError, parse_definition
+from contracts.definitions import NAME, DefinitionError, parse_definition
 from services.gateway.auth import ScopedRoute, caller, scoped
-from services.gateway.errors import ApiError, errors
+from services.gateway.errors import ApiError, errors, invalid
 from services.gateway.models import WorkflowList, WorkflowVersionOut
 from services.orchestrator.registry import UnknownWorkflow, Version
-from services.triggers.cron import check_triggers
 
 router = APIRouter(prefix="/v1/workflows", tags=["workflows"], route_class=ScopedRoute)
 NamePath = Path(min_length=1, max_length=128, description="workflow name")
@@ -22,7 +21,7 @@ _DEFINITION_SCHEMA = {
     "description": "A workflow definition (see DESIGN.md: name, on, input_schema, steps, output)",
     "required": ["name", "steps"],
     "properties": {
-        "name": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"},
+        "name": {"type": "string", "pattern": NAME},
         "steps": {"type": "array", "minItems": 1, "items": {
             "type": "object", "required": ["id", "type"],
             "properties": {"id": {"type": "string"}, "type": {"type": "string"}}}},
@@ -58,20 +57,15 @@ async def publish_workflow(request: Request, response: Response) -> Any:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise ApiError(422, "body: not UTF-8 text", problems=[{"field": "body", "message": "not UTF-8 text"}]) from None
+        raise invalid("body", "not UTF-8 text") from None
     if not text.strip():
-        raise ApiError(422, "body: a workflow definition is required",
-                       problems=[{"field": "body", "message": "a workflow definition is required"}])
+        raise invalid("body", "a workflow definition is required")
     try:
         wf = parse_definition(text)
     except DefinitionError as exc:
         problems = [{"field": f"body.{p.path}" if p.path != "<document>" else "body", "message": p.message,
                      "line": p.line} for p in exc.problems]
         raise ApiError(422, str(exc), problems=problems) from None
-    cron = check_triggers(wf)
-    if cron:
-        raise ApiError(422, "; ".join(str(p) for p in cron),
-                       problems=[{"field": f"body.{p.path}", "message": p.message} for p in cron])
     if not caller(request).can_use(wf.name):
         raise ApiError(403, f"this key may not publish workflow {wf.name!r}")
     ctx = request.app.state.ctx

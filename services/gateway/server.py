@@ -40,8 +40,8 @@ class _Server(uvicorn.Server):
 
 
 class GatewayServer:
-    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, *, auth: bool = True):
-        self.app, self.host, self.auth = app, host, auth
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0):
+        self.app, self.host = app, host
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -95,7 +95,7 @@ def build_gateway(stack: Any, catalog: Catalog, ingestor: Ingestor, stop: asynci
         ingestor=ingestor, keys=keys, auth=Authenticator(keys, enabled=settings.gateway_auth), stop=stop,
     )
     app = create_app(ctx, max_body=settings.gateway_max_body)
-    return GatewayServer(app, settings.gateway_host, settings.gateway_port, auth=settings.gateway_auth)
+    return GatewayServer(app, settings.gateway_host, settings.gateway_port)
 
 
 async def front_door(stack: Any, parts: set[str], stop: asyncio.Event) -> list[Awaitable[Any]]:

@@ -27,6 +27,7 @@ from contracts.subjects import TRIGGERS_STREAM, trigger_subject
 from contracts.triggers import CloudEvent
 from services.broker import Consumer, Delivery, Transport
 from services.faults import crash_point
+from services.retrying import Backoff
 from services.triggers.ingest import Ingestor, Outcome, Trigger
 from services.triggers.publish import message_id
 
@@ -77,29 +78,21 @@ class TriggerConsumer:
             TRIGGERS_STREAM, self.durable, ack_wait=self.ack_wait, max_deliver=self.max_deliver,
             max_ack_pending=self.batch * 8,
         )
-        delay = 0.1
+        backoff = Backoff()
         while not stop.is_set():
             try:
                 msgs = await self.consumer.fetch(self.batch, timeout=0.5)
-            except asyncio.CancelledError:
-                raise
             except Exception:
-                log.exception("triggers: fetch failed, retrying in %.1fs", delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                await backoff.failed(stop, log, "triggers: a fetch")
                 continue
             if not msgs:
                 continue
             try:
                 await self.handle(msgs)
-                delay = 0.1
-            except asyncio.CancelledError:
-                raise
+                backoff.reset()
             except Exception as exc:  # store or broker away: nothing acked, so all comes back
-                log.exception("triggers: batch of %d failed, retrying in %.1fs", len(msgs), delay)
-                await self._give_up_on_last_tries(msgs, exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                await self._give_up_on_last_tries(msgs, exc, backoff.delay)
+                await backoff.failed(stop, log, f"triggers: a batch of {len(msgs)}")
         await self.consumer.close()
 
     async def handle(self, msgs: list[Delivery]) -> None:

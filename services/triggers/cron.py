@@ -32,34 +32,19 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import croniter
 
-from contracts.definitions import Problem, WorkflowDef
 from contracts.triggers import CloudEvent
 from services.broker import Transport
 from services.orchestrator.executions import utcnow
+from services.retrying import Backoff, sleep_or_stop
 from services.store import ConcurrencyError, EventStore
 from services.triggers.ingest import Ingestor, Outcome, Trigger
-from services.triggers.publish import encode, message_id
+from services.triggers.publish import dead_letter_rejected, encode
 from services.triggers.routing import Catalog, Route
 
 log = logging.getLogger("weft.cron")
 CRON_EVENT_TYPE = "weft.cron.tick"
 _EPSILON = timedelta(microseconds=1)
 _COUNT_CAP = 1000
-
-
-def check_triggers(wf: WorkflowDef) -> list[Problem]:
-    """Cron expressions and time zones that cannot be computed (not checked by the definition model)."""
-    problems = []
-    for i, spec in enumerate(wf.on):
-        if spec.cron is None:
-            continue
-        if not croniter.is_valid(spec.cron):
-            problems.append(Problem(path=f"on[{i}].cron", message=f"not a cron expression: {spec.cron!r}"))
-        try:
-            ZoneInfo(spec.timezone)
-        except (ZoneInfoNotFoundError, ValueError):
-            problems.append(Problem(path=f"on[{i}].timezone", message=f"unknown time zone {spec.timezone!r}"))
-    return problems
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +79,7 @@ def plan_ticks(
     latest = due[-1]
     on_time = (now - latest).total_seconds() <= grace
     missed_ticks = due[:-1] if on_time else due
-    caught = missed_ticks[len(missed_ticks) - limit:] if missed == "catch_up" and limit > 0 else []
+    caught = missed_ticks[-limit:] if missed == "catch_up" and limit > 0 else []
     run = caught + ([latest] if on_time else [])
     return TickPlan(run, latest, len(missed_ticks) - len(caught) + more)
 
@@ -185,29 +170,22 @@ class Scheduler:
         return max(best, 0.0) + 0.005
 
     async def run(self, stop: asyncio.Event) -> None:
-        delay = 0.1
+        backoff = Backoff()
         while not stop.is_set():
             try:
                 outcomes = await asyncio.to_thread(self.tick_once)
                 await self._dead_letter(outcomes)
-                wait = self.next_wake(self.clock())
-                delay = 0.1
-            except asyncio.CancelledError:
-                raise
             except Exception:  # the store is away: the ticks stay due and run when it is back
-                log.exception("scheduler: tick failed, retrying in %.1fs", delay)
-                wait, delay = delay, min(delay * 2, 5.0)
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=wait)
-            except asyncio.TimeoutError:
-                pass
+                await backoff.failed(stop, log, "scheduler: a tick")
+                continue
+            backoff.reset()
+            await sleep_or_stop(stop, self.next_wake(self.clock()))
 
     async def _dead_letter(self, outcomes: list[tuple[Trigger, Outcome]]) -> None:
         for trigger, o in outcomes:
+            if not o.rejected:
+                continue
             for label, why in o.rejected.items():
                 log.warning("cron tick %s of %s not started: %s", o.id, label, why)
-                if self.transport is not None:
-                    await self.transport.dead_letter(
-                        "trigger_invalid", encode(trigger.event), reason=f"workflow {label}: {why}",
-                        source_subject=o.source, msg_id=f"{message_id(o.source, o.id)}:{label}",
-                    )
+            if self.transport is not None:
+                await dead_letter_rejected(self.transport, o, encode(trigger.event), source_subject=o.source)

@@ -55,12 +55,11 @@ class Trigger:
     via: str = "topic"
     routes: list[Route] | None = None
     filtered: list[str] = field(default_factory=list)
-    raw: dict[str, Any] = field(default_factory=dict)
+    raw: dict[str, Any] = field(init=False)  # the event as JSON: what filters read and the trigger log keeps
     stream: uuid.UUID = field(init=False)  # its trigger-log stream, named by (source, id)
 
     def __post_init__(self) -> None:
-        if not self.raw:
-            self.raw = self.event.model_dump(mode="json")
+        self.raw = self.event.model_dump(mode="json")
         self.stream = trigger_stream(self.event.source, self.event.id)
 
 
@@ -81,7 +80,6 @@ class _Plan:
     records: list[NewEvent]
     executions: dict[str, str]
     rejected: dict[str, str]
-    filtered: list[str]
     starts: dict[str, list[NewEvent]]  # label -> that execution's first events
 
 
@@ -175,7 +173,7 @@ class Ingestor:
                                    filtered=list(t.filtered), rejected=rejected)
         head = NewEvent(t.stream, 1, accepted.type, orjson.dumps(accepted.model_dump(mode="json")))
         records = [head, *(r for rs in starts.values() for r in rs)]
-        return _Plan(t, records, executions, rejected, list(t.filtered), starts)
+        return _Plan(t, records, executions, rejected, starts)
 
     def _check_input(self, content_hash: str, wf: WorkflowDef, value: Any) -> list[Problem]:
         if wf.input_schema is None:
@@ -224,7 +222,7 @@ class Ingestor:
         self.accepted += 1
         self.started += len(plan.executions)
         e = plan.trigger.event
-        return Outcome("accepted", e.source, e.id, dict(plan.executions), dict(plan.rejected), list(plan.filtered))
+        return Outcome("accepted", e.source, e.id, dict(plan.executions), dict(plan.rejected), list(plan.trigger.filtered))
 
     def _append_one(self, plan: _Plan) -> Outcome:
         records = list(plan.records)

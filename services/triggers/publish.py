@@ -3,6 +3,7 @@
 Used by `weft publish` and `POST /v1/triggers`. The broker message id is
 derived from (source, id), so a publisher retrying inside the broker's dedup
 window stores one message; beyond the window the trigger log catches it.
+`dead_letter_rejected` publishes what the webhook and cron paths could not start.
 """
 
 from __future__ import annotations
@@ -10,13 +11,16 @@ from __future__ import annotations
 import hashlib
 import uuid
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from contracts.subjects import trigger_subject
 from contracts.triggers import CloudEvent
 from services.broker import OutMessage, Transport
+
+if TYPE_CHECKING:
+    from services.triggers.ingest import Outcome
 
 
 def new_event(
@@ -51,3 +55,11 @@ def to_message(event: CloudEvent) -> OutMessage:
 async def publish(transport: Transport, event: CloudEvent) -> bool:
     """Publish and wait for the broker's ack. False: the broker already had this (source, id)."""
     return await transport.publish(to_message(event))
+
+
+async def dead_letter_rejected(transport: Transport, outcome: Outcome, payload: bytes, *, source_subject: str) -> None:
+    """A `trigger_invalid` dead letter per workflow that refused the event's data, one per (event, workflow)."""
+    mid = message_id(outcome.source, outcome.id)
+    for label, why in outcome.rejected.items():
+        await transport.dead_letter("trigger_invalid", payload, reason=f"workflow {label}: {why}",
+                                    source_subject=source_subject, msg_id=f"{mid}:{label}")

@@ -24,7 +24,6 @@ pytestmark = pytest.mark.integration
 T0 = datetime(2024, 1, 1, 12, 0, 0, 500_000, tzinfo=timezone.utc)
 
 
-
 @pytest.fixture
 def stores(db_url: str):
     opened: list[Any] = []

@@ -21,8 +21,7 @@ import pytest
 
 from services.gateway.app import create_app
 from services.settings import read_stack
-from tests.support import Running, up_stack
-from tests.support import wait_until
+from tests.support import Running, stack_up, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
@@ -93,14 +92,8 @@ async def _admin_client(running: Running) -> httpx.AsyncClient:
 
 @pytest.fixture
 async def api(tmp_path: Path, pg_url: str, nats_url: str) -> AsyncIterator[Api]:
-    running = await up_stack(tmp_path, pg_url, nats_url, parts=PARTS)
-    client = await _admin_client(running)
-    try:
+    async with stack_up(tmp_path, pg_url, nats_url, parts=PARTS) as running, await _admin_client(running) as client:
         yield Api(running, client)
-    finally:
-        await client.aclose()
-        running.stop.set()
-        await asyncio.wait_for(running.task, timeout=30)
 
 
 async def test_workflows_publish_list_get_and_versions(api: Api) -> None:
@@ -130,6 +123,7 @@ async def test_an_invalid_definition_is_422_naming_the_field_and_line(api: Api) 
     cron = "name: c\non: [{cron: 'every tuesday'}]\nsteps: [{id: a, type: noop}]\n"
     r = await api.client.post("/v1/workflows", content=cron, headers={"content-type": "application/yaml"})
     assert r.status_code == 422 and r.json()["error"]["problems"][0]["field"] == "body.on[0].cron"
+    assert r.json()["error"]["problems"][0]["line"] == 2
     assert (await api.client.get("/v1/workflows")).json()["items"] == []  # nothing half-stored
 
 

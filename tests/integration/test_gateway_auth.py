@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import uuid
 from dataclasses import dataclass, field
@@ -15,8 +14,7 @@ import pytest_asyncio
 
 from services.gateway.keys import Keys
 from services.triggers.webhooks import sign
-from tests.support import Running, up_stack
-from tests.support import wait_until
+from tests.support import Running, stack_up, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 PARTS = ("orchestrator", "relay", "worker", "projector", "triggers", "gateway")
@@ -45,9 +43,15 @@ class World:
 async def world(tmp_path_factory: pytest.TempPathFactory, nats_server: Any) -> AsyncIterator[World]:
     tmp = tmp_path_factory.mktemp("auth")
     os.environ[SECRET_ENV] = SECRET  # the gateway reads webhook secrets from its environment
-    running = await up_stack(tmp, f"sqlite:///{tmp / 'weft.db'}", nats_server.url, parts=PARTS)
-    store = running.stack.store
-    keys = Keys(store)
+    try:
+        async with stack_up(tmp, f"sqlite:///{tmp / 'weft.db'}", nats_server.url, parts=PARTS) as running:
+            yield await _populate(running)
+    finally:
+        os.environ.pop(SECRET_ENV, None)
+
+
+async def _populate(running: Running) -> World:
+    keys = Keys(running.stack.store)
     w = World(running, running.stack.gateway.url)
     w.tokens["none"] = None
     w.tokens["garbage"] = "weft_0000abcd_" + "x" * 43
@@ -71,10 +75,7 @@ async def world(tmp_path_factory: pytest.TempPathFactory, nats_server: Any) -> A
             w.executions[name] = r.json()["id"]
         for eid in w.executions.values():
             await wait_until(lambda eid=eid: _finished(admin, eid), timeout=20)
-    yield w
-    running.stop.set()
-    await asyncio.wait_for(running.task, timeout=30)
-    os.environ.pop(SECRET_ENV, None)
+    return w
 
 
 async def _finished(c: httpx.AsyncClient, eid: str) -> bool:

@@ -28,7 +28,6 @@ pytestmark = pytest.mark.integration
 PARTS = ("orchestrator", "relay", "worker", "triggers")
 
 
-
 @pytest.fixture
 async def stack(tmp_path: Path, db_url: str, nats_url: str):
     async with stack_up(tmp_path, db_url, nats_url, parts=PARTS) as running:

@@ -375,3 +375,20 @@ def test_validate_input_accepts_a_good_input_and_anything_without_a_schema() -> 
 def test_validate_input_reports_every_problem() -> None:
     problems = validate_input(parse_definition(SCHEMA_DEF), {"order_id": 1, "items": ["a", 2, "b"]})
     assert [p.path for p in problems] == ["input.items[0]", "input.items[2]", "input.order_id"]
+
+
+def test_a_bad_cron_or_time_zone_names_its_entry_and_line() -> None:
+    text = (
+        "name: c\n"
+        "on:\n"
+        "  - cron: 'not a cron'\n"
+        "  - {cron: '* * * * *', timezone: Mars/Base}\n"
+        "  - {cron: '* * * * * */10', timezone: Europe/Paris}\n"
+        "steps: [{id: a, type: noop}]\n"
+    )
+    with pytest.raises(DefinitionError) as info:
+        parse_definition(text)
+    assert [(p.path, p.line) for p in info.value.problems] == [("on[0].cron", 3), ("on[1].timezone", 4)]
+    assert "'not a cron'" in info.value.problems[0].message and "Mars/Base" in info.value.problems[1].message
+    with pytest.raises(DefinitionError):  # not only from text: every path checks it
+        parse_definition({"name": "c", "on": [{"cron": "61 * * * *"}], "steps": [{"id": "a", "type": "noop"}]})

@@ -1,0 +1,61 @@
+"""What the benchmarks share: a database to run against, and the services running in this process.
+Imported as `common` (a benchmark runs as `python bench/NAME.py`, so its folder is on sys.path).
+
+    url, schema = prepare_db(args.db, workdir)   # 'sqlite', or a PostgreSQL URL (a fresh schema)
+    try:
+        async with running_services(settings, parts) as stack:
+            ...
+    finally:
+        drop_schema(args.db, schema)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import uuid
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import AsyncIterator, Sequence
+
+import psycopg
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from services.settings import Settings  # noqa: E402
+from services.stack import Stack, run_services  # noqa: E402
+
+
+def prepare_db(db: str, workdir: Path) -> tuple[str, str | None]:
+    """(database URL, PostgreSQL schema to drop afterwards or None): a SQLite file in `workdir` for
+    'sqlite', else a fresh schema in the PostgreSQL database `db`."""
+    if db == "sqlite":
+        return f"sqlite:///{workdir / 'bench.db'}", None
+    schema = f"bench_{uuid.uuid4().hex[:8]}"
+    return f"{db}?schema={schema}", schema
+
+
+def drop_schema(db: str, schema: str | None) -> None:
+    if schema:
+        with psycopg.connect(db, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+@asynccontextmanager
+async def running_services(settings: Settings, parts: Sequence[str], timeout: float = 60) -> AsyncIterator[Stack]:
+    """The services `parts` running in this loop until the block ends; fails at once if they cannot start."""
+    stop = asyncio.Event()
+    ready: asyncio.Future[Stack] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(run_services(settings, parts, stop, on_ready=ready.set_result))
+    try:
+        done, _ = await asyncio.wait([ready, task], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            task.result()  # raises why it stopped
+        if not ready.done():
+            raise RuntimeError(f"the services were not ready after {timeout:.0f}s")
+        yield ready.result()
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, timeout)
