@@ -25,12 +25,10 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import orjson
-import psycopg
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -40,7 +38,9 @@ from services.broker.nats_server import NatsServer  # noqa: E402
 from services.orchestrator.executions import Executions  # noqa: E402
 from services.orchestrator.registry import Registry  # noqa: E402
 from services.settings import Settings  # noqa: E402
-from services.stack import Stack, run_services  # noqa: E402
+from services.stack import Stack  # noqa: E402
+
+from common import drop_schema, prepare_db, running_services  # noqa: E402  (bench/common.py)
 
 LINEAR = (ROOT / "examples" / "linear5.yaml").read_text()  # the 5-step linear workflow
 FANOUT = """
@@ -182,19 +182,6 @@ class Finished:
             self.position = records[-1].position
 
 
-def prepare_db(db: str, workdir: Path) -> tuple[str, str | None]:
-    if db == "sqlite":
-        return f"sqlite:///{workdir / 'bench.db'}", None
-    schema = f"bench_{uuid.uuid4().hex[:8]}"
-    return f"{db}?schema={schema}", schema
-
-
-def drop_schema(db: str, schema: str | None) -> None:
-    if schema:
-        with psycopg.connect(db, autocommit=True) as conn:
-            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-
-
 async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
     workdir = Path(tempfile.mkdtemp(prefix="weft-bench-"))
     server = NatsServer(store_dir=workdir / "nats", sync=args.nats_sync).start()
@@ -206,30 +193,24 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
     env = {**os.environ, "WEFT_DATABASE_URL": url, "WEFT_NATS_URL": server.url, "WEFT_NAMESPACE": "bench",
            "WEFT_HOME": str(workdir), "WEFT_WORKER_CONCURRENCY": str(args.concurrency), "WEFT_LOG_LEVEL": "WARNING"}
     parts = ("orchestrator", "relay") + (("worker",) if args.workers == 0 else ())
-    stop = asyncio.Event()
-    ready: asyncio.Future[Stack] = asyncio.get_running_loop().create_future()
-    task = asyncio.create_task(run_services(settings, parts, stop, on_ready=ready.set_result))
-    stack = await ready
-    workers = [
-        subprocess.Popen([sys.executable, "-m", "weft", "worker"], env=env, cwd=ROOT)
-        for _ in range(args.workers)
-    ] + [subprocess.Popen([sys.executable, "-m", "weft", "projector"], env=env, cwd=ROOT)]
     results = []
     try:
-        shapes = [("linear5", LINEAR, 5), ("fanout10", FANOUT, 12)]
-        for label, text, per in shapes:
-            if args.shape in ("all", label):
-                print(f"running {label}: {args.executions} executions", file=sys.stderr)
-                results.append(
-                    await run_shape(stack, text, args.executions, per, label, args.start_rate, url)
-                )
+        async with running_services(settings, parts) as stack:
+            others = [
+                subprocess.Popen([sys.executable, "-m", "weft", "worker"], env=env, cwd=ROOT)
+                for _ in range(args.workers)
+            ] + [subprocess.Popen([sys.executable, "-m", "weft", "projector"], env=env, cwd=ROOT)]
+            try:
+                for label, text, per in [("linear5", LINEAR, 5), ("fanout10", FANOUT, 12)]:
+                    if args.shape in ("all", label):
+                        print(f"running {label}: {args.executions} executions", file=sys.stderr)
+                        results.append(await run_shape(stack, text, args.executions, per, label, args.start_rate, url))
+            finally:
+                for p in others:
+                    p.terminate()
+                for p in others:
+                    p.wait(timeout=60)
     finally:
-        for w in workers:
-            w.terminate()
-        for w in workers:
-            w.wait(timeout=60)
-        stop.set()
-        await task
         server.stop()
         drop_schema(args.db, schema)
     return results
