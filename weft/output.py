@@ -37,30 +37,11 @@ lineage: Callable[[str], dict[str, Any]] | None = None
 
 
 def execution_summary(state: Any, steps: bool = False) -> dict[str, Any]:
-    from services.orchestrator.state import step_view
+    from services.orchestrator.state import summary
 
-    error = None
-    if state.error:
-        error = {"step_id": state.error[0], "type": state.error[1], "message": state.error[2]}
-    result: dict[str, Any] = {
-        "id": state.id,
-        "execution_id": state.id,
-        "status": state.status,
-        "workflow": state.workflow,
-        "version": state.workflow_version,
-        "output": state.output,
-        "error": error,
-        "started_at": state.started_at.isoformat() if state.started_at else None,
-        "finished_at": state.finished_at.isoformat() if state.finished_at else None,
-        "replay_of": state.replay_of,
-        "events": state.version,
-    }
-    if state.started_at and state.finished_at:
-        result["duration_ms"] = round((state.finished_at - state.started_at).total_seconds() * 1000, 1)
-    if steps:
-        result["steps"] = step_view(state)
-        if lineage is not None:
-            result.update(lineage(state.id))  # "replays": executions replaying this one
+    result = summary(state, steps=steps)
+    if steps and lineage is not None:
+        result.update(lineage(state.id))  # "replays": executions replaying this one
     return result
 
 

@@ -21,7 +21,8 @@ from services.gateway.models import ControlRequest, ExecutionOut, ExecutionPage,
 from services.orchestrator.decide import Cancel, DecisionError, Pause, Resume, Retry
 from services.orchestrator.executions import InputError, NotFound, execution_id_for
 from services.orchestrator.registry import UnknownWorkflow
-from services.orchestrator.state import Execution, step_view
+from services.orchestrator.state import Execution
+from services.orchestrator.state import summary as execution_summary
 from services.projections.executions import list_executions
 
 router = APIRouter(prefix="/v1/executions", tags=["executions"], route_class=ScopedRoute)
@@ -30,21 +31,7 @@ _REOPENING = frozenset({"ExecutionRetried", "StepReprocessRequested", "Execution
 
 
 def summary(state: Execution, *, steps: bool = True) -> dict[str, Any]:
-    error = None
-    if state.error:
-        error = {"step_id": state.error[0], "type": state.error[1], "message": state.error[2]}
-    out: dict[str, Any] = {
-        "id": state.id, "execution_id": state.id, "status": state.status, "workflow": state.workflow,
-        "version": state.workflow_version, "output": state.output, "error": error,
-        "started_at": state.started_at.isoformat() if state.started_at else None,
-        "finished_at": state.finished_at.isoformat() if state.finished_at else None,
-        "replay_of": state.replay_of, "events": state.version, "input": state.input, "trigger": state.trigger,
-    }
-    if state.started_at and state.finished_at:
-        out["duration_ms"] = round((state.finished_at - state.started_at).total_seconds() * 1000, 1)
-    if steps:
-        out["steps"] = step_view(state)
-    return out
+    return execution_summary(state, steps=steps) | {"input": state.input, "trigger": state.trigger}
 
 
 def _load(request: Request, execution_id: str) -> Execution:

@@ -224,3 +224,26 @@ def step_view(s: Execution) -> list[dict[str, Any]]:
             }
         )
     return out
+
+
+def summary(s: Execution, *, steps: bool = False) -> dict[str, Any]:
+    """What the CLI and the HTTP API show of an execution."""
+    error = {"step_id": s.error[0], "type": s.error[1], "message": s.error[2]} if s.error else None
+    out: dict[str, Any] = {
+        "id": s.id,
+        "execution_id": s.id,
+        "status": s.status,
+        "workflow": s.workflow,
+        "version": s.workflow_version,
+        "output": s.output,
+        "error": error,
+        "started_at": s.started_at.isoformat() if s.started_at else None,
+        "finished_at": s.finished_at.isoformat() if s.finished_at else None,
+        "replay_of": s.replay_of,
+        "events": s.version,
+    }
+    if s.started_at and s.finished_at:
+        out["duration_ms"] = round((s.finished_at - s.started_at).total_seconds() * 1000, 1)
+    if steps:
+        out["steps"] = step_view(s)
+    return out
