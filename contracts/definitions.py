@@ -8,6 +8,7 @@ for YAML/JSON text, the line it sits on.
 from __future__ import annotations
 
 import hashlib
+from functools import cached_property
 import re
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -112,14 +113,16 @@ class WorkflowDef(_Strict):
     output: Any = None
 
     def step(self, step_id: str) -> StepDef:
-        return self._index()[step_id]
+        return self.steps_by_id[step_id]
 
-    def _index(self) -> dict[str, StepDef]:
-        cached = self.__dict__.get("_step_index")
-        if cached is None:
-            cached = {s.id: s for s in self.steps}
-            self.__dict__["_step_index"] = cached
-        return cached
+    # A definition is immutable, so what is derived from it is computed once.
+    @cached_property
+    def steps_by_id(self) -> dict[str, StepDef]:
+        return {s.id: s for s in self.steps}
+
+    @cached_property
+    def input_validator(self) -> jsonschema.Draft202012Validator | None:
+        return jsonschema.Draft202012Validator(self.input_schema) if self.input_schema is not None else None
 
     def children(self, step_id: str) -> list[str]:
         return [s.id for s in self.steps if step_id in s.needs]
@@ -135,6 +138,11 @@ class WorkflowDef(_Strict):
         return out
 
     def canonical(self) -> dict[str, Any]:
+        """The definition as stored and hashed (shared: do not modify it)."""
+        return self._canonical
+
+    @cached_property
+    def _canonical(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True, exclude_defaults=True)
 
     def content_hash(self) -> str:
@@ -308,9 +316,8 @@ def _index_lines(node: yaml.Node, loc: tuple[Any, ...], out: dict[tuple[Any, ...
     out[loc] = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
         for key, value in node.value:
-            out[loc + (key.value,)] = key.start_mark.line + 1
             _index_lines(value, loc + (key.value,), out)
-            out[loc + (key.value,)] = key.start_mark.line + 1
+            out[loc + (key.value,)] = key.start_mark.line + 1  # a field's line is its key's
     elif isinstance(node, yaml.SequenceNode):
         for i, value in enumerate(node.value):
             _index_lines(value, loc + (i,), out)
@@ -340,9 +347,9 @@ def _line(lines: dict[tuple[Any, ...], int], loc: tuple[Any, ...]) -> int | None
 
 def validate_input(wf: WorkflowDef, value: Any) -> list[Problem]:
     """Problems of an execution input against the definition's input_schema."""
-    if wf.input_schema is None:
+    validator = wf.input_validator
+    if validator is None:
         return []
-    validator = jsonschema.Draft202012Validator(wf.input_schema)
     problems = []
     for err in sorted(validator.iter_errors(value), key=lambda e: list(e.absolute_path)):
         path = "input" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err.absolute_path)

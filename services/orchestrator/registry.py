@@ -10,7 +10,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Callable
+from typing import Any, Callable
 
 import orjson
 
@@ -97,7 +97,11 @@ class Registry:
     def _version(self, raw: dict) -> Version:
         key = (raw["name"], raw["version"])
         if key not in self._cache:
-            e = WorkflowPublished.model_validate(raw)
-            wf = WorkflowDef.model_validate(e.definition)
-            self._cache[key] = Version(e.name, e.version, e.content_hash, wf, e.at)
+            self._cache[key] = version_of(raw)
         return self._cache[key]
+
+
+def version_of(raw: dict[str, Any]) -> Version:
+    """A stored WorkflowPublished event (decoded JSON) as the Version it published."""
+    e = WorkflowPublished.model_validate(raw)
+    return Version(e.name, e.version, e.content_hash, WorkflowDef.model_validate(e.definition), e.at)

@@ -17,17 +17,15 @@ Blocking (it talks to the store): call it from a thread.
 from __future__ import annotations
 
 import logging
-import threading
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Callable, Sequence
 
-import jsonschema
 import orjson
 
 from contracts import events as ev
-from contracts.definitions import Problem, WorkflowDef
+from contracts.definitions import validate_input
 from contracts.triggers import CloudEvent, TriggerAccepted, trigger_stream
 from services.orchestrator.decide import Start, decide
 from services.orchestrator.executions import execution_id_for, utcnow
@@ -90,8 +88,6 @@ class Ingestor:
     ):
         self.store, self.catalog, self.clock = store, catalog, clock
         self.notify = notify or (lambda: None)
-        self._validators: dict[str, jsonschema.protocols.Validator] = {}
-        self._lock = threading.Lock()
         # counters, for tests and benchmarks
         self.accepted = 0
         self.duplicates = 0
@@ -154,7 +150,7 @@ class Ingestor:
             if v.name in planned:
                 continue  # two `on:` entries of one workflow (say, one webhook path twice): one execution
             planned.add(v.name)
-            problems = self._check_input(v.content_hash, v.definition, data)
+            problems = validate_input(v.definition, data)
             if problems:
                 rejected[route.label] = "invalid input: " + "; ".join(str(p) for p in problems)
                 continue
@@ -174,21 +170,6 @@ class Ingestor:
         head = NewEvent(t.stream, 1, accepted.type, orjson.dumps(accepted.model_dump(mode="json")))
         records = [head, *(r for rs in starts.values() for r in rs)]
         return _Plan(t, records, executions, rejected, starts)
-
-    def _check_input(self, content_hash: str, wf: WorkflowDef, value: Any) -> list[Problem]:
-        if wf.input_schema is None:
-            return []
-        with self._lock:
-            validator = self._validators.get(content_hash)
-            if validator is None:
-                if len(self._validators) > 1000:
-                    self._validators.clear()
-                validator = self._validators[content_hash] = jsonschema.Draft202012Validator(wf.input_schema)
-        out = []
-        for err in sorted(validator.iter_errors(value), key=lambda x: list(x.absolute_path)):
-            path = "input" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err.absolute_path)
-            out.append(Problem(path=path, message=err.message))
-        return out
 
     # ---- storing ----------------------------------------------------------------------------
 

@@ -32,9 +32,8 @@ from typing import Any, Iterable
 
 import orjson
 
-from contracts.definitions import TriggerSpec, WorkflowDef
-from contracts.workflows import WorkflowPublished
-from services.orchestrator.registry import Version
+from contracts.definitions import TriggerSpec
+from services.orchestrator.registry import Version, version_of
 from services.store import EventStore
 
 _MISSING = object()
@@ -201,12 +200,10 @@ class Catalog:
 
 
 def _add(latest: dict[str, Version], raw: dict[str, Any]) -> bool:
-    event = WorkflowPublished.model_validate(raw)
-    current = latest.get(event.name)
-    if current is not None and current.version >= event.version:
+    current = latest.get(raw["name"])
+    if current is not None and current.version >= raw["version"]:
         return False
-    wf = WorkflowDef.model_validate(event.definition)
-    latest[event.name] = Version(event.name, event.version, event.content_hash, wf, event.at)
+    latest[raw["name"]] = version_of(raw)
     return True
 
 
