@@ -32,20 +32,21 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import psycopg
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common import drop_schema, prepare_db, running_services  # noqa: E402 - bench/common.py
 from contracts.definitions import parse_definition  # noqa: E402
 from contracts.subjects import result_subject, step_subject  # noqa: E402
 from services.broker import OutMessage  # noqa: E402
 from services.broker.nats_server import NatsServer  # noqa: E402
 from services.deadletters import Actions, Filters, catch_up, list_dead_letters  # noqa: E402
+from services.deadletters.bulk import batches  # noqa: E402
 from services.orchestrator.executions import Executions  # noqa: E402
 from services.orchestrator.registry import Registry  # noqa: E402
 from services.settings import Settings  # noqa: E402
-from services.stack import ALL, Stack, run_services  # noqa: E402
+from services.stack import ALL, Stack  # noqa: E402
 
 HEALTHY = """
 name: bench-healthy
@@ -123,92 +124,84 @@ async def flood(stack: Stack, total: int, seconds: float) -> None:
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="weft-bench-dlq-"))
     server = NatsServer(store_dir=workdir / "nats").start()
-    schema = None
-    if args.db == "sqlite":
-        url = f"sqlite:///{workdir / 'bench.db'}"
-    else:
-        schema = f"bench_{uuid.uuid4().hex[:8]}"
-        url = f"{args.db}?schema={schema}"
+    url, schema = prepare_db(args.db, workdir)
     settings = Settings(home=workdir, database_url=url, nats_url=server.url, namespace="benchdlq",
                         worker_concurrency=args.concurrency, poll_interval=0.02)
-    stop = asyncio.Event()
-    ready: asyncio.Future[Stack] = asyncio.get_running_loop().create_future()
-    task = asyncio.create_task(run_services(settings, ALL, stop, on_ready=ready.set_result))
-    stack = await ready
+    try:
+        async with running_services(settings, ALL) as stack:
+            return await measure(stack, args, workdir)
+    finally:
+        server.stop()
+        drop_schema(args.db, schema)
+
+
+async def measure(stack: Stack, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     out: dict[str, Any] = {"db": "sqlite" if args.db == "sqlite" else "postgresql", "executions": args.executions,
                            "poison": args.poison, "concurrency": args.concurrency}
-    try:
-        registry = Registry(stack.store)
-        healthy = await asyncio.to_thread(registry.publish, parse_definition(HEALTHY))
-        await run_batch(stack, healthy, min(100, args.executions))  # warm up
-        # Rounds alternate, and each side keeps its best: on a shared machine the noise from
-        # other work is larger than the effect measured, and it only ever slows a round down.
-        alone_rates, flood_rates = [], []
+    registry = Registry(stack.store)
+    healthy = await asyncio.to_thread(registry.publish, parse_definition(HEALTHY))
+    await run_batch(stack, healthy, min(100, args.executions))  # warm up
+    # Rounds alternate, and each side keeps its best: on a shared machine the noise from
+    # other work is larger than the effect measured, and it only ever slows a round down.
+    alone_rates, flood_rates = [], []
+    t_flood = time.perf_counter()
+    for r in range(args.rounds):
+        _, alone = await run_batch(stack, healthy, args.executions)
+        alone_rates.append(args.executions / alone)
         t_flood = time.perf_counter()
-        for r in range(args.rounds):
-            _, alone = await run_batch(stack, healthy, args.executions)
-            alone_rates.append(args.executions / alone)
-            t_flood = time.perf_counter()
-            flooding = asyncio.create_task(flood(stack, args.poison, alone))
-            _, beside = await run_batch(stack, healthy, args.executions)
-            await flooding
-            flood_rates.append(args.executions / beside)
-            print(f"round {r + 1}: {alone_rates[-1]:.0f}/s alone, {flood_rates[-1]:.0f}/s beside {args.poison} poison "
-                  f"messages ({flood_rates[-1] / alone_rates[-1]:.0%})", flush=True)
-        ratio = max(flood_rates) / max(alone_rates)
-        out["alone_executions_per_s"] = [round(x, 1) for x in alone_rates]
-        out["flood_executions_per_s"] = [round(x, 1) for x in flood_rates]
-        out["throughput_ratio"] = round(ratio, 3)
-        print(f"best of {args.rounds}: {max(flood_rates):.0f}/s beside the flood = {ratio:.0%} of {max(alone_rates):.0f}/s alone",
-              flush=True)
-        total_poison = args.poison * args.rounds
+        flooding = asyncio.create_task(flood(stack, args.poison, alone))
+        _, beside = await run_batch(stack, healthy, args.executions)
+        await flooding
+        flood_rates.append(args.executions / beside)
+        print(f"round {r + 1}: {alone_rates[-1]:.0f}/s alone, {flood_rates[-1]:.0f}/s beside {args.poison} poison "
+              f"messages ({flood_rates[-1] / alone_rates[-1]:.0%})", flush=True)
+    ratio = max(flood_rates) / max(alone_rates)
+    out["alone_executions_per_s"] = [round(x, 1) for x in alone_rates]
+    out["flood_executions_per_s"] = [round(x, 1) for x in flood_rates]
+    out["throughput_ratio"] = round(ratio, 3)
+    print(f"best of {args.rounds}: {max(flood_rates):.0f}/s beside the flood = {ratio:.0%} of {max(alone_rates):.0f}/s alone",
+          flush=True)
+    total_poison = args.poison * args.rounds
 
-        view = stack.deadletters.view
+    view = stack.deadletters.view
 
-        def landed() -> int:
-            catch_up(stack.store, view)
-            return count(stack.store, "SELECT COUNT(*) FROM weft_dead_letters WHERE kind = 'poison'")
+    def landed() -> int:
+        catch_up(stack.store, view)
+        return count(stack.store, "SELECT COUNT(*) FROM weft_dead_letters WHERE kind = 'poison'")
 
-        while (n := await asyncio.to_thread(landed)) < total_poison:
-            await asyncio.sleep(0.05)
-            if time.perf_counter() - t_flood > 600:
-                raise RuntimeError(f"only {n}/{total_poison} poison messages reached the view")
-        ingest = time.perf_counter() - t_flood
-        out["last_flood_in_view_after_s"] = round(ingest, 2)
-        print(f"all {total_poison} poison dead letters in the view; the last flood's {ingest:.2f}s after it began", flush=True)
+    while (n := await asyncio.to_thread(landed)) < total_poison:
+        await asyncio.sleep(0.05)
+        if time.perf_counter() - t_flood > 600:
+            raise RuntimeError(f"only {n}/{total_poison} poison messages reached the view")
+    ingest = time.perf_counter() - t_flood
+    out["last_flood_in_view_after_s"] = round(ingest, 2)
+    print(f"all {total_poison} poison dead letters in the view; the last flood's {ingest:.2f}s after it began", flush=True)
 
-        failing = await asyncio.to_thread(registry.publish, parse_definition(FAILING))
-        flag = workdir / "fixed"
-        ids, _ = await run_batch(stack, failing, args.bulk, status="failed", data={"flag": str(flag)})
+    failing = await asyncio.to_thread(registry.publish, parse_definition(FAILING))
+    flag = workdir / "fixed"
+    ids, _ = await run_batch(stack, failing, args.bulk, status="failed", data={"flag": str(flag)})
 
-        def open_rows() -> list[dict[str, Any]]:
-            catch_up(stack.store, view)
-            with stack.store.transaction() as tx:
-                return list_dead_letters(tx, Filters(workflow="bench-failing", status="open"), limit=args.bulk)
+    def open_rows() -> list[dict[str, Any]]:
+        catch_up(stack.store, view)
+        with stack.store.transaction() as tx:
+            return list_dead_letters(tx, Filters(workflow="bench-failing", status="open"), limit=args.bulk)
 
-        rows: list[dict[str, Any]] = []
-        while len(rows) < args.bulk:
-            rows = await asyncio.to_thread(open_rows)
-        flag.touch()  # the cause is fixed
-        actions = Actions(stack.store, stack.transport)
-        t0 = time.perf_counter()
-        outcomes = []
-        for i in range(0, len(rows), 100):  # as `weft dlq reprocess` does: 100 per transaction
-            outcomes += await asyncio.to_thread(actions.reprocess_steps, rows[i : i + 100], None, "bench", None)
-        requested = time.perf_counter() - t0
-        await until_finished(stack, ids, "completed")
-        finished = time.perf_counter() - t0
-        assert all(o.outcome == "reprocessed" for o in outcomes), {o.outcome for o in outcomes}
-        out.update(bulk=args.bulk, bulk_reprocess_per_s=round(args.bulk / requested, 1),
-                   bulk_completed_after_s=round(finished, 2))
-        print(f"bulk reprocess of {args.bulk}: requested at {args.bulk / requested:.0f}/s, all completed after {finished:.2f}s", flush=True)
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, timeout=60)
-        server.stop()
-        if schema:
-            with psycopg.connect(args.db, autocommit=True) as conn:
-                conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    rows: list[dict[str, Any]] = []
+    while len(rows) < args.bulk:
+        rows = await asyncio.to_thread(open_rows)
+    flag.touch()  # the cause is fixed
+    actions = Actions(stack.store, stack.transport)
+    t0 = time.perf_counter()
+    outcomes = []
+    for chunk in batches(rows):  # as `weft dlq reprocess` does: 100 per transaction
+        outcomes += await asyncio.to_thread(actions.reprocess_steps, chunk, None, "bench", None)
+    requested = time.perf_counter() - t0
+    await until_finished(stack, ids, "completed")
+    finished = time.perf_counter() - t0
+    assert all(o.outcome == "reprocessed" for o in outcomes), {o.outcome for o in outcomes}
+    out.update(bulk=args.bulk, bulk_reprocess_per_s=round(args.bulk / requested, 1),
+               bulk_completed_after_s=round(finished, 2))
+    print(f"bulk reprocess of {args.bulk}: requested at {args.bulk / requested:.0f}/s, all completed after {finished:.2f}s", flush=True)
     return out
 
 

@@ -70,6 +70,13 @@ def step_dead_letter_id(execution_id: str, version: int) -> str:
     return str(uuid.uuid5(_NS, f"step\x00{execution_id}\x00{version}"))
 
 
+def message_key(stream: str, seq: int) -> str:
+    """The identity of a broker message for its dead letter (the `msg_id` given to dead_letter(),
+    carried as Weft-Dlq-Msg-Id): its stream and its sequence there. Whoever dead-letters the same
+    message (its consumer as poison, the MaxDeliver capture) names the same dead letter."""
+    return f"dlq:{stream}:{seq}"
+
+
 def message_dead_letter_id(key: str) -> str:
     """The id of the dead letter of one source message (`key`: its Weft-Dlq-Msg-Id)."""
     return str(uuid.uuid5(_NS, f"message\x00{key}"))

@@ -18,21 +18,23 @@ import asyncio
 import signal
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
 import orjson
 import typer
-from rich import box
-from rich.markup import escape
-from rich.panel import Panel
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.syntax import Syntax
-from rich.table import Table
 
 from weft import output as out
 from weft.cli import HomeOpt, JsonOpt, _json_arg, _service, _settings, _store, _user, app
+from weft.cli_dlq_render import (
+    progress_bar,
+    render_groups,
+    render_list,
+    render_outcomes,
+    render_show,
+    render_stats,
+    render_watch_line,
+)
 
 dlq_app = typer.Typer(no_args_is_help=True, help="Dead letters: inspect, fix, reprocess, discard.")
 app.add_typer(dlq_app, name="dlq")
@@ -71,13 +73,13 @@ def _filters(store: Any, *, workflow: Optional[str], step: Optional[str], kind: 
              since: Optional[str], until: Optional[str], error_contains: Optional[str]) -> Any:
     from contracts import deadletters as dl
     from services.deadletters import Filters
+    from services.deadletters.view import kinds
 
     if status is not None and status not in (*dl.STATUSES, "all"):
         out.fail(2, f"--status: must be one of {', '.join(dl.STATUSES)} or all, not {status!r}")
     if kind is not None:
         with store.reader() as tx:
-            tx.execute("SELECT DISTINCT kind FROM weft_dead_letters")
-            known = {r[0] for r in tx.fetchall()} | set(dl.STEP_KINDS) | set(dl.MESSAGE_KINDS) | {"step", "message"}
+            known = kinds(tx) | set(dl.STEP_KINDS) | set(dl.MESSAGE_KINDS) | {"step", "message"}
         if kind not in known:
             out.fail(2, f"--kind: unknown kind {kind!r}; known: {', '.join(sorted(known))}")
     return Filters(
@@ -135,31 +137,6 @@ def _summary(row: dict[str, Any]) -> dict[str, Any]:
     return {k: row.get(k) for k in keys}
 
 
-def _step(row: dict[str, Any]) -> str:
-    step = row.get("step_id") or ""
-    return f"{step}#{row['item']}" if row.get("item") is not None else step
-
-
-def _time(value: Optional[str]) -> str:
-    return (value or "")[:19].replace("T", " ")
-
-
-_COLOURS = {"open": "red", "reprocessed": "green", "discarded": "dim"}
-
-
-def _status(s: str) -> str:
-    return f"[{_COLOURS.get(s, 'white')}]{s}[/]"
-
-
-def _progress(as_json: bool) -> Any:
-    import os
-
-    if as_json or not (sys.stderr.isatty() or os.environ.get("WEFT_PROGRESS")):
-        return None
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=out.errors, transient=True)
-
-
 # ---- list / show ------------------------------------------------------------------------------
 
 
@@ -186,91 +163,22 @@ def dlq_list(
         store.close()
     if group_by:
         groups = group_by_error(rows)
-        out.emit(groups, as_json, render=_render_groups)
+        out.emit(groups, as_json, render=render_groups)
         return
-    out.emit([_summary(r) for r in rows], as_json, render=lambda rs: _render_list(rs, filters))
-
-
-def _fit(names: list[str], rows: list[list[str]], flex: str, optional: tuple[str, ...] = (),
-         wrap: bool = False) -> tuple[Table, list[list[str]]]:
-    """A table that fits the terminal: every column whole, except `flex`, which is cut with an
-    ellipsis (or wrapped); on a narrow terminal the `optional` columns go first."""
-    keep = list(range(len(names)))
-    widths = [max([len(n)] + [len(r[i]) for r in rows]) for i, n in enumerate(names)]
-
-    def room() -> int:
-        return out.console.width - sum(widths[i] for i in keep if names[i] != flex) - 3 * (len(keep) - 1)
-
-    for name in optional:
-        if room() >= 24:
-            break
-        keep.remove(names.index(name))
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
-    for i in keep:
-        if names[i] == flex:
-            width = max(room(), 12)
-            table.add_column(names[i], no_wrap=not wrap, overflow="fold" if wrap else "ellipsis", max_width=width,
-                             min_width=min(width, widths[i]))
-        else:
-            table.add_column(names[i], no_wrap=True, min_width=widths[i])
-    return table, [[r[i] for i in keep] for r in rows]
-
-
-def _short(value: Optional[str]) -> str:
-    """Today's times as HH:MM:SS, older ones with their date."""
-    text = _time(value)
-    return text[11:] if text[:10] == datetime.now(timezone.utc).strftime("%Y-%m-%d") else text[5:16]
-
-
-def _render_list(rows: list[dict[str, Any]], filters: Any) -> None:
-    if not rows:
-        out.console.print(f"no {filters.status or ''} dead letters".replace("  ", " "))
-        return
-    with_status = filters.status is None  # one status asked for: the column would say the same on every line
-    names = ["id", "kind", *(["status"] if with_status else []), "workflow", "step", "att.", "error", "last seen"]
-    cells = []
-    for r in rows:
-        error = f"{r['error_type']}: {r['error_message'] or ''}" if r.get("error_type") else (r.get("error_message") or "")
-        cells.append([r["id"][:8], r["kind"], *([r["status"]] if with_status else []), r.get("workflow") or "",
-                      _step(r), "" if r.get("attempt") is None else str(r["attempt"]),
-                      error.splitlines()[0] if error else "", _short(r["last_seen"])])
-    table, cells = _fit(names, cells, "error", optional=("last seen", "att.", "workflow"))
-    kept = [str(c.header) for c in table.columns]
-    for row in cells:
-        table.add_row(*(_status(c) if kept[i] == "status" else escape(c) for i, c in enumerate(row)))
-    out.console.print(table)
-    what = f"{filters.status} " if filters.status else ""
-    out.console.print(f"{len(rows)} {what}dead letter(s) · details: [bold]weft dlq show <id>[/bold]", highlight=False)
-
-
-def _render_groups(groups: list[dict[str, Any]]) -> None:
-    if not groups:
-        out.console.print("no dead letters")
-        return
-    names = ["count", "kind", "error", "workflows", "steps", "last seen", "example"]
-    cells = [[str(g["count"]), g["kind"], f"{g['error_type']}: {g['error']}" if g["error_type"] else g["error"],
-              ", ".join(g["workflows"]), ", ".join(g["steps"]), _short(g["last_seen"]), g["example"][:8]] for g in groups]
-    table, cells = _fit(names, cells, "error", optional=("last seen", "steps", "workflows"), wrap=True)
-    for row in cells:
-        table.add_row(*(escape(c) for c in row))
-    out.console.print(table)
-    out.console.print(f"{sum(g['count'] for g in groups)} dead letter(s) in {len(groups)} cluster(s) · "
-                      "[bold]weft dlq list --error-contains TEXT[/bold] lists one", highlight=False)
+    out.emit([_summary(r) for r in rows], as_json, render=lambda rs: render_list(rs, filters))
 
 
 @dlq_app.command("show")
 def dlq_show(ref: str = typer.Argument(..., metavar="ID"), as_json: bool = JsonOpt, home: Optional[Path] = HomeOpt) -> None:
     """One dead letter: payload, error, traceback, the execution's history around the failure."""
-    from contracts import deadletters as dl
+    from services.deadletters import Actions
     from services.deadletters.actions import history_around
 
     store = _open(home)
     try:
         row = _resolve(store, [ref])[0]
         history = history_around(store, row)
-        import uuid
-
-        acts = [dl.decode(r.type, r.data).model_dump(mode="json") for r in store.load(uuid.UUID(row["id"]))]
+        acts = [a.model_dump(mode="json") for a in Actions(store).acts(row["id"])]
     finally:
         store.close()
     payload: Any = row["payload"]
@@ -282,62 +190,7 @@ def dlq_show(ref: str = typer.Argument(..., metavar="ID"), as_json: bool = JsonO
     result = {**row, "payload": payload, "history": history, "acts": acts}
     if row.get("execution_id") and history:
         result["hint"] = f"weft history {row['execution_id']}"
-    out.emit(result, as_json, render=_render_show)
-
-
-def _render_show(r: dict[str, Any]) -> None:
-    c = out.console
-    c.print(f"[bold]dead letter {r['id']}[/bold] · {r['kind']} · {_status(r['status'])}")
-    facts = [("workflow", r.get("workflow")), ("execution", r.get("execution_id")), ("step", _step(r) or None),
-             ("attempt", r.get("attempt")), ("deliveries", r.get("delivered")), ("source subject", r.get("source_subject")),
-             ("idempotency key", r["details"].get("idempotency_key")), ("worker", r["details"].get("worker_id")),
-             ("event", " ".join(f"{k} {r['details'][f'event_{k}']}" for k in ("type", "id", "source")
-                                if r["details"].get(f"event_{k}")) or None),
-             ("first seen", _time(r["first_seen"])), ("last seen", _time(r["last_seen"]))]
-    if r["status"] != "open":
-        facts += [(f"{r['status']} by", r.get("actor")), ("why", r.get("action_reason")), ("at", _time(r.get("acted_at")))]
-    grid = Table.grid(padding=(0, 2))
-    for k, v in facts:
-        if v not in (None, ""):
-            grid.add_row(f"[dim]{k}[/dim]", escape(str(v)))
-    c.print(grid)
-    c.print()
-    c.print(f"[red bold]{escape(r.get('error_type') or 'error')}[/red bold]: {escape(r.get('error_message') or '')}", highlight=False)
-    if r.get("reason") and r.get("reason") != r.get("error_message"):
-        c.print(f"[dim]why dead-lettered:[/dim] {escape(r['reason'])}", highlight=False)
-    title = "payload (the step's input)" if r["source"] == "step" else f"payload ({r['payload_encoding']})"
-    if r["kind"] == "input_error":
-        title = "the execution's input (the step's input mapping could not be computed from it)"
-    body = r["payload"]
-    text = orjson.dumps(body, option=orjson.OPT_INDENT_2).decode() if not isinstance(body, str) else body
-    c.print(Panel(Syntax(text, "json" if not isinstance(body, str) else "text", word_wrap=True), title=title, title_align="left"))
-    if r["details"].get("input_mapping") is not None and r["kind"] == "input_error":
-        c.print(Panel(escape(orjson.dumps(r["details"]["input_mapping"]).decode()), title="input mapping", title_align="left"))
-    if r.get("headers"):
-        c.print(Panel("\n".join(f"{escape(k)}: {escape(str(v))}" for k, v in r["headers"].items()), title="headers", title_align="left"))
-    if r.get("traceback"):
-        import sysconfig
-
-        from services.deadletters.view import user_frames
-
-        # The step's own frames are what matter; the worker's and the standard library's are noise.
-        weft_dir = Path(out.__file__).resolve().parent
-        hide = [str(weft_dir) + "/", str(weft_dir.parent / "services") + "/", sysconfig.get_paths()["stdlib"] + "/"]
-        text, hidden = user_frames(r["traceback"], hide)
-        title = "traceback" + (f" ({hidden} frames of weft and the standard library hidden; --json has all)" if hidden else "")
-        c.print(Panel(Syntax(text, "pytb", word_wrap=True), title=title, title_align="left"))
-    if r.get("history"):
-        c.print("[bold]history around the failure[/bold]")
-        out.render_history(r["history"])
-    if r.get("hint"):
-        c.print(f"full history: [bold]{r['hint']}[/bold]", highlight=False)
-    for a in r.get("acts") or []:
-        if a["type"] in ("DeadLetterReprocessed", "DeadLetterDiscarded"):
-            c.print(f"[dim]{_time(a['at'])}[/dim] {a['type']} by {escape(a['by'])}" + (f": {escape(a['why'])}" if a.get("why") else ""),
-                    highlight=False)
-    if r["status"] == "open":
-        c.print(f"next: [bold]weft dlq reprocess {r['id'][:8]}[/bold] [--patch JSON]  or  "
-                f"[bold]weft dlq discard {r['id'][:8]} --reason TEXT[/bold]", highlight=False)
+    out.emit(result, as_json, render=render_show)
 
 
 # ---- reprocess / discard ----------------------------------------------------------------------
@@ -379,7 +232,7 @@ def _run_bulk(chunks: list[list[dict[str, Any]]], act: Any, as_json: bool, verb:
             loop.add_signal_handler(signal.SIGINT, cancelled.set)
         except (NotImplementedError, RuntimeError, ValueError):
             pass
-        progress = _progress(as_json) if total > 1 else None
+        progress = progress_bar(as_json) if total > 1 else None
         task = progress.add_task(verb, total=total) if progress else None
         async with AsyncExitStack() as stack:
             if resources is not None:
@@ -396,26 +249,7 @@ def _report(outcomes: list[Any], as_json: bool) -> None:
     if as_json:
         out.emit([o.as_dict() for o in outcomes], True)
     else:
-        table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
-        for name in ("id", "kind", "execution", "step", "outcome"):
-            table.add_column(name, no_wrap=True)
-        table.add_column("detail", overflow="fold")
-        shown = outcomes if len(outcomes) <= 50 else [o for o in outcomes if not o.ok]  # a big run: the trouble only
-        for o in shown:
-            colour = "green" if o.ok and not o.outcome.startswith("already") else "yellow" if o.ok else "red"
-            detail = o.detail or (f"attempt {o.attempt} scheduled" if o.attempt else "")
-            table.add_row(o.id[:8], o.kind, (o.execution_id or "")[:8], o.step_id or "", f"[{colour}]{o.outcome}[/]",
-                          escape(detail[:200]))
-        if shown:
-            out.console.print(table)
-        counts: dict[str, int] = {}
-        for o in outcomes:
-            counts[o.outcome] = counts.get(o.outcome, 0) + 1
-        out.console.print(" · ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "nothing to do", highlight=False)
-        for o in outcomes:
-            if o.preview is not None and o.outcome.startswith("would"):
-                out.console.print(f"{o.id[:8]} would send:")
-                out.console.print_json(orjson.dumps(o.preview).decode())
+        render_outcomes(outcomes)
     raise typer.Exit(0 if all(o.ok for o in outcomes) else 1)
 
 
@@ -498,7 +332,7 @@ def dlq_discard(
 ) -> None:
     """Give up on dead letters, saying why. Recorded as an event; the execution stays failed."""
     from services.deadletters import Actions
-    from services.deadletters.bulk import BATCH
+    from services.deadletters.bulk import chunked
 
     if not reason or not reason.strip():
         out.fail(2, "--reason: say why these are discarded (it is recorded with your name)")
@@ -512,7 +346,7 @@ def dlq_discard(
         async def act(chunk: list[dict[str, Any]]) -> Any:
             return await asyncio.to_thread(actions.discard_many, chunk, by=by, why=reason.strip(), dry_run=dry_run)
 
-        outcomes = _run_bulk([rows[i : i + BATCH] for i in range(0, len(rows), BATCH)], act, as_json, "discarding")
+        outcomes = _run_bulk(chunked(rows), act, as_json, "discarding")
     finally:
         store.close()
     _report(outcomes, as_json)
@@ -532,20 +366,14 @@ def dlq_watch(
 ) -> None:
     """Follow new dead letters as they arrive (Ctrl-C stops)."""
     from services.deadletters import list_dead_letters
-    from services.deadletters.view import DeadLettersView, catch_up
+    from services.deadletters.view import DeadLettersView, catch_up, seq_before
 
     store = _open(home)
     view = DeadLettersView(store)
     filters = _filters(store, workflow=workflow, step=step, kind=kind, status=None, since=None, until=None,
                        error_contains=error_contains)
-    start = _when("--since", since)
     with store.reader() as tx:
-        if start is None:
-            tx.execute("SELECT COALESCE(MAX(seq), 0) FROM weft_dead_letters")
-            last = int(tx.fetchone()[0])  # type: ignore[index]
-        else:
-            tx.execute("SELECT COALESCE(MIN(seq), 0) - 1 FROM weft_dead_letters WHERE last_seen >= ?", (start,))
-            last = int(tx.fetchone()[0])  # type: ignore[index]
+        last = seq_before(tx, _when("--since", since))
     out.errors.print("watching for dead letters · Ctrl-C stops")  # stderr: --json keeps stdout pure
     try:
         while True:
@@ -557,10 +385,7 @@ def dlq_watch(
                 if as_json:
                     sys.stdout.write(orjson.dumps(_summary(r)).decode() + "\n")
                 else:
-                    error = f"{r['error_type']}: {r['error_message'] or ''}".splitlines()[0][:80]
-                    out.console.print(f"{_time(r['last_seen'])} [bold]{r['id'][:8]}[/bold] {r['kind']} "
-                                      f"{escape(r.get('workflow') or '-')} {escape(_step(r) or '-')} [red]{escape(error)}[/red]",
-                                      highlight=False)
+                    render_watch_line(r)
             sys.stdout.flush()
             if not rows:
                 time.sleep(interval)
@@ -593,16 +418,4 @@ def dlq_stats(
         "open": [{"id": f"{k}/{w}", "kind": k, "workflow": w or None, "count": n} for k, w, n in counts],
         "by_status": {s: statuses.get(s, 0) for s in ("open", "reprocessed", "discarded")},
     }
-
-    def render(r: dict[str, Any]) -> None:
-        if not r["open"]:
-            out.console.print("no open dead letters · " + " · ".join(f"{n} {s}" for s, n in r["by_status"].items()),
-                              highlight=False)
-            return
-        table = Table("kind", "workflow", "open")
-        for row in r["open"]:
-            table.add_row(row["kind"], row["workflow"] or "", str(row["count"]))
-        out.console.print(table)
-        out.console.print(" · ".join(f"{n} {s}" for s, n in r["by_status"].items()), highlight=False)
-
-    out.emit(result, as_json, render=render)
+    out.emit(result, as_json, render=render_stats)

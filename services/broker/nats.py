@@ -40,6 +40,7 @@ __all__ = [
     "NatsConsumer",
     "NatsDelivery",
     "NatsTransport",
+    "StoredMessage",
 ]
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,8 @@ _RETENTION: dict[str, tuple[api.RetentionPolicy, float | None]] = {
 # Lower case only: stream names carry it upper-cased, so "ab" and "AB" would share streams.
 _NAMESPACE_RE = re.compile(r"[a-z0-9_-]{1,32}")
 _ERR_STREAM_NAME_IN_USE = 10058  # "stream name already in use with a different configuration"
+_ERR_MSG_DELETE_FAILED = 10057
+_ERR_SEQUENCE_NOT_FOUND = 10043
 
 # Errors after which the same call may well succeed: the broker is restarting,
 # a leader election is running, the reply got lost in a reconnect.
@@ -217,6 +220,17 @@ class MaxDeliverAdvisory:
     consumer: str
     stream_seq: int
     deliveries: int
+
+
+@dataclass(slots=True, frozen=True)
+class StoredMessage:
+    """A message read from a stream by its sequence (`NatsTransport.get_message`)."""
+
+    subject: str  # logical subject (namespace stripped)
+    data: bytes
+    headers: dict[str, str]  # the publisher's headers; the dedup id is in msg_id, not here
+    msg_id: str | None
+    stream_seq: int
 
 
 class AdvisorySubscription:
@@ -373,17 +387,63 @@ class NatsTransport:
 
     async def ensure_streams(self) -> None:
         for logical, captured in contract_subjects.STREAMS.items():
-            config = self._stream_config(logical, captured)
-            jsm = self._js
+            await self.ensure_stream(self._stream_config(logical, captured))
+
+    async def ensure_stream(self, config: api.StreamConfig) -> None:
+        """Create the stream of `config`, or bring the existing one to it. Idempotent.
+
+        For a stream beyond contracts.subjects.STREAMS (ensure_streams makes those):
+        the names in `config` are physical, so build its name with stream_name()."""
+        jsm = self._js
+        try:
+            await self._retrying("add_stream", "", lambda _t: jsm.add_stream(config), stream=config.name)
+        except BrokerError as exc:
+            cause = exc.__cause__
+            if not (isinstance(cause, nats.js.errors.APIError) and cause.err_code == _ERR_STREAM_NAME_IN_USE):
+                raise
+            await self._retrying("update_stream", "", lambda _t: jsm.update_stream(config), stream=config.name)
+
+    # ---- stored messages, by sequence -------------------------------------
+
+    async def get_message(self, stream: str, seq: int) -> StoredMessage | None:
+        """The message at sequence `seq` of `stream` (a logical name), delivered or not;
+        None when the stream holds none there (deleted, or acked off a work queue)."""
+        if seq < 1:
+            raise ValueError("seq must be >= 1")
+        physical = self.stream_name(stream)
+        js = self._js
+
+        async def get(_timeout: float) -> Any:
             try:
-                await self._retrying("add_stream", "", lambda _t, c=config: jsm.add_stream(c), stream=config.name)
-            except BrokerError as exc:
-                cause = exc.__cause__
-                if not (isinstance(cause, nats.js.errors.APIError) and cause.err_code == _ERR_STREAM_NAME_IN_USE):
-                    raise
-                await self._retrying(
-                    "update_stream", "", lambda _t, c=config: jsm.update_stream(c), stream=config.name
-                )
+                return await js.get_msg(physical, seq=seq)
+            except nats.js.errors.NotFoundError:
+                return None
+
+        raw = await self._retrying("get_message", "", get, stream=physical)
+        if raw is None:
+            return None
+        headers = dict(raw.headers) if raw.headers else {}
+        msg_id = headers.pop(MSG_ID_HEADER, None)
+        return StoredMessage(
+            subject=self.logical_subject(raw.subject or ""), data=raw.data or b"", headers=headers, msg_id=msg_id,
+            stream_seq=seq,
+        )
+
+    async def delete_message(self, stream: str, seq: int) -> bool:
+        """Remove the message at sequence `seq` from `stream` (a logical name), so no consumer
+        gets it again. False when it was not there (already deleted, or acked off a work queue)."""
+        physical = self.stream_name(stream)
+        js = self._js
+
+        async def delete(_timeout: float) -> bool:
+            try:
+                return bool(await js.delete_msg(physical, seq))
+            except nats.js.errors.APIError as exc:
+                if _no_such_message(exc):
+                    return False
+                raise
+
+        return await self._retrying("delete_message", "", delete, stream=physical)
 
     # ---- publishing -----------------------------------------------------
 
@@ -706,6 +766,13 @@ class NatsTransport:
                 log.debug("%s failed (%s), retrying in %.2fs", operation, type(exc).__name__, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
+
+
+def _no_such_message(exc: nats.js.errors.APIError) -> bool:
+    # STREAM.MSG.DELETE of a missing sequence: 10057 "no message found" (or 10043, or a 404).
+    if isinstance(exc, nats.js.errors.NotFoundError) or exc.err_code == _ERR_SEQUENCE_NOT_FOUND:
+        return True
+    return exc.err_code == _ERR_MSG_DELETE_FAILED and "no message found" in (exc.description or "")
 
 
 def _describe(operation: str, exc: BaseException) -> str:

@@ -177,7 +177,7 @@ class Actions:
     async def republish(self, row: dict[str, Any], patch: dict[str, Any] | None, by: str, why: str | None,
                         dry_run: bool = False, preview: Any = None) -> Outcome:
         out = Outcome(row["id"], "", row["kind"], row.get("execution_id"), row.get("step_id"))
-        acts = await asyncio.to_thread(self._acts, row["id"])
+        acts = await asyncio.to_thread(self.acts, row["id"])
         status = dl.status_of(acts)
         if status != dl.OPEN:
             return _already(out, status, acts)
@@ -234,16 +234,15 @@ class Actions:
         if records:
             try:
                 self.store.append(records)
-            except ConcurrencyError:
-                if len(rows) == 1:
-                    return self.discard_many(rows, by=by, why=why, dry_run=dry_run)
+            except ConcurrencyError:  # someone acted at the same moment: load again, one at a time
                 return [o for row in rows for o in self.discard_many([row], by=by, why=why, dry_run=dry_run)]
         return outcomes
 
-    def _acts(self, dead_letter_id: str) -> list[Any]:
+    def acts(self, dead_letter_id: str) -> list[Any]:
+        """The dead letter's own stream, decoded: how it was recorded, and what was done about it."""
         return [dl.decode(r.type, r.data) for r in self.store.load(uuid.UUID(dead_letter_id))]
 
-    def _record(self, out: Outcome, acts: list[Any], event: Any, outcome: str, acting: str = "reprocess") -> Outcome:
+    def _record(self, out: Outcome, acts: list[Any], event: Any, outcome: str) -> Outcome:
         sid = uuid.UUID(out.id)
         for _ in range(20):
             try:
@@ -251,12 +250,11 @@ class Actions:
                 out.outcome = outcome
                 return out
             except ConcurrencyError:
-                acts = self._acts(out.id)
+                acts = self.acts(out.id)
                 status = dl.status_of(acts)
                 if status != dl.OPEN:  # someone else acted at the same moment
-                    return _already(out, status, acts, acting)
+                    return _already(out, status, acts)
         raise ConcurrencyError(f"dead letter {out.id}: too much contention", kind="version")
-
 
 
 def history_around(store: EventStore, row: dict[str, Any], before: int = 8, after: int = 4) -> list[dict[str, Any]]:

@@ -21,10 +21,14 @@ Row = dict[str, Any]
 BATCH = 100
 
 
+def chunked(rows: Sequence[Row], size: int = BATCH) -> list[list[Row]]:
+    """`size` rows to a batch, in order (what a discard stores per transaction)."""
+    return [list(rows[i : i + size]) for i in range(0, len(rows), size)]
+
+
 def batches(rows: Sequence[Row], size: int = BATCH) -> list[list[Row]]:
-    steps = [r for r in rows if r["source"] == "step"]
-    out = [steps[i : i + size] for i in range(0, len(steps), size)]
-    return out + [[r] for r in rows if r["source"] != "step"]
+    """A reprocess's batches: step dead letters `size` to a transaction, then each message on its own."""
+    return chunked([r for r in rows if r["source"] == "step"], size) + [[r] for r in rows if r["source"] != "step"]
 
 
 async def run_batches(

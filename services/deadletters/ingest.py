@@ -22,7 +22,7 @@ import logging
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Protocol
 
 import orjson
@@ -31,16 +31,14 @@ from contracts import deadletters as dl
 from contracts.subjects import DLQ_PREFIX, DLQ_STREAM, RESULTS_STREAM, STEPS_STREAM
 from services.broker import Consumer, Delivery, Transport
 from services.faults import crash_point
+from services.orchestrator.executions import utcnow
+from services.retrying import Backoff
 from services.store import ConcurrencyError, EventStore, NewEvent
 
 log = logging.getLogger("weft.deadletters")
 DURABLE = "deadletters"
 MAX_DELIVER_DURABLE = "deadletters-maxdeliver"
 WORK_QUEUES = (STEPS_STREAM, RESULTS_STREAM)  # an abandoned message stays there until removed
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 def recorded_from(msg: Delivery, at: datetime) -> dl.DeadLetterRecorded:
@@ -124,19 +122,15 @@ class Ingester:
         self.consumer = await self.transport.consumer(
             DLQ_STREAM, DURABLE, ack_wait=self.ack_wait, max_deliver=-1, max_ack_pending=self.batch * 2,
         )
-        delay = 0.1
+        backoff = Backoff()
         while not stop.is_set():
             try:
                 msgs = await self._gather(self.consumer)
                 if msgs:
                     await self.handle(msgs)
-                delay = 0.1
-            except asyncio.CancelledError:
-                raise
+                backoff.reset()
             except Exception:  # the store or the broker is away: nothing acked, all comes back
-                log.exception("deadletters: batch failed, retrying in %.1fs", delay)
-                await _sleep_or_stop(stop, delay)
-                delay = min(delay * 2, 5.0)
+                await backoff.failed(stop, log, "deadletters: batch")
         await self.consumer.close()
 
     async def _gather(self, consumer: Consumer) -> list[Delivery]:
@@ -196,7 +190,7 @@ class MaxDeliverCapture:
 
     async def run(self, stop: asyncio.Event) -> None:
         consumer: Consumer | None = None
-        delay = 0.1
+        backoff = Backoff()
         while not stop.is_set():
             try:
                 if consumer is None:  # set up inside the loop: a broker that says no now may say yes later
@@ -206,13 +200,9 @@ class MaxDeliverCapture:
                     )
                 for msg in await consumer.fetch(32, timeout=0.5):
                     await self.handle(msg)
-                delay = 0.1
-            except asyncio.CancelledError:
-                raise
+                backoff.reset()
             except Exception:
-                log.exception("deadletters: MaxDeliver capture failed, retrying in %.1fs", delay)
-                await _sleep_or_stop(stop, delay)
-                delay = min(delay * 2, 5.0)
+                await backoff.failed(stop, log, "deadletters: MaxDeliver capture")
         if consumer is not None:
             await consumer.close()
 
@@ -236,7 +226,7 @@ class MaxDeliverCapture:
             "max_deliver", source.data,
             reason=f"delivered {deliveries} times to consumer {consumer!r} without an ack (MaxDeliver reached)",
             headers=source.headers, source_subject=source.subject, delivered=deliveries,
-            msg_id=f"dlq:{stream}:{seq}",  # the same identity a poison dead letter of this message has
+            msg_id=dl.message_key(stream, seq),  # the same identity a poison dead letter of this message has
         )
         crash_point("deadletters.after_max_deliver_store")
         if stream in WORK_QUEUES:
@@ -244,10 +234,3 @@ class MaxDeliverCapture:
         await msg.ack()
         self.captured += 1
         log.warning("deadletters: message %s#%d exceeded MaxDeliver on %s; dead-lettered", stream, seq, consumer)
-
-
-async def _sleep_or_stop(stop: asyncio.Event, delay: float) -> None:
-    try:
-        await asyncio.wait_for(stop.wait(), timeout=delay)
-    except asyncio.TimeoutError:
-        pass

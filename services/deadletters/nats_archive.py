@@ -5,16 +5,12 @@ JetStream publishes a MaxDeliver advisory on core NATS
 at-most-once: a subscriber that is down misses it. A stream that captures those
 subjects for this namespace's streams makes them durable, so the capture reads
 them with an ordinary durable consumer. The abandoned message itself is read by
-its stream sequence (`STREAM.MSG.GET`) and, once dead-lettered, deleted from its
-work queue.
-
-The broker port has no "get/delete by sequence", so this reaches into
-`NatsTransport`'s JetStream context; it is the only module that does.
+its stream sequence and, once dead-lettered, deleted from its work queue
+(`NatsTransport.get_message` / `delete_message`).
 """
 
 from __future__ import annotations
 
-import nats.js.errors
 from nats.js import api
 
 from contracts.subjects import DLQ_STREAM, STREAMS
@@ -23,7 +19,6 @@ from services.deadletters.ingest import SourceMessage
 
 ADVISORY_STREAM = "WEFT_ADVISORIES"
 ADVISORY_MAX_AGE = 7 * 24 * 3600.0
-_ERR_STREAM_NAME_IN_USE = 10058
 
 
 class NatsArchive:
@@ -44,35 +39,19 @@ class NatsArchive:
 
     async def ensure(self) -> None:
         t = self.transport
-        config = api.StreamConfig(
+        await t.ensure_stream(api.StreamConfig(
             name=t.stream_name(ADVISORY_STREAM),
             description="weft MaxDeliver advisories" + (f" (namespace {t.namespace})" if t.namespace else ""),
             subjects=self.subjects(), retention=api.RetentionPolicy.LIMITS, storage=api.StorageType.FILE,
             max_age=ADVISORY_MAX_AGE, discard=api.DiscardPolicy.OLD,
-        )
-        js = t._js  # noqa: SLF001 - see the module docstring
-        try:
-            await js.add_stream(config)
-        except nats.js.errors.APIError as exc:
-            if exc.err_code != _ERR_STREAM_NAME_IN_USE:
-                raise
-            await js.update_stream(config)
+        ))
 
     def logical_stream(self, physical: str) -> str | None:
         return self._sources.get(physical)
 
     async def get(self, logical_stream: str, seq: int) -> SourceMessage | None:
-        try:
-            raw = await self.transport._js.get_msg(self.transport.stream_name(logical_stream), seq=seq)  # noqa: SLF001
-        except nats.js.errors.NotFoundError:
-            return None
-        headers = {k: v for k, v in (raw.headers or {}).items()}
-        return SourceMessage(
-            subject=self.transport.logical_subject(raw.subject or ""), data=raw.data or b"", headers=headers,
-        )
+        msg = await self.transport.get_message(logical_stream, seq)
+        return None if msg is None else SourceMessage(subject=msg.subject, data=msg.data, headers=msg.headers)
 
     async def delete(self, logical_stream: str, seq: int) -> None:
-        try:
-            await self.transport._js.delete_msg(self.transport.stream_name(logical_stream), seq)  # noqa: SLF001
-        except nats.js.errors.NotFoundError:
-            pass
+        await self.transport.delete_message(logical_stream, seq)

@@ -25,20 +25,19 @@ log = logging.getLogger("weft.deadletters")
 class DeadLetterService:
     def __init__(
         self, store: EventStore, transport: Transport, *, batch: int = 256, ack_wait: float = 30.0,
-        poll_interval: float = 0.25, meter: Meter | None = None, capture_max_deliver: bool = True,
+        poll_interval: float = 0.25, meter: Meter | None = None,
     ):
+        from services.deadletters.nats_archive import NatsArchive
+
         self.store, self.transport, self.poll_interval = store, transport, poll_interval
         self.view = DeadLettersView(store)
         ensure_view(store, self.view)
         self.ingester = Ingester(store, transport, batch=batch, ack_wait=ack_wait)
         self.capture: MaxDeliverCapture | None = None
-        if capture_max_deliver:
-            from services.deadletters.nats_archive import NatsArchive
-
-            if NatsArchive.supports(transport):
-                self.capture = MaxDeliverCapture(transport, NatsArchive(transport), ack_wait=ack_wait)  # type: ignore[arg-type]
-            else:
-                log.warning("deadletters: this broker has no MaxDeliver advisories; not capturing them")
+        if NatsArchive.supports(transport):
+            self.capture = MaxDeliverCapture(transport, NatsArchive(transport), ack_wait=ack_wait)  # type: ignore[arg-type]
+        else:
+            log.warning("deadletters: this broker has no MaxDeliver advisories; not capturing them")
         self.gauge = OpenDeadLettersGauge(store, meter)
 
     async def run(self, stop: asyncio.Event) -> None:

@@ -347,6 +347,23 @@ def find(tx: ViewTransaction, ref: str) -> list[dict[str, Any]]:
     return [_row(r) for r in rows]
 
 
+def kinds(tx: ViewTransaction) -> set[str]:
+    """Every kind the view holds."""
+    tx.execute(f"SELECT DISTINCT kind FROM {TABLE}")
+    return {r[0] for r in tx.fetchall()}
+
+
+def seq_before(tx: ViewTransaction, since: str | None = None) -> int:
+    """Where following new rows starts (rows with a larger `seq` are new): after the newest
+    row, or with `since` (a ts()), just before the first row seen since then."""
+    if since is None:
+        tx.execute(f"SELECT COALESCE(MAX(seq), 0) FROM {TABLE}")
+    else:
+        tx.execute(f"SELECT COALESCE(MIN(seq), 0) - 1 FROM {TABLE} WHERE last_seen >= ?", (since,))
+    row = tx.fetchone()
+    return int(row[0]) if row else 0
+
+
 def open_counts(tx: ViewTransaction) -> list[tuple[str, str, int]]:
     """(kind, workflow, count) of open dead letters."""
     tx.execute(

@@ -13,6 +13,7 @@ import asyncio
 import os
 import signal
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -23,15 +24,14 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from services.deadletters.metrics import OpenDeadLettersGauge
-from tests.support import Running, stack_up
-from tests.support import assert_applied_once, wait_until
+from tests.support import Running, assert_applied_once, stack_up, wait_until
 from weft import StepContext
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
 
 
-# ---- step handlers (imported by the worker as tests.integration.test_dlq:...) ----------------
+# ---- a step handler (imported by the worker as tests.integration.test_dlq:flaky) -------------
 
 
 def flaky(input: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
@@ -41,12 +41,6 @@ def flaky(input: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
     if not os.path.exists(input["flag"]):
         raise ConnectionError(f"backend unreachable (no {Path(input['flag']).name})")
     return {"ok": True, "order": input["order"]}
-
-
-def positive(input: dict[str, Any], ctx: StepContext) -> int:
-    if not isinstance(input.get("n"), int) or input["n"] <= 0:
-        raise ValueError(f"n must be positive, got {input.get('n')}")
-    return input["n"]
 
 
 FLAKY = """
@@ -66,12 +60,11 @@ name: needs-positive
 steps:
   - id: check
     type: python
-    with: {callable: "tests.integration.test_dlq:positive"}
+    with: {callable: "tests.integration.steps:positive"}
     input: {n: "${{ input.n }}"}
     retry: {max_attempts: 1}
 output: "${{ steps.check.output }}"
 """
-
 
 
 @pytest.fixture
@@ -105,6 +98,22 @@ class Cli:
     async def json(self, *args: str, expect: int | None = 0) -> Any:
         _, out, _ = await self(*args, "--json", expect=expect)
         return orjson.loads(out)
+
+
+async def finished_all(store: Any, ids: Any, finishing: str, *, since: int = 0, timeout: float = 60,
+                       interval: float = 0.1) -> None:
+    """Wait until each execution of `ids` has its `finishing` event (ExecutionCompleted, ExecutionFailed)
+    in the store, reading the log from position `since`."""
+    wanted, seen, position = set(ids), set(), since
+    deadline = time.monotonic() + timeout
+    while len(seen) < len(wanted):
+        records = await asyncio.to_thread(store.read, position, 5000, [finishing])
+        seen.update(str(r.stream_id) for r in records if str(r.stream_id) in wanted)
+        if records:
+            position = records[-1].position
+        else:
+            assert time.monotonic() < deadline, f"only {len(seen)}/{len(wanted)} {finishing} after {timeout}s"
+            await asyncio.sleep(interval)
 
 
 async def _failed(stack: Running, text: str, data: Any) -> str:

@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from services.deadletters import Filters, list_dead_letters
-from tests.integration.test_dlq import Cli
-from tests.support import up_stack
-from tests.support import wait_until
+from tests.integration.test_dlq import Cli, finished_all
+from tests.support import stack_up, wait_until
 from weft import StepContext
 
 pytestmark = pytest.mark.integration
@@ -39,26 +37,14 @@ def until_fixed(input: dict[str, Any], ctx: StepContext) -> int:
     return input["n"]
 
 
-async def _finished(store: Any, ids: set[str], finishing: str, timeout: float = 60) -> None:
-    position, seen, deadline = 0, set(), time.monotonic() + timeout
-    while len(seen) < len(ids):
-        records = await asyncio.to_thread(store.read, position, 5000, [finishing])
-        seen.update(str(r.stream_id) for r in records if str(r.stream_id) in ids)
-        position = records[-1].position if records else position
-        if not records:
-            assert time.monotonic() < deadline, f"only {len(seen)}/{len(ids)} {finishing}"
-            await asyncio.sleep(0.1)
-
-
 async def test_bulk_reprocess_of_a_thousand_and_again(tmp_path: Path, pg_url: str, nats_url: str) -> None:
-    running = await up_stack(tmp_path, pg_url, nats_url, concurrency=32)
-    try:
+    async with stack_up(tmp_path, pg_url, nats_url, concurrency=32) as running:
         store, cli, flag = running.stack.store, Cli(running, tmp_path), tmp_path / "downstream-up"
         version = await asyncio.to_thread(running.publish, BULK)
         ids = await asyncio.to_thread(
             running.stack.executions.start_many, version, [{"flag": str(flag), "n": i} for i in range(N)]
         )
-        await _finished(store, set(ids), "ExecutionFailed")
+        await finished_all(store, ids, "ExecutionFailed")
 
         def open_letters() -> list[dict[str, Any]]:
             with store.reader() as tx:
@@ -74,7 +60,7 @@ async def test_bulk_reprocess_of_a_thousand_and_again(tmp_path: Path, pg_url: st
         assert len(outcomes) == N
         assert {(o["outcome"], o["attempt"]) for o in outcomes} == {("reprocessed", 2)}
         assert {o["execution_id"] for o in outcomes} == set(ids)
-        await _finished(store, set(ids), "ExecutionCompleted")
+        await finished_all(store, ids, "ExecutionCompleted")
 
         head = await asyncio.to_thread(store.head)
         assert await cli.json("dlq", "reprocess", "--workflow", "bulk") == []  # nothing open is left
@@ -90,6 +76,3 @@ async def test_bulk_reprocess_of_a_thousand_and_again(tmp_path: Path, pg_url: st
             assert [e.attempt for e in history if e.type == "StepScheduled"] == [1, 2]
         done = await cli.json("dlq", "list", "--workflow", "bulk", "--status", "reprocessed", "--limit", str(N + 1))
         assert len(done) == N and {d["action_reason"] for d in done} == {"downstream back"}
-    finally:
-        running.stop.set()
-        await asyncio.wait_for(running.task, timeout=30)

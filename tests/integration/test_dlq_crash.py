@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import uuid
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from services.broker.nats import NatsTransport
 from services.deadletters import DeadLettersView, Filters, list_dead_letters
 from services.deadletters.view import ensure_view
 from services.store import open_store
-from tests.integration.test_crash import Services
+from tests.integration.test_crash import Services, _died
 from tests.support import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -57,11 +56,6 @@ async def transport(env: dict[str, str], nats_url: str):
     await t.ensure_streams()
     yield t
     await t.close()
-
-
-async def _died(proc: Any, timeout: float = 60) -> None:
-    await wait_until(lambda: proc.poll() is not None, timeout=timeout, what="the crash point to be reached")
-    assert proc.returncode == -signal.SIGKILL, f"expected SIGKILL, got {proc.returncode}"
 
 
 def _recorded(store: Any) -> list[Any]:

@@ -467,3 +467,42 @@ def test_server_restart_keeps_port_and_url(tmp_path: Path) -> None:
         server.restart()
         assert server.url == url and server.running
     assert not server.running
+
+
+async def test_messages_by_sequence_and_an_extra_stream(transport: NatsTransport, nats_url: str) -> None:
+    """get_message / delete_message read and remove one stored message by its stream
+    sequence, in logical names; ensure_stream makes, then updates, a stream of one's own."""
+    await transport.publish(OutMessage(PY, b"kept", msg_id="by-seq", headers={"X-Trace": "t-1"}))
+    consumer = await transport.consumer(STEPS_STREAM, "by-seq", ack_wait=30)
+    (delivery,) = await fetch_all(consumer, 1, ack=False)
+    seq = delivery.stream_seq
+    got = await transport.get_message(STEPS_STREAM, seq)
+    assert got is not None
+    assert (got.subject, got.data, got.headers, got.msg_id, got.stream_seq) == (PY, b"kept", {"X-Trace": "t-1"}, "by-seq", seq)
+    assert await transport.get_message(STEPS_STREAM, seq + 100) is None
+    assert await transport.delete_message(STEPS_STREAM, seq) is True
+    assert await transport.get_message(STEPS_STREAM, seq) is None
+    assert await transport.delete_message(STEPS_STREAM, seq) is False
+    assert await stream_state(nats_url, transport.stream_name(STEPS_STREAM)) == 0
+    await consumer.close()
+
+    extra = transport.stream_name("EXTRA")
+    config = nats.js.api.StreamConfig(name=extra, subjects=[f"extra.{transport.namespace}.>"], max_age=60.0)
+    try:
+        await transport.ensure_stream(config)
+        await transport.ensure_stream(config)  # idempotent
+        config.max_age = 120.0
+        await transport.ensure_stream(config)  # a changed config updates the stream
+        nc = await nats.connect(nats_url)
+        try:
+            assert (await nc.jetstream().stream_info(extra)).config.max_age == 120.0
+        finally:
+            await nc.close()
+        with pytest.raises(BrokerError):  # a real refusal is not swallowed
+            await transport.ensure_stream(nats.js.api.StreamConfig(name=extra, subjects=["a b"]))
+    finally:
+        nc = await nats.connect(nats_url)
+        try:
+            await nc.jetstream().delete_stream(extra)
+        finally:
+            await nc.close()
