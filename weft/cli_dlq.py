@@ -24,6 +24,7 @@ from typing import Any, Optional
 import orjson
 import typer
 
+from contracts import deadletters as dl
 from weft import output as out
 from weft.cli import HomeOpt, JsonOpt, _json_arg, _service, _settings, _store, _user, app
 from weft.cli_dlq_render import (
@@ -41,8 +42,7 @@ app.add_typer(dlq_app, name="dlq")
 
 WorkflowOpt = typer.Option(None, "--workflow", help="Only this workflow.")
 StepOpt = typer.Option(None, "--step", help="Only this step id.")
-KindOpt = typer.Option(None, "--kind", help="A kind (retries_exhausted, non_retryable, input_error, poison, "
-                       "unknown_task, max_deliver, trigger_invalid, trigger_unroutable), or step / message.")
+KindOpt = typer.Option(None, "--kind", help=f"A kind ({', '.join(dl.STEP_KINDS + dl.MESSAGE_KINDS)}), or step / message.")
 SinceOpt = typer.Option(None, "--since", help="Seen at or after: ISO time, or an age like 30m, 2h, 7d.")
 UntilOpt = typer.Option(None, "--until", help="Seen before: ISO time, or an age like 30m, 2h, 7d.")
 ErrorOpt = typer.Option(None, "--error-contains", help="Error type or message contains this (any case).")
@@ -71,7 +71,6 @@ def _when(name: str, text: Optional[str]) -> Optional[str]:
 
 def _filters(store: Any, *, workflow: Optional[str], step: Optional[str], kind: Optional[str], status: Optional[str],
              since: Optional[str], until: Optional[str], error_contains: Optional[str]) -> Any:
-    from contracts import deadletters as dl
     from services.deadletters import Filters
     from services.deadletters.view import kinds
 

@@ -23,10 +23,14 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext, api
 
 from contracts import subjects as contract_subjects
+from contracts.deadletters import DELIVERED_HEADER as DLQ_DELIVERED_HEADER
+from contracts.deadletters import KIND_HEADER as DLQ_KIND_HEADER
+from contracts.deadletters import MSG_ID_HEADER as DLQ_MSG_ID_HEADER
+from contracts.deadletters import REASON_HEADER as DLQ_REASON_HEADER
+from contracts.deadletters import SOURCE_SUBJECT_HEADER as DLQ_SOURCE_SUBJECT_HEADER
 from services.broker.ports import BrokerError, OutMessage
 
 __all__ = [
@@ -36,7 +40,6 @@ __all__ = [
     "DLQ_REASON_HEADER",
     "DLQ_SOURCE_SUBJECT_HEADER",
     "DUPLICATE_WINDOW",
-    "MaxDeliverAdvisory",
     "NatsConsumer",
     "NatsDelivery",
     "NatsTransport",
@@ -46,11 +49,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 MSG_ID_HEADER = "Nats-Msg-Id"
-DLQ_REASON_HEADER = "Weft-Dlq-Reason"
-DLQ_SOURCE_SUBJECT_HEADER = "Weft-Dlq-Source-Subject"
-DLQ_DELIVERED_HEADER = "Weft-Dlq-Delivered"
-DLQ_KIND_HEADER = "Weft-Dlq-Kind"
-DLQ_MSG_ID_HEADER = "Weft-Dlq-Msg-Id"
 _DLQ_REASON_MAX = 4096  # headers share max_payload with the body; a traceback must not crowd it out
 
 DUPLICATE_WINDOW = 120.0
@@ -213,16 +211,6 @@ class NatsConsumer:
 
 
 @dataclass(slots=True, frozen=True)
-class MaxDeliverAdvisory:
-    """JetStream gave up on a message (max_deliver reached). Core NATS: at-most-once, a hint only."""
-
-    stream: str  # logical stream name
-    consumer: str
-    stream_seq: int
-    deliveries: int
-
-
-@dataclass(slots=True, frozen=True)
 class StoredMessage:
     """A message read from a stream by its sequence (`NatsTransport.get_message`)."""
 
@@ -231,17 +219,6 @@ class StoredMessage:
     headers: dict[str, str]  # the publisher's headers; the dedup id is in msg_id, not here
     msg_id: str | None
     stream_seq: int
-
-
-class AdvisorySubscription:
-    def __init__(self, sub: Subscription):
-        self._sub = sub
-
-    async def close(self) -> None:
-        try:
-            await self._sub.unsubscribe()
-        except _CLIENT_ERRORS:
-            pass
 
 
 class NatsTransport:
@@ -667,41 +644,6 @@ class NatsTransport:
         await self.publish(
             OutMessage(subject=contract_subjects.dlq_subject(kind), data=payload, msg_id=dedup, headers=out)
         )
-
-    async def max_deliver_advisories(
-        self,
-        callback: Callable[[MaxDeliverAdvisory], Awaitable[None]],
-        *,
-        stream: str | None = None,
-        durable: str | None = None,
-    ) -> AdvisorySubscription:
-        """Call back on each MaxDeliver advisory of this transport's streams (core NATS: at-most-once)."""
-        physical = self.stream_name(stream) if stream else "*"
-        subject = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{physical}.{durable or '*'}"
-        ours = {self.stream_name(s): s for s in contract_subjects.STREAMS}
-
-        async def handler(msg: Msg) -> None:
-            try:
-                body = json.loads(msg.data)
-                logical = ours.get(body["stream"])
-                if logical is None:  # another namespace's stream
-                    return
-                advisory = MaxDeliverAdvisory(
-                    stream=logical,
-                    consumer=body["consumer"],
-                    stream_seq=int(body["stream_seq"]),
-                    deliveries=int(body["deliveries"]),
-                )
-            except (ValueError, KeyError, TypeError) as exc:
-                log.warning("bad MaxDeliver advisory on %s: %s", msg.subject, exc)
-                return
-            await callback(advisory)
-
-        try:
-            sub = await self._nc.subscribe(subject, cb=handler)
-        except _CLIENT_ERRORS as exc:
-            raise BrokerError("cannot subscribe to advisories", operation="advisories", subject=subject) from exc
-        return AdvisorySubscription(sub)
 
     # ---- lifecycle --------------------------------------------------------
 

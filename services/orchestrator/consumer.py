@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from contracts.deadletters import message_key
 from contracts.messages import MessageError, StepResult, decode_result
 from contracts.subjects import RESULTS_STREAM
 from services.broker import Consumer, Delivery, Transport
@@ -76,7 +77,7 @@ class ResultConsumer:
     async def _dead_letter(self, msg: Delivery, kind: str, reason: str) -> None:
         await self.transport.dead_letter(
             kind, msg.data, reason=reason, headers=msg.headers, source_subject=msg.subject,
-            delivered=msg.delivered, msg_id=f"dlq:{RESULTS_STREAM}:{msg.stream_seq}",
+            delivered=msg.delivered, msg_id=message_key(RESULTS_STREAM, msg.stream_seq),
         )
         crash_point("orchestrator.after_dead_letter")  # stored in the DLQ, not yet acked: redelivery dedups
         await msg.ack()

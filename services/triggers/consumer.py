@@ -23,6 +23,7 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
+from contracts.deadletters import message_key
 from contracts.subjects import TRIGGERS_STREAM, trigger_subject
 from contracts.triggers import CloudEvent
 from services.broker import Consumer, Delivery, Transport
@@ -103,7 +104,7 @@ class TriggerConsumer:
                 good.append((msg, Trigger(decode(msg), via="topic")))
             except ValueError as exc:
                 self.invalid += 1
-                await self._dead_letter(msg, "trigger_invalid", str(exc), f"dlq:{TRIGGERS_STREAM}:{msg.stream_seq}")
+                await self._dead_letter(msg, "trigger_invalid", str(exc), message_key(TRIGGERS_STREAM, msg.stream_seq))
         if good:
             outcomes = await asyncio.to_thread(self.ingestor.ingest, [t for _, t in good])
             crash_point("triggers.after_append")
@@ -143,7 +144,7 @@ class TriggerConsumer:
                 if msg.delivered >= self.max_deliver:
                     self.failed += 1
                     await self._dead_letter(msg, "trigger_failed", f"could not be ingested: {type(exc).__name__}: {exc}",
-                                            f"dlq:{TRIGGERS_STREAM}:{msg.stream_seq}")
+                                            message_key(TRIGGERS_STREAM, msg.stream_seq))
                     await msg.ack()
                 else:
                     await msg.nak(delay=delay)

@@ -18,6 +18,7 @@ from typing import Any
 
 
 import weft
+from contracts.deadletters import message_key
 from contracts.messages import MessageError, StepError, StepReady, StepResult, decode_ready
 from contracts.subjects import STEPS_STREAM, result_subject
 from services.broker import Delivery, OutMessage, Transport
@@ -89,7 +90,7 @@ class Worker:
         except MessageError as exc:
             await self.transport.dead_letter(
                 "poison", msg.data, reason=str(exc), headers=msg.headers, source_subject=msg.subject,
-                delivered=msg.delivered, msg_id=f"dlq:{STEPS_STREAM}:{msg.stream_seq}",
+                delivered=msg.delivered, msg_id=message_key(STEPS_STREAM, msg.stream_seq),
             )
             crash_point("worker.after_dead_letter")  # stored in the DLQ, not yet acked: redelivery dedups
             await msg.ack()
