@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections import Counter
@@ -101,3 +105,70 @@ async def stack_up(tmp_path: Path, db_url: str, nats_url: str, parts: Sequence[s
         yield running
     finally:
         await running.close()
+
+
+async def finished_all(store: Any, ids: Any, finishing: str, *, since: int = 0, timeout: float = 60,
+                       interval: float = 0.1) -> None:
+    """Wait until each execution of `ids` has its `finishing` event (ExecutionCompleted, ExecutionFailed)
+    in the store, reading the log from position `since`."""
+    wanted, seen, position = set(ids), set(), since
+    deadline = time.monotonic() + timeout
+    while len(seen) < len(wanted):
+        records = await asyncio.to_thread(store.read, position, 5000, [finishing])
+        seen.update(str(r.stream_id) for r in records if str(r.stream_id) in wanted)
+        if records:
+            position = records[-1].position
+        else:
+            assert time.monotonic() < deadline, f"only {len(seen)}/{len(wanted)} {finishing} after {timeout}s"
+            await asyncio.sleep(interval)
+
+
+# ---- services as real subprocesses (`python -m weft <service>`), for crash tests ------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def service_env(home: Path, db_url: str, nats_url: str, prefix: str = "c") -> dict[str, str]:
+    """The environment of a service subprocess: this test's store and broker, fast redelivery."""
+    env = {
+        **os.environ, "WEFT_HOME": str(home), "WEFT_DATABASE_URL": db_url, "WEFT_NATS_URL": nats_url,
+        "WEFT_NAMESPACE": f"{prefix}{uuid.uuid4().hex[:8]}", "WEFT_ACK_WAIT": "2", "WEFT_POLL_INTERVAL": "0.02",
+        "WEFT_LOG_LEVEL": "INFO", "PYTHONPATH": str(ROOT),
+    }
+    env.pop("WEFT_CRASH_AT", None)
+    return env
+
+
+class Services:
+    """Service subprocesses with their logs in `logs`; SIGTERM (then SIGKILL) on stop_all."""
+
+    def __init__(self, env: dict[str, str], logs: Path):
+        self.env, self.logs = env, logs
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        logs.mkdir(parents=True, exist_ok=True)
+
+    def start(self, name: str, **extra_env: str) -> subprocess.Popen[bytes]:
+        with open(self.logs / f"{name}-{len(list(self.logs.iterdir()))}.log", "wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "weft", name], env={**self.env, **extra_env}, stdout=log,
+                stderr=subprocess.STDOUT, cwd=ROOT,
+            )
+        self.procs[name] = proc
+        return proc
+
+    def stop_all(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+async def sigkilled(proc: subprocess.Popen[Any], timeout: float = 60) -> None:
+    """Wait for a process to reach its crash point: it must end by SIGKILL."""
+    await wait_until(lambda: proc.poll() is not None, timeout=timeout, what="the crash point to be reached")
+    assert proc.returncode == -signal.SIGKILL, f"expected SIGKILL, got {proc.returncode}"

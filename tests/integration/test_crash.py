@@ -9,13 +9,7 @@ services/faults.py); the worker is also killed from outside in the middle of a s
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import subprocess
-import sys
-import uuid
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -23,7 +17,7 @@ from contracts.definitions import parse_definition
 from services.orchestrator.executions import Executions
 from services.orchestrator.registry import Registry
 from services.store import open_store
-from tests.support import assert_applied_once, wait_until
+from tests.support import Services, assert_applied_once, service_env, sigkilled, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
@@ -39,50 +33,9 @@ output: "${{ steps.c.output }}"
 """
 
 
-class Services:
-    def __init__(self, env: dict[str, str], logs: Path):
-        self.env, self.logs = env, logs
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-
-    def start(self, name: str, **extra_env: str) -> subprocess.Popen[bytes]:
-        log = open(self.logs / f"{name}-{len(list(self.logs.iterdir()))}.log", "wb")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "weft", name], env={**self.env, **extra_env}, stdout=log, stderr=subprocess.STDOUT,
-            cwd=ROOT,
-        )
-        log.close()
-        self.procs[name] = proc
-        return proc
-
-    def stop_all(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
 @pytest.fixture
 def services(tmp_path: Path, pg_url: str, nats_url: str):
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    env = {
-        **os.environ,
-        "WEFT_HOME": str(tmp_path),
-        "WEFT_DATABASE_URL": pg_url,
-        "WEFT_NATS_URL": nats_url,
-        "WEFT_NAMESPACE": f"c{uuid.uuid4().hex[:8]}",
-        "WEFT_ACK_WAIT": "2",
-        "WEFT_POLL_INTERVAL": "0.02",
-        "WEFT_LOG_LEVEL": "INFO",
-        "PYTHONPATH": str(ROOT),
-    }
-    env.pop("WEFT_CRASH_AT", None)
-    svc = Services(env, logs)
+    svc = Services(service_env(tmp_path, pg_url, nats_url), tmp_path / "logs")
     yield svc
     svc.stop_all()
 
@@ -108,11 +61,6 @@ async def _all_complete(executions: Executions, ids: list[str], timeout: float =
         assert history[-1].output == [i, i + 1, i + 2]
 
 
-async def _died(proc: subprocess.Popen[Any], timeout: float = 60) -> None:
-    await wait_until(lambda: proc.poll() is not None, timeout=timeout, what="the crash point to be reached")
-    assert proc.returncode == -signal.SIGKILL, f"expected SIGKILL, got {proc.returncode}"
-
-
 @pytest.mark.parametrize("victim,point", [
     ("orchestrator", "orchestrator.after_append:3"),  # between the store commit and the acks
     ("relay", "relay.after_publish:2"),  # between the publishes and saving the position
@@ -122,7 +70,7 @@ async def test_sigkill_at_crash_point(services: Services, pg_url: str, victim: s
     executions, ids = _start_executions(pg_url, 12)
     for name in ("orchestrator", "relay", "worker"):
         services.start(name, **({"WEFT_CRASH_AT": point} if name == victim else {}))
-    await _died(services.procs[victim])
+    await sigkilled(services.procs[victim])
     services.start(victim)  # the restart, without the crash point
     await _all_complete(executions, ids)
     executions.store.close()

@@ -13,7 +13,6 @@ import asyncio
 import os
 import signal
 import sys
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -98,22 +97,6 @@ class Cli:
     async def json(self, *args: str, expect: int | None = 0) -> Any:
         _, out, _ = await self(*args, "--json", expect=expect)
         return orjson.loads(out)
-
-
-async def finished_all(store: Any, ids: Any, finishing: str, *, since: int = 0, timeout: float = 60,
-                       interval: float = 0.1) -> None:
-    """Wait until each execution of `ids` has its `finishing` event (ExecutionCompleted, ExecutionFailed)
-    in the store, reading the log from position `since`."""
-    wanted, seen, position = set(ids), set(), since
-    deadline = time.monotonic() + timeout
-    while len(seen) < len(wanted):
-        records = await asyncio.to_thread(store.read, position, 5000, [finishing])
-        seen.update(str(r.stream_id) for r in records if str(r.stream_id) in wanted)
-        if records:
-            position = records[-1].position
-        else:
-            assert time.monotonic() < deadline, f"only {len(seen)}/{len(wanted)} {finishing} after {timeout}s"
-            await asyncio.sleep(interval)
 
 
 async def _failed(stack: Running, text: str, data: Any) -> str:

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from services.deadletters import Filters, list_dead_letters
-from tests.integration.test_dlq import Cli, finished_all
-from tests.support import stack_up, wait_until
+from tests.integration.test_dlq import Cli
+from tests.support import finished_all, stack_up, wait_until
 from weft import StepContext
 
 pytestmark = pytest.mark.integration

@@ -9,8 +9,6 @@ source, then restart, over real subprocesses (`python -m weft <service>`), NATS 
 from __future__ import annotations
 
 import asyncio
-import os
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +21,7 @@ from services.broker.nats import NatsTransport
 from services.deadletters import DeadLettersView, Filters, list_dead_letters
 from services.deadletters.view import ensure_view
 from services.store import open_store
-from tests.integration.test_crash import Services, _died
-from tests.support import wait_until
+from tests.support import Services, service_env, sigkilled, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
@@ -32,20 +29,12 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def env(tmp_path: Path, pg_url: str, nats_url: str) -> dict[str, str]:
-    out = {
-        **os.environ, "WEFT_HOME": str(tmp_path), "WEFT_DATABASE_URL": pg_url, "WEFT_NATS_URL": nats_url,
-        "WEFT_NAMESPACE": f"d{uuid.uuid4().hex[:8]}", "WEFT_ACK_WAIT": "2", "WEFT_POLL_INTERVAL": "0.02",
-        "WEFT_LOG_LEVEL": "INFO", "PYTHONPATH": str(ROOT),
-    }
-    out.pop("WEFT_CRASH_AT", None)
-    return out
+    return service_env(tmp_path, pg_url, nats_url, prefix="d")
 
 
 @pytest.fixture
 def services(tmp_path: Path, env: dict[str, str]):
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    svc = Services(env, logs)
+    svc = Services(env, tmp_path / "logs")
     yield svc
     svc.stop_all()
 
@@ -86,7 +75,7 @@ async def test_sigkill_between_store_and_ack_neither_loses_nor_doubles(
             "poison", data, reason=f"test {i}", source_subject=result_subject("x"), delivered=1, msg_id=f"src-{i}",
         )
     victim = services.start("deadletters", WEFT_CRASH_AT="deadletters.after_store:1")
-    await _died(victim)
+    await sigkilled(victim)
     store = open_store(pg_url)
     try:
         stored_before_ack = len(await asyncio.to_thread(_recorded, store))
@@ -120,7 +109,7 @@ async def test_sigkill_at_the_source_after_dead_lettering(
     proc = services.start(victim, WEFT_CRASH_AT=point)
     garbage = b"\x01 definitely not a message " + victim.encode()
     await transport.publish(OutMessage(subject, garbage, msg_id=f"garbage-{victim}"))
-    await _died(proc)
+    await sigkilled(proc)
     services.start(victim)  # the source message is redelivered to the restarted service
     store = open_store(pg_url)
     try:

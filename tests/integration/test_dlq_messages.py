@@ -23,8 +23,7 @@ from contracts.messages import StepResult
 from contracts.subjects import RESULTS_STREAM, TRIGGERS_STREAM, result_subject, step_subject, trigger_subject
 from services.broker import OutMessage
 from services.deadletters import Actions, Filters, PatchError, catch_up, find, list_dead_letters
-from tests.integration.test_dlq import finished_all
-from tests.support import Running, stack_up, wait_until
+from tests.support import Running, finished_all, stack_up, wait_until
 
 pytestmark = pytest.mark.integration
 
