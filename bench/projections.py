@@ -28,11 +28,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import psycopg
+import orjson
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common import drop_schema, prepare_db  # noqa: E402 - bench/common.py
 from contracts.definitions import parse_definition  # noqa: E402
 from services.orchestrator.executions import Executions  # noqa: E402
 from services.orchestrator.registry import Registry  # noqa: E402
@@ -152,11 +153,9 @@ def main() -> None:
     args = parser.parse_args()
 
     tmp = tempfile.TemporaryDirectory()
-    schema = f"bench_proj_{uuid.uuid4().hex[:8]}"
-    if args.db == "sqlite":
-        url, backend = f"sqlite:///{tmp.name}/bench.db", "sqlite"
-    else:
-        url, backend = f"{args.db.split('?')[0]}?schema={schema}", "postgresql"
+    db = args.db.split("?")[0]
+    url, schema = prepare_db(db, Path(tmp.name))
+    backend = "sqlite" if schema is None else "postgresql"
     store = open_store(url)
     try:
         t0 = time.perf_counter()
@@ -165,11 +164,11 @@ def main() -> None:
         head = store.head()
         print(f"generated {n} events ({head} positions) in {gen_s:.1f}s ({n / gen_s:,.0f} events/s appended)")
 
-        projector = Projector(store, default_views(), batch=args.batch, lanes=args.lanes)
-        load = os.getloadavg()[0]
-        t0 = time.perf_counter()
-        applied = projector.catch_up()
-        catch_s = time.perf_counter() - t0
+        with Projector(store, default_views(), batch=args.batch, lanes=args.lanes) as projector:
+            load = os.getloadavg()[0]
+            t0 = time.perf_counter()
+            applied = projector.catch_up()
+            catch_s = time.perf_counter() - t0
         rate = head / catch_s
         print(f"cold catch-up, 4 views, batch {args.batch}, {args.lanes} lane(s): {head} events in {catch_s:.1f}s "
               f"= {rate:,.0f} events/s  ({os.cpu_count()} CPUs, load {load:.1f} before)")
@@ -184,8 +183,6 @@ def main() -> None:
             tx.execute("SELECT COUNT(*) FROM weft_timeline")
             timeline_rows = tx.fetchone()[0]
         print(f"  {executions} executions, {timeline_rows} timeline rows")
-        import orjson
-
         print(orjson.dumps({
             "bench": "projections", "backend": backend, "events": head, "executions": executions,
             "batch": args.batch, "lanes": args.lanes, "cpus": os.cpu_count(), "load_before": round(load, 2),
@@ -195,9 +192,8 @@ def main() -> None:
         }).decode())
     finally:
         store.close()
-        if backend == "postgresql" and not args.keep:
-            with psycopg.connect(args.db.split("?")[0], autocommit=True) as conn:
-                conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        if not args.keep:
+            drop_schema(db, schema)
         tmp.cleanup()
 
 

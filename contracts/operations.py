@@ -24,28 +24,24 @@ def operation_stream(operation_id: str) -> uuid.UUID:
     return uuid.uuid5(_NS, f"operation\x00{operation_id}")
 
 
-class OperationStarted(BaseModel):
+class _Record(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    type: Literal["OperationStarted"] = "OperationStarted"
+    type: str  # each record narrows it (and keeps it first in the stored JSON)
     schema_version: int = 1
     at: datetime
     operation_id: str
     kind: OperationKind
+
+
+class OperationStarted(_Record):
+    type: Literal["OperationStarted"] = "OperationStarted"
     params: dict[str, Any]  # what was asked (filter, time range, version, patch...)
     total: int  # items selected
     by: str = "user"
 
 
-class OperationFinished(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class OperationFinished(_Record):
     type: Literal["OperationFinished"] = "OperationFinished"
-    schema_version: int = 1
-    at: datetime
-    operation_id: str
-    kind: OperationKind
     counts: dict[str, int]  # started, skipped, failed
     cancelled: bool = False
     failures: list[dict[str, Any]] = []  # the items that failed to start, with why (at most 100)
-
-
-OPERATION_EVENTS = {"OperationStarted": OperationStarted, "OperationFinished": OperationFinished}

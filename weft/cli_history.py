@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -36,6 +36,19 @@ def _progress(as_json: bool) -> Progress | None:
         return None
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     TimeRemainingColumn(), console=out.errors, transient=False)
+
+
+def _items_progress(as_json: bool, label: str) -> tuple[AbstractContextManager[Any], Callable[..., None]]:
+    """(the bar to run the operation in, its `progress(done, total, item)` callback) for a bulk operation."""
+    bar = _progress(as_json)
+    if bar is None:
+        return nullcontext(), lambda done, total, item: None
+    task = bar.add_task(label, total=None)
+
+    def progress(done: int, total: int, item: dict[str, Any]) -> None:
+        bar.update(task, completed=done, total=total, description=f"{label} {item['outcome']:<11}")
+
+    return bar, progress
 
 
 @contextmanager
@@ -113,7 +126,7 @@ def projections_rebuild(
     results = []
     try:
         bar = _progress(as_json)
-        with bar or _Null():
+        with bar or nullcontext():
             for view in views:
                 task = bar.add_task(f"rebuild {view.name.removeprefix('view:')}", total=None) if bar else None
 
@@ -140,24 +153,16 @@ def _render_rebuilds(value: Any) -> None:
         )
 
 
-class _Null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-
 # ---- reads from the views: attempts, timeline, workflow stats -----------------------------------
 
 
 def _read_view(home: Optional[Path], view: Any, read: Callable[[Any], Any]) -> Any:
     """Bring one view up to date (bounded), then read it."""
-    from services.projections import Projector
+    from services.projections import catch_up
 
     store = _store(home)
     try:
-        Projector(store, [view]).catch_up(limit=200_000)
+        catch_up(store, [view], limit=200_000)
         with store.reader() as tx:
             return read(tx)
     finally:
@@ -259,15 +264,9 @@ def replay(
         if filter_ is not None:
             if wait:
                 out.fail(2, "--wait applies to one execution, not to --filter")
-            bar = _progress(as_json)
-            task = bar.add_task("replay", total=None) if bar else None
-
-            def progress(done: int, total: int, item: dict[str, Any]) -> None:
-                if bar is not None:
-                    bar.update(task, completed=done, total=total, description=f"replay {item['outcome']:<11}")
-
+            bar, progress = _items_progress(as_json, "replay")
             try:
-                with _interruptible() as stop, bar or _Null():
+                with _interruptible() as stop, bar:
                     report = bulk_replay(store, filter_, from_step=from_step, input_patch=patch, version=version,
                                          dry_run=dry_run, operation_id=operation_id, progress=progress,
                                          should_stop=stop)
@@ -383,15 +382,9 @@ def backfill(
     pace = _rate(rate)
     store = _store(home)
     try:
-        bar = _progress(as_json)
-        task = bar.add_task("backfill", total=None) if bar else None
-
-        def progress(done: int, total: int, item: dict[str, Any]) -> None:
-            if bar is not None:
-                bar.update(task, completed=done, total=total, description=f"backfill {item['outcome']:<11}")
-
+        bar, progress = _items_progress(as_json, "backfill")
         try:
-            with _interruptible() as stop, bar or _Null():
+            with _interruptible() as stop, bar:
                 report = run_backfill(store, name, version=version, start=start, end=end, event_type=event_type,
                                       rate=pace, dry_run=dry_run, backfill_id=backfill_id, progress=progress,
                                       should_stop=stop)
@@ -445,7 +438,7 @@ def show_history_at(execution_id: str, history: list[Any], at: str, as_json: boo
 
 def _lineage(execution_id: str) -> dict[str, Any]:
     """Replays of an execution, from the executions view (brought up to date first); {} if unavailable."""
-    from services.projections import ExecutionsView, Projector, lineage
+    from services.projections import ExecutionsView, catch_up, lineage
 
     ctx = click.get_current_context(silent=True)
     home = ctx.params.get("home") if ctx is not None else None
@@ -454,7 +447,7 @@ def _lineage(execution_id: str) -> dict[str, Any]:
     except (click.exceptions.Exit, typer.Exit):
         return {}
     try:
-        Projector(store, [ExecutionsView()], auto_rebuild=False).catch_up(limit=100_000)
+        catch_up(store, [ExecutionsView()], limit=100_000, auto_rebuild=False)
         with store.reader() as tx:
             return {"replays": lineage(tx, execution_id)["replays"]}
     except Exception:  # noqa: BLE001 - status must not fail because a view is unavailable

@@ -7,7 +7,8 @@ swapped in atomically, while reads and the live view carry on.
 
 What lives here:
   runner.py      Projector (batched catch-up of many views), the Projection protocol,
-                 the `weft_projections` table (position, version, rate, rebuild state)
+                 the `weft_projections` table (position, version, rate, rebuild state),
+                 catch_up (one-off, before a command reads a view), prepare (set views up)
   log.py         reading the notification log in batches, inside the view transaction
   pipeline.py    overlapping a batch's writes with the next view's Python work
   tables.py      TableView/TableSpec (declared tables), batched upserts, time helpers
@@ -28,7 +29,7 @@ from typing import Any
 
 from services.projections.executions import ExecutionsView, get_execution, lineage, list_executions
 from services.projections.rebuild import RebuildBusy, RebuildResult, rebuild
-from services.projections.runner import Projection, Projector
+from services.projections.runner import Projection, Projector, catch_up, prepare
 from services.projections.stats import WorkflowStatsView, workflow_stats
 from services.projections.status import projection_status
 from services.projections.steps import StepRunsView, step_runs
@@ -60,6 +61,6 @@ def view_named(name: str, views: list[Any] | None = None) -> Any:
 
 __all__ = [
     "ExecutionsView", "Projection", "Projector", "RebuildBusy", "RebuildResult", "StepRunsView", "TimelineView",
-    "WorkflowStatsView", "default_views", "get_execution", "lineage", "list_executions", "projection_status",
-    "rebuild", "step_runs", "timeline", "view_named", "workflow_stats",
+    "WorkflowStatsView", "catch_up", "default_views", "get_execution", "lineage", "list_executions", "prepare",
+    "projection_status", "rebuild", "step_runs", "timeline", "view_named", "workflow_stats",
 ]

@@ -14,6 +14,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Sequence
 
 from services.store import ViewTransaction
+from services.store.ports import LogRow
 
 
 class Pipelined:
@@ -52,3 +53,11 @@ class Pipelined:
     def track(self, name: str, position: int) -> None:
         self.flush()
         self.tx.track(name, position)
+
+    def read_log(self, after: int, limit: int) -> list[LogRow]:
+        self.flush()
+        return self.tx.read_log(after, limit)
+
+    def head(self) -> int:
+        self.flush()
+        return self.tx.head()

@@ -21,7 +21,6 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Callable
 
 from services.projections import log
-from services.projections.log import read_batch
 from services.projections.runner import META, ensure_meta, lock_meta, now_text, relax_commit, view_version
 from services.store import EventStore, ViewTransaction
 
@@ -58,7 +57,6 @@ def rebuild(
     _claim(store, view.name, token, stale_after)
     shadow = {logical: f"{physical}{SHADOW}" for logical, physical in view.t.items()}
     sview = view.bound(shadow)
-    wanted = frozenset(view.types)
     try:
         with store.transaction() as tx:
             for table in shadow.values():
@@ -69,14 +67,14 @@ def rebuild(
             with store.transaction() as tx:
                 relax_commit(tx)  # shadow rows only: a crash restarts the rebuild anyway
                 _check_token(tx, view.name, token)
-                raws, new = read_batch(store, tx, pos, batch, view.types)
-                if raws:
-                    sview.apply_events(tx, log.events(raws, wanted))
-                head = log.read_head(tx)
+                rows, new = log.read_batch(store, tx, pos, batch, view.types)
+                if rows:
+                    sview.apply_events(tx, log.events(rows))
+                head = tx.head()
                 tx.execute(f"UPDATE {META} SET rebuild_position = ?, rebuild_head = ?, rebuild_heartbeat = ? "
                            "WHERE name = ?", (new, head, now_text(), view.name))
             done = new == pos or new >= head  # near enough: the swap applies the rest
-            pos, applied = new, applied + len(raws)
+            pos, applied = new, applied + len(rows)
             if progress is not None:
                 progress(pos, max(head, pos))
             if done:
@@ -92,10 +90,10 @@ def rebuild(
             live_pos = int(row[0]) if row else 0
             before_swap = applied
             while True:  # what was appended since: the live view may be ahead of the shadow
-                raws, new = read_batch(store, tx, pos, batch, view.types)
-                if raws:
-                    sview.apply_events(tx, log.events(raws, wanted))
-                    applied += len(raws)
+                rows, new = log.read_batch(store, tx, pos, batch, view.types)
+                if rows:
+                    sview.apply_events(tx, log.events(rows))
+                    applied += len(rows)
                 if new == pos:
                     break
                 pos = new
@@ -136,8 +134,9 @@ def _swap(tx: ViewTransaction, shadow: str, live: str, spec: Any) -> None:
 
 
 def _claim(store: EventStore, name: str, token: str, stale_after: float) -> None:
-    tracked, head = store.position(name), store.head()  # not inside the transaction: SQLite's pool rule
+    tracked = store.position(name)  # not inside the transaction: SQLite's pool rule (log.py)
     with store.transaction() as tx:
+        head = tx.head()
         ensure_meta(tx)
         row = lock_meta(tx, name)
         if row is None:

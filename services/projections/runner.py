@@ -27,10 +27,10 @@ from typing import Any, Protocol, Sequence
 
 from services.faults import crash_point
 from services.projections import log
-from services.projections.log import read_batch
 from services.projections.pipeline import Pipelined
-from services.projections.tables import table_exists
+from services.projections.tables import Ev, table_exists
 from services.store import EventStore, StoredRecord, ViewTransaction
+from services.store.ports import LogRow
 
 logger = logging.getLogger("weft.projections")
 META = "weft_projections"
@@ -88,6 +88,36 @@ def rebuildable(view: Any) -> bool:
     return bool(getattr(view, "tables", None)) and hasattr(view, "bound")
 
 
+def prepare(store: EventStore, views: Sequence[Projection]) -> list[Any]:
+    """Set views up for following: the meta table, each view's row in it and its tables.
+
+    Returns the views whose tables an older version of their code built (no meta
+    row but a tracked position or tables, or another recorded version): they need
+    a rebuild before they are followed, and are not created here. Whatever creates
+    a view's tables should do it through here, so that its version is recorded.
+    """
+    outdated = []
+    with store.transaction() as tx:
+        ensure_meta(tx)
+    for view in views:
+        tracked = store.position(view.name)  # outside the transaction: SQLite's pool rule (log.py)
+        with store.transaction() as tx:
+            row = lock_meta(tx, view.name)
+            if row is None:
+                # No meta row: a fresh view, or tables built by code from before this
+                # table existed, whose rows need a rebuild (version 0).
+                old = tracked > 0 or any(table_exists(tx, t) for t in getattr(view, "t", {}).values())
+                version = 0 if old else view_version(view)
+                tx.execute(f"INSERT INTO {META} (name, position, version) VALUES (?, ?, ?) "
+                           "ON CONFLICT (name) DO NOTHING", (view.name, tracked, version))
+                row = (tracked, version, 0)
+            if rebuildable(view) and row[1] != view_version(view):
+                outdated.append(view)
+                continue
+            view.create(tx)
+    return outdated
+
+
 class Projector:
     def __init__(
         self, store: EventStore, views: Sequence[Projection], *, batch: int = 10_000, poll_interval: float = 0.1,
@@ -95,7 +125,6 @@ class Projector:
     ):
         self.store, self.views, self.batch, self.poll_interval = store, list(views), batch, poll_interval
         self.auto_rebuild = auto_rebuild
-        self.outdated: list[Any] = []  # views whose tables an older code version built: rebuilt before use
         self._window: dict[str, deque[tuple[float, float, int]]] = {v.name: deque() for v in self.views}
         self._types = {v.name: frozenset(v.types) for v in self.views}
         self.lanes = max(1, lanes)
@@ -104,27 +133,8 @@ class Projector:
         self._writers = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"projector-write{i}")
                          for i in range(self.lanes)]
         self._ahead: tuple[tuple[int, frozenset[str]], Future[Any]] | None = None
-        self._setup()
-
-    def _setup(self) -> None:
-        with self.store.transaction() as tx:
-            ensure_meta(tx)
-        for view in self.views:
-            tracked = self.store.position(view.name)  # outside the transaction: SQLite's pool rule (log.py)
-            with self.store.transaction() as tx:
-                row = lock_meta(tx, view.name)
-                if row is None:
-                    # No meta row: a fresh view, or tables built by code from before this
-                    # table existed, whose rows need a rebuild (version 0).
-                    old = tracked > 0 or any(table_exists(tx, t) for t in getattr(view, "t", {}).values())
-                    version = 0 if old else view_version(view)
-                    tx.execute(f"INSERT INTO {META} (name, position, version) VALUES (?, ?, ?) "
-                               "ON CONFLICT (name) DO NOTHING", (view.name, tracked, version))
-                    row = (tracked, version, 0)
-                if rebuildable(view) and row[1] != view_version(view):
-                    self.outdated.append(view)
-                    continue
-                view.create(tx)
+        # views whose tables an older code version built: rebuilt before they are followed
+        self.outdated: list[Any] = prepare(store, self.views)
 
     # ---- following -------------------------------------------------------------------------
 
@@ -175,31 +185,23 @@ class Projector:
             with self.store.transaction() as tx:
                 relax_commit(tx)
                 self._check(tx, views, after)
-                if prefetched is not None:
-                    raws, new, parsed = prefetched
-                else:
-                    raws, new = read_batch(self.store, tx, after, self.batch, sorted(types))
-                    parsed = log.events(raws, types)
+                rows, new, parsed = prefetched or self._read(tx, after, types)
                 if new <= after:
                     return 0
                 self._read_next(after, new, types)
-                self._apply(tx, views, raws, parsed, types, new, started, self._writers[0], first=True)
-            return max(len(raws), 1)
+                self._apply(tx, views, rows, parsed, types, new, started, self._writers[0], first=True)
+            return max(len(rows), 1)
         # PostgreSQL: the views' transactions run side by side on their own connections
         # (each view is tracked on its own, so each lane commits on its own).
-        if prefetched is not None:
-            raws, new, parsed = prefetched
-        else:
-            raws, new = read_batch(self.store, None, after, self.batch, sorted(types))
-            parsed = log.events(raws, types)
+        rows, new, parsed = prefetched or self._read(None, after, types)
         if new <= after:
             return 0
         self._read_next(after, new, types)
-        others = [self._lane_pool.submit(self._lane, lane, after, new, raws, parsed, types, started, i)
+        others = [self._lane_pool.submit(self._lane, lane, after, new, rows, parsed, types, started, i)
                   for i, lane in enumerate(lanes[1:], 1)]
         errors: list[BaseException] = []
         try:
-            self._lane(lanes[0], after, new, raws, parsed, types, started, 0)
+            self._lane(lanes[0], after, new, rows, parsed, types, started, 0)
         except BaseException as exc:  # noqa: BLE001 - after the other lanes have finished
             errors.append(exc)
         for f in others:
@@ -207,12 +209,15 @@ class Projector:
                 f.result()
             except BaseException as exc:  # noqa: BLE001
                 errors.append(exc)
-        real = [e for e in errors if not isinstance(e, Moved)]
-        if real:
-            raise real[0]
-        if errors:
-            raise errors[0]
-        return max(len(raws), 1)
+        if errors:  # a real error wins over a Moved
+            raise next((e for e in errors if not isinstance(e, Moved)), errors[0])
+        return max(len(rows), 1)
+
+    def _read(self, tx: ViewTransaction | None, after: int,
+              types: frozenset[str]) -> tuple[list[LogRow], int, list[Ev]]:
+        """A batch past `after`, and its events decoded once for every view (`tx` None: on a reader)."""
+        rows, new = log.read_batch(self.store, tx, after, self.batch, sorted(types))
+        return rows, new, log.events(rows)
 
     def _lanes(self, views: list[Any]) -> list[list[Any]]:
         if self.store.dialect != "postgresql" or self.lanes < 2 or len(views) < 2:
@@ -225,12 +230,12 @@ class Projector:
             load[i] += getattr(view, "cost", 1)
         return lanes
 
-    def _lane(self, views: list[Any], after: int, new: int, raws: list[log.Raw], parsed: list[Any],
+    def _lane(self, views: list[Any], after: int, new: int, rows: list[LogRow], parsed: list[Ev],
               types: frozenset[str], started: float, index: int) -> None:
         with self.store.transaction() as tx:
             relax_commit(tx)
             self._check(tx, views, after)
-            self._apply(tx, views, raws, parsed, types, new, started, self._writers[index], first=index == 0)
+            self._apply(tx, views, rows, parsed, types, new, started, self._writers[index], first=index == 0)
 
     def _check(self, tx: ViewTransaction, views: list[Any], after: int) -> None:
         for view in sorted(views, key=lambda v: v.name):  # one lock order: no deadlocks between projectors
@@ -242,9 +247,9 @@ class Projector:
         if new - after >= self.batch // 2:
             # More is waiting: read and decode the next batch in a thread while this one
             # is written (the database waits release the GIL).
-            self._ahead = ((new, types), self._pool.submit(self._read_ahead, new, types))
+            self._ahead = ((new, types), self._pool.submit(self._read, None, new, types))
 
-    def _apply(self, tx: ViewTransaction, views: list[Any], raws: list[log.Raw], parsed: list[Any],
+    def _apply(self, tx: ViewTransaction, views: list[Any], rows: list[LogRow], parsed: list[Ev],
                types: frozenset[str], new: int, started: float, writer: ThreadPoolExecutor, *, first: bool) -> None:
         counts = {}
         piped = Pipelined(tx, writer)
@@ -256,7 +261,7 @@ class Projector:
                     if mine:
                         view.apply_events(piped, mine)
                 else:
-                    mine = log.records(raws, wanted)
+                    mine = log.records(rows, wanted)
                     if mine:
                         view.apply(piped, mine)
                 counts[view.name] = len(mine)
@@ -267,21 +272,24 @@ class Projector:
             piped.flush()  # never leave a write running past the end of the transaction
         stamp = now_text()
         for view in views:
-            rate = self._rate(view.name, started, len(raws))
+            rate = self._rate(view.name, started, len(rows))
             tx.track(view.name, new)
             tx.execute(f"UPDATE {META} SET position = ?, applied = applied + ?, rate = ?, updated_at = ? "
                        "WHERE name = ?", (new, counts[view.name], rate, stamp, view.name))
 
-    def _read_ahead(self, after: int, types: frozenset[str]) -> tuple[list[log.Raw], int, list[Any]]:
-        raws, new = read_batch(self.store, None, after, self.batch, sorted(types))
-        return raws, new, log.events(raws, types)
-
     def close(self) -> None:
+        """Stop the projector's threads (a read ahead is dropped). Also the end of a `with` block."""
         self._ahead = None
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._lane_pool.shutdown(wait=True)
         for writer in self._writers:
             writer.shutdown(wait=True)
+
+    def __enter__(self) -> Projector:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _rate(self, name: str, started: float, n: int, window: float = 10.0) -> float:
         """Events per second over the last `window` seconds of batches."""
@@ -322,3 +330,11 @@ class Projector:
                     await asyncio.wait_for(stop.wait(), timeout=delay)
                 except asyncio.TimeoutError:
                     pass
+
+
+def catch_up(store: EventStore, views: Sequence[Projection], *, limit: int | None = None,
+             auto_rebuild: bool = True) -> int:
+    """Bring these views up to date from this process (at most about `limit` events), e.g. before a
+    command or a request reads them; a running projector may be following them too."""
+    with Projector(store, views, auto_rebuild=auto_rebuild) as projector:
+        return projector.catch_up(limit=limit)

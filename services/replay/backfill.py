@@ -24,10 +24,8 @@ from contracts.triggers import TriggerAccepted
 from services.orchestrator.decide import DecisionError
 from services.orchestrator.executions import Executions, InputError, execution_id_for
 from services.orchestrator.registry import Registry, UnknownWorkflow, Version
-from services.replay.operations import Run, check_id, derive_id
+from services.replay.operations import Progress, Run, check_id, derive_id
 from services.store import EventStore
-
-Progress = Callable[[int, int, dict[str, Any]], None]
 
 
 class BackfillError(ValueError):
@@ -138,13 +136,12 @@ def backfill(
     else:
         bid = derive_id("backfill", params)
     events = find_events(store, match, start, end)
-    run = Run(store, bid, "backfill", params, len(events), dry_run=dry_run)
+    run = Run(store, bid, "backfill", params, len(events), dry_run=dry_run, progress=progress)
     executions = Executions(store)
-    items: list[dict[str, Any]] = []
     cancelled = False
     began = time.monotonic()
     starts = 0
-    for i, found in enumerate(events):
+    for found in events:
         if should_stop is not None and should_stop():
             cancelled = True
             break
@@ -171,18 +168,13 @@ def backfill(
                 item["outcome"] = "started" if created else "skipped"
             except (InputError, DecisionError) as exc:
                 item["outcome"], item["error"] = "failed", str(exc)
-        run.count(item["outcome"], item)
-        items.append(item)
-        if progress is not None:
-            progress(i + 1, len(events), item)
-    run.finish(cancelled=cancelled)
-    counts = {k: sum(1 for it in items if it["outcome"] == k) for k in ("started", "skipped", "failed", "would_start")}
+        run.add(item)
     return {
         "id": bid, "backfill_id": bid, "kind": "backfill", "workflow": target.name, "version": target.version,
         "from": start.isoformat(), "to": end.isoformat(),
         "event_types": [event_type] if event_type else sorted({s.event for s in target.definition.on if s.event}),
-        "dry_run": dry_run, "total": len(events), **counts, "cancelled": cancelled,
-        "remaining": len(events) - len(items), "items": items,
+        "dry_run": dry_run, **run.finish(cancelled=cancelled), "remaining": len(events) - len(run.items),
+        "items": run.items,
     }
 
 

@@ -18,8 +18,8 @@ from typing import Any, Callable
 
 from services.orchestrator.executions import Executions
 from services.orchestrator.registry import Registry
-from services.projections import ExecutionsView, Projector, list_executions
-from services.replay.operations import Run, check_id, derive_id
+from services.projections import ExecutionsView, catch_up, list_executions
+from services.replay.operations import Progress, Run, check_id, derive_id
 from services.replay.replay import ReplayError, parse_version, replay_execution, replay_id
 from services.store import EventStore
 
@@ -27,7 +27,6 @@ STATUSES = ("running", "paused", "completed", "failed", "cancelled")
 _KEYS = ("workflow", "status", "since", "until", "version", "limit")
 _RELATIVE = re.compile(r"^(\d+)\s*([smhdw])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
-Progress = Callable[[int, int, dict[str, Any]], None]  # (done, total, item just done)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,8 +87,7 @@ def parse_filter(text: str, now: datetime | None = None) -> ReplayFilter:
 
 def select(store: EventStore, flt: ReplayFilter, operation_id: str, *, page: int = 500) -> list[dict[str, Any]]:
     """The executions the filter selects, oldest first, from the (caught-up) executions view."""
-    projector = Projector(store, [ExecutionsView()], auto_rebuild=True)
-    projector.catch_up()
+    catch_up(store, [ExecutionsView()])
     out: list[dict[str, Any]] = []
     cursor: tuple[str, str] | None = None
     while flt.limit is None or len(out) < flt.limit:
@@ -131,11 +129,10 @@ def bulk_replay(
     else:
         op = derive_id("replay", params)
     sources = select(store, flt, op)
-    run = Run(store, op, "replay", params, len(sources), dry_run=dry_run)
+    run = Run(store, op, "replay", params, len(sources), dry_run=dry_run, progress=progress)
     executions, registry = Executions(store), Registry(store)
-    items: list[dict[str, Any]] = []
     cancelled = False
-    for i, row in enumerate(sources):
+    for row in sources:
         if should_stop is not None and should_stop():
             cancelled = True
             break
@@ -154,14 +151,9 @@ def bulk_replay(
                 item["reuse"] = result["reuse"]
             except ReplayError as exc:
                 item["outcome"], item["error"] = "failed", str(exc)
-        run.count(item["outcome"], item)
-        items.append(item)
-        if progress is not None:
-            progress(i + 1, len(sources), item)
-    run.finish(cancelled=cancelled)
-    counts = {k: sum(1 for it in items if it["outcome"] == k) for k in ("started", "skipped", "failed", "would_start")}
+        run.add(item)
     return {
         "id": op, "operation_id": op, "kind": "replay", "filter": flt.text, "dry_run": dry_run,
-        "from_step": from_step, "input_patch": input_patch, "version": spec, "total": len(sources),
-        **counts, "cancelled": cancelled, "items": items,
+        "from_step": from_step, "input_patch": input_patch, "version": spec, **run.finish(cancelled=cancelled),
+        "items": run.items,
     }

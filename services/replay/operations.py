@@ -15,6 +15,7 @@ from contracts.operations import OperationFinished, OperationKind, OperationStar
 from services.store import ConcurrencyError, EventStore, NewEvent
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+Progress = Callable[[int, int, dict[str, Any]], None]  # (done, total, item just done)
 
 
 def derive_id(prefix: str, params: dict[str, Any]) -> str:
@@ -47,7 +48,10 @@ def record(store: EventStore, event: OperationStarted | OperationFinished, *, at
             return
         except ConcurrencyError:
             continue
-    raise ConcurrencyError(f"operation {event.operation_id}: too much contention")
+    raise ConcurrencyError(
+        f"operation {event.operation_id}: could not append its {event.type} after {attempts} tries "
+        "(other runs of the same operation kept appending)", kind="version", operation="record",
+    )
 
 
 def history(store: EventStore, operation_id: str) -> list[dict[str, Any]]:
@@ -56,24 +60,36 @@ def history(store: EventStore, operation_id: str) -> list[dict[str, Any]]:
 
 
 class Run:
-    """One run of an operation: records its start and end, and collects item outcomes."""
+    """One run of an operation: records its start and end, collects the items and their outcomes."""
+
+    OUTCOMES = ("started", "skipped", "failed", "would_start")
 
     def __init__(self, store: EventStore, operation_id: str, kind: OperationKind, params: dict[str, Any],
-                 total: int, *, dry_run: bool, clock: Callable[[], datetime] | None = None):
+                 total: int, *, dry_run: bool, progress: Progress | None = None,
+                 clock: Callable[[], datetime] | None = None):
         self.store, self.operation_id, self.kind, self.dry_run = store, operation_id, kind, dry_run
+        self.total, self.progress = total, progress
         self.clock = clock or (lambda: datetime.now(timezone.utc))
         self.counts = {"started": 0, "skipped": 0, "failed": 0}
         self.failures: list[dict[str, Any]] = []
+        self.items: list[dict[str, Any]] = []
         if not dry_run:
             record(store, OperationStarted(at=self.clock(), operation_id=operation_id, kind=kind, params=params,
                                            total=total, by=user()))
 
-    def count(self, outcome: str, item: dict[str, Any]) -> None:
+    def add(self, item: dict[str, Any]) -> None:
+        """An item done: `item["outcome"]` is one of OUTCOMES."""
+        outcome = item["outcome"]
         self.counts[outcome] = self.counts.get(outcome, 0) + 1
         if outcome == "failed" and len(self.failures) < 100:
             self.failures.append(item)
+        self.items.append(item)
+        if self.progress is not None:
+            self.progress(len(self.items), self.total, item)
 
-    def finish(self, *, cancelled: bool) -> None:
+    def finish(self, *, cancelled: bool) -> dict[str, Any]:
+        """Record the end; returns the report's counts: total, one per outcome, cancelled."""
         if not self.dry_run:
             record(self.store, OperationFinished(at=self.clock(), operation_id=self.operation_id, kind=self.kind,
                                                  counts=self.counts, cancelled=cancelled, failures=self.failures))
+        return {"total": self.total, **{k: self.counts.get(k, 0) for k in self.OUTCOMES}, "cancelled": cancelled}

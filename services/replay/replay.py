@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from contracts.definitions import Problem, validate_input
 from services.orchestrator.decide import DecisionError, merge_patch
@@ -162,7 +162,6 @@ def replay_execution(
     store: EventStore, execution_id: str, *, from_step: str | None = None, input_patch: Any = None,
     version: VersionSpec = "same", dry_run: bool = False, idempotency_key: str | None = None,
     executions: Executions | None = None, registry: Registry | None = None,
-    on_started: Callable[[Execution], None] | None = None,
 ) -> dict[str, Any]:
     """Replay one execution (or, with dry_run, say what it would do). For the CLI and the API.
 
@@ -191,7 +190,5 @@ def replay_execution(
         raise ReplayError("bad_input", str(exc)) from None
     if not created and state.replay_of != plan.source.id:
         raise ReplayError("bad_input", f"execution {state.id} exists and is not a replay of {plan.source.id}")
-    if on_started is not None:
-        on_started(state)
     return result | {"dry_run": False, "execution_id": state.id, "id": state.id, "status": state.status,
                      "created": created}

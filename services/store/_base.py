@@ -22,6 +22,7 @@ from eventsourcing.persistence import StoredEvent, Tracking
 from services.store.ports import (
     ConcurrencyError,
     ConflictKind,
+    LogRow,
     NewEvent,
     StoredRecord,
     StoreError,
@@ -348,6 +349,23 @@ class ViewTxBase:
                     backend=self.dialect,
                     tracking=(name, position),
                 ) from exc
+
+    def read_log(self, after: int, limit: int) -> list[LogRow]:
+        if limit <= 0:
+            return []
+        with self._wrap("read_log"):
+            return self._read_log(after, limit)
+
+    def head(self) -> int:
+        with self._wrap("head"):
+            return int(self._head() or 0)
+
+    # backend hooks: the notification log on this transaction's connection
+    def _read_log(self, after: int, limit: int) -> list[LogRow]:
+        raise NotImplementedError
+
+    def _head(self) -> int | None:
+        raise NotImplementedError
 
     @contextmanager
     def _wrap(self, operation: str) -> Iterator[None]:

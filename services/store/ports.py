@@ -15,6 +15,9 @@ from uuid import UUID
 
 Dialect = Literal["sqlite", "postgresql"]
 ConflictKind = Literal["version", "inbox", "tracking"]
+# A notification log row as `ViewTransaction.read_log` gives it:
+# (position, stream id as canonical UUID text, version, type, data).
+LogRow = tuple[int, str, int, str, bytes]
 
 
 @dataclass(slots=True, frozen=True)
@@ -131,6 +134,18 @@ class ViewTransaction(Protocol):
 
     def track(self, name: str, position: int) -> None:
         """Record the follower's position in this transaction (must increase)."""
+
+    def read_log(self, after: int, limit: int) -> list[LogRow]:
+        """The notification log as this transaction sees it, for a follower that
+        writes what it makes of a batch in the same transaction: every event with
+        position > after, ascending, at most `limit`. Plain tuples with text stream
+        ids (about half the decoding cost of `StoredRecord`s, for catch-ups of
+        millions of events), and no type filter: the caller skips what it does not
+        want (a filter in SQL makes PostgreSQL sort the rest of the log instead of
+        walking its index)."""
+
+    def head(self) -> int:
+        """The maximum position as this transaction sees it, 0 if the store is empty."""
 
 
 class EventStore(Protocol):

@@ -24,7 +24,7 @@ from psycopg.rows import DictRow, tuple_row
 from psycopg.sql import SQL, Identifier
 
 from services.store._base import BaseStore, ViewTxBase
-from services.store.ports import StoreError, StoreUnavailableError
+from services.store.ports import LogRow, StoreError, StoreUnavailableError
 
 CONNECT_TIMEOUT_S = 10  # first connection (reachability check, CREATE SCHEMA)
 POOL_TIMEOUT_S = 5.0  # wait for a pooled connection (the library retries 10x on timeout)
@@ -64,6 +64,12 @@ class WeftPostgresRecorder(PostgresProcessRecorder):
         self.select_many_statement = SQL(
             "SELECT originator_id, originator_version, topic, state FROM {0}.{1} "
             "WHERE originator_id = ANY(%s::uuid[]) ORDER BY originator_id, originator_version"
+        ).format(schema, Identifier(self.events_table_name))
+        # The log for a view transaction: an index walk over notification_id (no topic filter),
+        # stream ids as text (cheaper to decode than UUID objects).
+        self.select_log_statement = SQL(
+            "SELECT notification_id, originator_id::text, originator_version, topic, state FROM {0}.{1} "
+            "WHERE notification_id > %s ORDER BY notification_id LIMIT %s"
         ).format(schema, Identifier(self.events_table_name))
 
     def _insert_events(
@@ -135,6 +141,14 @@ class _PostgresViewTx(ViewTxBase):
             self._ddl_locked = True
             super().execute("SELECT pg_advisory_xact_lock(?)", (_DDL_LOCK,))
         super().execute(sql, params)
+
+    def _read_log(self, after: int, limit: int) -> list[LogRow]:
+        self._cursor.execute(self._recorder.select_log_statement, (after, limit), prepare=True)
+        return self._cursor.fetchall()
+
+    def _head(self) -> int | None:
+        self._cursor.execute(self._recorder.max_notification_id_statement, prepare=True)
+        return self._cursor.fetchone()[0]
 
 
 class PostgresStore(BaseStore):

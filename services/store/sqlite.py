@@ -29,6 +29,7 @@ from eventsourcing.sqlite import (
 )
 
 from services.store._base import BaseStore, ViewTxBase
+from services.store.ports import LogRow
 
 BUSY_TIMEOUT_S = 30.0  # wait this long for another process's write lock
 POOL_TIMEOUT_S = 30.0  # one writer at a time: waiting for it is normal under load
@@ -130,6 +131,23 @@ class WeftSQLiteRecorder(SQLiteProcessRecorder):
 
 class _SQLiteViewTx(ViewTxBase):
     dialect = "sqlite"
+
+    def _read_log(self, after: int, limit: int) -> list[LogRow]:
+        self._cursor.execute(
+            "SELECT rowid, originator_id, originator_version, topic, state "
+            f"FROM {self._recorder.events_table_name} WHERE rowid > ? ORDER BY rowid LIMIT ?",
+            (after, limit),
+        )
+        return [(r[0], _dashed(r[1]), r[2], r[3], bytes(r[4])) for r in self._cursor.fetchall()]
+
+    def _head(self) -> int | None:
+        return self._recorder._max_notification_id(self._cursor)  # noqa: SLF001 - on this connection
+
+
+def _dashed(stream_id: str) -> str:
+    # Stream ids are stored as 32 hex digits (see _insert_events); the rest of Weft spells them with dashes.
+    h = stream_id
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}" if len(h) == 32 else h
 
 
 class SQLiteStore(BaseStore):

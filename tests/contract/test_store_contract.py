@@ -184,6 +184,33 @@ class StoreContract:
         more = store.append(run(uuid.uuid4(), 1, 2))
         assert store.head() == more[-1] > positions[-1]
 
+    def test_view_transaction_reads_the_log(self, store: EventStore) -> None:
+        with store.transaction() as tx:
+            assert tx.read_log(0, 10) == [] and tx.head() == 0
+        a, b = uuid.uuid4(), uuid.uuid4()
+        store.append([ev(a, 1, "ExecutionStarted"), ev(b, 1), ev(a, 2, data=b"\x00\xff binary")])
+        store.append([ev(b, 2, "StepSucceeded")])
+        # the same log as `read`, as tuples: (position, stream id text, version, type, data)
+        expected = [(r.position, str(r.stream_id), r.version, r.type, r.data) for r in store.read(0, 100)]
+        for begin in (store.transaction, store.reader):
+            with begin() as tx:
+                rows = tx.read_log(0, 100)
+                assert rows == expected
+                assert [tuple(type(x) for x in row) for row in rows] == [(int, str, int, str, bytes)] * 4
+                assert tx.read_log(0, 2) == expected[:2]
+                assert tx.read_log(expected[1][0], 10) == expected[2:]
+                assert tx.read_log(expected[-1][0], 10) == [] and tx.read_log(0, 0) == []
+                assert tx.head() == store.head() == expected[-1][0]
+        # read, write what was made of it and track it, in one transaction
+        with store.transaction() as tx:
+            tx.execute("CREATE TABLE IF NOT EXISTS view_log (position BIGINT PRIMARY KEY)")
+            tx.executemany("INSERT INTO view_log VALUES (?)", [(row[0],) for row in tx.read_log(0, 100)])
+            tx.track("projection.log", tx.head())
+        with store.transaction() as tx:
+            tx.execute("SELECT position FROM view_log ORDER BY position")
+            assert tx.fetchall() == [(row[0],) for row in expected]
+        assert store.position("projection.log") == expected[-1][0]
+
     # -- tracking ------------------------------------------------------------
     def test_position_and_track_are_monotonic(self, store: EventStore) -> None:
         assert store.position("relay") == 0

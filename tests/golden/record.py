@@ -17,9 +17,8 @@ from __future__ import annotations
 import asyncio
 import sys
 import tempfile
-import uuid
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable
 
 import orjson
 
@@ -28,15 +27,11 @@ ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT))
 
 from contracts import events as ev  # noqa: E402
-from contracts.definitions import parse_definition  # noqa: E402
 from services.broker.nats_server import NatsServer  # noqa: E402
 from services.orchestrator.decide import Cancel, Pause, Reprocess, Resume, Retry  # noqa: E402
-from services.orchestrator.executions import Executions  # noqa: E402
-from services.orchestrator.registry import Registry  # noqa: E402
 from services.orchestrator.state import fold, step_view  # noqa: E402
 from services.replay import replay_execution  # noqa: E402
-from services.settings import Settings  # noqa: E402
-from services.stack import Stack, run_services  # noqa: E402
+from tests.support import Running, stack_up, wait_until  # noqa: E402
 
 ORDER = (ROOT / "examples/order.yaml").read_text()
 NEEDS_FIX = """
@@ -71,31 +66,28 @@ STRICT_SHIP = ORDER.replace("retry: {max_attempts: 3, initial_delay: 0.2, max_de
 
 
 class Recorder:
-    def __init__(self, stack: Stack):
-        self.stack = stack
-        self.executions = Executions(stack.store)
+    """The running stack (tests/support.py), plus the cases recorded so far: name -> execution id."""
+
+    def __init__(self, running: Running):
+        self.running = running
+        self.store = running.stack.store
         self.cases: dict[str, str] = {}
 
-    def publish(self, text: str):
-        return Registry(self.stack.store).publish(parse_definition(text))
-
     async def start(self, text: str, data: Any) -> str:
-        state, _ = await asyncio.to_thread(self.stack.executions.start, self.publish(text), data)
-        return state.id
+        return await self.running.start(self.running.publish(text), data)
 
     async def until(self, eid: str, check: Callable[[Any], bool], timeout: float = 30) -> Any:
-        for _ in range(int(timeout / 0.05)):
-            state = await asyncio.to_thread(self.executions.load, eid, fresh=True)
-            if check(state):
-                return state
-            await asyncio.sleep(0.05)
-        raise TimeoutError(f"{eid} did not get there")
+        async def reached() -> Any:
+            state = await asyncio.to_thread(self.running.reader.load, eid, fresh=True)
+            return state if check(state) else None
+
+        return await wait_until(reached, timeout=timeout, what=f"{eid} to get there")
 
     async def finished(self, eid: str) -> Any:
-        return await self.until(eid, lambda s: s.finished)
+        return await self.running.finished(eid)
 
     async def command(self, eid: str, cmd: Any) -> None:
-        await asyncio.to_thread(self.stack.executions.command, eid, cmd)
+        await asyncio.to_thread(self.running.stack.executions.command, eid, cmd)
 
 
 async def record_cases(r: Recorder) -> None:
@@ -104,7 +96,7 @@ async def record_cases(r: Recorder) -> None:
     r.cases["order_completed_with_retry"] = eid
     assert (await r.finished(eid)).status == "completed"
     # replay of it from a step: reused outputs
-    replay = await asyncio.to_thread(replay_execution, r.stack.store, eid, from_step="ship_each")
+    replay = await asyncio.to_thread(replay_execution, r.store, eid, from_step="ship_each")
     r.cases["order_replayed_from_step"] = replay["execution_id"]
     assert (await r.finished(replay["execution_id"])).status == "completed"
     # dead-lettered, then reprocessed with a patch
@@ -140,7 +132,7 @@ async def record_cases(r: Recorder) -> None:
 
 def write(r: Recorder) -> None:
     for name, eid in r.cases.items():
-        history = r.executions.history(eid)
+        history = r.running.reader.history(eid)
         lines = [ev.encode(e).decode() for e in history]
         (HERE / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
         state = fold(eid, history)
@@ -155,27 +147,15 @@ async def main() -> None:
         server = NatsServer(store_dir=Path(tmp) / "nats")
         server.start()
         try:
-            settings = Settings(home=Path(tmp), database_url=f"sqlite:///{tmp}/golden.db", nats_url=server.url,
-                                namespace=f"g{uuid.uuid4().hex[:6]}", poll_interval=0.02, ack_wait=5.0)
-            stop = asyncio.Event()
-            ready: asyncio.Future[Stack] = asyncio.get_running_loop().create_future()
-            task = asyncio.create_task(run_services(settings, ("orchestrator", "relay", "worker", "projector"), stop,
-                                                    on_ready=ready.set_result))
-            recorder = Recorder(await ready)
-            try:
+            async with stack_up(Path(tmp), f"sqlite:///{tmp}/golden.db", server.url,
+                                parts=("orchestrator", "relay", "worker", "projector")) as running:
+                recorder = Recorder(running)
                 await record_cases(recorder)
                 await asyncio.sleep(0.5)  # late results (the cancelled one) land
                 write(recorder)
-            finally:
-                stop.set()
-                await task
         finally:
             server.stop()
 
 
-def run(coro: Callable[[], Awaitable[None]]) -> None:
-    asyncio.run(coro())
-
-
 if __name__ == "__main__":
-    run(main)
+    asyncio.run(main())

@@ -20,11 +20,10 @@ import orjson
 import pytest
 
 from contracts.definitions import parse_definition
-from contracts.operations import operation_stream
 from contracts.triggers import TriggerAccepted, trigger_stream
 from services.orchestrator.executions import Executions, execution_id_for
 from services.orchestrator.registry import Registry
-from services.replay import BackfillError, backfill
+from services.replay import BackfillError, backfill, operation_history
 from services.store import EventStore, NewEvent, open_store
 from tests.support import wait_until
 
@@ -42,7 +41,6 @@ input_schema: {type: object, required: [order], properties: {order: {type: integ
 steps:
   - {id: handle, type: noop}
 """
-
 
 
 @pytest.fixture
@@ -126,7 +124,7 @@ def test_interrupted_backfill_resumes_and_starts_one_execution_per_event(store: 
         assert state.trigger["id"] == item["id"] and state.trigger["backfill"] == first["id"]
         assert state.input == {"order": int(item["id"].split("-")[1]), "region": "eu"}
     # each run of the operation is on record
-    runs = [orjson.loads(r.data) for r in store.load(operation_stream(first["id"]))]
+    runs = operation_history(store, first["id"])
     assert [r["type"] for r in runs] == ["OperationStarted", "OperationFinished"] * 3
     assert runs[1]["cancelled"] and runs[3]["counts"]["started"] == len(expected) - 7
 

@@ -29,7 +29,6 @@ from tests.golden.drive import MIX_WORKFLOWS, Clock, Driver, flaky, seed_mix
 pytestmark = pytest.mark.integration
 
 
-
 @pytest.fixture
 def store(db_url: str):
     s = open_store(db_url)

@@ -20,18 +20,13 @@ import pytest
 
 from services.orchestrator.executions import Executions
 from services.projections import Projector, default_views, projection_status
+from services.projections.timeline import EXECUTION_EVENTS
 from services.store import open_store
 from tests.golden.drive import seed_mix
 from tests.support import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
-EXECUTION_EVENTS = (
-    "ExecutionStarted", "StepMapped", "StepScheduled", "StepSucceeded", "StepFailed", "StepSkipped",
-    "StepDeadLettered", "StepResultIgnored", "StepReprocessRequested", "ExecutionCompleted", "ExecutionFailed",
-    "ExecutionCancelled", "ExecutionPaused", "ExecutionResumed", "ExecutionRetried",
-)
-
 
 
 def _projector(tmp_path: Path, db_url: str, nats_url: str, **extra: str) -> subprocess.Popen[bytes]:

@@ -17,8 +17,7 @@ import pytest
 from services.projections import ExecutionsView, Projector, get_execution
 from services.replay import ReplayError, bulk_replay, replay_execution
 from services.replay.replay import replay_id
-from tests.support import Running, stack_up
-from tests.support import assert_applied_once
+from tests.support import Running, assert_applied_once, stack_up
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
@@ -57,7 +56,6 @@ steps:
     retry: {max_attempts: 1}
 output: "${{ steps.check.output }}"
 """
-
 
 
 @pytest.fixture
