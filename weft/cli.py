@@ -180,7 +180,8 @@ def run(
 def status(execution_id: str, as_json: bool = JsonOpt, home: Optional[Path] = HomeOpt) -> None:
     """State of one execution, per step."""
     state = _load(execution_id, home)
-    out.emit(out.execution_summary(state, steps=True), as_json, render=out.render_status)
+    summary = out.execution_summary(state, steps=True) | _cli_history.replays(execution_id, home)
+    out.emit(summary, as_json, render=out.render_status)
 
 
 @app.command()
@@ -298,7 +299,7 @@ def executions_list(
     home: Optional[Path] = HomeOpt,
 ) -> None:
     """Executions, newest first (from the executions view)."""
-    from services.projections import ExecutionsView, Projector
+    from services.projections import ExecutionsView, catch_up
     from services.projections.executions import list_executions
 
     statuses = {"running", "paused", "completed", "failed", "cancelled"}
@@ -306,8 +307,9 @@ def executions_list(
         out.fail(2, f"--status: must be one of {', '.join(sorted(statuses))}")
     store = _store(home)
     try:
-        # Bring the view up to date first, so a list right after a run shows it.
-        Projector(store, [ExecutionsView()]).catch_up()
+        # Bring the view up to date first, so a list right after a run shows it; bounded, so a
+        # stopped projector with a large backlog cannot make one list take minutes.
+        catch_up(store, [ExecutionsView()], limit=200_000)
         with store.reader() as tx:
             rows = list_executions(tx, workflow=workflow, status=status_, limit=limit)
     finally:

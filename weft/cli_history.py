@@ -15,7 +15,6 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-import click
 import orjson
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -429,23 +428,18 @@ def show_history_at(execution_id: str, history: list[Any], at: str, as_json: boo
     summary = out.execution_summary(state, steps=True) | {
         "as_of": n, "as_of_time": history[n - 1].at.isoformat(), "of": len(history), "attempts": attempts,
     }
-    summary.pop("replays", None)  # lineage is of now, not of then
     out.emit(summary, as_json, render=out.render_status)
 
 
 # ---- lineage in `weft status` --------------------------------------------------------------------
 
 
-def _lineage(execution_id: str) -> dict[str, Any]:
-    """Replays of an execution, from the executions view (brought up to date first); {} if unavailable."""
+def replays(execution_id: str, home: Optional[Path]) -> dict[str, Any]:
+    """{"replays": [...]}: the replays of an execution, from the executions view (brought up to
+    date first) for `weft status`; {} if the view is unavailable."""
     from services.projections import ExecutionsView, catch_up, lineage
 
-    ctx = click.get_current_context(silent=True)
-    home = ctx.params.get("home") if ctx is not None else None
-    try:
-        store = _store(home)
-    except (click.exceptions.Exit, typer.Exit):
-        return {}
+    store = _store(home)
     try:
         catch_up(store, [ExecutionsView()], limit=100_000, auto_rebuild=False)
         with store.reader() as tx:
@@ -455,5 +449,3 @@ def _lineage(execution_id: str) -> dict[str, Any]:
     finally:
         store.close()
 
-
-out.lineage = _lineage

@@ -32,17 +32,10 @@ def emit(value: Any, as_json: bool, render: Callable[[Any], None] | None = None)
         console.print_json(orjson.dumps(value).decode())
 
 
-# Lineage lookup (the replays of an execution, from the executions view), set by weft.cli_history.
-lineage: Callable[[str], dict[str, Any]] | None = None
-
-
 def execution_summary(state: Any, steps: bool = False) -> dict[str, Any]:
     from services.orchestrator.state import summary
 
-    result = summary(state, steps=steps)
-    if steps and lineage is not None:
-        result.update(lineage(state.id))  # "replays": executions replaying this one
-    return result
+    return summary(state, steps=steps)
 
 
 def follow(executions: Any, execution_id: str, *, timeout: float = 0, quiet: bool = False) -> Any:

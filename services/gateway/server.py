@@ -24,7 +24,7 @@ from fastapi import FastAPI
 from services.gateway.app import Context, create_app
 from services.gateway.auth import Authenticator, is_loopback
 from services.gateway.keys import Keys
-from services.projections import ExecutionsView
+from services.projections import ExecutionsView, prepare
 from services.triggers.consumer import TriggerConsumer
 from services.triggers.cron import Scheduler
 from services.triggers.ingest import Ingestor
@@ -87,8 +87,7 @@ def build_gateway(stack: Any, catalog: Catalog, ingestor: Ingestor, stop: asynci
             f"refusing to serve the gateway without auth on {settings.gateway_host}: only a loopback address may "
             "run without keys (create one with `weft keys create --scopes ...`)"
         )
-    with stack.store.transaction() as tx:  # the list reads this view; it may not exist yet in a fresh store
-        ExecutionsView().create(tx)
+    prepare(stack.store, [ExecutionsView()])  # the list reads this view; it may not exist yet in a fresh store
     keys = Keys(stack.store)
     ctx = Context(
         store=stack.store, transport=stack.transport, executions=stack.executions, catalog=catalog,
