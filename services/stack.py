@@ -46,7 +46,7 @@ class Stack:
 
 async def connect(settings: Settings) -> tuple[EventStore, Transport]:
     if not settings.nats_url:
-        raise RuntimeError("no NATS url: run `weft up`, or set WEFT_NATS_URL / --nats-url")
+        raise RuntimeError("no NATS url: run `weft up` (its home folder tells the services where), or set WEFT_NATS_URL")
     assert settings.database_url
     store = await asyncio.to_thread(open_store, settings.database_url, pool_size=12)
     transport = await NatsTransport.connect(settings.nats_url, namespace=settings.namespace)

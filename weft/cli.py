@@ -90,18 +90,23 @@ def up(
     raise typer.Exit(run_up(settings))
 
 
-def _service(parts: tuple[str, ...], home: Optional[Path], log_level: str, **flags: Any) -> None:
+def _service(parts: tuple[str, ...], home: Optional[Path], log_level: str, *, settings: Any = None,
+             on_ready: Any = None, **flags: Any) -> None:
+    """Run some services in this process until SIGINT/SIGTERM (`weft orchestrator`, `weft worker`, ...)."""
     from services.stack import install_signal_handlers, run_services
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = _settings(home, **flags)
+    settings = settings or _settings(home, **flags)
 
     async def main() -> None:
         stop = asyncio.Event()
         install_signal_handlers(stop)
-        await run_services(settings, parts, stop)
+        await run_services(settings, parts, stop, on_ready=on_ready)
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except RuntimeError as exc:  # e.g. no broker to connect to: say so, without a traceback
+        out.fail(1, str(exc))
 
 
 @app.command()
@@ -157,8 +162,7 @@ def run(
     if problems:  # before anything is stored, the workflow version included
         out.fail(2, str(InputError(problems)))
     settings = _settings(home)
-    store = _store(home, settings)
-    try:
+    with _store(home, settings) as store:
         version = Registry(store).publish(wf)
         executions = Executions(store)
         state, _ = executions.start(version, data, idempotency_key=idempotency_key)
@@ -172,8 +176,6 @@ def run(
         result = out.execution_summary(state)
         out.emit(result, as_json, render=out.render_result)
         raise typer.Exit(0 if state.status == "completed" else 1)
-    finally:
-        store.close()
 
 
 @app.command()
@@ -194,12 +196,9 @@ def history(
     """The execution's events in order; with --at, its state as of event N (or a time)."""
     from services.orchestrator.executions import Executions
 
-    store = _store(home)
-    try:
-        _check_id(execution_id)
+    _check_id(execution_id)
+    with _store(home) as store:
         events = Executions(store).history(execution_id)
-    finally:
-        store.close()
     if not events:
         out.fail(1, f"no execution {execution_id}")
     if at is not None:
@@ -225,11 +224,8 @@ def _load(execution_id: str, home: Optional[Path]):
     from services.orchestrator.executions import Executions
 
     _check_id(execution_id)
-    store = _store(home)
-    try:
+    with _store(home) as store:
         state = Executions(store).load(execution_id)
-    finally:
-        store.close()
     if not state.version:
         out.fail(1, f"no execution {execution_id}")
     return state
@@ -240,16 +236,13 @@ def _control(execution_id: str, cmd: Any, as_json: bool, home: Optional[Path]) -
     from services.orchestrator.executions import Executions, NotFound
 
     _check_id(execution_id)
-    store = _store(home)
-    try:
+    with _store(home) as store:
         executions = Executions(store)
         try:
             events = executions.command(execution_id, cmd)
         except (NotFound, DecisionError) as exc:
             out.fail(1, str(exc))
         state = executions.load(execution_id)
-    finally:
-        store.close()
     out.emit(out.execution_summary(state) | {"events": [e.type for e in events]}, as_json)
 
 
@@ -305,15 +298,12 @@ def executions_list(
     statuses = {"running", "paused", "completed", "failed", "cancelled"}
     if status_ is not None and status_ not in statuses:
         out.fail(2, f"--status: must be one of {', '.join(sorted(statuses))}")
-    store = _store(home)
-    try:
+    with _store(home) as store:
         # Bring the view up to date first, so a list right after a run shows it; bounded, so a
         # stopped projector with a large backlog cannot make one list take minutes.
         catch_up(store, [ExecutionsView()], limit=200_000)
         with store.reader() as tx:
             rows = list_executions(tx, workflow=workflow, status=status_, limit=limit)
-    finally:
-        store.close()
     out.emit(rows, as_json, render=out.render_executions)
 
 
@@ -326,11 +316,8 @@ def workflows_publish(file: Path, as_json: bool = JsonOpt, home: Optional[Path] 
     from services.orchestrator.registry import Registry
 
     wf = _definition(file)
-    store = _store(home)
-    try:
+    with _store(home) as store:
         v = Registry(store).publish(wf)
-    finally:
-        store.close()
     out.emit({"id": f"{v.name}@{v.version}", "workflow": v.name, "version": v.version,
               "content_hash": v.content_hash, "created": v.created}, as_json)
 
@@ -340,16 +327,13 @@ def workflows_list(as_json: bool = JsonOpt, home: Optional[Path] = HomeOpt) -> N
     """Every workflow with its latest version."""
     from services.orchestrator.registry import Registry
 
-    store = _store(home)
-    try:
+    with _store(home) as store:
         reg = Registry(store)
         rows = []
         for name in reg.names():
             v = reg.get(name)
             rows.append({"id": name, "workflow": name, "version": v.version, "content_hash": v.content_hash,
                          "published_at": v.published_at.isoformat()})
-    finally:
-        store.close()
     out.emit(rows, as_json, render=out.render_table)
 
 
@@ -359,14 +343,11 @@ def workflows_show(name: str, version: Optional[int] = typer.Option(None, "--ver
     """One version's definition."""
     from services.orchestrator.registry import Registry, UnknownWorkflow
 
-    store = _store(home)
-    try:
+    with _store(home) as store:
         try:
             v = Registry(store).get(name, version)
         except UnknownWorkflow as exc:
             out.fail(1, str(exc))
-    finally:
-        store.close()
     out.emit({"id": f"{v.name}@{v.version}", "workflow": v.name, "version": v.version,
               "content_hash": v.content_hash, "definition": v.definition.canonical()}, as_json)
 

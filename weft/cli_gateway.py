@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -11,7 +10,7 @@ from typing import Any, Optional
 import typer
 
 from weft import output as out
-from weft.cli import HomeOpt, JsonOpt, _json_arg, _settings, _store, _user, app
+from weft.cli import HomeOpt, JsonOpt, _json_arg, _service, _settings, _store, _user, app
 
 keys_app = typer.Typer(no_args_is_help=True, help="API keys for the HTTP gateway.")
 app.add_typer(keys_app, name="keys")
@@ -75,22 +74,6 @@ def publish(
 # ---- services ---------------------------------------------------------------------------------------
 
 
-def _run(parts: tuple[str, ...], settings: Any, log_level: str, announce: Any = None) -> None:
-    from services.stack import install_signal_handlers, run_services
-
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-    async def main() -> None:
-        stop = asyncio.Event()
-        install_signal_handlers(stop)
-        await run_services(settings, parts, stop, on_ready=announce)
-
-    try:
-        asyncio.run(main())
-    except RuntimeError as exc:
-        out.fail(1, str(exc))
-
-
 @app.command()
 def gateway(
     host: Optional[str] = typer.Option(None, "--host", help="Address to listen on (default 127.0.0.1)."),
@@ -117,7 +100,7 @@ def gateway(
         if settings.gateway_auth and not _any_key(stack.store):
             out.errors.print("  [yellow]no API keys yet:[/yellow] create one with `weft keys create --scopes admin`")
 
-    _run(("gateway",), settings, log_level, announce)
+    _service(("gateway",), home, log_level, settings=settings, on_ready=announce)
 
 
 def _any_key(store: Any) -> bool:
@@ -127,13 +110,13 @@ def _any_key(store: Any) -> bool:
 @app.command()
 def triggers(home: Optional[Path] = HomeOpt, log_level: str = typer.Option("INFO", envvar="WEFT_LOG_LEVEL")) -> None:
     """Run the trigger consumer: events on weft.triggers.> start their workflows (any number of replicas)."""
-    _run(("triggers",), _settings(home), log_level)
+    _service(("triggers",), home, log_level)
 
 
 @app.command()
 def scheduler(home: Optional[Path] = HomeOpt, log_level: str = typer.Option("INFO", envvar="WEFT_LOG_LEVEL")) -> None:
     """Run the cron scheduler (any number of replicas: each tick starts once)."""
-    _run(("scheduler",), _settings(home), log_level)
+    _service(("scheduler",), home, log_level)
 
 
 # ---- keys -------------------------------------------------------------------------------------------
@@ -173,11 +156,8 @@ def keys_list(as_json: bool = JsonOpt, home: Optional[Path] = HomeOpt) -> None:
     """Every key: prefix, scopes, binding, revoked or not (never the key itself)."""
     from services.gateway.keys import Keys
 
-    store = _store(home)
-    try:
+    with _store(home) as store:
         rows = [k.public() for k in Keys(store).list()]
-    finally:
-        store.close()
     out.emit(rows, as_json, render=lambda rs: out.render_table([
         {"id": r["id"], "prefix": r["prefix"], "scopes": ",".join(r["scopes"]),
          "workflows": ",".join(r["workflows"] or ["*"]), "name": r["name"] or "", "created": r["created_at"][:19],

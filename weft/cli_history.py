@@ -82,11 +82,8 @@ def projections_status(as_json: bool = JsonOpt, home: Optional[Path] = HomeOpt) 
     """Each view: tracked position, head of the log, lag, event rate, rebuild state."""
     from services.projections import default_views, projection_status
 
-    store = _store(home)
-    try:
+    with _store(home) as store:
         rows = projection_status(store, default_views())
-    finally:
-        store.close()
     out.emit(rows, as_json, render=_render_projections)
 
 
@@ -159,13 +156,10 @@ def _read_view(home: Optional[Path], view: Any, read: Callable[[Any], Any]) -> A
     """Bring one view up to date (bounded), then read it."""
     from services.projections import catch_up
 
-    store = _store(home)
-    try:
+    with _store(home) as store:
         catch_up(store, [view], limit=200_000)
         with store.reader() as tx:
             return read(tx)
-    finally:
-        store.close()
 
 
 @executions_app.command("attempts")
@@ -258,8 +252,7 @@ def replay(
     if (execution_id is None) == (filter_ is None):
         out.fail(2, "give an execution id or --filter (not both)")
     patch = _json_arg("--input-patch", input_patch) if input_patch is not None else None
-    store = _store(home)
-    try:
+    with _store(home) as store:
         if filter_ is not None:
             if wait:
                 out.fail(2, "--wait applies to one execution, not to --filter")
@@ -285,8 +278,6 @@ def replay(
             result |= out.execution_summary(state) | {"replay_of": result["replay_of"]}
             out.emit(result, as_json, render=_render_replay)
             raise typer.Exit(0 if state.status == "completed" else 1)
-    finally:
-        store.close()
     out.emit(result, as_json, render=_render_replay)
 
 
@@ -379,8 +370,7 @@ def backfill(
     except (BackfillError, ReplayError) as exc:
         out.fail(2, str(exc))
     pace = _rate(rate)
-    store = _store(home)
-    try:
+    with _store(home) as store:
         bar, progress = _items_progress(as_json, "backfill")
         try:
             with _interruptible() as stop, bar:
@@ -389,8 +379,6 @@ def backfill(
                                       should_stop=stop)
         except BackfillError as exc:
             out.fail(2, str(exc))
-    finally:
-        store.close()
     out.emit(report, as_json, render=_render_backfill)
     raise typer.Exit(1 if report["failed"] or report["cancelled"] else 0)
 
