@@ -89,12 +89,10 @@ def _filters(store: Any, *, workflow: Optional[str], step: Optional[str], kind: 
 
 def _open(home: Optional[Path]) -> Any:
     """The store, with the dead-letter view brought up to date (so a list right after a failure shows it)."""
-    from services.deadletters.view import DeadLettersView, catch_up, ensure_view
+    from services.deadletters.view import refresh
 
     store = _store(home)
-    view = DeadLettersView(store)
-    ensure_view(store, view)
-    catch_up(store, view)
+    refresh(store)
     return store
 
 

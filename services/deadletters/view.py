@@ -273,6 +273,14 @@ def ensure_view(store: EventStore, view: DeadLettersView) -> None:
         view.create(tx)
 
 
+def refresh(store: EventStore) -> None:
+    """Set the view up and bring it up to date, before a command or a request reads it
+    (so a list right after a failure shows it)."""
+    view = DeadLettersView(store)
+    ensure_view(store, view)
+    catch_up(store, view)
+
+
 # ---- reading ----------------------------------------------------------------------------------
 
 
