@@ -363,29 +363,30 @@ def dlq_watch(
 ) -> None:
     """Follow new dead letters as they arrive (Ctrl-C stops)."""
     from services.deadletters import list_dead_letters
-    from services.deadletters.view import DeadLettersView, catch_up, seq_before
+    from services.deadletters.view import seq_before
+    from services.projections import DeadLettersView, Projector
 
     store = _open(home)
-    view = DeadLettersView(store)
     filters = _filters(store, workflow=workflow, step=step, kind=kind, status=None, since=None, until=None,
                        error_contains=error_contains)
     with store.reader() as tx:
         last = seq_before(tx, _when("--since", since))
     out.errors.print("watching for dead letters · Ctrl-C stops")  # stderr: --json keeps stdout pure
     try:
-        while True:
-            catch_up(store, view)
-            with store.reader() as tx:
-                rows = list_dead_letters(tx, filters, limit=500, after_seq=last, oldest_first=True)
-            for r in rows:
-                last = max(last, r["seq"])
-                if as_json:
-                    sys.stdout.write(orjson.dumps(_summary(r)).decode() + "\n")
-                else:
-                    render_watch_line(r)
-            sys.stdout.flush()
-            if not rows:
-                time.sleep(interval)
+        with Projector(store, [DeadLettersView()], lanes=1) as projector:
+            while True:
+                projector.catch_up()
+                with store.reader() as tx:
+                    rows = list_dead_letters(tx, filters, limit=500, after_seq=last, oldest_first=True)
+                for r in rows:
+                    last = max(last, r["seq"])
+                    if as_json:
+                        sys.stdout.write(orjson.dumps(_summary(r)).decode() + "\n")
+                    else:
+                        render_watch_line(r)
+                sys.stdout.flush()
+                if not rows:
+                    time.sleep(interval)
     except KeyboardInterrupt:
         pass
     finally:

@@ -5,8 +5,8 @@ What lives here:
                    commit) and MaxDeliverCapture (JetStream MaxDeliver advisories ->
                    the abandoned message, dead-lettered as kind `max_deliver`)
   nats_archive.py  the NATS side of the capture (advisory stream, get/delete by sequence)
-  view.py          DeadLettersView (table weft_dead_letters, a tracked projection) and
-                   its queries: list, find by id or prefix, counts, clusters by error
+  view.py          queries on the dead-letter view (services.projections.deadletters builds
+                   it): list, find by id or prefix, counts, clusters by error, refresh
   actions.py       Actions: reprocess (step: a new attempt through the core; message:
                    republish) and discard, each recorded as an event; PatchError
   metrics.py       the `weft.dlq.open` OpenTelemetry gauge and its Prometheus text
@@ -20,7 +20,7 @@ the orchestrator or worker imports it.
 
 from services.deadletters.actions import Actions, Outcome, PatchError
 from services.deadletters.service import DeadLetterService
-from services.deadletters.view import DeadLettersView, Filters, catch_up, find, list_dead_letters
+from services.deadletters.view import DeadLettersView, Filters, find, list_dead_letters, refresh
 
 __all__ = [
     "Actions",
@@ -29,7 +29,7 @@ __all__ = [
     "Filters",
     "Outcome",
     "PatchError",
-    "catch_up",
+    "refresh",
     "find",
     "list_dead_letters",
 ]

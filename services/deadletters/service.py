@@ -1,8 +1,10 @@
 """The `deadletters` service: ingester, MaxDeliver capture and the dead-letter view, together.
 
 `weft up` runs it as the "deadletters" part; `weft deadletters` runs it alone.
-Several replicas may run: they share the durable consumers, and the view's
-tracked position makes each event apply once whoever gets there first.
+Several replicas may run: they share the durable consumers. The view is a
+projection like the others (the projector follows it too); this service follows
+it as well, woken the moment the ingester stores a dead letter, so `weft dlq
+list` shows it at once. Whoever applies a batch first wins; the other moves on.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from opentelemetry.metrics import Meter
 from services.broker import Transport
 from services.deadletters.ingest import Ingester, MaxDeliverCapture
 from services.deadletters.metrics import OpenDeadLettersGauge
-from services.deadletters.view import DeadLettersView, catch_up, ensure_view
+from services.projections.deadletters import DeadLettersView
+from services.projections.runner import Projector
 from services.store import EventStore
 
 log = logging.getLogger("weft.deadletters")
@@ -30,8 +33,8 @@ class DeadLetterService:
         from services.deadletters.nats_archive import NatsArchive
 
         self.store, self.transport, self.poll_interval = store, transport, poll_interval
-        self.view = DeadLettersView(store)
-        ensure_view(store, self.view)
+        self.view = DeadLettersView()
+        self.projector = Projector(store, [self.view], batch=2000, lanes=1)  # sets the view up (prepare)
         self.ingester = Ingester(store, transport, batch=batch, ack_wait=ack_wait)
         self.capture: MaxDeliverCapture | None = None
         if NatsArchive.supports(transport):
@@ -51,6 +54,7 @@ class DeadLetterService:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.to_thread(self.projector.close)
 
     async def _project(self, stop: asyncio.Event) -> None:
         # Step dead letters are rare and come from other processes: a relaxed poll finds them.
@@ -61,7 +65,7 @@ class DeadLetterService:
         while not stop.is_set():
             self._wake.clear()
             try:
-                n = await asyncio.to_thread(catch_up, self.store, self.view, rounds=1)
+                n = await asyncio.to_thread(self.projector.catch_up_once)
                 delay = self.poll_interval
             except Exception:
                 log.exception("deadletters: view update failed, retrying in %.1fs", delay)

@@ -16,6 +16,7 @@ What lives here:
   steps.py       StepRunsView + step_runs (every attempt)
   timeline.py    TimelineView + timeline (every event, one line each)
   stats.py       WorkflowStatsView + workflow_stats (counts, p50/p95, failure rate)
+  deadletters.py DeadLettersView (one row per dead letter; its queries: services.deadletters.view)
   rebuild.py     rebuild(store, view): shadow tables + atomic swap
   status.py      projection_status(store, views): position, head, lag, rate
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from services.projections.deadletters import DeadLettersView
 from services.projections.executions import ExecutionsView, get_execution, lineage, list_executions
 from services.projections.rebuild import RebuildBusy, RebuildResult, rebuild
 from services.projections.runner import Projection, Projector, catch_up, prepare
@@ -42,7 +44,7 @@ def default_views(prefix: str = "weft_") -> list[Any]:
     Another table prefix gives an independent second set (named `view:<prefix><name>`),
     which tests use to compare a rebuilt view with one followed live.
     """
-    views = [ExecutionsView, StepRunsView, TimelineView, WorkflowStatsView]
+    views = [ExecutionsView, StepRunsView, TimelineView, WorkflowStatsView, DeadLettersView]
     if prefix == "weft_":
         return [cls() for cls in views]
     return [cls(prefix=prefix, name=f"view:{prefix}{cls.name.removeprefix('view:')}") for cls in views]
@@ -60,7 +62,7 @@ def view_named(name: str, views: list[Any] | None = None) -> Any:
 
 
 __all__ = [
-    "ExecutionsView", "Projection", "Projector", "RebuildBusy", "RebuildResult", "StepRunsView", "TimelineView",
+    "DeadLettersView", "ExecutionsView", "Projection", "Projector", "RebuildBusy", "RebuildResult", "StepRunsView", "TimelineView",
     "WorkflowStatsView", "catch_up", "default_views", "get_execution", "lineage", "list_executions", "prepare",
     "projection_status", "rebuild", "step_runs", "timeline", "view_named", "workflow_stats",
 ]

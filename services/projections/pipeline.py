@@ -61,3 +61,7 @@ class Pipelined:
     def head(self) -> int:
         self.flush()
         return self.tx.head()
+
+    def read_stream(self, stream_id: str, upto_version: int | None = None) -> list[LogRow]:
+        self.flush()
+        return self.tx.read_stream(stream_id, upto_version)

@@ -360,8 +360,15 @@ class ViewTxBase:
         with self._wrap("head"):
             return int(self._head() or 0)
 
+    def read_stream(self, stream_id: str, upto_version: int | None = None) -> list[LogRow]:
+        with self._wrap("read_stream"):
+            return self._read_stream(UUID(stream_id), upto_version if upto_version is not None else 2**62)
+
     # backend hooks: the notification log on this transaction's connection
     def _read_log(self, after: int, limit: int) -> list[LogRow]:
+        raise NotImplementedError
+
+    def _read_stream(self, stream_id: UUID, upto_version: int) -> list[LogRow]:
         raise NotImplementedError
 
     def _head(self) -> int | None:

@@ -147,6 +147,11 @@ class ViewTransaction(Protocol):
     def head(self) -> int:
         """The maximum position as this transaction sees it, 0 if the store is empty."""
 
+    def read_stream(self, stream_id: str, upto_version: int | None = None) -> list[LogRow]:
+        """One stream's events as this transaction sees it, oldest first, up to a version:
+        for a view whose row needs what came before an event in its stream (the dead-letter
+        view reads the attempt's input and traceback). Same tuples as `read_log`."""
+
 
 class EventStore(Protocol):
     """Append-only event store with a global notification log (the outbox)."""

@@ -71,6 +71,10 @@ class WeftPostgresRecorder(PostgresProcessRecorder):
             "SELECT notification_id, originator_id::text, originator_version, topic, state FROM {0}.{1} "
             "WHERE notification_id > %s ORDER BY notification_id LIMIT %s"
         ).format(schema, Identifier(self.events_table_name))
+        self.select_stream_log_statement = SQL(
+            "SELECT notification_id, originator_id::text, originator_version, topic, state FROM {0}.{1} "
+            "WHERE originator_id = %s AND originator_version <= %s ORDER BY originator_version"
+        ).format(schema, Identifier(self.events_table_name))
 
     def _insert_events(
         self, curs: psycopg.Cursor[DictRow], stored_events: Sequence[StoredEvent], **kwargs: Any
@@ -149,6 +153,10 @@ class _PostgresViewTx(ViewTxBase):
     def _head(self) -> int | None:
         self._cursor.execute(self._recorder.max_notification_id_statement, prepare=True)
         return self._cursor.fetchone()[0]
+
+    def _read_stream(self, stream_id: UUID, upto_version: int) -> list[LogRow]:
+        self._cursor.execute(self._recorder.select_stream_log_statement, (stream_id, upto_version), prepare=True)
+        return [(r[0], r[1], r[2], r[3], bytes(r[4])) for r in self._cursor.fetchall()]
 
 
 class PostgresStore(BaseStore):

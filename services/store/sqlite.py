@@ -143,6 +143,15 @@ class _SQLiteViewTx(ViewTxBase):
     def _head(self) -> int | None:
         return self._recorder._max_notification_id(self._cursor)  # noqa: SLF001 - on this connection
 
+    def _read_stream(self, stream_id: UUID, upto_version: int) -> list[LogRow]:
+        self._cursor.execute(
+            "SELECT rowid, originator_id, originator_version, topic, state "
+            f"FROM {self._recorder.events_table_name} WHERE originator_id = ? AND originator_version <= ? "
+            "ORDER BY originator_version",
+            (stream_id.hex, upto_version),
+        )
+        return [(r[0], _dashed(r[1]), r[2], r[3], bytes(r[4])) for r in self._cursor.fetchall()]
+
 
 def _dashed(stream_id: str) -> str:
     # Stream ids are stored as 32 hex digits (see _insert_events); the rest of Weft spells them with dashes.

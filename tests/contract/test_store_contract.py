@@ -211,6 +211,20 @@ class StoreContract:
             assert tx.fetchall() == [(row[0],) for row in expected]
         assert store.position("projection.log") == expected[-1][0]
 
+    def test_view_transaction_reads_one_stream(self, store: EventStore) -> None:
+        a, b = uuid.uuid4(), uuid.uuid4()
+        store.append([ev(a, 1, "ExecutionStarted"), ev(b, 1), ev(a, 2, data=b"\x00\xff binary")])
+        store.append([ev(a, 3, "StepSucceeded"), ev(b, 2)])
+        mine = [(r.position, str(r.stream_id), r.version, r.type, r.data) for r in store.read(0, 100) if r.stream_id == a]
+        for begin in (store.transaction, store.reader):
+            with begin() as tx:
+                assert tx.read_stream(str(a)) == mine
+                assert tx.read_stream(str(a), upto_version=2) == mine[:2]
+                assert tx.read_stream(str(a), upto_version=0) == []
+                assert tx.read_stream(str(uuid.uuid4())) == []
+        with store.transaction() as tx:  # sees its own transaction's state: nothing half-read
+            assert [row[2] for row in tx.read_stream(str(b))] == [1, 2]
+
     # -- tracking ------------------------------------------------------------
     def test_position_and_track_are_monotonic(self, store: EventStore) -> None:
         assert store.position("relay") == 0

@@ -18,8 +18,7 @@ from contracts import deadletters as dl
 from contracts.subjects import DLQ_STREAM, result_subject, step_subject
 from services.broker import OutMessage
 from services.broker.nats import NatsTransport
-from services.deadletters import DeadLettersView, Filters, list_dead_letters
-from services.deadletters.view import ensure_view
+from services.deadletters import Filters, list_dead_letters, refresh
 from services.store import open_store
 from tests.support import Services, service_env, sigkilled, wait_until
 
@@ -56,7 +55,7 @@ def _recorded(store: Any) -> list[Any]:
 
 
 def _rows(store: Any) -> list[dict[str, Any]]:
-    ensure_view(store, DeadLettersView(store))  # the service may not have made it yet
+    refresh(store)  # the service may not have made the view yet
     with store.reader() as tx:
         return list_dead_letters(tx, Filters(), limit=10_000)
 

@@ -22,7 +22,7 @@ from contracts import deadletters as dl
 from contracts.messages import StepResult
 from contracts.subjects import RESULTS_STREAM, TRIGGERS_STREAM, result_subject, step_subject, trigger_subject
 from services.broker import OutMessage
-from services.deadletters import Actions, Filters, PatchError, catch_up, find, list_dead_letters
+from services.deadletters import Actions, Filters, PatchError, find, list_dead_letters, refresh
 from tests.support import Running, finished_all, stack_up, wait_until
 
 pytestmark = pytest.mark.integration
@@ -38,7 +38,7 @@ steps:
 
 def _rows(running: Running, **filters: Any) -> list[dict[str, Any]]:
     store = running.stack.store
-    catch_up(store, running.stack.deadletters.view)
+    refresh(store)
     with store.transaction() as tx:
         return list_dead_letters(tx, Filters(**filters), limit=100_000)
 

@@ -180,7 +180,9 @@ def test_rebuild_gives_the_live_rows_under_concurrent_appends(store: EventStore)
             time.sleep(0.05)
         results = [rebuild(store, view, batch=120, progress=progress) for view in live]
         assert all(r.generation == 1 for r in results)
-        assert all(r.during_swap > 0 for r in results), "the swaps had nothing to catch up: no race tested"
+        # the append in progress() is an ExecutionStarted: the views that follow it had to catch it up
+        raced = [r for r, view in zip(results, live) if "ExecutionStarted" in view.types]
+        assert raced and all(r.during_swap > 0 for r in raced), "the swaps had nothing to catch up: no race tested"
         assert seen and seen == sorted(seen) and seen[0] > 0
         time.sleep(0.2)  # appends carry on after the swaps too
     finally:

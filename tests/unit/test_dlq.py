@@ -15,10 +15,10 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from contracts import deadletters as dl
 from contracts.definitions import parse_definition
 from contracts.messages import StepError, StepResult
-from services.deadletters import Actions, DeadLettersView, Filters, PatchError, catch_up, find, list_dead_letters
+from services.deadletters import Actions, Filters, PatchError, find, list_dead_letters, refresh
 from services.deadletters.actions import check_step_input, target_subject
 from services.deadletters.metrics import OpenDeadLettersGauge, prometheus_text
-from services.deadletters.view import ensure_view, error_signature, group_by_error, open_counts, ts, user_frames
+from services.deadletters.view import error_signature, group_by_error, open_counts, ts, user_frames
 from services.orchestrator.executions import Executions
 from services.orchestrator.registry import Registry
 from services.store import open_store
@@ -59,11 +59,8 @@ def _dead_lettered(store: Any, n: int = -3, message: str = "n must be positive, 
     return state.id
 
 
-def _view(store: Any) -> DeadLettersView:
-    view = DeadLettersView(store)
-    ensure_view(store, view)
-    catch_up(store, view)
-    return view
+def _view(store: Any) -> None:
+    refresh(store)
 
 
 def _all(store: Any, **filters: Any) -> list[dict[str, Any]]:
@@ -239,3 +236,30 @@ def test_tracebacks_keep_the_steps_own_frames() -> None:
         "Traceback (most recent call last):", '  File "/home/me/shop/steps.py", line 3, in charge',
         "    raise ConnectionError('down')", "ConnectionError: down"]
     assert user_frames(tb, ["/"]) == (tb.rstrip(), 0)  # never hide everything
+
+
+def test_the_view_is_a_projection_shown_in_status_and_rebuilt_to_the_same_rows(store: Any) -> None:
+    from contracts.subjects import result_subject
+    from services.projections import projection_status, rebuild, view_named
+    from services.store import NewEvent
+
+    eid = _dead_lettered(store)
+    key = "results:7"
+    body = orjson.dumps({"execution_id": eid, "step_id": "a", "attempt": 10**12, "status": "bogus"}).decode()
+    recorded = dl.DeadLetterRecorded(at=ts("2026-01-02T03:04:05Z"), dead_letter_id=dl.message_dead_letter_id(key),
+                                     kind="poison", key=key, source_subject=result_subject("python"), payload=body,
+                                     reason="schema", delivered=1, dlq_seq=7)
+    store.append([NewEvent(uuid.UUID(recorded.dead_letter_id), 1, recorded.type, dl.encode(recorded))])
+    before = _all(store)
+    Actions(store).discard_many([r for r in before if r["source"] == "message"], by="ann", why="garbage")
+    before = _all(store)
+    message = next(r for r in before if r["source"] == "message")
+    # found out from the payload: which execution (and so which workflow) it was about; an
+    # attempt number that does not fit the column is left out rather than stalling the view
+    assert (message["execution_id"], message["workflow"], message["attempt"]) == (eid, "unit-wf", None)
+    assert (message["status"], message["actor"]) == ("discarded", "ann")
+    status = {r["name"]: r for r in projection_status(store, [view_named("dead_letters")])}
+    assert status["dead_letters"]["lag"] == 0 and status["dead_letters"]["tables"] == ["weft_dead_letters"]
+    result = rebuild(store, view_named("dead_letters"))
+    assert result.generation == 1 and result.events == 3  # dead-lettered, recorded, discarded
+    assert _all(store) == before
