@@ -18,6 +18,8 @@ import asyncio
 import signal
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
@@ -87,13 +89,14 @@ def _filters(store: Any, *, workflow: Optional[str], step: Optional[str], kind: 
     )
 
 
-def _open(home: Optional[Path]) -> Any:
+@contextmanager
+def _open(home: Optional[Path]) -> Iterator[Any]:
     """The store, with the dead-letter view brought up to date (so a list right after a failure shows it)."""
     from services.deadletters.view import refresh
 
-    store = _store(home)
-    refresh(store)
-    return store
+    with _store(home) as store:
+        refresh(store)
+        yield store
 
 
 def _rows(store: Any, filters: Any, limit: int | None = None) -> list[dict[str, Any]]:
@@ -151,13 +154,10 @@ def dlq_list(
 
     if group_by not in (None, "error"):
         out.fail(2, f"--group-by: only 'error' is supported, not {group_by!r}")
-    store = _open(home)
-    try:
+    with _open(home) as store:
         filters = _filters(store, workflow=workflow, step=step, kind=kind, status=status, since=since, until=until,
                            error_contains=error_contains)
         rows = _rows(store, filters, None if group_by else limit)
-    finally:
-        store.close()
     if group_by:
         groups = group_by_error(rows)
         out.emit(groups, as_json, render=render_groups)
@@ -171,13 +171,10 @@ def dlq_show(ref: str = typer.Argument(..., metavar="ID"), as_json: bool = JsonO
     from services.deadletters import Actions
     from services.deadletters.actions import history_around
 
-    store = _open(home)
-    try:
+    with _open(home) as store:
         row = _resolve(store, [ref])[0]
         history = history_around(store, row)
         acts = [a.model_dump(mode="json") for a in Actions(store).acts(row["id"])]
-    finally:
-        store.close()
     payload: Any = row["payload"]
     if row["payload_encoding"] == "utf-8":
         try:
@@ -292,8 +289,7 @@ def dlq_reprocess(
     from services.deadletters.bulk import batches
 
     patch_value = _json_arg("--patch", patch) if patch is not None else None
-    store = _open(home)
-    try:
+    with _open(home) as store:
         rows = _selection(store, list(refs or []), select_all, filter_pairs, workflow=workflow, step=step, kind=kind,
                           since=since, until=until, error_contains=error_contains)
         actions = Actions(store)
@@ -311,8 +307,6 @@ def dlq_reprocess(
             return [await actions.reprocess(chunk[0], patch=patch_value, by=by, why=why, dry_run=dry_run)]
 
         outcomes = _run_bulk(batches(rows), act, as_json, "reprocessing", _Broker(home, actions) if needs_broker else None)
-    finally:
-        store.close()
     _report(outcomes, as_json)
 
 
@@ -333,8 +327,7 @@ def dlq_discard(
 
     if not reason or not reason.strip():
         out.fail(2, "--reason: say why these are discarded (it is recorded with your name)")
-    store = _open(home)
-    try:
+    with _open(home) as store:
         rows = _selection(store, list(refs or []), select_all, filter_pairs, workflow=workflow, step=step, kind=kind,
                           since=since, until=until, error_contains=error_contains)
         actions = Actions(store)
@@ -344,8 +337,6 @@ def dlq_discard(
             return await asyncio.to_thread(actions.discard_many, chunk, by=by, why=reason.strip(), dry_run=dry_run)
 
         outcomes = _run_bulk(chunked(rows), act, as_json, "discarding")
-    finally:
-        store.close()
     _report(outcomes, as_json)
 
 
@@ -366,14 +357,13 @@ def dlq_watch(
     from services.deadletters.view import seq_before
     from services.projections import DeadLettersView, Projector
 
-    store = _open(home)
-    filters = _filters(store, workflow=workflow, step=step, kind=kind, status=None, since=None, until=None,
-                       error_contains=error_contains)
-    with store.reader() as tx:
-        last = seq_before(tx, _when("--since", since))
-    out.errors.print("watching for dead letters · Ctrl-C stops")  # stderr: --json keeps stdout pure
-    try:
-        with Projector(store, [DeadLettersView()], lanes=1) as projector:
+    with _open(home) as store, Projector(store, [DeadLettersView()], lanes=1) as projector:
+        filters = _filters(store, workflow=workflow, step=step, kind=kind, status=None, since=None, until=None,
+                           error_contains=error_contains)
+        with store.reader() as tx:
+            last = seq_before(tx, _when("--since", since))
+        out.errors.print("watching for dead letters · Ctrl-C stops")  # stderr: --json keeps stdout pure
+        try:
             while True:
                 projector.catch_up()
                 with store.reader() as tx:
@@ -387,10 +377,8 @@ def dlq_watch(
                 sys.stdout.flush()
                 if not rows:
                     time.sleep(interval)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        store.close()
+        except KeyboardInterrupt:
+            pass
 
 
 @dlq_app.command("stats")
@@ -402,13 +390,10 @@ def dlq_stats(
     from services.deadletters.metrics import prometheus_text
     from services.deadletters.view import open_counts, status_counts
 
-    store = _open(home)
-    try:
+    with _open(home) as store:
         with store.reader() as tx:
             counts = open_counts(tx)
             statuses = status_counts(tx)
-    finally:
-        store.close()
     if prometheus:
         sys.stdout.write(prometheus_text(counts))
         return
