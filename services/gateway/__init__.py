@@ -7,6 +7,8 @@ What lives here:
                          history, live events (Server-Sent Events)
   routes_triggers.py     /v1/triggers (publish a CloudEvent), /v1/webhooks/{path}, /v1/keys
   routes_replay.py       /v1/executions/{id}/replay, /v1/replays (bulk), /v1/backfills (over services.replay)
+  routes_deadletters.py  /v1/deadletters: list (or clusters), show, reprocess, discard, stats
+                         (over services.deadletters, as `weft dlq` is)
   auth.py                API-key authentication and per-route scopes
   keys.py                API keys as events in the store (hashed; prefix in clear)
   errors.py              the error model, handlers, and the body-size limit
@@ -16,6 +18,6 @@ What lives here:
 
 Who may import it: entry points (services.stack, the CLI), tests. It imports
 services.triggers, the orchestrator's application services, projections'
-read functions, the store and the broker port. keys.py imports no web framework,
+read functions, services.deadletters, the store and the broker port. keys.py imports no web framework,
 so the CLI can manage keys without loading FastAPI.
 """

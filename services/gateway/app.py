@@ -45,14 +45,15 @@ class Context:
 
 
 def create_app(ctx: Context, *, max_body: int = DEFAULT_MAX_BODY) -> FastAPI:
-    from services.gateway import routes_executions, routes_replay, routes_triggers, routes_workflows
+    from services.gateway import routes_deadletters, routes_executions, routes_replay, routes_triggers, routes_workflows
 
     app = FastAPI(
         title="Weft", version="1", openapi_url="/v1/openapi.json", docs_url="/v1/docs", redoc_url=None,
         description=(
             "Event-sourced workflow orchestration. Authenticate with `Authorization: Bearer <key>` "
             "(`weft keys create`). Scopes: `read` (GET), `trigger` (start executions, publish triggers), "
-            "`admin` (publish workflows, control executions, keys; implies the other two)."
+            "`admin` (publish workflows, control executions, reprocess or discard dead letters, keys; "
+            "implies the other two)."
         ),
     )
     app.state.ctx = ctx
@@ -62,6 +63,7 @@ def create_app(ctx: Context, *, max_body: int = DEFAULT_MAX_BODY) -> FastAPI:
     app.include_router(routes_executions.router)
     app.include_router(routes_triggers.router)
     app.include_router(routes_replay.router)
+    app.include_router(routes_deadletters.router)
 
     @app.get("/healthz", response_model=Health, tags=["health"])
     async def healthz() -> dict[str, Any]:

@@ -185,3 +185,95 @@ class KeyList(BaseModel):
 class Health(BaseModel):
     model_config = ConfigDict(extra="allow")
     status: str
+
+
+# ---- dead letters --------------------------------------------------------------------------------
+
+
+class DeadLetterOut(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: str
+    kind: str  # see contracts.deadletters: STEP_KINDS, MESSAGE_KINDS
+    status: str  # open | reprocessed | discarded
+    source: str  # step | message
+    workflow: str | None = None
+    execution_id: str | None = None
+    step_id: str | None = None
+    item: int | None = None
+    attempt: int | None = None
+    error_type: str | None = None
+    error_message: str | None = None
+    reason: str | None = None
+    delivered: int = 0
+    source_subject: str | None = None
+    first_seen: str
+    last_seen: str
+    actor: str | None = None  # who reprocessed or discarded it
+    action_reason: str | None = None
+    acted_at: str | None = None
+
+
+class DeadLetterPage(BaseModel):
+    items: list[DeadLetterOut]
+    next_offset: int | None = None  # the offset of the next page; None on the last one
+
+
+class ErrorCluster(BaseModel):
+    id: str
+    count: int
+    kind: str
+    error_type: str
+    error: str  # the message with ids, numbers and quoted values masked
+    workflows: list[str]
+    steps: list[str]
+    statuses: list[str]
+    first_seen: str
+    last_seen: str
+    example: str
+    ids: list[str]
+
+
+class ErrorClusters(BaseModel):
+    groups: list[ErrorCluster]
+    truncated: bool  # more dead letters matched than were grouped
+
+
+class DeadLetterDetail(DeadLetterOut):
+    payload: Any = None  # parsed when it is JSON text; base64 text when payload_encoding is base64
+    payload_encoding: str
+    headers: dict[str, str] = {}
+    traceback: str | None = None
+    details: dict[str, Any] = {}
+    history: list[dict[str, Any]]  # the execution's events around the failure ([] without one)
+    acts: list[dict[str, Any]]  # the dead letter's own stream: how it was recorded, what was done about it
+
+
+class DeadLetterOutcome(BaseModel):
+    id: str
+    outcome: str  # reprocessed | republished | discarded | already_reprocessed | already_discarded
+    #             | would_reprocess | would_republish | would_discard | failed | cancelled
+    kind: str
+    execution_id: str | None = None
+    step_id: str | None = None
+    detail: str = ""
+    attempt: int | None = None  # the new attempt a step reprocess scheduled
+    preview: Any = None  # dry run: the input or payload that would go out
+
+
+class DeadLetterActions(BaseModel):
+    ok: bool  # False when some dead letter failed (see its outcome)
+    dry_run: bool
+    counts: dict[str, int]  # outcome -> how many
+    outcomes: list[DeadLetterOutcome]
+
+
+class OpenCount(BaseModel):
+    id: str  # kind/workflow
+    kind: str
+    workflow: str | None = None
+    count: int
+
+
+class DeadLetterStats(BaseModel):
+    open: list[OpenCount]
+    by_status: dict[str, int]
