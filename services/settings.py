@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Mapping, TypeVar
 
 import orjson
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
 
 T = TypeVar("T", bound="Settings")
 
@@ -26,6 +26,8 @@ class Settings(BaseModel):
     worker_id: str | None = None
     ack_wait: float = 30.0  # seconds before an unacked command or result is redelivered
     max_deliver: int = 20
+    # seconds a result's message id is kept for dedup; at least ack_wait x max_deliver (orchestrator/inbox.py)
+    inbox_retention: float = 7 * 86400.0
     result_batch: int = 256
     relay_batch: int = 512
     projection_batch: int = 10_000  # events per projector transaction
@@ -39,6 +41,15 @@ class Settings(BaseModel):
     trigger_batch: int = 500  # trigger events ingested per store transaction
     cron_grace: float = 60.0  # seconds a late cron tick still counts as on time
     no_worker: bool = False  # `weft up` without its in-process worker
+
+    @field_validator("inbox_retention")
+    @classmethod
+    def _outlasts_redelivery(cls, value: float, info: ValidationInfo) -> float:
+        window = info.data.get("ack_wait", 30.0) * info.data.get("max_deliver", 20)
+        if value < window:
+            raise ValueError(f"must be at least ack_wait x max_deliver = {window:.0f}s, or a redelivered "
+                             "result could be applied twice")
+        return value
 
     @classmethod
     def load(cls: type[T], env: Mapping[str, str] | None = None, **flags: Any) -> T:

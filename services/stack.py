@@ -17,6 +17,7 @@ from typing import Any, Awaitable, Callable, Iterable
 from services.broker import NatsTransport, Transport
 from services.orchestrator.consumer import ResultConsumer
 from services.orchestrator.executions import Executions
+from services.orchestrator.inbox import prune_inbox
 from services.orchestrator.relay import Relay
 from services.projections import Projector, default_views
 from services.settings import Settings
@@ -75,6 +76,7 @@ async def run_services(
                 max_deliver=settings.max_deliver,
             )
             runs.append(stack.consumer.run(stop))
+            runs.append(prune_inbox(store, stop, retention=settings.inbox_retention))
         if "worker" in parts:
             # Like celery and rq: step callables are imported relative to where the worker runs.
             if os.getcwd() not in sys.path:

@@ -12,6 +12,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
 from typing import Any, Protocol
 from uuid import UUID
 
@@ -262,6 +263,19 @@ class BaseStore:
             return set()
         with self._errors("seen"):
             return self._seen(list(dict.fromkeys(message_ids)))
+
+    def prune_inbox(self, older_than: float, *, batch: int = 10_000) -> int:
+        cutoff = datetime.now(timezone.utc) - timedelta(seconds=older_than)
+        total = 0
+        with self._errors("prune_inbox"):
+            while (n := self._prune_inbox(cutoff, batch)) > 0:
+                total += n
+                if n < batch:
+                    break
+        return total
+
+    def _prune_inbox(self, cutoff: datetime, batch: int) -> int:
+        raise NotImplementedError
 
     def position(self, name: str) -> int:
         with self._errors("position"):

@@ -184,6 +184,10 @@ class EventStore(Protocol):
     def seen(self, message_ids: Sequence[str]) -> set[str]:
         """Which of these message ids are in the inbox."""
 
+    def prune_inbox(self, older_than: float, *, batch: int = 10_000) -> int:
+        """Forget inbox message ids recorded more than `older_than` seconds ago, `batch` to a
+        transaction (the writer is never held long); returns how many were forgotten."""
+
     def position(self, name: str) -> int:
         """The tracked position of a follower (0 if none)."""
 

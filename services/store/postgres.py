@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from datetime import datetime
 from functools import lru_cache
 from typing import Any
 from uuid import UUID
@@ -45,6 +46,10 @@ class WeftPostgresRecorder(PostgresProcessRecorder):
         )
         self.insert_inbox_statement = SQL(
             "INSERT INTO {0}.inbox (message_id) SELECT unnest(%s::text[])"
+        ).format(schema)
+        self.prune_inbox_statement = SQL(
+            "DELETE FROM {0}.inbox WHERE message_id IN "
+            "(SELECT message_id FROM {0}.inbox WHERE recorded_at < %s LIMIT %s)"
         ).format(schema)
         self.select_inbox_statement = SQL(
             "SELECT message_id FROM {0}.inbox WHERE message_id = ANY(%s::text[])"
@@ -206,6 +211,11 @@ class PostgresStore(BaseStore):
         with self._datastore.get_connection() as conn, conn.cursor() as curs:
             curs.execute(self._pg.select_inbox_statement, (list(message_ids),), prepare=True)
             return {row["message_id"] for row in curs.fetchall()}
+
+    def _prune_inbox(self, cutoff: datetime, batch: int) -> int:
+        with self._datastore.get_connection() as conn, conn.transaction(), conn.cursor() as curs:
+            curs.execute(self._pg.prune_inbox_statement, (cutoff, batch))
+            return int(curs.rowcount)
 
     def _max_versions(self, stream_ids: Sequence[UUID]) -> dict[UUID, int]:
         with self._datastore.get_connection() as conn, conn.cursor() as curs:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from datetime import datetime
 from typing import Any
 from uuid import UUID
 
@@ -184,6 +185,14 @@ class SQLiteStore(BaseStore):
                 )
                 found.update(row[0] for row in c.fetchall())
         return found
+
+    def _prune_inbox(self, cutoff: datetime, batch: int) -> int:
+        stamp = cutoff.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"  # the column's own text form
+        with self._datastore.transaction(commit=True) as c:
+            c.execute("DELETE FROM inbox WHERE message_id IN "
+                      "(SELECT message_id FROM inbox WHERE recorded_at < ? LIMIT ?)", (stamp, batch))
+            c.execute("SELECT changes()")  # the library's cursor wrapper has no rowcount
+            return int(c.fetchone()[0])
 
     def _max_versions(self, stream_ids: Sequence[UUID]) -> dict[UUID, int]:
         out: dict[UUID, int] = {}

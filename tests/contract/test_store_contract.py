@@ -211,6 +211,18 @@ class StoreContract:
             assert tx.fetchall() == [(row[0],) for row in expected]
         assert store.position("projection.log") == expected[-1][0]
 
+    def test_prune_inbox_forgets_only_old_ids(self, store: EventStore) -> None:
+        store.append([], inbox=[f"old-{i}" for i in range(25)])
+        store.append([], inbox=["new-1", "new-2"])
+        old = "2000-01-01T00:00:00.000Z"  # text form of the SQLite column; PostgreSQL parses it
+        with store.transaction() as tx:
+            tx.execute("UPDATE inbox SET recorded_at = ? WHERE message_id LIKE 'old-%'", (old,))
+        assert store.prune_inbox(3600, batch=10) == 25  # three transactions of at most 10
+        assert store.seen([f"old-{i}" for i in range(25)] + ["new-1", "new-2"]) == {"new-1", "new-2"}
+        assert store.prune_inbox(3600) == 0
+        store.append([], inbox=["old-3"])  # forgotten: the id may be recorded again
+        assert store.seen(["old-3"]) == {"old-3"}
+
     def test_view_transaction_reads_one_stream(self, store: EventStore) -> None:
         a, b = uuid.uuid4(), uuid.uuid4()
         store.append([ev(a, 1, "ExecutionStarted"), ev(b, 1), ev(a, 2, data=b"\x00\xff binary")])
