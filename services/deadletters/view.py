@@ -129,7 +129,13 @@ def open_counts(tx: ViewTransaction) -> list[tuple[str, str, int]]:
     return [(k, w, int(n)) for k, w, n in tx.fetchall()]
 
 
-def status_counts(tx: ViewTransaction) -> dict[str, int]:
+def status_counts(tx: ViewTransaction, workflows: Sequence[str] | None = None) -> dict[str, int]:
+    """Dead letters by status; with `workflows`, only theirs (a key bound to some workflows)."""
+    if workflows is not None:
+        names = sorted(workflows) or [""]
+        tx.execute(f"SELECT status, COUNT(*) FROM {TABLE} WHERE workflow IN ({', '.join('?' * len(names))}) "
+                   "GROUP BY status", names)
+        return {s: int(n) for s, n in tx.fetchall()}
     tx.execute(f"SELECT status, COUNT(*) FROM {TABLE} GROUP BY status")
     return {s: int(n) for s, n in tx.fetchall()}
 
