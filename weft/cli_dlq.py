@@ -168,22 +168,12 @@ def dlq_list(
 @dlq_app.command("show")
 def dlq_show(ref: str = typer.Argument(..., metavar="ID"), as_json: bool = JsonOpt, home: Optional[Path] = HomeOpt) -> None:
     """One dead letter: payload, error, traceback, the execution's history around the failure."""
-    from services.deadletters import Actions
-    from services.deadletters.actions import history_around
+    from services.deadletters.actions import detail
 
     with _open(home) as store:
-        row = _resolve(store, [ref])[0]
-        history = history_around(store, row)
-        acts = [a.model_dump(mode="json") for a in Actions(store).acts(row["id"])]
-    payload: Any = row["payload"]
-    if row["payload_encoding"] == "utf-8":
-        try:
-            payload = orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            pass
-    result = {**row, "payload": payload, "history": history, "acts": acts}
-    if row.get("execution_id") and history:
-        result["hint"] = f"weft history {row['execution_id']}"
+        result = detail(store, _resolve(store, [ref])[0])
+    if result.get("execution_id") and result["history"]:
+        result["hint"] = f"weft history {result['execution_id']}"
     out.emit(result, as_json, render=render_show)
 
 

@@ -257,6 +257,16 @@ class Actions:
         raise ConcurrencyError(f"dead letter {out.id}: too much contention", kind="version")
 
 
+def detail(store: EventStore, row: dict[str, Any]) -> dict[str, Any]:
+    """One dead letter as `show` gives it: the row with its payload parsed when it is JSON
+    text, the execution's history around the failure, and what was done about it."""
+    payload: Any = row["payload"]
+    if row["payload_encoding"] == "utf-8":
+        payload = _json(payload)
+    acts = [a.model_dump(mode="json") for a in Actions(store).acts(row["id"])]
+    return {**row, "payload": payload, "history": history_around(store, row), "acts": acts}
+
+
 def history_around(store: EventStore, row: dict[str, Any], before: int = 8, after: int = 4) -> list[dict[str, Any]]:
     """The execution's events around the failure (`seq` numbered like `weft history`); [] without one."""
     try:

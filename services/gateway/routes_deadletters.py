@@ -24,7 +24,7 @@ from fastapi import APIRouter, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from contracts import deadletters as dl
-from services.deadletters.actions import Actions, PatchError, history_around
+from services.deadletters.actions import Actions, PatchError, detail
 from services.deadletters.bulk import batches, chunked, parse_when, run_batches
 from services.deadletters.view import (
     Filters, find, group_by_error, kinds, list_dead_letters, open_counts, refresh, status_counts,
@@ -232,14 +232,7 @@ def show(request: Request, dead_letter_id: str = Path(max_length=64, description
     store = _refresh(request)
     with store.reader() as tx:
         row = _resolve(tx, caller(request), dead_letter_id, "path.dead_letter_id")
-    payload: Any = row["payload"]
-    if row["payload_encoding"] == "utf-8":
-        try:
-            payload = orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            pass
-    acts = [a.model_dump(mode="json") for a in Actions(store).acts(row["id"])]
-    return {**row, "payload": payload, "history": history_around(store, row), "acts": acts}
+    return detail(store, row)
 
 
 # ---- acting -------------------------------------------------------------------------------------

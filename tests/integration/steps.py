@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 from weft import NonRetryableError, StepContext
@@ -15,3 +17,39 @@ def positive(input: dict[str, Any], ctx: StepContext) -> int:
 
 def refuse(input: Any, ctx: StepContext) -> None:
     raise NonRetryableError("refused")
+
+
+# ---- dead-letter tests: a step that fails until a flag file exists, and one that refuses bad input
+
+
+def flaky(input: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    """Fails until the flag file exists; logs every attempt's idempotency key."""
+    with open(input["log"], "a") as f:
+        f.write(f"{ctx.idempotency_key} {ctx.attempt}\n")
+    if not os.path.exists(input["flag"]):
+        raise ConnectionError(f"backend unreachable (no {Path(input['flag']).name})")
+    return {"ok": True, "order": input["order"]}
+
+
+FLAKY = """
+name: flaky-orders
+steps:
+  - id: charge
+    type: python
+    with: {callable: "tests.integration.steps:flaky"}
+    input: {order: "${{ input.order }}", flag: "${{ input.flag }}", log: "${{ input.log }}"}
+    retry: {max_attempts: 3, initial_delay: 0.05, max_delay: 0.1}
+  - {id: done, type: noop, needs: [charge]}
+output: "${{ steps.charge.output }}"
+"""
+
+POSITIVE = """
+name: needs-positive
+steps:
+  - id: check
+    type: python
+    with: {callable: "tests.integration.steps:positive"}
+    input: {n: "${{ input.n }}"}
+    retry: {max_attempts: 1}
+output: "${{ steps.check.output }}"
+"""

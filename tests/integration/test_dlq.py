@@ -24,46 +24,10 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from services.deadletters.metrics import OpenDeadLettersGauge
 from tests.support import Running, assert_applied_once, stack_up, wait_until
-from weft import StepContext
+from tests.integration.steps import FLAKY, POSITIVE
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
-
-
-# ---- a step handler (imported by the worker as tests.integration.test_dlq:flaky) -------------
-
-
-def flaky(input: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
-    """Fails until the flag file exists; logs every attempt's idempotency key."""
-    with open(input["log"], "a") as f:
-        f.write(f"{ctx.idempotency_key} {ctx.attempt}\n")
-    if not os.path.exists(input["flag"]):
-        raise ConnectionError(f"backend unreachable (no {Path(input['flag']).name})")
-    return {"ok": True, "order": input["order"]}
-
-
-FLAKY = """
-name: flaky-orders
-steps:
-  - id: charge
-    type: python
-    with: {callable: "tests.integration.test_dlq:flaky"}
-    input: {order: "${{ input.order }}", flag: "${{ input.flag }}", log: "${{ input.log }}"}
-    retry: {max_attempts: 3, initial_delay: 0.05, max_delay: 0.1}
-  - {id: done, type: noop, needs: [charge]}
-output: "${{ steps.charge.output }}"
-"""
-
-POSITIVE = """
-name: needs-positive
-steps:
-  - id: check
-    type: python
-    with: {callable: "tests.integration.steps:positive"}
-    input: {n: "${{ input.n }}"}
-    retry: {max_attempts: 1}
-output: "${{ steps.check.output }}"
-"""
 
 
 @pytest.fixture
@@ -130,7 +94,7 @@ async def test_failing_step_is_dead_lettered_fixed_and_reprocessed(stack: Runnin
     shown = await cli.json("dlq", "show", letter["id"][:8])  # a short id is enough
     assert shown["id"] == letter["id"]
     assert shown["payload"] == {"order": "A-1", "flag": str(flag), "log": str(log)}
-    assert "ConnectionError: backend unreachable" in shown["traceback"] and "test_dlq.py" in shown["traceback"]
+    assert "ConnectionError: backend unreachable" in shown["traceback"] and "steps.py" in shown["traceback"]
     assert [e["type"] for e in shown["history"]][-2:] == ["StepDeadLettered", "ExecutionFailed"]
     assert shown["hint"] == f"weft history {eid}"
     assert shown["details"]["idempotency_key"] == f"{eid}:charge"

@@ -8,7 +8,6 @@ who and why; scopes; stats; a trigger dead letter republished through the gatewa
 from __future__ import annotations
 
 import asyncio
-import os
 import uuid
 from pathlib import Path
 from typing import Any, AsyncIterator
@@ -21,43 +20,13 @@ from contracts.subjects import trigger_subject
 from services.gateway import routes_deadletters
 from services.gateway.keys import Keys
 from tests.support import Running, stack_up, wait_until
-from weft import StepContext
+from tests.integration.steps import FLAKY, POSITIVE
 
 pytestmark = pytest.mark.integration
 PARTS = ("orchestrator", "relay", "worker", "projector", "deadletters", "triggers", "gateway")
 REPROCESS, DISCARD = "/v1/deadletters/reprocess", "/v1/deadletters/discard"
 
 
-def flaky(input: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
-    """Fails until the flag file exists (imported by the worker as tests.integration.test_gateway_dlq:flaky)."""
-    with open(input["log"], "a") as f:
-        f.write(f"{ctx.idempotency_key} {ctx.attempt}\n")
-    if not os.path.exists(input["flag"]):
-        raise ConnectionError(f"backend unreachable (no {Path(input['flag']).name})")
-    return {"ok": True, "order": input["order"]}
-
-
-FLAKY = """
-name: flaky-orders
-steps:
-  - id: charge
-    type: python
-    with: {callable: "tests.integration.test_gateway_dlq:flaky"}
-    input: {order: "${{ input.order }}", flag: "${{ input.flag }}", log: "${{ input.log }}"}
-    retry: {max_attempts: 2, initial_delay: 0.05, max_delay: 0.1}
-  - {id: done, type: noop, needs: [charge]}
-output: "${{ steps.charge.output }}"
-"""
-POSITIVE = """
-name: needs-positive
-steps:
-  - id: check
-    type: python
-    with: {callable: "tests.integration.steps:positive"}
-    input: {n: "${{ input.n }}"}
-    retry: {max_attempts: 1}
-output: "${{ steps.check.output }}"
-"""
 BAD_MAP = """
 name: bad-map
 steps:
@@ -120,7 +89,7 @@ async def test_a_dead_letter_is_listed_shown_fixed_and_reprocessed(world: World,
         assert [r["execution_id"] for r in rows] == [other, eid]
         letter = rows[1]
         assert (letter["kind"], letter["status"], letter["workflow"], letter["step_id"], letter["attempt"]) == (
-            "retries_exhausted", "open", "flaky-orders", "charge", 2)
+            "retries_exhausted", "open", "flaky-orders", "charge", 3)
         assert letter["error_type"] == "ConnectionError" and "backend unreachable" in letter["error_message"]
 
         # filters
@@ -168,11 +137,11 @@ async def test_a_dead_letter_is_listed_shown_fixed_and_reprocessed(world: World,
         r = await admin.post(REPROCESS, json={"ids": [letter["id"][:8]], "why": "backend is back"})
         assert r.status_code == 200, r.text
         assert r.json()["ok"] is True and r.json()["counts"] == {"reprocessed": 1}
-        assert [(o["id"], o["outcome"], o["attempt"]) for o in r.json()["outcomes"]] == [(letter["id"], "reprocessed", 3)]
+        assert [(o["id"], o["outcome"], o["attempt"]) for o in r.json()["outcomes"]] == [(letter["id"], "reprocessed", 4)]
         done = await world.running.finished(eid)
         assert done.status == "completed" and done.output == {"ok": True, "order": "A-1"}
         attempts = [line.split() for line in log.read_text().splitlines()]
-        assert [int(a) for _, a in attempts] == [1, 2, 3] and {k for k, _ in attempts} == {f"{eid}:charge"}
+        assert [int(a) for _, a in attempts] == [1, 2, 3, 4] and {k for k, _ in attempts} == {f"{eid}:charge"}
 
         # the same request again: no new attempt, nothing stored
         head = await world.head()
@@ -181,7 +150,7 @@ async def test_a_dead_letter_is_listed_shown_fixed_and_reprocessed(world: World,
         assert await world.head() == head
         history = await world.running.history(eid)
         assert sum(1 for e in history if e.type == "StepReprocessRequested") == 1
-        assert [e.attempt for e in history if e.type == "StepScheduled" and e.step_id == "charge"] == [1, 2, 3]
+        assert [e.attempt for e in history if e.type == "StepScheduled" and e.step_id == "charge"] == [1, 2, 3, 4]
 
         [after] = await _listed(admin, status="reprocessed")
         assert (after["id"], after["actor"], after["action_reason"]) == (letter["id"], admin.actor, "backend is back")
