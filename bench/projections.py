@@ -10,8 +10,8 @@
    orchestrator appends them, each execution with its own id. The events are
    pre-built and appended in large batches (this part is not what is measured).
 3. Times a cold catch-up of all the built-in views (executions, step runs,
-   timeline, workflow stats) from position 0 to the head, then a
-   `rebuild` of the executions view (shadow tables + swap).
+   timeline, workflow stats, dead letters) from position 0 to the head, then a
+   `rebuild` of the executions view (shadow tables + swap) and of the dead-letter view.
 
 Prints the figures, then one JSON line.
 """
@@ -37,7 +37,7 @@ from common import drop_schema, prepare_db  # noqa: E402 - bench/common.py
 from contracts.definitions import parse_definition  # noqa: E402
 from services.orchestrator.executions import Executions  # noqa: E402
 from services.orchestrator.registry import Registry  # noqa: E402
-from services.projections import ExecutionsView, Projector, default_views, rebuild  # noqa: E402
+from services.projections import DeadLettersView, ExecutionsView, Projector, default_views, rebuild  # noqa: E402
 from services.store import EventStore, NewEvent, open_store  # noqa: E402
 from tests.golden.drive import Clock, Driver, echo, flaky  # noqa: E402
 
@@ -164,30 +164,39 @@ def main() -> None:
         head = store.head()
         print(f"generated {n} events ({head} positions) in {gen_s:.1f}s ({n / gen_s:,.0f} events/s appended)")
 
-        with Projector(store, default_views(), batch=args.batch, lanes=args.lanes) as projector:
+        views = default_views()
+        with Projector(store, views, batch=args.batch, lanes=args.lanes) as projector:
             load = os.getloadavg()[0]
             t0 = time.perf_counter()
             applied = projector.catch_up()
             catch_s = time.perf_counter() - t0
         rate = head / catch_s
-        print(f"cold catch-up, 4 views, batch {args.batch}, {args.lanes} lane(s): {head} events in {catch_s:.1f}s "
+        print(f"cold catch-up, {len(views)} views, batch {args.batch}, {args.lanes} lane(s): {head} events in {catch_s:.1f}s "
               f"= {rate:,.0f} events/s  ({os.cpu_count()} CPUs, load {load:.1f} before)")
 
         t0 = time.perf_counter()
         result = rebuild(store, ExecutionsView(), batch=args.batch)
         rebuild_s = time.perf_counter() - t0
         print(f"rebuild of the executions view (shadow + swap): {rebuild_s:.1f}s = {head / rebuild_s:,.0f} events/s")
+        t0 = time.perf_counter()
+        rebuild(store, DeadLettersView(), batch=args.batch)
+        dead_s = time.perf_counter() - t0
         with store.transaction() as tx:
             tx.execute("SELECT COUNT(*) FROM weft_executions")
             executions = tx.fetchone()[0]
             tx.execute("SELECT COUNT(*) FROM weft_timeline")
             timeline_rows = tx.fetchone()[0]
+            tx.execute("SELECT COUNT(*) FROM weft_dead_letters")
+            dead_letters = tx.fetchone()[0]
+        print(f"rebuild of the dead-letter view ({dead_letters} dead letters, each reading its execution's history): "
+              f"{dead_s:.1f}s = {head / dead_s:,.0f} events/s")
         print(f"  {executions} executions, {timeline_rows} timeline rows")
         print(orjson.dumps({
             "bench": "projections", "backend": backend, "events": head, "executions": executions,
             "batch": args.batch, "lanes": args.lanes, "cpus": os.cpu_count(), "load_before": round(load, 2),
             "catch_up_s": round(catch_s, 2), "catch_up_events_per_s": round(rate),
             "rebuild_executions_s": round(rebuild_s, 2), "rebuild_events_per_s": round(head / rebuild_s),
+            "views": len(views), "dead_letters": dead_letters, "rebuild_dead_letters_s": round(dead_s, 2),
             "generate_s": round(gen_s, 2), "applied": applied, "rebuild_generation": result.generation,
         }).decode())
     finally:
