@@ -1,7 +1,7 @@
 """The broker adapter: how Weft's services move commands, results, triggers and dead letters.
 
 - `ports`: the port every service codes against (`Transport`, `Consumer`,
-  `Delivery`, `OutMessage`, `BrokerError`). Callers use the logical stream and
+  `Delivery`, `OutMessage`, `DeadLetter`, `BrokerError`). Callers use the logical stream and
   subject names of `contracts.subjects`.
 - `nats`: `NatsTransport`, the NATS JetStream implementation.
 - `nats_server`: `NatsServer`, runs the embedded nats-server of the
@@ -11,11 +11,12 @@ Who may import it: services (orchestrator, relay, worker, gateway) and the CLI.
 Never `contracts` or the pure core: they must not know a broker exists.
 """
 
-from services.broker.ports import BrokerError, Consumer, Delivery, OutMessage, Transport
+from services.broker.ports import BrokerError, Consumer, DeadLetter, Delivery, OutMessage, Transport
 
 __all__ = [
     "BrokerError",
     "Consumer",
+    "DeadLetter",
     "Delivery",
     "NatsServer",
     "NatsServerError",

@@ -4,25 +4,30 @@ Each of a worker's concurrent steps publishes one result. Sent alone, each is
 one stored write (one fsync with `sync_interval: always`); gathered while the
 previous batch is being written, they go as one atomic batch. A caller's
 `publish` returns only once its own message is stored, as before.
+
+`Batcher(transport.publish_many)` gathers messages; `Batcher(transport.dead_letter_many)`
+gathers dead letters the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Generic, TypeVar
 
-from services.broker.ports import OutMessage, Transport
+T = TypeVar("T")
 
 
-class Batcher:
-    def __init__(self, transport: Transport, *, max_batch: int = 256):
-        self.transport = transport
+class Batcher(Generic[T]):
+    def __init__(self, send: Callable[[Sequence[T]], Awaitable[None]], *, max_batch: int = 256):
+        self.send = send
         self.max_batch = max_batch
-        self._queue: list[tuple[OutMessage, asyncio.Future[None]]] = []
+        self._queue: list[tuple[T, asyncio.Future[None]]] = []
         self._flusher: asyncio.Task[None] | None = None
 
-    async def publish(self, message: OutMessage) -> None:
+    async def publish(self, item: T) -> None:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.append((message, future))
+        self._queue.append((item, future))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
         await future
@@ -32,7 +37,7 @@ class Batcher:
             await asyncio.sleep(0)  # let the messages of steps finishing right now join
             batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
             try:
-                await self.transport.publish_many([m for m, _ in batch])
+                await self.send([m for m, _ in batch])
             except BaseException as exc:  # each caller sees the failure of its own publish
                 for _, future in batch:
                     if not future.done():

@@ -15,6 +15,7 @@ from typing import Protocol, runtime_checkable
 __all__ = [
     "BrokerError",
     "Consumer",
+    "DeadLetter",
     "Delivery",
     "OutMessage",
     "Transport",
@@ -27,6 +28,19 @@ class OutMessage:
     data: bytes
     msg_id: str | None = None  # deduplication id (Nats-Msg-Id); same id within the window = one message
     headers: Mapping[str, str] | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class DeadLetter:
+    """A message for the dead-letter stream: the source message's bytes and what is known about it."""
+
+    kind: str  # one of contracts.deadletters.MESSAGE_KINDS
+    payload: bytes
+    reason: str
+    headers: Mapping[str, str] | None = None  # the source message's own headers
+    source_subject: str = ""
+    delivered: int = 0
+    msg_id: str | None = None  # the source message's identity (contracts.deadletters.message_key)
 
 
 @runtime_checkable
@@ -135,6 +149,11 @@ class Transport(Protocol):
         msg_id: str | None = None,
     ) -> None:
         """Store a dead letter on dlq_subject(kind). Idempotent for the same msg_id within the dedup window."""
+        ...
+
+    async def dead_letter_many(self, letters: Sequence[DeadLetter]) -> None:
+        """Store many dead letters, as one write where the broker can; returns when all are stored,
+        raises BrokerError if any was not. Idempotent per msg_id, like dead_letter()."""
         ...
 
     async def close(self) -> None: ...

@@ -16,7 +16,7 @@ import logging
 from contracts.deadletters import message_key
 from contracts.messages import MessageError, StepResult, decode_result
 from contracts.subjects import RESULTS_STREAM
-from services.broker import Consumer, Delivery, Transport
+from services.broker import Consumer, DeadLetter, Delivery, Transport
 from services.faults import crash_point
 from services.orchestrator.executions import Executions
 from services.retrying import Backoff
@@ -59,26 +59,41 @@ class ResultConsumer:
                 good.append((msg, decode_result(msg.data)))
             except MessageError as exc:
                 poison.append((msg, str(exc)))
-        if poison:  # concurrently: a flood of garbage must not hold up the good results behind it
-            await asyncio.gather(*(self._dead_letter(m, "poison", why) for m, why in poison))
-        if not good:
-            return
+        # A batch's garbage goes to the DLQ in one write, beside (not before) the good results'
+        # transaction: a flood of it must not hold them up.
+        shelving = asyncio.ensure_future(self._dead_letter("poison", poison)) if poison else None
+        try:
+            if good:
+                await self._apply(good)
+        finally:
+            if shelving is not None:
+                await shelving
+
+    async def _apply(self, good: list[tuple[Delivery, StepResult]]) -> None:
         outcomes = await asyncio.to_thread(self.executions.apply_results, [r for _, r in good])
         crash_point("orchestrator.after_append")
         by_id = {o.message_id: o for o in outcomes}
+        unknown: list[tuple[Delivery, str]] = []
         for msg, result in good:
             outcome = by_id.get(result.message_id)
             if outcome is not None and outcome.status == "unknown":
-                await self._dead_letter(msg, "unknown_task", outcome.reason)
+                unknown.append((msg, outcome.reason))
             else:
                 await msg.ack()
         self.applied += sum(1 for o in outcomes if o.status == "applied")
+        if unknown:
+            await self._dead_letter("unknown_task", unknown)
 
-    async def _dead_letter(self, msg: Delivery, kind: str, reason: str) -> None:
-        await self.transport.dead_letter(
-            kind, msg.data, reason=reason, headers=msg.headers, source_subject=msg.subject,
-            delivered=msg.delivered, msg_id=message_key(RESULTS_STREAM, msg.stream_seq),
-        )
+    async def _dead_letter(self, kind: str, msgs: list[tuple[Delivery, str]]) -> None:
+        await self.transport.dead_letter_many([
+            DeadLetter(kind, msg.data, reason, headers=msg.headers, source_subject=msg.subject,
+                       delivered=msg.delivered, msg_id=message_key(RESULTS_STREAM, msg.stream_seq))
+            for msg, reason in msgs
+        ])
         crash_point("orchestrator.after_dead_letter")  # stored in the DLQ, not yet acked: redelivery dedups
-        await msg.ack()
-        log.warning("result dead-lettered (%s): %s", kind, reason)
+        for msg, _ in msgs:
+            await msg.ack()
+        # One line per batch: a flood of garbage must not become a flood of log lines too
+        # (each dead letter is in the DLQ with its reason).
+        log.warning("%d result(s) dead-lettered (%s), the first (#%d): %s",
+                    len(msgs), kind, msgs[0][0].stream_seq, " ".join(msgs[0][1].split())[:300])

@@ -21,7 +21,7 @@ import weft
 from contracts.deadletters import message_key
 from contracts.messages import MessageError, StepError, StepReady, StepResult, decode_ready
 from contracts.subjects import STEPS_STREAM, result_subject
-from services.broker import Delivery, OutMessage, Transport
+from services.broker import DeadLetter, Delivery, OutMessage, Transport
 from services.broker.batching import Batcher
 from services.faults import crash_point
 from services.retrying import Backoff
@@ -49,7 +49,9 @@ class Worker:
         self._slots = asyncio.Semaphore(concurrency)
         self._running: set[asyncio.Task[None]] = set()
         self._in_flight: dict[int, tuple[Delivery, float]] = {}
-        self._results = Batcher(transport)
+        self._results: Batcher[OutMessage] = Batcher(transport.publish_many)
+        # Garbage on the steps subjects: the poison messages of one fetch go to the DLQ in one write.
+        self._dead_letters: Batcher[DeadLetter] = Batcher(transport.dead_letter_many)
 
     async def run(self, stop: asyncio.Event) -> None:
         consumer = await self.transport.consumer(
@@ -88,10 +90,10 @@ class Worker:
         try:
             ready = decode_ready(msg.data)
         except MessageError as exc:
-            await self.transport.dead_letter(
-                "poison", msg.data, reason=str(exc), headers=msg.headers, source_subject=msg.subject,
+            await self._dead_letters.publish(DeadLetter(
+                "poison", msg.data, str(exc), headers=msg.headers, source_subject=msg.subject,
                 delivered=msg.delivered, msg_id=message_key(STEPS_STREAM, msg.stream_seq),
-            )
+            ))
             crash_point("worker.after_dead_letter")  # stored in the DLQ, not yet acked: redelivery dedups
             await msg.ack()
             return

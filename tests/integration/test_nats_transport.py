@@ -22,6 +22,7 @@ from contracts.subjects import (
 )
 from services.broker import Consumer, Delivery, Transport
 from services.broker.nats import (
+    ATOMIC_BATCH_MIN,
     DLQ_DELIVERED_HEADER,
     DLQ_KIND_HEADER,
     DLQ_MSG_ID_HEADER,
@@ -30,7 +31,7 @@ from services.broker.nats import (
     NatsTransport,
 )
 from services.broker.nats_server import NatsServer, NatsServerError
-from services.broker.ports import BrokerError, OutMessage
+from services.broker.ports import BrokerError, DeadLetter, OutMessage
 from tests.fixtures_nats import delete_namespace_streams, start_nats_server, unique_namespace, wait_until
 
 pytestmark = pytest.mark.integration
@@ -271,20 +272,21 @@ async def test_publish_many_atomic_batch_and_duplicate_fallback(transport: NatsT
     seen is refused whole by the server, and then sent one by one, so the new
     messages are stored once and the duplicate is dropped."""
     consumer = await transport.consumer(STEPS_STREAM, "atomic", ack_wait=30)
-    first = [OutMessage(PY, b"a%d" % i, msg_id=f"a{i}") for i in range(10)]
+    n = ATOMIC_BATCH_MIN  # the smallest batch that goes atomic
+    first = [OutMessage(PY, b"a%d" % i, msg_id=f"a{i}") for i in range(n)]
     await transport.publish_many(first)
-    again = [OutMessage(PY, b"a5", msg_id="a5")] + [OutMessage(PY, b"b%d" % i, msg_id=f"b{i}") for i in range(5)]
+    again = [OutMessage(PY, b"a5", msg_id="a5")] + [OutMessage(PY, b"b%d" % i, msg_id=f"b{i}") for i in range(n)]
     await transport.publish_many(again)
     got: list[bytes] = []
 
     async def all_in() -> bool:
-        for m in await consumer.fetch(50, timeout=0.5):
+        for m in await consumer.fetch(100, timeout=0.5):
             got.append(m.data)
             await m.ack()
-        return len(got) >= 15
+        return len(got) >= 2 * n
 
     await wait_until(all_in, timeout=10)
-    assert sorted(got) == sorted([b"a%d" % i for i in range(10)] + [b"b%d" % i for i in range(5)])
+    assert sorted(got) == sorted([b"a%d" % i for i in range(n)] + [b"b%d" % i for i in range(n)])
     assert not await consumer.fetch(5, timeout=0.3)
     await consumer.close()
 
@@ -316,11 +318,34 @@ async def test_dead_letter_keeps_payload_and_headers(transport: NatsTransport) -
     assert step.headers[DLQ_DELIVERED_HEADER] == "5"
     assert step.headers[DLQ_KIND_HEADER] == "step"
     assert step.headers[DLQ_MSG_ID_HEADER] == "exec-1:step-a:3"
+    assert step.msg_id == "exec-1:step-a:3"  # the dedup id is the source's identity as it is, no prefix added
     assert step.headers["Weft-Trace"] == "abc"
     assert "Nats-Expected-Stream" not in step.headers
     assert undecodable.subject == dlq_subject("undecodable")
     assert undecodable.data == b"\xff\xfe"
     assert undecodable.headers[DLQ_SOURCE_SUBJECT_HEADER] == result_subject("e1")
+
+
+async def test_dead_letter_many_stores_each_once(transport: NatsTransport) -> None:
+    """A batch of dead letters in one write; a source message dead-lettered again (its
+    redelivery after a crash before the ack) is dropped as a duplicate, in or out of a batch."""
+    def letter(i: int) -> DeadLetter:
+        return DeadLetter("poison", b"\xde\xad %d" % i, f"garbage {i}", headers={"X-N": str(i)},
+                          source_subject=result_subject("x"), delivered=1, msg_id=f"dlq:RESULTS:{i}")
+
+    small = [letter(i) for i in range(3)]
+    await transport.dead_letter_many(small)
+    big = [letter(i) for i in range(2, 2 + ATOMIC_BATCH_MIN + 2)]  # holds #2 again
+    await transport.dead_letter_many(big)
+    await transport.dead_letter_many(small[:1])
+    consumer = await transport.consumer(DLQ_STREAM, "dlq-many")
+    got = await fetch_all(consumer, 4 + ATOMIC_BATCH_MIN)
+    assert await consumer.fetch(10, 0.3) == []
+    assert sorted(int(d.headers["X-N"]) for d in got) == list(range(4 + ATOMIC_BATCH_MIN))
+    for d in got:
+        n = int(d.headers["X-N"])
+        assert d.data == b"\xde\xad %d" % n and d.msg_id == d.headers[DLQ_MSG_ID_HEADER] == f"dlq:RESULTS:{n}"
+        assert (d.subject, d.headers[DLQ_KIND_HEADER], d.headers[DLQ_REASON_HEADER]) == (dlq_subject("poison"), "poison", f"garbage {n}")
 
 
 async def test_namespaces_isolate_transports(transport: NatsTransport, nats_url: str) -> None:
