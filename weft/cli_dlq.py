@@ -74,15 +74,14 @@ def _when(name: str, text: Optional[str]) -> Optional[str]:
 def _filters(store: Any, *, workflow: Optional[str], step: Optional[str], kind: Optional[str], status: Optional[str],
              since: Optional[str], until: Optional[str], error_contains: Optional[str]) -> Any:
     from services.deadletters import Filters
-    from services.deadletters.view import kinds
+    from services.deadletters.view import kind_problem
 
     if status is not None and status not in (*dl.STATUSES, "all"):
         out.fail(2, f"--status: must be one of {', '.join(dl.STATUSES)} or all, not {status!r}")
-    if kind is not None:
-        with store.reader() as tx:
-            known = kinds(tx) | set(dl.STEP_KINDS) | set(dl.MESSAGE_KINDS) | {"step", "message"}
-        if kind not in known:
-            out.fail(2, f"--kind: unknown kind {kind!r}; known: {', '.join(sorted(known))}")
+    with store.reader() as tx:
+        problem = kind_problem(tx, kind)
+    if problem:
+        out.fail(2, f"--kind: {problem}")
     return Filters(
         workflow=workflow, step=step, kind=kind, status=None if status == "all" else status,
         since=_when("--since", since), until=_when("--until", until), error_contains=error_contains or None,
@@ -102,15 +101,8 @@ def _open(home: Optional[Path]) -> Iterator[Any]:
 def _rows(store: Any, filters: Any, limit: int | None = None) -> list[dict[str, Any]]:
     from services.deadletters import list_dead_letters
 
-    rows: list[dict[str, Any]] = []
-    page = 1000 if limit is None else min(limit, 1000)
     with store.reader() as tx:
-        while limit is None or len(rows) < limit:
-            batch = list_dead_letters(tx, filters, limit=page, offset=len(rows))
-            rows += batch
-            if len(batch) < page:
-                break
-    return rows if limit is None else rows[:limit]
+        return list_dead_letters(tx, filters, limit=limit)
 
 
 def _resolve(store: Any, refs: list[str]) -> list[dict[str, Any]]:
@@ -344,10 +336,9 @@ def dlq_watch(
 ) -> None:
     """Follow new dead letters as they arrive (Ctrl-C stops)."""
     from services.deadletters import list_dead_letters
-    from services.deadletters.view import seq_before
-    from services.projections import DeadLettersView, Projector
+    from services.deadletters.view import FreshView, seq_before
 
-    with _open(home) as store, Projector(store, [DeadLettersView()], lanes=1) as projector:
+    with _open(home) as store, FreshView(store) as view:
         filters = _filters(store, workflow=workflow, step=step, kind=kind, status=None, since=None, until=None,
                            error_contains=error_contains)
         with store.reader() as tx:
@@ -355,7 +346,7 @@ def dlq_watch(
         out.errors.print("watching for dead letters · Ctrl-C stops")  # stderr: --json keeps stdout pure
         try:
             while True:
-                projector.catch_up()
+                view.refresh(limit=None)
                 with store.reader() as tx:
                     rows = list_dead_letters(tx, filters, limit=500, after_seq=last, oldest_first=True)
                 for r in rows:
@@ -378,17 +369,11 @@ def dlq_stats(
 ) -> None:
     """Open dead letters by kind and workflow (the `weft.dlq.open` metric), and totals by status."""
     from services.deadletters.metrics import prometheus_text
-    from services.deadletters.view import open_counts, status_counts
+    from services.deadletters.view import open_counts, stats
 
-    with _open(home) as store:
-        with store.reader() as tx:
-            counts = open_counts(tx)
-            statuses = status_counts(tx)
-    if prometheus:
-        sys.stdout.write(prometheus_text(counts))
-        return
-    result = {
-        "open": [{"id": f"{k}/{w}", "kind": k, "workflow": w or None, "count": n} for k, w, n in counts],
-        "by_status": {s: statuses.get(s, 0) for s in ("open", "reprocessed", "discarded")},
-    }
+    with _open(home) as store, store.reader() as tx:
+        if prometheus:
+            sys.stdout.write(prometheus_text(open_counts(tx)))
+            return
+        result = stats(tx)
     out.emit(result, as_json, render=render_stats)

@@ -1,12 +1,13 @@
 """Reading the dead-letter view (services.projections.deadletters builds it): filters,
-list, find by id or prefix, counts, clusters by error, and `refresh` to bring it up
-to date before a read.
+list, find by id or prefix, counts, clusters by error, and `refresh` / `FreshView` to
+bring it up to date before a read.
 """
 
 
 from __future__ import annotations
 
 import re
+import threading
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,12 +15,13 @@ from typing import Any
 
 import orjson
 
-from services.projections import catch_up
+from contracts import deadletters as dl
+from services.projections import Projector, catch_up
 from services.projections.deadletters import COLUMNS, JSON_COLUMNS, TABLE, DeadLettersView, ts
 from services.store import EventStore, ViewTransaction
 
-__all__ = ["COLUMNS", "TABLE", "DeadLettersView", "Filters", "find", "group_by_error", "kinds", "list_dead_letters",
-           "open_counts", "refresh", "seq_before", "status_counts", "ts", "user_frames"]
+__all__ = ["COLUMNS", "TABLE", "DeadLettersView", "Filters", "FreshView", "find", "group_by_error", "kind_problem", "kinds", "list_dead_letters",
+           "open_counts", "refresh", "seq_before", "stats", "status_counts", "ts", "user_frames"]
 
 
 def refresh(store: EventStore, *, limit: int | None = 200_000) -> None:
@@ -27,6 +29,29 @@ def refresh(store: EventStore, *, limit: int | None = 200_000) -> None:
     reads it, so a list right after a failure shows it. A running projector or dead-letter
     service may be following it too."""
     catch_up(store, [DeadLettersView()], limit=limit)
+
+
+class FreshView:
+    """The view for a process that reads it again and again (the gateway, `weft dlq watch`):
+    set up once, then caught up before each read, one catch-up at a time (a projector is
+    not shared between threads), so a read costs a look at the log, not a new projector."""
+
+    def __init__(self, store: EventStore):
+        self.projector = Projector(store, [DeadLettersView()], lanes=1)
+        self._lock = threading.Lock()
+
+    def refresh(self, *, limit: int | None = 200_000) -> None:
+        with self._lock:
+            self.projector.catch_up(limit=limit)
+
+    def close(self) -> None:
+        self.projector.close()
+
+    def __enter__(self) -> FreshView:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 # ---- reading ----------------------------------------------------------------------------------
@@ -80,15 +105,18 @@ def _row(values: Sequence[Any]) -> dict[str, Any]:
 
 
 def list_dead_letters(
-    tx: ViewTransaction, filters: Filters = Filters(), *, limit: int = 100, offset: int = 0, after_seq: int | None = None,
-    oldest_first: bool = False,
+    tx: ViewTransaction, filters: Filters = Filters(), *, limit: int | None = 100, offset: int = 0,
+    after_seq: int | None = None, oldest_first: bool = False,
 ) -> list[dict[str, Any]]:
+    """Newest first (or oldest); `limit` None: every match."""
     where, params = filters.where()
     if after_seq is not None:
         where += (" AND " if where else " WHERE ") + "seq > ?"
         params.append(after_seq)
     order = "seq ASC" if oldest_first else "seq DESC"
-    tx.execute(f"SELECT {', '.join(COLUMNS)} FROM {TABLE}{where} ORDER BY {order} LIMIT ? OFFSET ?", (*params, limit, offset))
+    page = "" if limit is None else " LIMIT ? OFFSET ?"
+    tx.execute(f"SELECT {', '.join(COLUMNS)} FROM {TABLE}{where} ORDER BY {order}{page}",
+               params if limit is None else (*params, limit, offset))
     return [_row(r) for r in tx.fetchall()]
 
 
@@ -104,9 +132,17 @@ def find(tx: ViewTransaction, ref: str) -> list[dict[str, Any]]:
 
 
 def kinds(tx: ViewTransaction) -> set[str]:
-    """Every kind the view holds."""
+    """Every kind a filter may name: the contract's, the view's own, and "step" / "message"."""
     tx.execute(f"SELECT DISTINCT kind FROM {TABLE}")
-    return {r[0] for r in tx.fetchall()}
+    return {r[0] for r in tx.fetchall()} | set(dl.STEP_KINDS) | set(dl.MESSAGE_KINDS) | {"step", "message"}
+
+
+def kind_problem(tx: ViewTransaction, kind: str | None) -> str | None:
+    """Why `kind` cannot filter the view (None if it can), listing the known kinds."""
+    if kind is None:
+        return None
+    known = kinds(tx)
+    return None if kind in known else f"unknown kind {kind!r}; known: {', '.join(sorted(known))}"
 
 
 def seq_before(tx: ViewTransaction, since: str | None = None) -> int:
@@ -138,6 +174,17 @@ def status_counts(tx: ViewTransaction, workflows: Sequence[str] | None = None) -
         return {s: int(n) for s, n in tx.fetchall()}
     tx.execute(f"SELECT status, COUNT(*) FROM {TABLE} GROUP BY status")
     return {s: int(n) for s, n in tx.fetchall()}
+
+
+def stats(tx: ViewTransaction, workflows: Sequence[str] | None = None) -> dict[str, Any]:
+    """What `weft dlq stats --json` and `GET /v1/deadletters/stats` answer: open dead letters by
+    kind and workflow, and totals by status; with `workflows`, only theirs."""
+    counts = [c for c in open_counts(tx) if workflows is None or c[1] in workflows]
+    statuses = status_counts(tx, workflows)
+    return {
+        "open": [{"id": f"{k}/{w}", "kind": k, "workflow": w or None, "count": n} for k, w, n in counts],
+        "by_status": {s: statuses.get(s, 0) for s in dl.STATUSES},
+    }
 
 
 _VOLATILE = [

@@ -11,6 +11,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 
 from services.broker import Transport
+from services.deadletters.view import FreshView
 from services.gateway import errors
 from services.gateway.auth import Authenticator
 from services.gateway.keys import Keys
@@ -36,12 +37,14 @@ class Context:
     keys: Keys
     auth: Authenticator
     registry: Registry = field(init=False)
+    dead_letters: FreshView = field(init=False)  # caught up before each dead-letter read
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     sse_poll: float = 0.25
     sse_heartbeat: float = 15.0
 
     def __post_init__(self) -> None:
         self.registry = Registry(self.store)
+        self.dead_letters = FreshView(self.store)
 
 
 def create_app(ctx: Context, *, max_body: int = DEFAULT_MAX_BODY) -> FastAPI:

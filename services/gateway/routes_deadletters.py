@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import threading
 from collections import Counter
 from typing import Annotated, Any, Literal
 
@@ -26,8 +25,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from contracts import deadletters as dl
 from services.deadletters.actions import Actions, PatchError, detail
 from services.deadletters.bulk import batches, chunked, parse_when, run_batches
+from services.deadletters.view import stats as dead_letter_stats
 from services.deadletters.view import (
-    Filters, find, group_by_error, kinds, list_dead_letters, open_counts, refresh, status_counts,
+    Filters, find, group_by_error, kind_problem, list_dead_letters,
 )
 from services.gateway.auth import ScopedRoute, caller, scoped, who
 from services.gateway.errors import ApiError, errors, invalid
@@ -36,12 +36,11 @@ from services.gateway.models import DeadLetterActions, DeadLetterDetail, DeadLet
 
 router = APIRouter(prefix="/v1/deadletters", tags=["dead letters"], route_class=ScopedRoute)
 MAX_SELECTED = 10_000  # dead letters one reprocess or discard may act on (and one clustering may group)
-PAGE = 1000
+MAX_IDS = 1000
 _REF = re.compile(r"[0-9a-fA-F-]{1,64}")
 _SUMMARY = ("id", "kind", "status", "source", "workflow", "execution_id", "step_id", "item", "attempt", "error_type",
             "error_message", "reason", "delivered", "source_subject", "first_seen", "last_seen", "actor",
             "action_reason", "acted_at")
-_refreshing = threading.Lock()  # one catch-up at a time in this gateway; the others then find it done
 
 
 def _text(value: Any) -> Any:
@@ -89,7 +88,7 @@ Ref = Annotated[str, Field(min_length=1, max_length=64)]
 
 class _Act(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    ids: list[Ref] | None = Field(None, min_length=1, max_length=PAGE, description="dead letter ids or unique prefixes")
+    ids: list[Ref] | None = Field(None, min_length=1, max_length=MAX_IDS, description="dead letter ids or unique prefixes")
     filter: FilterBody | None = Field(None, description="or: the dead letters this selects (open ones by default)")
     dry_run: bool = False
 
@@ -128,10 +127,9 @@ class DiscardRequest(_Act):
 
 
 def _refresh(request: Request) -> Any:
-    store = request.app.state.ctx.store
-    with _refreshing:
-        refresh(store)
-    return store
+    ctx = request.app.state.ctx
+    ctx.dead_letters.refresh()
+    return ctx.store
 
 
 def _when(where: str, name: str, text: str | None) -> str | None:
@@ -146,10 +144,9 @@ def _when(where: str, name: str, text: str | None) -> str | None:
 
 def _filters(tx: Any, key: ApiKey, f: _Filter, where: str) -> list[Filters]:
     """The view's filters for `f`: one, or for a key bound to workflows and naming none, one per workflow."""
-    if f.kind is not None:
-        known = kinds(tx) | set(dl.STEP_KINDS) | set(dl.MESSAGE_KINDS) | {"step", "message"}
-        if f.kind not in known:
-            raise invalid(f"{where}.kind", f"unknown kind {f.kind!r}; known: {', '.join(sorted(known))}")
+    problem = kind_problem(tx, f.kind)
+    if problem:
+        raise invalid(f"{where}.kind", problem)
     common = dict(step=f.step, kind=f.kind, status=None if f.status == "all" else f.status,
                   since=_when(where, "since", f.since), until=_when(where, "until", f.until),
                   error_contains=f.error_contains)
@@ -169,16 +166,8 @@ def _page(tx: Any, filters: list[Filters], limit: int, offset: int) -> list[dict
 
 def _scan(tx: Any, filters: list[Filters], cap: int) -> tuple[list[dict[str, Any]], bool]:
     """Every matching row up to `cap`, oldest first, and whether there were more."""
-    rows: list[dict[str, Any]] = []
-    for f in filters:
-        offset = 0
-        while len(rows) <= cap:
-            batch = list_dead_letters(tx, f, limit=PAGE, offset=offset, oldest_first=True)
-            rows += batch
-            offset += len(batch)
-            if len(batch) < PAGE:
-                break
-    rows.sort(key=lambda r: r["seq"])
+    rows = sorted((r for f in filters for r in list_dead_letters(tx, f, limit=cap + 1, oldest_first=True)),
+                  key=lambda r: r["seq"])
     return rows[:cap], len(rows) > cap
 
 
@@ -217,12 +206,7 @@ def stats(request: Request) -> Any:
     store = _refresh(request)
     key = caller(request)
     with store.reader() as tx:
-        counts = [(k, w, n) for k, w, n in open_counts(tx) if key.can_use(w or None)]
-        statuses = status_counts(tx, None if key.workflows is None else sorted(key.workflows))
-    return {
-        "open": [{"id": f"{k}/{w}", "kind": k, "workflow": w or None, "count": n} for k, w, n in counts],
-        "by_status": {s: statuses.get(s, 0) for s in dl.STATUSES},
-    }
+        return dead_letter_stats(tx, None if key.workflows is None else sorted(key.workflows))
 
 
 @router.get("/{dead_letter_id}", response_model=DeadLetterDetail, responses=errors(404), openapi_extra=scoped("read"))

@@ -78,6 +78,7 @@ class GatewayServer:
             stopping.cancel()
             await serving
             self.sock.close()
+            await asyncio.to_thread(self.app.state.ctx.dead_letters.close)
 
 
 def build_gateway(stack: Any, catalog: Catalog, ingestor: Ingestor, stop: asyncio.Event) -> GatewayServer:
