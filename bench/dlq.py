@@ -41,7 +41,8 @@ from contracts.definitions import parse_definition  # noqa: E402
 from contracts.subjects import result_subject, step_subject  # noqa: E402
 from services.broker import OutMessage  # noqa: E402
 from services.broker.nats_server import NatsServer  # noqa: E402
-from services.deadletters import Actions, Filters, list_dead_letters, refresh  # noqa: E402
+from services.deadletters import Actions, Filters, list_dead_letters  # noqa: E402
+from services.deadletters.view import FreshView  # noqa: E402
 from services.deadletters.bulk import batches  # noqa: E402
 from services.orchestrator.executions import Executions  # noqa: E402
 from services.orchestrator.registry import Registry  # noqa: E402
@@ -163,8 +164,10 @@ async def measure(stack: Stack, args: argparse.Namespace, workdir: Path) -> dict
           flush=True)
     total_poison = args.poison * args.rounds
 
+    view = await asyncio.to_thread(FreshView, stack.store)  # polled: one projector, not one per look
+
     def landed() -> int:
-        refresh(stack.store)
+        view.refresh()
         return count(stack.store, "SELECT COUNT(*) FROM weft_dead_letters WHERE kind = 'poison'")
 
     while (n := await asyncio.to_thread(landed)) < total_poison:
@@ -180,13 +183,14 @@ async def measure(stack: Stack, args: argparse.Namespace, workdir: Path) -> dict
     ids, _ = await run_batch(stack, failing, args.bulk, status="failed", data={"flag": str(flag)})
 
     def open_rows() -> list[dict[str, Any]]:
-        refresh(stack.store)
+        view.refresh()
         with stack.store.transaction() as tx:
             return list_dead_letters(tx, Filters(workflow="bench-failing", status="open"), limit=args.bulk)
 
     rows: list[dict[str, Any]] = []
     while len(rows) < args.bulk:
         rows = await asyncio.to_thread(open_rows)
+    view.close()
     flag.touch()  # the cause is fixed
     actions = Actions(stack.store, stack.transport)
     t0 = time.perf_counter()

@@ -161,7 +161,7 @@ class _PostgresViewTx(ViewTxBase):
 
     def _read_stream(self, stream_id: UUID, upto_version: int) -> list[LogRow]:
         self._cursor.execute(self._recorder.select_stream_log_statement, (stream_id, upto_version), prepare=True)
-        return [(r[0], r[1], r[2], r[3], bytes(r[4])) for r in self._cursor.fetchall()]
+        return self._cursor.fetchall()
 
 
 class PostgresStore(BaseStore):
