@@ -96,7 +96,7 @@ async def run_services(
             from services.deadletters import DeadLetterService
 
             stack.deadletters = await asyncio.to_thread(
-                DeadLetterService, store, transport, ack_wait=settings.ack_wait
+                DeadLetterService, store, transport, ack_wait=settings.ack_wait, projector=stack.projector
             )
             runs.append(stack.deadletters.run(stop))
         if parts & {"triggers", "scheduler", "gateway"}:

@@ -2,9 +2,12 @@
 
 `weft up` runs it as the "deadletters" part; `weft deadletters` runs it alone.
 Several replicas may run: they share the durable consumers. The view is a
-projection like the others (the projector follows it too); this service follows
-it as well, woken the moment the ingester stores a dead letter, so `weft dlq
-list` shows it at once. Whoever applies a batch first wins; the other moves on.
+projection like the others (the projector follows it too). The moment the
+ingester stores a dead letter the view is brought up to date, so `weft dlq
+list` shows it at once: by waking the projector when it runs in this process
+(`weft up`), else by this service's own projector of the one view (whoever
+applies a batch first wins; the other moves on). In one process, a second
+projector would read the whole log a second time for nothing.
 """
 
 from __future__ import annotations
@@ -28,14 +31,19 @@ log = logging.getLogger("weft.deadletters")
 class DeadLetterService:
     def __init__(
         self, store: EventStore, transport: Transport, *, batch: int = 256, ack_wait: float = 30.0,
-        poll_interval: float = 0.25, meter: Meter | None = None,
+        poll_interval: float = 0.25, meter: Meter | None = None, projector: Projector | None = None,
     ):
         from services.deadletters.nats_archive import NatsArchive
 
         self.store, self.transport, self.poll_interval = store, transport, poll_interval
-        self.view = DeadLettersView()
-        self.projector = Projector(store, [self.view], batch=2000, lanes=1)  # sets the view up (prepare)
         self.ingester = Ingester(store, transport, batch=batch, ack_wait=ack_wait)
+        self.shared = projector is not None and any(isinstance(v, DeadLettersView) for v in projector.views)
+        if self.shared:
+            assert projector is not None
+            self.projector = projector
+            self.ingester.stored = projector.wake
+        else:
+            self.projector = Projector(store, [DeadLettersView()], batch=2000, lanes=1)  # sets the view up (prepare)
         self.capture: MaxDeliverCapture | None = None
         if NatsArchive.supports(transport):
             self.capture = MaxDeliverCapture(transport, NatsArchive(transport), ack_wait=ack_wait)  # type: ignore[arg-type]
@@ -44,7 +52,9 @@ class DeadLetterService:
         self.gauge = OpenDeadLettersGauge(store, meter)
 
     async def run(self, stop: asyncio.Event) -> None:
-        runs: list[Any] = [self.ingester.run(stop), self._project(stop)]
+        runs: list[Any] = [self.ingester.run(stop)]
+        if not self.shared:
+            runs.append(self._project(stop))
         if self.capture is not None:
             runs.append(self.capture.run(stop))
         tasks = [asyncio.ensure_future(r) for r in runs]
@@ -54,7 +64,8 @@ class DeadLetterService:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            await asyncio.to_thread(self.projector.close)
+            if not self.shared:  # the shared one is its owner's to close
+                await asyncio.to_thread(self.projector.close)
 
     async def _project(self, stop: asyncio.Event) -> None:
         # Step dead letters are rare and come from other processes: a relaxed poll finds them.

@@ -133,6 +133,7 @@ class Projector:
         self._writers = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"projector-write{i}")
                          for i in range(self.lanes)]
         self._ahead: tuple[tuple[int, frozenset[str]], Future[Any]] | None = None
+        self._woken: asyncio.Event | None = None  # set by wake() while run() follows
         # views whose tables an older code version built: rebuilt before they are followed
         self.outdated: list[Any] = prepare(store, self.views)
 
@@ -316,9 +317,17 @@ class Projector:
         finally:
             await asyncio.to_thread(self.close)
 
+    def wake(self) -> None:
+        """Look at the log now rather than at the next poll (e.g. the dead-letter ingester has
+        just stored some). Call it from the loop that runs `run()`."""
+        if self._woken is not None:
+            self._woken.set()
+
     async def _follow(self, stop: asyncio.Event) -> None:
         delay = self.poll_interval
+        self._woken = woken = asyncio.Event()
         while not stop.is_set():
+            woken.clear()
             try:
                 n = await asyncio.to_thread(self.catch_up_once)
                 delay = self.poll_interval
@@ -326,10 +335,10 @@ class Projector:
                 logger.exception("projector failed, retrying in %.1fs", delay)
                 n, delay = 0, min(delay * 2, 5.0)
             if n == 0:
-                try:
-                    await asyncio.wait_for(stop.wait(), timeout=delay)
-                except asyncio.TimeoutError:
-                    pass
+                waits = [asyncio.ensure_future(woken.wait()), asyncio.ensure_future(stop.wait())]
+                _, pending = await asyncio.wait(waits, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+                for w in pending:
+                    w.cancel()
 
 
 def catch_up(store: EventStore, views: Sequence[Projection], *, limit: int | None = None,

@@ -14,7 +14,7 @@ import os
 import socket
 import traceback
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Awaitable
 
 
 import weft
@@ -50,8 +50,6 @@ class Worker:
         self._running: set[asyncio.Task[None]] = set()
         self._in_flight: dict[int, tuple[Delivery, float]] = {}
         self._results: Batcher[OutMessage] = Batcher(transport.publish_many)
-        # Garbage on the steps subjects: the poison messages of one fetch go to the DLQ in one write.
-        self._dead_letters: Batcher[DeadLetter] = Batcher(transport.dead_letter_many)
 
     async def run(self, stop: asyncio.Event) -> None:
         consumer = await self.transport.consumer(
@@ -71,32 +69,58 @@ class Worker:
             except Exception:
                 await backoff.failed(stop, log, "worker: a fetch")
                 continue
+            # Garbage is told apart here and shelved a fetch at a time, in one task: a flood of
+            # it must not cost a task, a slot and a DLQ write per message.
+            poison: list[tuple[Delivery, str]] = []
             for msg in msgs:
-                task = asyncio.create_task(self._guarded(msg))
-                self._running.add(task)
-                task.add_done_callback(self._running.discard)
+                try:
+                    ready = decode_ready(msg.data)
+                except MessageError as exc:
+                    poison.append((msg, str(exc)))
+                    continue
+                self._spawn(self._guarded(msg, ready))
+            if poison:
+                self._spawn(self._shelve(poison))
         if self._running:  # let running steps finish and report: graceful stop
             await asyncio.wait(self._running, timeout=self.ack_wait)
         heartbeat.cancel()
         await consumer.close()
 
-    async def _guarded(self, msg: Delivery) -> None:
+    def _spawn(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    async def _guarded(self, msg: Delivery, ready: StepReady | None = None) -> None:
         try:
-            await self.handle(msg)
+            await self.handle(msg, ready)
         except Exception:  # publishing failed: leave unacked, it will be redelivered
             log.exception("worker: could not report a step; it will be redelivered")
 
-    async def handle(self, msg: Delivery) -> None:
+    async def _shelve(self, poison: list[tuple[Delivery, str]]) -> None:
+        """Undecodable step messages: into the DLQ in one write, then acked."""
         try:
-            ready = decode_ready(msg.data)
-        except MessageError as exc:
-            await self._dead_letters.publish(DeadLetter(
-                "poison", msg.data, str(exc), headers=msg.headers, source_subject=msg.subject,
-                delivered=msg.delivered, msg_id=message_key(STEPS_STREAM, msg.stream_seq),
-            ))
+            await self.transport.dead_letter_many([
+                DeadLetter("poison", msg.data, reason, headers=msg.headers, source_subject=msg.subject,
+                           delivered=msg.delivered, msg_id=message_key(STEPS_STREAM, msg.stream_seq))
+                for msg, reason in poison
+            ])
             crash_point("worker.after_dead_letter")  # stored in the DLQ, not yet acked: redelivery dedups
-            await msg.ack()
+            for msg, _ in poison:
+                await msg.ack()
+        except Exception:  # the DLQ is out of reach: left unacked, they come back
+            log.exception("worker: could not dead-letter %d message(s); they will be redelivered", len(poison))
             return
+        log.warning("%d step message(s) dead-lettered (poison), the first (#%d): %s",
+                    len(poison), poison[0][0].stream_seq, " ".join(poison[0][1].split())[:300])
+
+    async def handle(self, msg: Delivery, ready: StepReady | None = None) -> None:
+        if ready is None:
+            try:
+                ready = decode_ready(msg.data)
+            except MessageError as exc:
+                await self._shelve([(msg, str(exc))])
+                return
         if ready.not_before is not None:
             wait = (ready.not_before - datetime.now(timezone.utc)).total_seconds()
             if wait > 0.001:

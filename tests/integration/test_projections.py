@@ -7,6 +7,7 @@ retry, cancel, pause, replay with reused outputs).
 
 from __future__ import annotations
 
+import asyncio
 import math
 import threading
 import time
@@ -285,3 +286,30 @@ def _version(store: EventStore):
     from services.orchestrator.registry import Registry
 
     return Registry(store).publish(parse_definition(MIX_WORKFLOWS["shapes"]))
+
+
+async def test_a_woken_projector_looks_at_the_log_before_its_next_poll(store: EventStore) -> None:
+    """The dead-letter service wakes the projector of its process when it has stored dead letters
+    (rather than run a second projector over the same log): the rows appear at once, not a poll later."""
+    ex = Executions(store)
+    projector = Projector(store, default_views(), poll_interval=30.0)
+    stop = asyncio.Event()
+    running = asyncio.create_task(projector.run(stop))
+    try:
+        await asyncio.sleep(0.5)  # caught up with nothing, now asleep for 30 s
+        seed_mix(ex, 3)
+        head = store.head()
+
+        def position() -> int:
+            return min(int(r["position"]) for r in projection_status(store, default_views()))
+
+        await asyncio.sleep(0.3)
+        assert await asyncio.to_thread(position) < head  # still asleep: nothing looked
+        t0 = time.perf_counter()
+        projector.wake()
+        while await asyncio.to_thread(position) < head:
+            assert time.perf_counter() - t0 < 10, "the woken projector did not catch up"
+            await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        await running
