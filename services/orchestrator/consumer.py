@@ -13,10 +13,10 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from contracts.deadletters import message_key
 from contracts.messages import MessageError, StepResult, decode_result
 from contracts.subjects import RESULTS_STREAM
-from services.broker import Consumer, DeadLetter, Delivery, Transport
+from services.broker import Consumer, Delivery, Transport
+from services.broker.shelving import shelve
 from services.faults import crash_point
 from services.orchestrator.executions import Executions
 from services.retrying import Backoff
@@ -85,15 +85,5 @@ class ResultConsumer:
             await self._dead_letter("unknown_task", unknown)
 
     async def _dead_letter(self, kind: str, msgs: list[tuple[Delivery, str]]) -> None:
-        await self.transport.dead_letter_many([
-            DeadLetter(kind, msg.data, reason, headers=msg.headers, source_subject=msg.subject,
-                       delivered=msg.delivered, msg_id=message_key(RESULTS_STREAM, msg.stream_seq))
-            for msg, reason in msgs
-        ])
-        crash_point("orchestrator.after_dead_letter")  # stored in the DLQ, not yet acked: redelivery dedups
-        for msg, _ in msgs:
-            await msg.ack()
-        # One line per batch: a flood of garbage must not become a flood of log lines too
-        # (each dead letter is in the DLQ with its reason).
-        log.warning("%d result(s) dead-lettered (%s), the first (#%d): %s",
-                    len(msgs), kind, msgs[0][0].stream_seq, " ".join(msgs[0][1].split())[:300])
+        await shelve(self.transport, kind, RESULTS_STREAM, msgs, crash="orchestrator.after_dead_letter",
+                     what="result(s)", log=log)

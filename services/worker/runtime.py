@@ -18,11 +18,11 @@ from typing import Any, Awaitable
 
 
 import weft
-from contracts.deadletters import message_key
 from contracts.messages import MessageError, StepError, StepReady, StepResult, decode_ready
 from contracts.subjects import STEPS_STREAM, result_subject
-from services.broker import DeadLetter, Delivery, OutMessage, Transport
+from services.broker import Delivery, OutMessage, Transport
 from services.broker.batching import Batcher
+from services.broker.shelving import shelve
 from services.faults import crash_point
 from services.retrying import Backoff
 from services.worker.steps import StepRegistry
@@ -49,7 +49,7 @@ class Worker:
         self._slots = asyncio.Semaphore(concurrency)
         self._running: set[asyncio.Task[None]] = set()
         self._in_flight: dict[int, tuple[Delivery, float]] = {}
-        self._results: Batcher[OutMessage] = Batcher(transport.publish_many)
+        self._results = Batcher(transport.publish_many)
 
     async def run(self, stop: asyncio.Event) -> None:
         consumer = await self.transport.consumer(
@@ -91,36 +91,20 @@ class Worker:
         self._running.add(task)
         task.add_done_callback(self._running.discard)
 
-    async def _guarded(self, msg: Delivery, ready: StepReady | None = None) -> None:
+    async def _guarded(self, msg: Delivery, ready: StepReady) -> None:
         try:
             await self.handle(msg, ready)
         except Exception:  # publishing failed: leave unacked, it will be redelivered
             log.exception("worker: could not report a step; it will be redelivered")
 
     async def _shelve(self, poison: list[tuple[Delivery, str]]) -> None:
-        """Undecodable step messages: into the DLQ in one write, then acked."""
         try:
-            await self.transport.dead_letter_many([
-                DeadLetter("poison", msg.data, reason, headers=msg.headers, source_subject=msg.subject,
-                           delivered=msg.delivered, msg_id=message_key(STEPS_STREAM, msg.stream_seq))
-                for msg, reason in poison
-            ])
-            crash_point("worker.after_dead_letter")  # stored in the DLQ, not yet acked: redelivery dedups
-            for msg, _ in poison:
-                await msg.ack()
+            await shelve(self.transport, "poison", STEPS_STREAM, poison, crash="worker.after_dead_letter",
+                         what="step message(s)", log=log)
         except Exception:  # the DLQ is out of reach: left unacked, they come back
             log.exception("worker: could not dead-letter %d message(s); they will be redelivered", len(poison))
-            return
-        log.warning("%d step message(s) dead-lettered (poison), the first (#%d): %s",
-                    len(poison), poison[0][0].stream_seq, " ".join(poison[0][1].split())[:300])
 
-    async def handle(self, msg: Delivery, ready: StepReady | None = None) -> None:
-        if ready is None:
-            try:
-                ready = decode_ready(msg.data)
-            except MessageError as exc:
-                await self._shelve([(msg, str(exc))])
-                return
+    async def handle(self, msg: Delivery, ready: StepReady) -> None:
         if ready.not_before is not None:
             wait = (ready.not_before - datetime.now(timezone.utc)).total_seconds()
             if wait > 0.001:
