@@ -5,27 +5,25 @@ one stored write (one fsync with `sync_interval: always`); gathered while the
 previous batch is being written, they go as one atomic batch. A caller's
 `publish` returns only once its own message is stored, as before.
 
-`Batcher(transport.publish_many)` gathers messages; `Batcher(transport.dead_letter_many)`
-gathers dead letters the same way.
+Build it as `Batcher(transport.publish_many)`.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Generic, TypeVar
 
-T = TypeVar("T")
+from services.broker.ports import OutMessage
 
 
-class Batcher(Generic[T]):
-    def __init__(self, send: Callable[[Sequence[T]], Awaitable[None]], *, max_batch: int = 256):
+class Batcher:
+    def __init__(self, send: Callable[[Sequence[OutMessage]], Awaitable[None]], *, max_batch: int = 256):
         self.send = send
         self.max_batch = max_batch
-        self._queue: list[tuple[T, asyncio.Future[None]]] = []
+        self._queue: list[tuple[OutMessage, asyncio.Future[None]]] = []
         self._flusher: asyncio.Task[None] | None = None
 
-    async def publish(self, item: T) -> None:
+    async def publish(self, item: OutMessage) -> None:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._queue.append((item, future))
         if self._flusher is None or self._flusher.done():

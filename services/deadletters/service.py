@@ -35,15 +35,15 @@ class DeadLetterService:
     ):
         from services.deadletters.nats_archive import NatsArchive
 
-        self.store, self.transport, self.poll_interval = store, transport, poll_interval
+        self.store, self.transport = store, transport
         self.ingester = Ingester(store, transport, batch=batch, ack_wait=ack_wait)
+        # Step dead letters are rare and come from other processes: a relaxed poll finds them.
+        # Message dead letters are stored here, and the ingester wakes the projector at once.
         self.shared = projector is not None and any(isinstance(v, DeadLettersView) for v in projector.views)
-        if self.shared:
-            assert projector is not None
-            self.projector = projector
-            self.ingester.stored = projector.wake
-        else:
-            self.projector = Projector(store, [DeadLettersView()], batch=2000, lanes=1)  # sets the view up (prepare)
+        if projector is None or not self.shared:
+            projector = Projector(store, [DeadLettersView()], batch=2000, lanes=1, poll_interval=poll_interval)
+        self.projector = projector
+        self.ingester.stored = projector.wake
         self.capture: MaxDeliverCapture | None = None
         if NatsArchive.supports(transport):
             self.capture = MaxDeliverCapture(transport, NatsArchive(transport), ack_wait=ack_wait)  # type: ignore[arg-type]
@@ -53,8 +53,8 @@ class DeadLetterService:
 
     async def run(self, stop: asyncio.Event) -> None:
         runs: list[Any] = [self.ingester.run(stop)]
-        if not self.shared:
-            runs.append(self._project(stop))
+        if not self.shared:  # the shared one is its owner's to run (and close)
+            runs.append(self.projector.run(stop))
         if self.capture is not None:
             runs.append(self.capture.run(stop))
         tasks = [asyncio.ensure_future(r) for r in runs]
@@ -64,25 +64,3 @@ class DeadLetterService:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            if not self.shared:  # the shared one is its owner's to close
-                await asyncio.to_thread(self.projector.close)
-
-    async def _project(self, stop: asyncio.Event) -> None:
-        # Step dead letters are rare and come from other processes: a relaxed poll finds them.
-        # Message dead letters are stored here, and the ingester wakes this loop at once.
-        self._wake = asyncio.Event()
-        self.ingester.stored = self._wake.set
-        delay = self.poll_interval
-        while not stop.is_set():
-            self._wake.clear()
-            try:
-                n = await asyncio.to_thread(self.projector.catch_up_once)
-                delay = self.poll_interval
-            except Exception:
-                log.exception("deadletters: view update failed, retrying in %.1fs", delay)
-                n, delay = 0, min(delay * 2, 5.0)
-            if n == 0:
-                waits = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(stop.wait())]
-                _, pending = await asyncio.wait(waits, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
-                for w in pending:
-                    w.cancel()
