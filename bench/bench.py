@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import subprocess
 import sys
 import tempfile
@@ -40,7 +39,7 @@ from services.orchestrator.registry import Registry  # noqa: E402
 from services.settings import Settings  # noqa: E402
 from services.stack import Stack  # noqa: E402
 
-from common import drop_schema, prepare_db, running_services  # noqa: E402  (bench/common.py)
+from common import drop_schema, prepare_db, running_services, services_apart  # noqa: E402  (bench/common.py)
 
 LINEAR = (ROOT / "examples" / "linear5.yaml").read_text()  # the 5-step linear workflow
 FANOUT = """
@@ -190,26 +189,15 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
         home=workdir, database_url=url, nats_url=server.url, namespace="bench",
         worker_concurrency=args.concurrency, poll_interval=0.02,
     )
-    env = {**os.environ, "WEFT_DATABASE_URL": url, "WEFT_NATS_URL": server.url, "WEFT_NAMESPACE": "bench",
-           "WEFT_HOME": str(workdir), "WEFT_WORKER_CONCURRENCY": str(args.concurrency), "WEFT_LOG_LEVEL": "WARNING"}
     parts = ("orchestrator", "relay") + (("worker",) if args.workers == 0 else ())
     results = []
     try:
         async with running_services(settings, parts) as stack:
-            others = [
-                subprocess.Popen([sys.executable, "-m", "weft", "worker"], env=env, cwd=ROOT)
-                for _ in range(args.workers)
-            ] + [subprocess.Popen([sys.executable, "-m", "weft", "projector"], env=env, cwd=ROOT)]
-            try:
+            with services_apart(settings, ["worker"] * args.workers + ["projector"]):
                 for label, text, per in [("linear5", LINEAR, 5), ("fanout10", FANOUT, 12)]:
                     if args.shape in ("all", label):
                         print(f"running {label}: {args.executions} executions", file=sys.stderr)
                         results.append(await run_shape(stack, text, args.executions, per, label, args.start_rate, url))
-            finally:
-                for p in others:
-                    p.terminate()
-                for p in others:
-                    p.wait(timeout=60)
     finally:
         server.stop()
         drop_schema(args.db, schema)

@@ -7,16 +7,21 @@ Imported as `common` (a benchmark runs as `python bench/NAME.py`, so its folder 
             ...
     finally:
         drop_schema(args.db, schema)
+
+    with services_apart(settings, ["worker", "projector"]):   # the same, each in a process of its own
+        ...
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
 import sys
 import uuid
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import AsyncIterator, Sequence
+from typing import AsyncIterator, Iterator, Sequence
 
 import psycopg
 
@@ -59,3 +64,21 @@ async def running_services(settings: Settings, parts: Sequence[str], timeout: fl
     finally:
         stop.set()
         await asyncio.wait_for(task, timeout)
+
+
+@contextmanager
+def services_apart(settings: Settings, parts: Sequence[str], cwd: Path = ROOT) -> Iterator[None]:
+    """`python -m weft PART` for each of `parts` (one may come more than once), each in a process of
+    its own set up like `settings`, until the block ends. `cwd` is where a worker imports step
+    callables from."""
+    env = {**os.environ, "WEFT_DATABASE_URL": settings.database_url or "", "WEFT_NATS_URL": settings.nats_url or "",
+           "WEFT_NAMESPACE": settings.namespace, "WEFT_HOME": str(settings.home),
+           "WEFT_WORKER_CONCURRENCY": str(settings.worker_concurrency), "WEFT_LOG_LEVEL": "WARNING"}
+    procs = [subprocess.Popen([sys.executable, "-m", "weft", part], env=env, cwd=cwd) for part in parts]
+    try:
+        yield
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(timeout=60)

@@ -34,7 +34,6 @@ import argparse
 import asyncio
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,7 +46,7 @@ import orjson
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import drop_schema, prepare_db, running_services  # noqa: E402 - bench/common.py
+from common import drop_schema, prepare_db, running_services, services_apart  # noqa: E402 - bench/common.py
 from contracts.definitions import parse_definition  # noqa: E402
 from contracts.subjects import result_subject, step_subject  # noqa: E402
 from services.broker import OutMessage  # noqa: E402
@@ -202,21 +201,12 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     url, schema = prepare_db(args.db, workdir)
     settings = Settings(home=workdir, database_url=url, nats_url=server.url, namespace="benchdlq",
                         worker_concurrency=args.concurrency, poll_interval=0.02)
-    env = {**os.environ, "WEFT_DATABASE_URL": url, "WEFT_NATS_URL": server.url, "WEFT_NAMESPACE": settings.namespace,
-           "WEFT_HOME": str(workdir), "WEFT_WORKER_CONCURRENCY": str(args.concurrency), "WEFT_LOG_LEVEL": "ERROR"}
     apart = ("worker", "projector", "deadletters") if args.split else ()
     try:
         async with running_services(settings, [p for p in ALL if p not in apart]) as stack:
             # cwd: the worker imports step callables from where it runs (the FAILING workflow's `dlq:`)
-            others = [subprocess.Popen([sys.executable, "-m", "weft", part], env=env, cwd=Path(__file__).parent)
-                      for part in apart]
-            try:
+            with services_apart(settings, apart, cwd=Path(__file__).parent):
                 return await measure(stack, args, workdir)
-            finally:
-                for proc in others:
-                    proc.terminate()
-                for proc in others:
-                    proc.wait(timeout=60)
     finally:
         server.stop()
         drop_schema(args.db, schema)
@@ -231,18 +221,15 @@ async def measure(stack: Stack, args: argparse.Namespace, workdir: Path) -> dict
     await run_batch(stack, healthy, min(100, args.executions))  # warm up
     # ABBA pairs: the store grows from round to round, and each order puts it on the other side.
     pairs: list[tuple[dict[str, float], dict[str, float]]] = []
-    last_alone = None
+    alone: dict[str, float] = {}
     t_flood = time.perf_counter()
     for p in range(args.pairs):
         if p % 2 == 0:
-            alone = last_alone = await one_round(stack, healthy, args, None)
-            t_flood = time.perf_counter()
-            beside = await one_round(stack, healthy, args, alone["seconds"])
-        else:
-            assert last_alone is not None
-            t_flood = time.perf_counter()
-            beside = await one_round(stack, healthy, args, last_alone["seconds"])
-            alone = last_alone = await one_round(stack, healthy, args, None)
+            alone = await one_round(stack, healthy, args, None)
+        t_flood = time.perf_counter()
+        beside = await one_round(stack, healthy, args, alone["seconds"])  # paced on the latest baseline
+        if p % 2 == 1:
+            alone = await one_round(stack, healthy, args, None)
         pairs.append((alone, beside))
         print(f"pair {p + 1}: {alone['rate']:.0f}/s alone, {beside['rate']:.0f}/s beside {args.poison} poison messages "
               f"({beside['rate'] / alone['rate']:.0%}); per execution: CPU {alone['cpu_ms']:.1f} / {beside['cpu_ms']:.1f} ms "
