@@ -16,7 +16,7 @@ import logging
 from contracts.messages import MessageError, StepResult, decode_result
 from contracts.subjects import RESULTS_STREAM
 from services.broker import Consumer, Delivery, Transport
-from services.broker.shelving import shelve
+from services.broker.shelving import Shelf, shelve
 from services.faults import crash_point
 from services.orchestrator.executions import Executions
 from services.retrying import Backoff
@@ -34,6 +34,8 @@ class ResultConsumer:
         self.batch, self.ack_wait, self.max_deliver = batch, ack_wait, max_deliver
         self.applied = 0
         self.consumer: Consumer | None = None
+        self._shelf = Shelf(transport, "poison", RESULTS_STREAM, crash="orchestrator.after_dead_letter",
+                            what="result(s)", log=log, most=batch)
 
     async def run(self, stop: asyncio.Event) -> None:
         self.consumer = await self.transport.consumer(
@@ -49,6 +51,7 @@ class ResultConsumer:
                 backoff.reset()
             except Exception:  # store or broker away: nothing acked, so all is redelivered
                 await backoff.failed(stop, log, "orchestrator: a batch")
+        await self._shelf.close()
         await self.consumer.close()
 
     async def handle(self, msgs: list[Delivery]) -> None:
@@ -59,15 +62,12 @@ class ResultConsumer:
                 good.append((msg, decode_result(msg.data)))
             except MessageError as exc:
                 poison.append((msg, str(exc)))
-        # A batch's garbage goes to the DLQ in one write, beside (not before) the good results'
-        # transaction: a flood of it must not hold them up.
-        shelving = asyncio.ensure_future(self._dead_letter("poison", poison)) if poison else None
-        try:
-            if good:
-                await self._apply(good)
-        finally:
-            if shelving is not None:
-                await shelving
+        # Garbage goes on the shelf (to the DLQ with the next batches' garbage, in one write),
+        # not before the good results: a flood of it must not hold them up.
+        if poison:
+            self._shelf.put(poison)
+        if good:
+            await self._apply(good)
 
     async def _apply(self, good: list[tuple[Delivery, StepResult]]) -> None:
         outcomes = await asyncio.to_thread(self.executions.apply_results, [r for _, r in good])

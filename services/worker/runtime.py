@@ -22,7 +22,7 @@ from contracts.messages import MessageError, StepError, StepReady, StepResult, d
 from contracts.subjects import STEPS_STREAM, result_subject
 from services.broker import Delivery, OutMessage, Transport
 from services.broker.batching import Batcher
-from services.broker.shelving import shelve
+from services.broker.shelving import Shelf
 from services.faults import crash_point
 from services.retrying import Backoff
 from services.worker.steps import StepRegistry
@@ -50,6 +50,10 @@ class Worker:
         self._running: set[asyncio.Task[None]] = set()
         self._in_flight: dict[int, tuple[Delivery, float]] = {}
         self._results = Batcher(transport.publish_many)
+        # Garbage waits on the shelf for a moment, to go to the DLQ many at a time. It holds
+        # ack-pending room while it waits: at most half of what run() allows the consumer.
+        self._shelf = Shelf(transport, "poison", STEPS_STREAM, crash="worker.after_dead_letter",
+                            what="step message(s)", log=log, most=max(concurrency * 2, 32))
 
     async def run(self, stop: asyncio.Event) -> None:
         consumer = await self.transport.consumer(
@@ -69,8 +73,8 @@ class Worker:
             except Exception:
                 await backoff.failed(stop, log, "worker: a fetch")
                 continue
-            # Garbage is told apart here and shelved a fetch at a time, in one task: a flood of
-            # it must not cost a task, a slot and a DLQ write per message.
+            # Garbage is told apart here and put on the shelf: a flood of it must not cost
+            # a task, a slot and a DLQ write per message.
             poison: list[tuple[Delivery, str]] = []
             for msg in msgs:
                 try:
@@ -80,9 +84,10 @@ class Worker:
                     continue
                 self._spawn(self._guarded(msg, ready))
             if poison:
-                self._spawn(self._shelve(poison))
+                self._shelf.put(poison)
         if self._running:  # let running steps finish and report: graceful stop
             await asyncio.wait(self._running, timeout=self.ack_wait)
+        await self._shelf.close()
         heartbeat.cancel()
         await consumer.close()
 
@@ -96,13 +101,6 @@ class Worker:
             await self.handle(msg, ready)
         except Exception:  # publishing failed: leave unacked, it will be redelivered
             log.exception("worker: could not report a step; it will be redelivered")
-
-    async def _shelve(self, poison: list[tuple[Delivery, str]]) -> None:
-        try:
-            await shelve(self.transport, "poison", STEPS_STREAM, poison, crash="worker.after_dead_letter",
-                         what="step message(s)", log=log)
-        except Exception:  # the DLQ is out of reach: left unacked, they come back
-            log.exception("worker: could not dead-letter %d message(s); they will be redelivered", len(poison))
 
     async def handle(self, msg: Delivery, ready: StepReady) -> None:
         if ready.not_before is not None:
