@@ -135,11 +135,12 @@ class Ingester:
 
     async def _gather(self, consumer: Consumer) -> list[Delivery]:
         """A batch: the first message, then whatever followed within `linger`. Dead letters can
-        wait a moment (they are safe in the DLQ stream): what a batch costs is mostly per
-        batch (an append that holds the events table's lock, and a catch-up of the view,
-        each several ms of this process's time), so in a flood fewer, larger batches leave
-        the healthy executions more of the store and of the interpreter. The followers are
-        taken in one fetch after the linger, not in a fetch each."""
+        wait a moment (they are safe in the DLQ stream). Part of what a batch costs is per
+        batch: an append that holds the events table's lock, and a catch-up of the view.
+        In a flood, fewer and larger batches leave the healthy executions more of the store
+        and of the interpreter (the rows themselves, about 150 µs of PostgreSQL's CPU per dead
+        letter, cost the same either way). The followers are taken in one fetch after the
+        linger, not in a fetch each."""
         msgs = list(await consumer.fetch(self.batch, timeout=0.5))
         if not msgs or len(msgs) >= self.batch or self.linger <= 0:
             return msgs
