@@ -23,9 +23,9 @@ class Batcher:
         self._queue: list[tuple[OutMessage, asyncio.Future[None]]] = []
         self._flusher: asyncio.Task[None] | None = None
 
-    async def publish(self, item: OutMessage) -> None:
+    async def publish(self, message: OutMessage) -> None:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.append((item, future))
+        self._queue.append((message, future))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
         await future

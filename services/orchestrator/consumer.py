@@ -81,9 +81,6 @@ class ResultConsumer:
             else:
                 await msg.ack()
         self.applied += sum(1 for o in outcomes if o.status == "applied")
-        if unknown:
-            await self._dead_letter("unknown_task", unknown)
-
-    async def _dead_letter(self, kind: str, msgs: list[tuple[Delivery, str]]) -> None:
-        await shelve(self.transport, kind, RESULTS_STREAM, msgs, crash="orchestrator.after_dead_letter",
-                     what="result(s)", log=log)
+        if unknown:  # rare, and after the batch's commit: no reason to wait on the shelf
+            await shelve(self.transport, "unknown_task", RESULTS_STREAM, unknown,
+                         crash="orchestrator.after_dead_letter", what="result(s)", log=log)
