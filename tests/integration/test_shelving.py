@@ -14,6 +14,7 @@ from contracts.subjects import DLQ_STREAM, STEPS_STREAM, step_subject
 from services.broker import NatsTransport, OutMessage
 from services.broker.ports import DeadLetter, Delivery
 from services.broker.shelving import Shelf
+from tests.fixtures_nats import wait_until
 
 pytestmark = pytest.mark.integration
 log = logging.getLogger("test.shelving")
@@ -60,12 +61,12 @@ def _shelf(t: Any, **kw: Any) -> Shelf:
 async def test_what_arrives_within_the_linger_goes_in_one_write_then_is_acked(transport: NatsTransport) -> None:
     msgs = await _garbage(transport, 10)
     spy = Recording(transport)
-    shelf = _shelf(spy, linger=0.5, most=100)
+    shelf = _shelf(spy, linger=2, most=100)
     shelf.put(msgs[:4])
     await asyncio.sleep(0.1)
     shelf.put(msgs[4:])
     assert spy.writes == []  # still lingering
-    await asyncio.sleep(0.7)
+    await wait_until(lambda: spy.writes, timeout=10, message="the shelf's write")
     assert spy.writes == [10]
     stored = await _left(transport, DLQ_STREAM, "dlq-reader")
     assert sorted(m.data for m in stored) == sorted(m.data for m, _ in msgs)
@@ -78,7 +79,7 @@ async def test_a_full_shelf_goes_at_once_in_chunks_of_most(transport: NatsTransp
     spy = Recording(transport)
     shelf = _shelf(spy, linger=30, most=5)
     shelf.put(msgs)
-    await asyncio.sleep(0.5)  # far less than the linger
+    await wait_until(lambda: sum(spy.writes) == 12, timeout=10, message="all 12 written")  # the linger is 30 s
     assert spy.writes == [5, 5, 2]
     assert len(await _left(transport, DLQ_STREAM, "dlq-reader")) == 12
 
