@@ -96,15 +96,15 @@ class Relay:
                 if len(pending) >= self.in_flight:
                     await asyncio.wait({pending[0][2]})
                     continue
-                records: Sequence[StoredRecord] = await asyncio.to_thread(
-                    self.store.read, position, self.batch, ["StepScheduled"]
-                )
+                records: Sequence[StoredRecord]
+                records, scanned = await asyncio.to_thread(self.store.follow, position, self.batch, ["StepScheduled"])
                 if records:
                     task = asyncio.ensure_future(self.transport.publish_many([to_message(r) for r in records]))
-                    pending.append((records[-1].position, len(records), task))
-                    position = records[-1].position
+                    pending.append((scanned, len(records), task))
+                    position = scanned
                     backoff.reset()
                     continue
+                position = scanned  # past the other events: the next poll does not walk them again
                 if pending:
                     await asyncio.wait({pending[0][2]}, timeout=self.poll_interval)
                     continue

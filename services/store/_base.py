@@ -258,6 +258,16 @@ class BaseStore:
         with self._errors("head"):
             return self._recorder.max_notification_id() or 0
 
+    def follow(self, after: int, limit: int, types: Sequence[str]) -> tuple[list[StoredRecord], int]:
+        # The head is taken before the read: everything at or below it is committed (positions
+        # are handed out in commit order), so a read that came back short has seen every
+        # event of `types` up to it, and the events of other types in between need no second look.
+        head = self.head()
+        records = self.read(after, limit, types)
+        if len(records) >= limit:
+            return records, records[-1].position
+        return records, max(after, head, records[-1].position if records else 0)
+
     def seen(self, message_ids: Sequence[str]) -> set[str]:
         if not message_ids:
             return set()

@@ -181,6 +181,12 @@ class EventStore(Protocol):
     def head(self) -> int:
         """The maximum position, 0 if the store is empty."""
 
+    def follow(self, after: int, limit: int, types: Sequence[str]) -> tuple[list[StoredRecord], int]:
+        """A poller's `read` of a few types: (the records, where to read from next). The next
+        position is past the other types' events too: a follower of a rare type that polls
+        would otherwise walk the same stretch of the log on every poll (a dead-letter flood
+        after the last StepScheduled made the relay do that 50 times a second)."""
+
     def seen(self, message_ids: Sequence[str]) -> set[str]:
         """Which of these message ids are in the inbox."""
 

@@ -132,16 +132,12 @@ class Catalog:
             changed = False
             latest = dict(self._latest)  # readers keep the old one until it is complete
             while True:
-                # Taken before the read: everything at or below head is committed (the
-                # store hands positions out in commit order), so the next read may start there.
-                head = self.store.head()
-                batch = self.store.read(self._scanned, 1000, types=["WorkflowPublished"])
+                batch, scanned = self.store.follow(self._scanned, 1000, ["WorkflowPublished"])
                 for rec in batch:
                     changed |= _add(latest, orjson.loads(rec.data))
+                self._scanned = scanned
                 if len(batch) < 1000:
-                    self._scanned = max(self._scanned, head, batch[-1].position if batch else 0)
                     break
-                self._scanned = batch[-1].position
             self._checked = time.monotonic()
             if changed:
                 self._latest = latest

@@ -184,6 +184,21 @@ class StoreContract:
         more = store.append(run(uuid.uuid4(), 1, 2))
         assert store.head() == more[-1] > positions[-1]
 
+    def test_follow_moves_past_other_types(self, store: EventStore) -> None:
+        assert store.follow(0, 10, ["StepScheduled"]) == ([], 0)
+        a = uuid.uuid4()
+        p = store.append([ev(a, 1, "ExecutionStarted"), ev(a, 2, "StepScheduled"), ev(a, 3, "StepSucceeded")])
+        records, after = store.follow(0, 10, ["StepScheduled"])
+        assert [r.position for r in records] == [p[1]] and after == p[2]  # past the StepSucceeded too
+        noise = store.append([ev(uuid.uuid4(), 1, "DeadLetterRecorded") for _ in range(5)])
+        assert store.follow(after, 10, ["StepScheduled"]) == ([], noise[-1])
+        assert store.follow(noise[-1], 10, ["StepScheduled"]) == ([], noise[-1])
+        # A full batch: the next read starts after its last record, not at the head.
+        more = store.append([ev(a, 4, "StepScheduled"), ev(a, 5, "StepScheduled"), ev(a, 6, "StepSucceeded")])
+        records, after = store.follow(noise[-1], 2, ["StepScheduled"])
+        assert [r.position for r in records] == more[:2] and after == more[1]
+        assert store.follow(after, 2, ["StepScheduled"]) == ([], more[2])
+
     def test_view_transaction_reads_the_log(self, store: EventStore) -> None:
         with store.transaction() as tx:
             assert tx.read_log(0, 10) == [] and tx.head() == 0
