@@ -174,11 +174,10 @@ class Finished:
 
     def poll(self) -> int:
         while True:
-            records = self.store.read(self.position, 5000, ["ExecutionCompleted"])
-            if not records:
-                return self.count
+            records, self.position = self.store.follow(self.position, 5000, ["ExecutionCompleted"])
             self.count += len(records)
-            self.position = records[-1].position
+            if len(records) < 5000:
+                return self.count
 
 
 async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
