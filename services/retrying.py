@@ -11,12 +11,19 @@ import asyncio
 import logging
 
 
-async def sleep_or_stop(stop: asyncio.Event, delay: float) -> None:
-    """Sleep `delay` seconds, or less if `stop` is set meanwhile."""
-    try:
-        await asyncio.wait_for(stop.wait(), timeout=delay)
-    except asyncio.TimeoutError:
-        pass
+async def sleep_or_stop(stop: asyncio.Event, delay: float, wake: asyncio.Event | None = None) -> None:
+    """Sleep `delay` seconds, or less if `stop` (or `wake`, for a poller told there is
+    something new) is set meanwhile."""
+    if wake is None:
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=delay)
+        except asyncio.TimeoutError:
+            pass
+        return
+    waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(wake.wait())]
+    _, pending = await asyncio.wait(waits, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+    for w in pending:
+        w.cancel()
 
 
 class Backoff:

@@ -12,14 +12,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from typing import Sequence
 
 import orjson
 
 from contracts.subjects import step_subject
 from services.broker import OutMessage, Transport
 from services.faults import crash_point
-from services.retrying import Backoff
+from services.retrying import Backoff, sleep_or_stop
 from services.store import EventStore, StoredRecord
 
 log = logging.getLogger("weft.relay")
@@ -96,7 +95,6 @@ class Relay:
                 if len(pending) >= self.in_flight:
                     await asyncio.wait({pending[0][2]})
                     continue
-                records: Sequence[StoredRecord]
                 records, scanned = await asyncio.to_thread(self.store.follow, position, self.batch, ["StepScheduled"])
                 if records:
                     task = asyncio.ensure_future(self.transport.publish_many([to_message(r) for r in records]))
@@ -117,10 +115,7 @@ class Relay:
                 position = tracked  # republish what was not confirmed: the broker drops duplicates
                 continue
             self._wake.clear()
-            waiters = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(stop.wait())]
-            _, idle = await asyncio.wait(waiters, timeout=self.poll_interval, return_when=asyncio.FIRST_COMPLETED)
-            for w in idle:
-                w.cancel()
+            await sleep_or_stop(stop, self.poll_interval, wake=self._wake)
         for _, _, task in pending:
             task.cancel()
 

@@ -29,6 +29,7 @@ from services.faults import crash_point
 from services.projections import log
 from services.projections.pipeline import Pipelined
 from services.projections.tables import Ev, table_exists
+from services.retrying import sleep_or_stop
 from services.store import EventStore, StoredRecord, ViewTransaction
 from services.store.ports import LogRow
 
@@ -335,10 +336,7 @@ class Projector:
                 logger.exception("projector failed, retrying in %.1fs", delay)
                 n, delay = 0, min(delay * 2, 5.0)
             if n == 0:
-                waits = [asyncio.ensure_future(woken.wait()), asyncio.ensure_future(stop.wait())]
-                _, pending = await asyncio.wait(waits, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
-                for w in pending:
-                    w.cancel()
+                await sleep_or_stop(stop, delay, wake=woken)
 
 
 def catch_up(store: EventStore, views: Sequence[Projection], *, limit: int | None = None,
