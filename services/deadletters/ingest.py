@@ -138,8 +138,9 @@ class Ingester:
         wait a moment (they are safe in the DLQ stream). Part of what a batch costs is per
         batch: an append that holds the events table's lock, and a catch-up of the view.
         In a flood, fewer and larger batches leave the healthy executions more of the store
-        and of the interpreter (the rows themselves, about 150 µs of PostgreSQL's CPU per dead
-        letter, cost the same either way). The followers are taken in one fetch after the
+        and of the interpreter (the rows themselves cost the same either way: measured alone,
+        250 to a batch, ~27 µs of PostgreSQL's CPU and ~45 µs of this process's per dead
+        letter, the view's row included). The followers are taken in one fetch after the
         linger, not in a fetch each."""
         msgs = list(await consumer.fetch(self.batch, timeout=0.5))
         if not msgs or len(msgs) >= self.batch or self.linger <= 0:

@@ -13,8 +13,9 @@ import logging
 import os
 import socket
 import traceback
+from collections.abc import Awaitable
 from datetime import datetime, timezone
-from typing import Any, Awaitable
+from typing import Any
 
 
 import weft
