@@ -43,6 +43,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 import orjson
@@ -213,13 +214,8 @@ async def one_round(stack: Stack, version: Any, args: argparse.Namespace, flood_
     t0 = time.perf_counter()
     await settle(stack, poison_so_far)
     settled = seconds + time.perf_counter() - t0
-    return {"rate": args.executions / seconds, "seconds": seconds, "settled_rate": args.executions / settled,
+    return {"rate": args.executions / seconds, "seconds": seconds, "settled_seconds": settled,
             "cpu_ms": (c1[0] - c0[0]) / args.executions * 1000, "machine_cpu_ms": (c1[1] - c0[1]) / args.executions * 1000}
-
-
-def median(xs: list[float]) -> float:
-    xs = sorted(xs)
-    return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
@@ -260,12 +256,12 @@ async def measure(stack: Stack, args: argparse.Namespace, workdir: Path) -> dict
               f"({beside['rate'] / alone['rate']:.0%}); per execution: CPU {alone['cpu_ms']:.1f} / {beside['cpu_ms']:.1f} ms "
               f"(this process), {alone['machine_cpu_ms']:.1f} / {beside['machine_cpu_ms']:.1f} ms (machine)", flush=True)
     ratios = [b["rate"] / a["rate"] for a, b in pairs]
-    settled = [b["settled_rate"] / a["settled_rate"] for a, b in pairs]
+    settled = [a["settled_seconds"] / b["settled_seconds"] for a, b in pairs]  # the same N on both sides
     best = max(b["rate"] for _, b in pairs) / max(a["rate"] for a, _ in pairs)
     keys = ("cpu_ms", "machine_cpu_ms")
     per_execution = {side: {k: round(median([pair[i][k] for pair in pairs]), 2) for k in keys}
                      for i, side in enumerate(("alone", "beside"))}
-    in_view = median([args.executions / b["settled_rate"] for _, b in pairs])
+    in_view = median([b["settled_seconds"] for _, b in pairs])
     out.update(alone_executions_per_s=[round(a["rate"], 1) for a, _ in pairs],
                flood_executions_per_s=[round(b["rate"], 1) for _, b in pairs],
                throughput_ratio_median=round(median(ratios), 3), throughput_ratio_best=round(best, 3),
