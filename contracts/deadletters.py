@@ -43,6 +43,8 @@ DELIVERED_HEADER = "Weft-Dlq-Delivered"
 KIND_HEADER = "Weft-Dlq-Kind"
 MSG_ID_HEADER = "Weft-Dlq-Msg-Id"
 DLQ_HEADERS = (REASON_HEADER, SOURCE_SUBJECT_HEADER, DELIVERED_HEADER, KIND_HEADER, MSG_ID_HEADER)
+# On a message `weft dlq reprocess` republished: the id of the dead letter it came from.
+REPROCESSED_FROM_HEADER = "Weft-Reprocessed-From"
 
 # What a message dead letter's error is called, by kind (a step's comes from its StepFailed).
 ERROR_TYPES = {

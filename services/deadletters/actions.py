@@ -37,7 +37,6 @@ from services.orchestrator.state import Execution, evolve, fold
 from services.store import ConcurrencyError, EventStore, NewEvent
 
 MAX_INPUT_BYTES = 900_000  # a StepReady must still fit the broker's 1 MB message limit
-REPUBLISHED_FROM_HEADER = "Weft-Reprocessed-From"
 
 
 class PatchError(ValueError):
@@ -196,7 +195,7 @@ class Actions:
         if self.transport is None:
             raise RuntimeError("republishing a message needs the broker: no transport given")
         headers = dict(row.get("headers") or {})
-        headers[REPUBLISHED_FROM_HEADER] = row["id"]
+        headers[dl.REPROCESSED_FROM_HEADER] = row["id"]
         # Publish before recording: a crash in between republishes once more (deduplicated
         # by msg id, and harmless downstream), where the other order could lose it.
         await self.transport.publish(OutMessage(subject=subject, data=data, msg_id=msg_id, headers=headers))

@@ -23,7 +23,7 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
-from contracts.deadletters import message_key
+from contracts.deadletters import REPROCESSED_FROM_HEADER, message_key
 from contracts.subjects import TRIGGERS_STREAM, trigger_subject
 from contracts.triggers import CloudEvent
 from services.broker import Consumer, Delivery, Transport
@@ -115,7 +115,14 @@ class TriggerConsumer:
         self.handled += len(msgs)
 
     async def _settle(self, msg: Delivery, trigger: Trigger, outcome: Outcome) -> None:
+        # Keyed by the event, so that its repeats make one dead letter. A republish by
+        # `weft dlq reprocess` that fails again is another matter: under the event's key the
+        # DLQ would drop it as a duplicate inside its window (and the reprocessed letter would
+        # look done), so it becomes a dead letter of its own, keyed by the letter it came from.
         mid = message_id(trigger.event.source, trigger.event.id)
+        again = msg.headers.get(REPROCESSED_FROM_HEADER)
+        if again:
+            mid = f"{mid}:reprocessed:{again}"
         if outcome.status == "unroutable":
             self.unroutable += 1
             await self._dead_letter(msg, "trigger_unroutable", outcome.reason, mid)

@@ -190,3 +190,37 @@ async def test_trigger_dead_letters_republish_only_valid_patches(service: Runnin
     await watcher.close()
     rows = await asyncio.to_thread(_rows, service, status="reprocessed")
     assert [(r["id"], r["actor"]) for r in rows] == [(row["id"], "tester")]
+
+
+async def test_a_reprocessed_trigger_that_fails_again_is_a_new_dead_letter(tmp_path: Path, db_url: str, nats_url: str) -> None:
+    """Unroutable and rejected triggers are keyed by the event's (source, id): its repeats make
+    one dead letter. A republish by `weft dlq reprocess` that fails again must not vanish into
+    that key (the DLQ drops a duplicate id inside its window, and the reprocessed letter would
+    look done): it is a new open dead letter that names the one it came from."""
+    from services.triggers.publish import encode, new_event, publish
+
+    async with stack_up(tmp_path, db_url, nats_url) as running:
+        transport, triggers = running.stack.transport, running.stack.triggers
+        running.publish("name: strict\non:\n  - event: order.created\ninput_schema: {type: object, required: [order_id]}\n"
+                        "steps:\n  - {id: a, type: noop}\n")
+        unroutable = new_event("nobody.listens", {"x": 1}, id="again-1", source="shop")
+        await publish(transport, unroutable)
+        await publish(transport, new_event("order.created", {"no_order_id": True}, id="again-2", source="shop"))
+        firsts = await _letters(running, 2)
+        assert sorted(r["kind"] for r in firsts) == ["trigger_invalid", "trigger_unroutable"]
+        actions = Actions(running.stack.store, transport)
+        for row in firsts:  # the cause is not fixed: both fail again
+            assert (await actions.reprocess(row, patch=None, by="tester")).outcome == "republished"
+        rows = await _letters(running, 4)
+        first_ids = {r["id"] for r in firsts}
+        new = [r for r in rows if r["id"] not in first_ids]
+        assert {r["headers"].get(dl.REPROCESSED_FROM_HEADER) for r in new} == first_ids
+        assert sorted(r["kind"] for r in new) == ["trigger_invalid", "trigger_unroutable"]
+        assert {r["status"] for r in new} == {"open"}
+        assert {r["status"] for r in rows if r["id"] in first_ids} == {"reprocessed"}
+        # The event itself again (a publisher's retry after the broker's window): its own letter, not a new one.
+        handled = triggers.handled
+        await transport.publish(OutMessage(trigger_subject("nobody.listens"), encode(unroutable), msg_id="retry-1"))
+        await wait_until(lambda: triggers.handled > handled, timeout=10)
+        await asyncio.sleep(1)  # time for a dead letter to reach the view, if one had been made
+        assert len(await asyncio.to_thread(_rows, running)) == 4
