@@ -29,7 +29,7 @@ from services.faults import crash_point
 from services.projections import log
 from services.projections.pipeline import Pipelined
 from services.projections.tables import Ev, table_exists
-from services.retrying import sleep_or_stop
+from services.retrying import Backoff, sleep_or_stop
 from services.store import EventStore, StoredRecord, ViewTransaction
 from services.store.ports import LogRow
 
@@ -325,18 +325,18 @@ class Projector:
             self._woken.set()
 
     async def _follow(self, stop: asyncio.Event) -> None:
-        delay = self.poll_interval
+        backoff = Backoff(first=self.poll_interval)
         self._woken = woken = asyncio.Event()
         while not stop.is_set():
             woken.clear()
             try:
                 n = await asyncio.to_thread(self.catch_up_once)
-                delay = self.poll_interval
-            except Exception:
-                logger.exception("projector failed, retrying in %.1fs", delay)
-                n, delay = 0, min(delay * 2, 5.0)
+            except Exception:  # the store is away: a wake must not cut the wait short
+                await backoff.failed(stop, logger, "projector")
+                continue
+            backoff.reset()
             if n == 0:
-                await sleep_or_stop(stop, delay, wake=woken)
+                await sleep_or_stop(stop, self.poll_interval, wake=woken)
 
 
 def catch_up(store: EventStore, views: Sequence[Projection], *, limit: int | None = None,

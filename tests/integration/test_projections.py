@@ -313,3 +313,29 @@ async def test_a_woken_projector_looks_at_the_log_before_its_next_poll(store: Ev
     finally:
         stop.set()
         await running
+
+
+async def test_a_failing_projector_waits_as_long_as_it_says_doubling_and_a_wake_does_not_cut_it_short(
+    store: EventStore, caplog: pytest.LogCaptureFixture,
+) -> None:
+    projector = Projector(store, default_views(), poll_interval=0.1)
+    stop, calls, loop = asyncio.Event(), [], asyncio.get_running_loop()
+
+    def failing() -> int:
+        calls.append(time.monotonic())
+        if len(calls) <= 3:
+            loop.call_soon_threadsafe(projector.wake)  # new events told meanwhile: the store is still away
+            raise RuntimeError("the store is away")
+        stop.set()
+        return 0
+
+    projector.catch_up_once = failing  # type: ignore[method-assign]
+    try:
+        await asyncio.wait_for(projector._follow(stop), timeout=10)
+    finally:
+        projector.close()
+    logged = [r.getMessage().rpartition("retrying in ")[2] for r in caplog.records if "projector failed" in r.getMessage()]
+    assert logged == ["0.1s", "0.2s", "0.4s"]
+    gaps = [b - a for a, b in zip(calls, calls[1:])]
+    assert len(gaps) == 3 and all(gap >= want for want, gap in zip((0.1, 0.2, 0.4), gaps)), gaps
+    assert sum(gaps) < 1.1, gaps  # 0.7 as logged; sleeping the doubled delays would take 1.4
