@@ -97,13 +97,34 @@ async def measure(stack: Any, args: argparse.Namespace) -> dict[str, Any]:
     stored = await asyncio.to_thread(count_started, store)
     if stored != args.events:
         raise RuntimeError(f"expected {args.events} ExecutionStarted in the store, found {stored}")
-    return {
+    bad = await dead_letter_burst(stack, args.invalid) if args.invalid else {}
+    return {**bad, 
         "benchmark": "trigger_ingestion", "db": "sqlite" if args.db == "sqlite" else "postgresql",
         "events": args.events, "repeats": len(repeats), "batch": args.batch,
         "with_stack": args.with_stack, "seconds": round(wall, 3),
         "events_per_s": round(args.events / wall, 1), "publish_seconds": round(published, 3),
         "duplicates_refused": consumer.ingestor.duplicates, "executions_stored": stored,
     }
+
+
+async def dead_letter_burst(stack: Any, n: int) -> dict[str, Any]:
+    """n bad events at once, half not JSON and half of a type no workflow subscribes to; the
+    clock runs until the consumer has acked them all, each acked only once it is in the DLQ."""
+    consumer = stack.triggers
+    handled = consumer.handled
+    subject = trigger_subject("bench.tick")
+    bad = [OutMessage(subject, b"not json " + str(i).encode(), msg_id=f"bad-{i}") if i % 2 else
+           to_message(new_event("bench.nobody", {"n": i}, id=f"nobody-{i}", source="bench"))
+           for i in range(n)]
+    t0 = time.perf_counter()
+    await stack.transport.publish_many(bad)
+    while consumer.handled < handled + n:
+        await asyncio.sleep(0.01)
+        if time.perf_counter() - t0 > 600:
+            raise RuntimeError("the bad events were not all dead-lettered in 10 minutes")
+    wall = time.perf_counter() - t0
+    print(f"{n} bad events dead-lettered and acked in {wall:.2f}s ({n / wall:.0f}/s)", file=sys.stderr)
+    return {"invalid": n, "invalid_seconds": round(wall, 3), "invalid_per_s": round(n / wall, 1)}
 
 
 def main() -> None:
@@ -113,6 +134,8 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=20_000)
     parser.add_argument("--repeats", type=int, default=0, help="copies of earlier events to publish too")
     parser.add_argument("--batch", type=int, default=500, help="trigger events per store transaction")
+    parser.add_argument("--invalid", type=int, default=0,
+                        help="then a burst of this many bad events (undecodable, unroutable), timed until all are dead-lettered")
     parser.add_argument("--with-stack", action="store_true", help="run relay, orchestrator and workers too")
     args = parser.parse_args()
     result = asyncio.run(run(args))

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
 
 import orjson
 from pydantic import ValidationError
@@ -26,7 +25,7 @@ from pydantic import ValidationError
 from contracts.deadletters import REPROCESSED_FROM_HEADER, message_key
 from contracts.subjects import TRIGGERS_STREAM, trigger_subject
 from contracts.triggers import CloudEvent
-from services.broker import Consumer, Delivery, Transport
+from services.broker import Consumer, DeadLetter, Delivery, Transport
 from services.faults import crash_point
 from services.retrying import Backoff
 from services.triggers.ingest import Ingestor, Outcome, Trigger
@@ -99,22 +98,29 @@ class TriggerConsumer:
     async def handle(self, msgs: list[Delivery]) -> None:
         self.received += len(msgs)
         good: list[tuple[Delivery, Trigger]] = []
+        letters: list[DeadLetter] = []
         for msg in msgs:
             try:
                 good.append((msg, Trigger(decode(msg), via="topic")))
             except ValueError as exc:
                 self.invalid += 1
-                await self._dead_letter(msg, "trigger_invalid", str(exc), message_key(TRIGGERS_STREAM, msg.stream_seq))
+                letters.append(_letter(msg, "trigger_invalid", str(exc), message_key(TRIGGERS_STREAM, msg.stream_seq)))
         if good:
             outcomes = await asyncio.to_thread(self.ingestor.ingest, [t for _, t in good])
             crash_point("triggers.after_append")
             for (msg, trigger), outcome in zip(good, outcomes):
-                await self._settle(msg, trigger, outcome)
+                letters += self._settle(msg, trigger, outcome)
+        if letters:
+            # The batch's dead letters in one write (one fsync, not one each), before any ack:
+            # a crash in between redelivers the batch, and their ids make that harmless.
+            await self.transport.dead_letter_many(letters)
+            crash_point("triggers.after_dead_letter")
+            _log_letters(letters)
         for msg in msgs:
             await msg.ack()
         self.handled += len(msgs)
 
-    async def _settle(self, msg: Delivery, trigger: Trigger, outcome: Outcome) -> None:
+    def _settle(self, msg: Delivery, trigger: Trigger, outcome: Outcome) -> list[DeadLetter]:
         # Keyed by the event, so that its repeats make one dead letter. A republish by
         # `weft dlq reprocess` that fails again is another matter: under the event's key the
         # DLQ would drop it as a duplicate inside its window (and the reprocessed letter would
@@ -125,24 +131,11 @@ class TriggerConsumer:
             mid = f"{mid}:reprocessed:{again}"
         if outcome.status == "unroutable":
             self.unroutable += 1
-            await self._dead_letter(msg, "trigger_unroutable", outcome.reason, mid)
-            return
+            return [_letter(msg, "trigger_unroutable", outcome.reason, mid)]
         # Also for duplicates: if we crashed after the commit but before these were
         # published, the redelivery publishes them (same dedup ids).
-        for label, why in outcome.rejected.items():
-            await self._dead_letter(msg, "trigger_invalid", f"workflow {label}: {why}", f"{mid}:{label}",
-                                    extra={"Weft-Workflow": label})
-
-    async def _dead_letter(self, msg: Delivery, kind: str, reason: str, dedup: str,
-                           extra: dict[str, str] | None = None) -> None:
-        headers: dict[str, Any] = dict(msg.headers)
-        if extra:
-            headers.update(extra)
-        await self.transport.dead_letter(
-            kind, msg.data, reason=reason, headers=headers, source_subject=msg.subject,
-            delivered=msg.delivered, msg_id=dedup,
-        )
-        log.warning("trigger dead-lettered (%s): %s", kind, reason)
+        return [_letter(msg, "trigger_invalid", f"workflow {label}: {why}", f"{mid}:{label}", {"Weft-Workflow": label})
+                for label, why in outcome.rejected.items()]
 
     async def _give_up_on_last_tries(self, msgs: list[Delivery], exc: Exception, delay: float) -> None:
         """The broker drops a message after max_deliver tries: dead-letter it ourselves first."""
@@ -150,10 +143,28 @@ class TriggerConsumer:
             try:
                 if msg.delivered >= self.max_deliver:
                     self.failed += 1
-                    await self._dead_letter(msg, "trigger_failed", f"could not be ingested: {type(exc).__name__}: {exc}",
-                                            message_key(TRIGGERS_STREAM, msg.stream_seq))
+                    letter = _letter(msg, "trigger_failed", f"could not be ingested: {type(exc).__name__}: {exc}",
+                                     message_key(TRIGGERS_STREAM, msg.stream_seq))
+                    await self.transport.dead_letter_many([letter])
+                    _log_letters([letter])
                     await msg.ack()
                 else:
                     await msg.nak(delay=delay)
             except Exception:  # the broker is away too: ack_wait brings them back
                 log.debug("triggers: could not settle message %s", msg.stream_seq, exc_info=True)
+
+
+def _letter(msg: Delivery, kind: str, reason: str, dedup: str, extra: dict[str, str] | None = None) -> DeadLetter:
+    headers = {**msg.headers, **(extra or {})}
+    return DeadLetter(kind, msg.data, reason, headers=headers, source_subject=msg.subject,
+                      delivered=msg.delivered, msg_id=dedup)
+
+
+def _log_letters(letters: list[DeadLetter]) -> None:
+    # One line per kind and batch: a burst of bad events must not become a burst of log lines
+    # too (each dead letter is in the DLQ with its reason).
+    kinds: dict[str, list[DeadLetter]] = {}
+    for letter in letters:
+        kinds.setdefault(letter.kind, []).append(letter)
+    for kind, some in kinds.items():
+        log.warning("%d trigger(s) dead-lettered (%s), the first: %s", len(some), kind, " ".join(some[0].reason.split())[:300])

@@ -2,8 +2,8 @@
 source, then restart, over real subprocesses (`python -m weft <service>`), NATS and PostgreSQL.
 
 - the dead-letter service killed after its append committed and before the DLQ acks;
-- the orchestrator / a worker killed after publishing a poison message to the DLQ and
-  before acking it on the results / steps stream.
+- the orchestrator / a worker / the trigger consumer killed after publishing a poison
+  message to the DLQ and before acking it on the results / steps / triggers stream.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from contracts import deadletters as dl
-from contracts.subjects import DLQ_STREAM, result_subject, step_subject
+from contracts.subjects import DLQ_STREAM, result_subject, step_subject, trigger_subject
 from services.broker import OutMessage
 from services.broker.nats import NatsTransport
 from services.deadletters import Filters, list_dead_letters, refresh
@@ -97,12 +97,13 @@ async def test_sigkill_between_store_and_ack_neither_loses_nor_doubles(
         store.close()
 
 
-@pytest.mark.parametrize("victim,point,subject", [
-    ("orchestrator", "orchestrator.after_dead_letter:1", result_subject("poisoned")),
-    ("worker", "worker.after_dead_letter:1", step_subject("noop")),
+@pytest.mark.parametrize("victim,point,subject,kind", [
+    ("orchestrator", "orchestrator.after_dead_letter:1", result_subject("poisoned"), "poison"),
+    ("worker", "worker.after_dead_letter:1", step_subject("noop"), "poison"),
+    ("triggers", "triggers.after_dead_letter:1", trigger_subject("order.created"), "trigger_invalid"),
 ])
 async def test_sigkill_at_the_source_after_dead_lettering(
-    services: Services, transport: NatsTransport, pg_url: str, victim: str, point: str, subject: str,
+    services: Services, transport: NatsTransport, pg_url: str, victim: str, point: str, subject: str, kind: str,
 ) -> None:
     services.start("deadletters")
     proc = services.start(victim, WEFT_CRASH_AT=point)
@@ -112,8 +113,8 @@ async def test_sigkill_at_the_source_after_dead_lettering(
     services.start(victim)  # the source message is redelivered to the restarted service
     store = open_store(pg_url)
     try:
-        durable = {"orchestrator": "orchestrator", "worker": "workers"}[victim]
-        stream = {"orchestrator": "WEFT_RESULTS", "worker": "WEFT_STEPS"}[victim]
+        durable = {"orchestrator": "orchestrator", "worker": "workers", "triggers": "triggers"}[victim]
+        stream = {"orchestrator": "WEFT_RESULTS", "worker": "WEFT_STEPS", "triggers": "WEFT_TRIGGERS"}[victim]
 
         async def settled() -> bool:
             rows = await asyncio.to_thread(_rows, store)
@@ -125,7 +126,7 @@ async def test_sigkill_at_the_source_after_dead_lettering(
         rows = await asyncio.to_thread(_rows, store)
         assert len(rows) == 1
         row = rows[0]
-        assert (row["kind"], row["source_subject"]) == ("poison", subject)
+        assert (row["kind"], row["source_subject"]) == (kind, subject)
         assert dl.decode_payload(row["payload"], row["payload_encoding"]) == garbage
         assert [r.type for r in await asyncio.to_thread(_recorded, store)] == ["DeadLetterRecorded"]
     finally:
