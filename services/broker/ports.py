@@ -42,6 +42,13 @@ class DeadLetter:
     delivered: int = 0
     msg_id: str | None = None  # the source message's identity (contracts.deadletters.message_key)
 
+    @classmethod
+    def of(cls, msg: Delivery, kind: str, reason: str, msg_id: str,
+           headers: Mapping[str, str] | None = None) -> DeadLetter:
+        """The dead letter of a delivered message, with `headers` added to its own."""
+        return cls(kind, msg.data, reason, headers={**msg.headers, **(headers or {})}, source_subject=msg.subject,
+                   delivered=msg.delivered, msg_id=msg_id)
+
 
 @runtime_checkable
 class Delivery(Protocol):

@@ -33,11 +33,8 @@ async def shelve(
 ) -> None:
     """Dead-letter `msgs` (each with its reason) from the logical `stream`, then ack them.
     `crash` names the crash point between the two; `what` says what they are, for the log."""
-    await transport.dead_letter_many([
-        DeadLetter(kind, msg.data, reason, headers=msg.headers, source_subject=msg.subject,
-                   delivered=msg.delivered, msg_id=message_key(stream, msg.stream_seq))
-        for msg, reason in msgs
-    ])
+    await transport.dead_letter_many([DeadLetter.of(msg, kind, reason, message_key(stream, msg.stream_seq))
+                                      for msg, reason in msgs])
     crash_point(crash)  # stored in the DLQ, not yet acked: redelivery dedups
     for msg, _ in msgs:
         await msg.ack()

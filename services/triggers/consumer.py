@@ -29,7 +29,7 @@ from services.broker import Consumer, DeadLetter, Delivery, Transport
 from services.faults import crash_point
 from services.retrying import Backoff
 from services.triggers.ingest import Ingestor, Outcome, Trigger
-from services.triggers.publish import message_id
+from services.triggers.publish import message_id, rejected_letters
 
 log = logging.getLogger("weft.triggers")
 DURABLE = "triggers"
@@ -104,7 +104,7 @@ class TriggerConsumer:
                 good.append((msg, Trigger(decode(msg), via="topic")))
             except ValueError as exc:
                 self.invalid += 1
-                letters.append(_letter(msg, "trigger_invalid", str(exc), message_key(TRIGGERS_STREAM, msg.stream_seq)))
+                letters.append(DeadLetter.of(msg, "trigger_invalid", str(exc), message_key(TRIGGERS_STREAM, msg.stream_seq)))
         if good:
             outcomes = await asyncio.to_thread(self.ingestor.ingest, [t for _, t in good])
             crash_point("triggers.after_append")
@@ -131,11 +131,11 @@ class TriggerConsumer:
             mid = f"{mid}:reprocessed:{again}"
         if outcome.status == "unroutable":
             self.unroutable += 1
-            return [_letter(msg, "trigger_unroutable", outcome.reason, mid)]
+            return [DeadLetter.of(msg, "trigger_unroutable", outcome.reason, mid)]
         # Also for duplicates: if we crashed after the commit but before these were
         # published, the redelivery publishes them (same dedup ids).
-        return [_letter(msg, "trigger_invalid", f"workflow {label}: {why}", f"{mid}:{label}", {"Weft-Workflow": label})
-                for label, why in outcome.rejected.items()]
+        return rejected_letters(outcome, msg.data, source_subject=msg.subject, key=mid, headers=msg.headers,
+                                delivered=msg.delivered)
 
     async def _give_up_on_last_tries(self, msgs: list[Delivery], exc: Exception, delay: float) -> None:
         """The broker drops a message after max_deliver tries: dead-letter it ourselves first."""
@@ -143,8 +143,8 @@ class TriggerConsumer:
             try:
                 if msg.delivered >= self.max_deliver:
                     self.failed += 1
-                    letter = _letter(msg, "trigger_failed", f"could not be ingested: {type(exc).__name__}: {exc}",
-                                     message_key(TRIGGERS_STREAM, msg.stream_seq))
+                    letter = DeadLetter.of(msg, "trigger_failed", f"could not be ingested: {type(exc).__name__}: {exc}",
+                                           message_key(TRIGGERS_STREAM, msg.stream_seq))
                     await self.transport.dead_letter_many([letter])
                     _log_letters([letter])
                     await msg.ack()
@@ -152,12 +152,6 @@ class TriggerConsumer:
                     await msg.nak(delay=delay)
             except Exception:  # the broker is away too: ack_wait brings them back
                 log.debug("triggers: could not settle message %s", msg.stream_seq, exc_info=True)
-
-
-def _letter(msg: Delivery, kind: str, reason: str, dedup: str, extra: dict[str, str] | None = None) -> DeadLetter:
-    headers = {**msg.headers, **(extra or {})}
-    return DeadLetter(kind, msg.data, reason, headers=headers, source_subject=msg.subject,
-                      delivered=msg.delivered, msg_id=dedup)
 
 
 def _log_letters(letters: list[DeadLetter]) -> None:

@@ -9,6 +9,7 @@ window stores one message; beyond the window the trigger log catches it.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 import uuid
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
@@ -17,7 +18,7 @@ import orjson
 
 from contracts.subjects import trigger_subject
 from contracts.triggers import CloudEvent
-from services.broker import OutMessage, Transport
+from services.broker import DeadLetter, OutMessage, Transport
 
 if TYPE_CHECKING:
     from services.triggers.ingest import Outcome
@@ -57,9 +58,19 @@ async def publish(transport: Transport, event: CloudEvent) -> bool:
     return await transport.publish(to_message(event))
 
 
+def rejected_letters(outcome: Outcome, payload: bytes, *, source_subject: str, key: str | None = None,
+                     headers: Mapping[str, str] | None = None, delivered: int = 0) -> list[DeadLetter]:
+    """A `trigger_invalid` dead letter per workflow that refused the event's data, keyed by
+    (`key`, workflow); `key` is the event's message id unless given."""
+    key = key or message_id(outcome.source, outcome.id)
+    return [DeadLetter("trigger_invalid", payload, f"workflow {label}: {why}",
+                       headers={**(headers or {}), "Weft-Workflow": label}, source_subject=source_subject,
+                       delivered=delivered, msg_id=f"{key}:{label}")
+            for label, why in outcome.rejected.items()]
+
+
 async def dead_letter_rejected(transport: Transport, outcome: Outcome, payload: bytes, *, source_subject: str) -> None:
-    """A `trigger_invalid` dead letter per workflow that refused the event's data, one per (event, workflow)."""
-    mid = message_id(outcome.source, outcome.id)
-    for label, why in outcome.rejected.items():
-        await transport.dead_letter("trigger_invalid", payload, reason=f"workflow {label}: {why}",
-                                    source_subject=source_subject, msg_id=f"{mid}:{label}")
+    """What the webhook and cron paths could not start: its `rejected_letters`, in one write."""
+    letters = rejected_letters(outcome, payload, source_subject=source_subject)
+    if letters:
+        await transport.dead_letter_many(letters)

@@ -224,3 +224,23 @@ async def test_a_reprocessed_trigger_that_fails_again_is_a_new_dead_letter(tmp_p
         await wait_until(lambda: triggers.handled > handled, timeout=10)
         await asyncio.sleep(1)  # time for a dead letter to reach the view, if one had been made
         assert len(await asyncio.to_thread(_rows, running)) == 4
+
+
+async def test_what_a_webhook_or_cron_tick_could_not_start_is_dead_lettered_once_per_workflow(service: Running) -> None:
+    from services.triggers.ingest import Outcome
+    from services.triggers.publish import dead_letter_rejected
+
+    transport = service.stack.transport
+    outcome = Outcome("accepted", "shop", "hook-1", rejected={"strict@1": "invalid input: 'order_id' is a required property",
+                                                             "stricter@2": "invalid input: 'qty' is a required property"})
+    payload = orjson.dumps({"id": "hook-1", "source": "shop", "type": "order.created", "data": {}})
+    for _ in range(2):  # a retried request: the same two dead letters, not four
+        await dead_letter_rejected(transport, outcome, payload, source_subject="webhook:/orders")
+    await _letters(service, 2, kind="trigger_invalid")
+    await asyncio.sleep(1)  # time for the retry's letters to arrive, had they not been deduplicated
+    rows = await asyncio.to_thread(_rows, service, kind="trigger_invalid")
+    assert sorted((r["headers"]["Weft-Workflow"], r["source_subject"], r["reason"]) for r in rows) == [
+        ("strict@1", "webhook:/orders", "workflow strict@1: invalid input: 'order_id' is a required property"),
+        ("stricter@2", "webhook:/orders", "workflow stricter@2: invalid input: 'qty' is a required property"),
+    ]
+    assert {dl.decode_payload(r["payload"], r["payload_encoding"]) for r in rows} == {payload}
