@@ -227,21 +227,21 @@ async def settle(stack: Stack, poison: int) -> None:
 
 
 async def one_round(stack: Stack, version: Any, args: argparse.Namespace, flood_over: float | None,
-                    poison_so_far: int) -> dict[str, float]:
+                    poison_so_far: int, nats_pid: int | None) -> dict[str, float]:
     """N healthy executions, beside a flood spread over `flood_over` seconds when given. The
     round's rate counts until its executions completed; its "settled" rate until, besides, its
     dead letters are in the view and every view has caught up (the work it left behind)."""
     publisher = 0.0
     if flood_over is None or args.poison == 0:
-        c0 = cpu_now(args.nats_pid)
+        c0 = cpu_now(nats_pid)
         _, seconds = await run_batch(stack, version, args.executions)
     else:
         async with Flood(stack.settings, args.poison, flood_over) as flood:
-            c0 = cpu_now(args.nats_pid)
+            c0 = cpu_now(nats_pid)
             flood.go()
             _, seconds = await run_batch(stack, version, args.executions)
         publisher = flood.cpu
-    c1 = cpu_now(args.nats_pid)
+    c1 = cpu_now(nats_pid)
     t0 = time.perf_counter()
     await settle(stack, poison_so_far)
     settled = seconds + time.perf_counter() - t0
@@ -253,7 +253,6 @@ async def one_round(stack: Stack, version: Any, args: argparse.Namespace, flood_
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="weft-bench-dlq-"))
     server = NatsServer(store_dir=workdir / "nats").start()
-    args.nats_pid = server.pid
     url, schema = prepare_db(args.db, workdir)
     settings = Settings(home=workdir, database_url=url, nats_url=server.url, namespace="benchdlq",
                         worker_concurrency=args.concurrency)  # the other settings as `weft up` has them
@@ -262,13 +261,13 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         async with running_services(settings, [p for p in ALL if p not in apart]) as stack:
             # cwd: the worker imports step callables from where it runs (the FAILING workflow's `dlq:`)
             with services_apart(settings, apart, cwd=Path(__file__).parent):
-                return await measure(stack, args, workdir)
+                return await measure(stack, args, workdir, server.pid)
     finally:
         server.stop()
         drop_schema(args.db, schema)
 
 
-async def measure(stack: Stack, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+async def measure(stack: Stack, args: argparse.Namespace, workdir: Path, nats_pid: int | None) -> dict[str, Any]:
     out: dict[str, Any] = {"db": "sqlite" if args.db == "sqlite" else "postgresql", "split": args.split,
                            "executions": args.executions,
                            "poison": args.poison, "concurrency": args.concurrency}
@@ -280,10 +279,10 @@ async def measure(stack: Stack, args: argparse.Namespace, workdir: Path) -> dict
     alone: dict[str, float] = {}
     for p in range(args.pairs):
         if p % 2 == 0:
-            alone = await one_round(stack, healthy, args, None, args.poison * p)
-        beside = await one_round(stack, healthy, args, alone["seconds"], args.poison * (p + 1))  # paced on the latest baseline
+            alone = await one_round(stack, healthy, args, None, args.poison * p, nats_pid)
+        beside = await one_round(stack, healthy, args, alone["seconds"], args.poison * (p + 1), nats_pid)  # paced on the latest baseline
         if p % 2 == 1:
-            alone = await one_round(stack, healthy, args, None, args.poison * (p + 1))
+            alone = await one_round(stack, healthy, args, None, args.poison * (p + 1), nats_pid)
         pairs.append((alone, beside))
         print(f"pair {p + 1}: {alone['rate']:.0f}/s alone, {beside['rate']:.0f}/s beside {args.poison} poison messages "
               f"({beside['rate'] / alone['rate']:.0%}); per execution: CPU {alone['cpu_ms']:.1f} / {beside['cpu_ms']:.1f} ms "

@@ -9,7 +9,9 @@ publishes a workflow subscribed to `bench.tick`, then publishes N distinct
 events (plus, with --repeats R, R copies of earlier ones under fresh broker
 message ids, which the trigger log must refuse). The clock runs from the first
 publish until the store holds N `ExecutionStarted` events (the copies must
-not add any). Prints events/s and one JSON line.
+not add any). With --invalid K, then K bad events at once (half not JSON, half of
+a type no workflow subscribes to), timed until all are dead-lettered and acked.
+Prints events/s and one JSON line.
 """
 
 from __future__ import annotations
@@ -98,7 +100,8 @@ async def measure(stack: Any, args: argparse.Namespace) -> dict[str, Any]:
     if stored != args.events:
         raise RuntimeError(f"expected {args.events} ExecutionStarted in the store, found {stored}")
     bad = await dead_letter_burst(stack, args.invalid) if args.invalid else {}
-    return {**bad, 
+    return {
+        **bad,
         "benchmark": "trigger_ingestion", "db": "sqlite" if args.db == "sqlite" else "postgresql",
         "events": args.events, "repeats": len(repeats), "batch": args.batch,
         "with_stack": args.with_stack, "seconds": round(wall, 3),
