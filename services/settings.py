@@ -24,7 +24,14 @@ class Settings(BaseModel):
     namespace: str = ""  # prefixes broker streams and subjects
     worker_concurrency: int = 16
     worker_id: str | None = None
-    ack_wait: float = 30.0  # seconds before an unacked command or result is redelivered
+    # Seconds before an unacked command or result is handed to another consumer. Short, because
+    # a held message's lease is renewed (in-progress acks) every ack_wait/3 while its process
+    # lives: this is how long a SIGKILLed worker's step waits. Too short for a process whose
+    # event loop stalls that long, and its work is run twice (harmless, idempotent, but wasted).
+    ack_wait: float = 4.0
+    # Seconds a stopping service (SIGTERM) gives the work it holds before handing it back;
+    # past it (+5 s for closing connections) the process exits whatever is down.
+    drain_grace: float = 10.0
     max_deliver: int = 20
     # seconds a result's message id is kept for dedup; at least ack_wait x max_deliver (orchestrator/inbox.py)
     inbox_retention: float = 7 * 86400.0
@@ -45,7 +52,7 @@ class Settings(BaseModel):
     @field_validator("inbox_retention")
     @classmethod
     def _outlasts_redelivery(cls, value: float, info: ValidationInfo) -> float:
-        window = info.data.get("ack_wait", 30.0) * info.data.get("max_deliver", 20)
+        window = info.data.get("ack_wait", 4.0) * info.data.get("max_deliver", 20)
         if value < window:
             raise ValueError(f"must be at least ack_wait x max_deliver = {window:.0f}s, or a redelivered "
                              "result could be applied twice")

@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from contextlib import AsyncExitStack
 from typing import Any, Awaitable, Callable, Iterable
 
@@ -63,7 +64,7 @@ async def run_services(
     async with AsyncExitStack() as exits:
         store, transport = await connect(settings)
         exits.callback(store.close)
-        exits.push_async_callback(transport.close)
+        exits.push_async_callback(_bounded, transport.close(), "closing the broker connection")
         stack = Stack(settings, store, transport)
         runs: list[Awaitable[Any]] = []
         if "relay" in parts:
@@ -84,7 +85,7 @@ async def run_services(
             registry = default_registry(HttpPolicy(allow_private=settings.http_allow_private))
             stack.worker = Worker(
                 transport, registry, concurrency=settings.worker_concurrency, worker_id=settings.worker_id,
-                ack_wait=settings.ack_wait, max_deliver=settings.max_deliver,
+                ack_wait=settings.ack_wait, max_deliver=settings.max_deliver, drain_grace=settings.drain_grace,
             )
             runs.append(stack.worker.run(stop))
         if "projector" in parts:
@@ -117,10 +118,52 @@ async def run_services(
                     raise t.exception()  # type: ignore[misc]
         finally:
             stop.set()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await _drain(tasks, settings.drain_grace)
 
 
-def install_signal_handlers(stop: asyncio.Event) -> None:
+async def _drain(tasks: list[asyncio.Future[Any]], grace: float) -> None:
+    """Give the services `grace` seconds to finish what they hold, then cancel what is left.
+
+    A loop that waits on a store or broker that does not answer must not hold the
+    process: shutdown never waits on them past the grace period.
+    """
+    if not tasks:
+        return
+    _, pending = await asyncio.wait(tasks, timeout=grace + 1.0)  # the worker hands back at `grace`
+    if pending:
+        log.warning("%d service loop(s) still busy %.0fs after the stop: cancelling them", len(pending), grace)
+        for task in pending:
+            task.cancel()
+        await asyncio.wait(pending, timeout=2.0)
+
+
+async def _bounded(closing: Awaitable[Any], what: str, timeout: float = 3.0) -> None:
+    try:
+        await asyncio.wait_for(closing, timeout)
+    except Exception as exc:  # noqa: BLE001 - stopping goes on: a dead broker cannot be closed politely
+        log.warning("%s: %s", what, type(exc).__name__)
+
+
+def install_signal_handlers(stop: asyncio.Event, grace: float | None = None) -> None:
+    """SIGINT/SIGTERM set `stop`. With `grace`, a watchdog ends the process if it is still
+    running `grace` + 5 seconds later (a thread blocked on a dead connection cannot be
+    cancelled, and asyncio.run waits for its executor's threads)."""
     loop = asyncio.get_running_loop()
+
+    def stopping() -> None:
+        if stop.is_set():
+            return
+        stop.set()
+        if grace is not None:
+            timer = threading.Timer(grace + 5.0, _overdue, args=(grace + 5.0,))
+            timer.daemon = True
+            timer.start()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, stopping)
+
+
+def _overdue(after: float) -> None:
+    log.error("still running %.0fs after SIGTERM: exiting now", after)
+    logging.shutdown()
+    os._exit(1)

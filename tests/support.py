@@ -147,13 +147,21 @@ class Services:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         logs.mkdir(parents=True, exist_ok=True)
 
-    def start(self, name: str, **extra_env: str) -> subprocess.Popen[bytes]:
-        with open(self.logs / f"{name}-{len(list(self.logs.iterdir()))}.log", "wb") as log:
+    def start(self, name: str, key: str | None = None, **extra_env: str) -> subprocess.Popen[bytes]:
+        """Start `weft <name>`, known as `key` (default: the name) in `procs`; a process
+        already under that key is waited for first, so none is left unreaped."""
+        key = key or name
+        old = self.procs.get(key)
+        if old is not None and old.poll() is None:
+            old.kill()
+        if old is not None:
+            old.wait()
+        with open(self.logs / f"{key}-{len(list(self.logs.iterdir()))}.log", "wb") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "weft", name], env={**self.env, **extra_env}, stdout=log,
                 stderr=subprocess.STDOUT, cwd=ROOT,
             )
-        self.procs[name] = proc
+        self.procs[key] = proc
         return proc
 
     def stop_all(self) -> None:

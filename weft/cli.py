@@ -100,7 +100,7 @@ def _service(parts: tuple[str, ...], home: Optional[Path], log_level: str, *, se
 
     async def main() -> None:
         stop = asyncio.Event()
-        install_signal_handlers(stop)
+        install_signal_handlers(stop, settings.drain_grace)
         await run_services(settings, parts, stop, on_ready=on_ready)
 
     try:

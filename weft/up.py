@@ -59,7 +59,7 @@ def run_up(settings: Settings) -> int:
 
     async def main() -> None:
         stop = asyncio.Event()
-        install_signal_handlers(stop)
+        install_signal_handlers(stop, settings.drain_grace)
         await run_services(settings, parts, stop, on_ready=ready)
 
     try:

@@ -27,7 +27,7 @@ DURABLE = "orchestrator"
 
 class ResultConsumer:
     def __init__(
-        self, executions: Executions, transport: Transport, *, batch: int = 256, ack_wait: float = 30.0,
+        self, executions: Executions, transport: Transport, *, batch: int = 256, ack_wait: float = 4.0,
         max_deliver: int = 20,
     ):
         self.executions, self.transport = executions, transport
@@ -80,17 +80,27 @@ class ResultConsumer:
         another orchestrator to take at once.
         """
         backoff = Backoff()
+        keeper = asyncio.ensure_future(self._keep_leases(good))
+        try:
+            while True:
+                try:
+                    await self._apply(good)
+                    backoff.reset()
+                    return
+                except Exception:  # the store (or the broker, for the acks) is away
+                    await backoff.failed(stop, log, "orchestrator: a batch")
+                if stop.is_set():
+                    await _each(good, "nak")
+                    return
+        finally:
+            keeper.cancel()
+
+    async def _keep_leases(self, batch: list[tuple[Delivery, StepResult]]) -> None:
+        # ack_wait is short (seconds) so that a dead orchestrator's batch moves on quickly;
+        # a live one renews its leases for as long as a slow commit or an outage lasts.
         while True:
-            try:
-                await self._apply(good)
-                backoff.reset()
-                return
-            except Exception:  # the store (or the broker, for the acks) is away
-                await backoff.failed(stop, log, "orchestrator: a batch")
-            if stop.is_set():
-                await _each(good, "nak")
-                return
-            await _each(good, "in_progress")
+            await asyncio.sleep(self.ack_wait / 3)
+            await _each(batch, "in_progress")
 
     async def _apply(self, good: list[tuple[Delivery, StepResult]]) -> None:
         outcomes = await asyncio.to_thread(self.executions.apply_results, [r for _, r in good])

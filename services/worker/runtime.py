@@ -40,12 +40,12 @@ def default_worker_id() -> str:
 class Worker:
     def __init__(
         self, transport: Transport, registry: StepRegistry, *, concurrency: int = 16, worker_id: str | None = None,
-        ack_wait: float = 30.0, max_deliver: int = 20,
+        ack_wait: float = 4.0, max_deliver: int = 20, drain_grace: float = 10.0,
     ):
         self.transport, self.registry = transport, registry
         self.concurrency = concurrency
         self.worker_id = worker_id or default_worker_id()
-        self.ack_wait, self.max_deliver = ack_wait, max_deliver
+        self.ack_wait, self.max_deliver, self.drain_grace = ack_wait, max_deliver, drain_grace
         self.completed = 0
         self._slots = asyncio.Semaphore(concurrency)
         self._running: set[asyncio.Task[None]] = set()
@@ -86,11 +86,32 @@ class Worker:
                 self._spawn(self._guarded(msg, ready))
             if poison:
                 self._shelf.put(poison)
-        if self._running:  # let running steps finish and report: graceful stop
-            await asyncio.wait(self._running, timeout=self.ack_wait)
+        await self._drain()
         await self._shelf.close()
         heartbeat.cancel()
         await consumer.close()
+
+    async def _drain(self) -> None:
+        """Graceful stop: no more fetches (the loop has ended); the steps running now get
+        `drain_grace` seconds to finish and report; those that don't are handed back (nak)
+        for another worker to run at once, instead of waiting out ack_wait."""
+        if not self._running:
+            return
+        log.info("worker stopping: %d step(s) running get %.0fs to finish", len(self._running), self.drain_grace)
+        _, unfinished = await asyncio.wait(self._running, timeout=self.drain_grace)
+        if not unfinished:
+            return
+        held = [msg for msg, _ in self._in_flight.values()]
+        for task in unfinished:
+            task.cancel()
+        await asyncio.wait(unfinished, timeout=1.0)
+        for msg in held:
+            try:
+                await msg.nak()
+            except Exception:  # noqa: BLE001 - the broker may be away: it redelivers after ack_wait
+                log.debug("handing back a step failed", exc_info=True)
+        log.warning("worker stopping: handed back %d step(s) that did not finish within %.0fs",
+                    len(held), self.drain_grace)
 
     def _spawn(self, work: Awaitable[None]) -> None:
         task = asyncio.ensure_future(work)

@@ -53,3 +53,15 @@ steps:
     retry: {max_attempts: 1}
 output: "${{ steps.check.output }}"
 """
+
+
+# ---- lease tests: a slow step that logs each run (who ran it, when it started)
+
+
+def slow(input: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    import time
+
+    with open(input["log"], "a") as f:
+        f.write(f"{ctx.idempotency_key} {ctx.worker_id} {time.time():.3f}\n")
+    time.sleep(input["seconds"])
+    return {"slept": input["seconds"], "by": ctx.worker_id}
