@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Mapping, TypeVar
 
 import orjson
-from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 T = TypeVar("T", bound="Settings")
 
@@ -22,6 +22,9 @@ class Settings(BaseModel):
     database_url: str | None = None  # default: sqlite file in home
     nats_url: str | None = None  # default: what `weft up` wrote into home
     namespace: str = ""  # prefixes broker streams and subjects
+    # Copies of each stream in a NATS cluster (1-5): 3 survives the loss of any one node.
+    # Applied when the streams are created or updated; a single server accepts only 1.
+    nats_replicas: int = Field(1, ge=1, le=5)
     worker_concurrency: int = 16
     worker_id: str | None = None
     # Seconds before an unacked command or result is handed to another consumer. Short, because

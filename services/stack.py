@@ -51,7 +51,8 @@ async def connect(settings: Settings) -> tuple[EventStore, Transport]:
         raise RuntimeError("no NATS url: run `weft up` (its home folder tells the services where), or set WEFT_NATS_URL")
     assert settings.database_url
     store = await asyncio.to_thread(open_store, settings.database_url, pool_size=12)
-    transport = await NatsTransport.connect(settings.nats_url, namespace=settings.namespace)
+    transport = await NatsTransport.connect(settings.nats_url, namespace=settings.namespace,
+                                            replicas=settings.nats_replicas)
     await transport.ensure_streams()
     return store, transport
 

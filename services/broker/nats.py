@@ -275,7 +275,9 @@ class NatsTransport:
     ) -> NatsTransport:
         """Connect, retrying for up to connect_timeout; afterwards the client reconnects forever."""
         _check_namespace(namespace)
-        servers = [url] if isinstance(url, str) else list(url)
+        # A cluster is given as its seed URLs, comma-separated (WEFT_NATS_URL=nats://a,nats://b,...);
+        # the client learns the rest of the cluster from the servers and follows it.
+        servers = [u.strip() for u in url.split(",") if u.strip()] if isinstance(url, str) else list(url)
         nc = NATS()
 
         async def error_cb(exc: Exception) -> None:
