@@ -69,7 +69,7 @@ class Backoff:
         if self.failures == 1 or now - self._logged_at >= self.REPEAT_S:
             self._logged_at = now
             again = "" if self.failures == 1 else f" ({self.failures} failed rounds so far)"
-            if _away(exc):
+            if away(exc):
                 log.warning("%s failed: %s; retrying every %.1fs at most%s", what, _one_line(exc), self.cap, again)
             else:
                 log.exception("%s failed, retrying in %.1fs%s", what, self.delay, again)
@@ -79,7 +79,7 @@ class Backoff:
         self.delay = min(self.delay * 2, self.cap)
 
 
-def _away(exc: BaseException | None) -> bool:
+def away(exc: BaseException | None) -> bool:
     """A store or broker that is unreachable: expected now and then, no traceback needed."""
     from services.broker.ports import BrokerError
     from services.store.ports import StoreUnavailableError

@@ -21,6 +21,7 @@ from services.orchestrator.executions import Executions
 from services.orchestrator.inbox import prune_inbox
 from services.orchestrator.relay import Relay
 from services.projections import Projector, default_views
+from services.retrying import Backoff, away
 from services.settings import Settings
 from services.store import EventStore, open_store
 from services.worker.runtime import Worker
@@ -46,65 +47,16 @@ class Stack:
         self.gateway: Any = None  # services.gateway.server.GatewayServer (.url)
 
 
-async def connect(settings: Settings) -> tuple[EventStore, Transport]:
-    if not settings.nats_url:
-        raise RuntimeError("no NATS url: run `weft up` (its home folder tells the services where), or set WEFT_NATS_URL")
-    assert settings.database_url
-    store = await asyncio.to_thread(open_store, settings.database_url, pool_size=12)
-    transport = await NatsTransport.connect(settings.nats_url, namespace=settings.namespace,
-                                            replicas=settings.nats_replicas)
-    await transport.ensure_streams()
-    return store, transport
-
-
 async def run_services(
     settings: Settings, parts: Iterable[str], stop: asyncio.Event,
     on_ready: Callable[[Stack], Awaitable[None] | None] | None = None,
 ) -> None:
     parts = set(parts)
     async with AsyncExitStack() as exits:
-        store, transport = await connect(settings)
-        exits.callback(store.close)
-        exits.push_async_callback(_bounded, transport.close(), "closing the broker connection")
-        stack = Stack(settings, store, transport)
-        runs: list[Awaitable[Any]] = []
-        if "relay" in parts:
-            stack.relay = Relay(store, transport, batch=settings.relay_batch, poll_interval=settings.poll_interval)
-            stack.executions.listeners.append(stack.relay.poke)
-            runs.append(stack.relay.run(stop))
-        if "orchestrator" in parts:
-            stack.consumer = ResultConsumer(
-                stack.executions, transport, batch=settings.result_batch, ack_wait=settings.ack_wait,
-                max_deliver=settings.max_deliver,
-            )
-            runs.append(stack.consumer.run(stop))
-            runs.append(prune_inbox(store, stop, retention=settings.inbox_retention))
-        if "worker" in parts:
-            # Like celery and rq: step callables are imported relative to where the worker runs.
-            if os.getcwd() not in sys.path:
-                sys.path.insert(0, os.getcwd())
-            registry = default_registry(HttpPolicy(allow_private=settings.http_allow_private))
-            stack.worker = Worker(
-                transport, registry, concurrency=settings.worker_concurrency, worker_id=settings.worker_id,
-                ack_wait=settings.ack_wait, max_deliver=settings.max_deliver, drain_grace=settings.drain_grace,
-            )
-            runs.append(stack.worker.run(stop))
-        if "projector" in parts:
-            stack.projector = await asyncio.to_thread(
-                Projector, store, default_views(), batch=settings.projection_batch, poll_interval=settings.poll_interval
-            )
-            runs.append(stack.projector.run(stop))
-        if "deadletters" in parts:
-            from services.deadletters import DeadLetterService
-
-            stack.deadletters = await asyncio.to_thread(
-                DeadLetterService, store, transport, ack_wait=settings.ack_wait, projector=stack.projector
-            )
-            runs.append(stack.deadletters.run(stop))
-        if parts & {"triggers", "scheduler", "gateway"}:
-            from services.gateway.server import front_door  # trigger consumer, cron scheduler, HTTP gateway
-
-            runs.extend(await front_door(stack, parts, stop))
+        built = await _build_when_up(settings, parts, stop, exits)
+        if built is None:
+            return  # asked to stop before the store and the broker could be reached
+        stack, runs = built
         if on_ready is not None:
             maybe = on_ready(stack)
             if maybe is not None:
@@ -120,6 +72,90 @@ async def run_services(
         finally:
             stop.set()
             await _drain(tasks, settings.drain_grace)
+
+
+async def _build_when_up(
+    settings: Settings, parts: set[str], stop: asyncio.Event, exits: AsyncExitStack,
+) -> tuple[Stack, list[Awaitable[Any]]] | None:
+    """Build the services, waiting for the store and the broker for as long as they are away.
+
+    A service started (or restarted by its supervisor) during a database or broker outage
+    waits for them, as a running one does, instead of exiting.
+    """
+    backoff = Backoff(first=0.2)
+    while not stop.is_set():
+        attempt = AsyncExitStack()
+        runs: list[Awaitable[Any]] = []
+        try:
+            stack = await _build(settings, parts, stop, attempt, runs)
+        except Exception as exc:
+            for run in runs:  # built but never started
+                close = getattr(run, "close", None)
+                if close is not None:
+                    close()
+            await attempt.aclose()
+            if not away(exc):
+                raise
+            await backoff.failed(stop, log, "starting (the store or the broker is away)")
+            continue
+        if backoff.failures:
+            backoff.reset()
+        exits.push_async_callback(attempt.aclose)
+        return stack, runs
+    return None
+
+
+async def _build(
+    settings: Settings, parts: set[str], stop: asyncio.Event, exits: AsyncExitStack, runs: list[Awaitable[Any]],
+) -> Stack:
+    if not settings.nats_url:
+        raise RuntimeError("no NATS url: run `weft up` (its home folder tells the services where), or set WEFT_NATS_URL")
+    assert settings.database_url
+    store = await asyncio.to_thread(open_store, settings.database_url, pool_size=12)
+    exits.callback(store.close)
+    transport = await NatsTransport.connect(settings.nats_url, namespace=settings.namespace,
+                                            replicas=settings.nats_replicas)
+    exits.push_async_callback(_bounded, transport.close(), "closing the broker connection")
+    await transport.ensure_streams()
+    stack = Stack(settings, store, transport)
+    if "relay" in parts:
+        stack.relay = Relay(store, transport, batch=settings.relay_batch, poll_interval=settings.poll_interval)
+        stack.executions.listeners.append(stack.relay.poke)
+        runs.append(stack.relay.run(stop))
+    if "orchestrator" in parts:
+        stack.consumer = ResultConsumer(
+            stack.executions, transport, batch=settings.result_batch, ack_wait=settings.ack_wait,
+            max_deliver=settings.max_deliver,
+        )
+        runs.append(stack.consumer.run(stop))
+        runs.append(prune_inbox(store, stop, retention=settings.inbox_retention))
+    if "worker" in parts:
+        # Like celery and rq: step callables are imported relative to where the worker runs.
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        registry = default_registry(HttpPolicy(allow_private=settings.http_allow_private))
+        stack.worker = Worker(
+            transport, registry, concurrency=settings.worker_concurrency, worker_id=settings.worker_id,
+            ack_wait=settings.ack_wait, max_deliver=settings.max_deliver, drain_grace=settings.drain_grace,
+        )
+        runs.append(stack.worker.run(stop))
+    if "projector" in parts:
+        stack.projector = await asyncio.to_thread(
+            Projector, store, default_views(), batch=settings.projection_batch, poll_interval=settings.poll_interval
+        )
+        runs.append(stack.projector.run(stop))
+    if "deadletters" in parts:
+        from services.deadletters import DeadLetterService
+
+        stack.deadletters = await asyncio.to_thread(
+            DeadLetterService, store, transport, ack_wait=settings.ack_wait, projector=stack.projector
+        )
+        runs.append(stack.deadletters.run(stop))
+    if parts & {"triggers", "scheduler", "gateway"}:
+        from services.gateway.server import front_door  # trigger consumer, cron scheduler, HTTP gateway
+
+        runs.extend(await front_door(stack, parts, stop))
+    return stack
 
 
 async def _drain(tasks: list[asyncio.Future[Any]], grace: float) -> None:

@@ -75,6 +75,7 @@ def _input(i: int) -> dict[str, Any]:
 class Fault:
     kind: str  # sigkill | sigterm | nats | postgres
     target: str
+    hit_at: float = 0.0  # wall clock when it struck
     ended_at: float = 0.0  # wall clock when the service (or server) was back
     recovery: float | None = None
 
@@ -95,6 +96,7 @@ class Chaos:
 
     async def hit(self, fault: Fault) -> None:
         self.check_alive()
+        fault.hit_at = time.time()
         if fault.kind == "sigkill":
             proc = self.svc.procs[fault.target]
             proc.kill()
@@ -106,7 +108,8 @@ class Chaos:
             proc.send_signal(signal.SIGTERM)
             self.svc.start(SERVICES[fault.target], fault.target)
             await asyncio.to_thread(proc.wait, 30)
-            if proc.returncode != 0:
+            # -SIGTERM: it was still starting (no handler yet), which is a clean stop too.
+            if proc.returncode not in (0, -signal.SIGTERM):
                 self.exits.append(f"{fault.target} exited with {proc.returncode} after SIGTERM")
         elif fault.kind == "nats":
             await asyncio.to_thread(self.nats.kill)
@@ -183,7 +186,8 @@ async def test_chaos(tmp_path: Path, pg_cluster) -> None:  # noqa: F811, PLR0915
         await wait_until(quiet, timeout=180, interval=0.5, what="every execution to finish")
 
         # -- exactly once, right output ------------------------------------------------
-        durations, completions = [], []
+        durations, completions, spans = [], [], []
+        slowest: list[Any] = []
         for i, eid in enumerate(ids):
             history = await asyncio.to_thread(executions.history, eid)
             assert_applied_once(history)
@@ -192,6 +196,10 @@ async def test_chaos(tmp_path: Path, pg_cluster) -> None:  # noqa: F811, PLR0915
             assert sum(1 for e in history if e.type == "ExecutionCompleted") == 1
             durations.append((history[-1].at - history[0].at).total_seconds())
             completions.append(history[-1].at.timestamp())
+            spans.append((history[0].at.timestamp(), history[-1].at.timestamp()))
+            if durations[-1] >= max(durations):
+                slowest = [(round(e.at.timestamp() - history[0].at.timestamp(), 2), e.type,
+                            getattr(e, "step_id", None), getattr(e, "item", None)) for e in history]
 
         # -- the views agree with the log; nothing dead-lettered -------------------------
         async def views_caught_up() -> bool:
@@ -217,6 +225,14 @@ async def test_chaos(tmp_path: Path, pg_cluster) -> None:  # noqa: F811, PLR0915
             "duration_max": round(max(durations), 3),
             "recovery": {kind: [round(f.recovery, 2) for f in chaos.faults if f.kind == kind and f.recovery is not None]
                          for kind in ("sigkill", "sigterm", "nats", "postgres")},
+            # The longest execution that was in flight during a fault of each kind: what one fault costs.
+            "worst_in_flight": {
+                kind: round(max((end - start for start, end in spans for f in chaos.faults
+                                 if f.kind == kind and start <= f.ended_at and end >= f.hit_at), default=0.0), 2)
+                for kind in ("sigkill", "sigterm", "nats", "postgres")},
+            "slowest": slowest,
+            "faults_at": [(round(f.hit_at - started, 1), round(f.ended_at - started, 1), f.kind, f.target)
+                          for f in chaos.faults],
             "recovery_by_target": {f"{f.kind}:{f.target}": round(f.recovery, 2) for f in chaos.faults
                                    if f.recovery is not None},
         }
@@ -226,7 +242,9 @@ async def test_chaos(tmp_path: Path, pg_cluster) -> None:  # noqa: F811, PLR0915
             Path(out).write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
         print(f"  {EXECUTIONS} executions, {len(chaos.faults)} faults; duration p50 {report['duration_p50']}s "
               f"p99 {report['duration_p99']}s; median recovery "
-              + ", ".join(f"{k} {statistics.median(v):.2f}s" for k, v in report["recovery"].items() if v))
+              + ", ".join(f"{k} {statistics.median(v):.2f}s" for k, v in report["recovery"].items() if v)
+              + "; longest execution in flight during a fault: "
+              + ", ".join(f"{k} {v}s" for k, v in report["worst_in_flight"].items()))
     finally:
         svc.stop_all()
         store.close()
