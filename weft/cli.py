@@ -26,6 +26,12 @@ app.add_typer(workflows_app, name="workflows")
 
 HomeOpt = typer.Option(None, "--home", envvar="WEFT_HOME", help="Stack folder (default ./.weft).")
 JsonOpt = typer.Option(False, "--json", help="Print JSON only.")
+StepsOpt = typer.Option(
+    None, "--steps", metavar="MODULES",
+    help="Modules `python` steps may call, comma-separated (shop.steps,billing); a module allows its submodules. "
+         "Default: WEFT_STEP_MODULES; unset, `weft up` allows the modules in its working directory and "
+         "`weft worker` none (entry points of group weft.steps are always allowed).",
+)
 
 
 def _settings(home: Optional[Path], **flags: Any):
@@ -80,13 +86,15 @@ def up(
     nats_port: int = typer.Option(0, help="NATS port (0: a free one)."),
     concurrency: Optional[int] = typer.Option(None, help="Worker concurrency (default 16, or WEFT_WORKER_CONCURRENCY)."),
     no_worker: Optional[bool] = typer.Option(None, "--no-worker", help="Run no worker in this process."),
+    steps: Optional[str] = StepsOpt,
     log_level: str = typer.Option("WARNING", envvar="WEFT_LOG_LEVEL"),
 ) -> None:
     """Run the whole stack on embedded defaults: NATS + SQLite + all services."""
     from weft.up import run_up
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = _settings(home, nats_port=nats_port or None, worker_concurrency=concurrency, no_worker=no_worker)
+    settings = _settings(home, nats_port=nats_port or None, worker_concurrency=concurrency, no_worker=no_worker,
+                         step_modules=steps)
     raise typer.Exit(run_up(settings))
 
 
@@ -131,10 +139,11 @@ def projector(home: Optional[Path] = HomeOpt, log_level: str = typer.Option("INF
 def worker(
     home: Optional[Path] = HomeOpt,
     concurrency: int = typer.Option(None, "--concurrency", "-c", help="Steps run at once."),
+    steps: Optional[str] = StepsOpt,
     log_level: str = typer.Option("INFO", envvar="WEFT_LOG_LEVEL"),
 ) -> None:
     """Run a stateless worker."""
-    _service(("worker",), home, log_level, worker_concurrency=concurrency)
+    _service(("worker",), home, log_level, worker_concurrency=concurrency, step_modules=steps)
 
 
 # ---- executions -----------------------------------------------------------------------------
