@@ -64,7 +64,7 @@ def _json_arg(name: str, raw: str) -> Any:
         out.fail(2, f"{name}: not valid JSON: {exc}")
 
 
-def _definition(file: Path):
+def _definition(file: Path, home: Optional[Path] = None):
     from contracts.definitions import DefinitionError, parse_definition
 
     try:
@@ -72,9 +72,24 @@ def _definition(file: Path):
     except OSError as exc:
         out.fail(2, f"{file}: {exc.strerror}")
     try:
-        return parse_definition(text)
+        wf = parse_definition(text)
     except DefinitionError as exc:
         out.fail(2, f"{file}: {exc}")
+    _warn_refused_callables(wf, home)
+    return wf
+
+
+def _warn_refused_callables(wf: Any, home: Optional[Path]) -> None:
+    """`weft up` wrote its worker's allowlist into stack.json: say so if this definition goes past it."""
+    from services.settings import read_stack
+
+    names = read_stack(home or Path(os.environ.get("WEFT_HOME") or ".weft")).get("step_modules")
+    if names is None:
+        return
+    from services.worker.steps.allowlist import StepModules, refused_callables
+
+    for warning in refused_callables(wf, StepModules(tuple(names))):
+        out.errors.print(f"[yellow]warning:[/yellow] {warning}")
 
 
 # ---- running the stack ----------------------------------------------------------------------
@@ -165,7 +180,7 @@ def run(
 
     from contracts.definitions import validate_input
 
-    wf = _definition(file)
+    wf = _definition(file, home)
     data = _json_arg("--input", input)
     problems = validate_input(wf, data)
     if problems:  # before anything is stored, the workflow version included
@@ -324,7 +339,7 @@ def workflows_publish(file: Path, as_json: bool = JsonOpt, home: Optional[Path] 
     """Register a version: immutable, content-hashed; identical content is a no-op."""
     from services.orchestrator.registry import Registry
 
-    wf = _definition(file)
+    wf = _definition(file, home)
     with _store(home) as store:
         v = Registry(store).publish(wf)
     out.emit({"id": f"{v.name}@{v.version}", "workflow": v.name, "version": v.version,

@@ -34,7 +34,8 @@ from typing import Any
 
 from weft import NonRetryableError
 
-__all__ = ["StepModules", "CallableNotAllowed", "discover", "entry_point_modules", "parse_modules", "SETTING"]
+__all__ = ["StepModules", "CallableNotAllowed", "discover", "entry_point_modules", "parse_modules", "SETTING",
+           "refused_callables"]
 
 SETTING = "WEFT_STEP_MODULES"
 GROUP = "weft.steps"
@@ -163,3 +164,22 @@ class StepModules:
         if not isinstance(defined_in, str) or not self.allows(defined_in):
             raise CallableNotAllowed(path, f"it is defined in module {defined_in!r}, which is not allowed "
                                            f"({self.describe()})")
+
+
+def refused_callables(wf: Any, modules: StepModules) -> list[str]:
+    """Warnings for the `python` steps of a definition that a worker with `modules` would refuse.
+
+    For publishers that know the allowlist (the gateway of `weft up`, the CLI beside it):
+    the definition is still valid, another worker may allow more, so this warns, never refuses.
+    """
+    out = []
+    for i, step in enumerate(wf.steps):
+        path = step.with_.get("callable") if step.type == "python" else None
+        if not isinstance(path, str) or "${{" in path or ":" not in path:
+            continue
+        module = path.partition(":")[0]
+        if not modules.allows(module):
+            out.append(f"steps[{i}] ({step.id}): callable {path!r} is outside this stack's step modules "
+                       f"({modules.describe()}), so its worker will refuse it: add {module!r} to {SETTING} "
+                       "or `--steps`")
+    return out
