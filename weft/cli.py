@@ -86,10 +86,12 @@ def _warn_refused_callables(wf: Any, home: Optional[Path]) -> None:
     names = read_stack(home or Path(os.environ.get("WEFT_HOME") or ".weft")).get("step_modules")
     if names is None:
         return
+    from rich.markup import escape
+
     from services.worker.steps.allowlist import StepModules, refused_callables
 
     for warning in refused_callables(wf, StepModules(tuple(names))):
-        out.errors.print(f"[yellow]warning:[/yellow] {warning}")
+        out.errors.print(f"[yellow]warning:[/yellow] {escape(warning)}", soft_wrap=True)
 
 
 # ---- running the stack ----------------------------------------------------------------------

@@ -180,6 +180,6 @@ def refused_callables(wf: Any, modules: StepModules) -> list[str]:
         module = path.partition(":")[0]
         if not modules.allows(module):
             out.append(f"steps[{i}] ({step.id}): callable {path!r} is outside this stack's step modules "
-                       f"({modules.describe()}), so its worker will refuse it: add {module!r} to {SETTING} "
-                       "or `--steps`")
+                       f"({modules.describe()}), so its worker will refuse it; if it is your step code, "
+                       f"add its module to {SETTING} or `--steps`")
     return out
