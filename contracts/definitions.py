@@ -217,6 +217,12 @@ def _check_secrets(wf: WorkflowDef) -> list[Problem]:
 
 def _credential_problems(i: int, step: StepDef) -> list[Problem]:
     out: list[Problem] = []
+    url = step.with_.get("url")
+    if isinstance(url, str) and secrets.holds_secrets(url):
+        # A URL is logged (httpx logs each request) and shown in errors: secrets go in headers or auth.
+        out.append(Problem(path=f"steps[{i}].with.url", message="a secret cannot be part of the URL, which is "
+                           "logged and shown in errors: send it in a header or auth, e.g. "
+                           "headers: {X-API-Key: \"${{ secrets.API_KEY }}\"}"))
     places = [(f"steps[{i}].with.headers", step.with_.get("headers"))]
     if isinstance(step.input, dict):
         places.append((f"steps[{i}].input.headers", step.input.get("headers")))

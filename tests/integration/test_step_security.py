@@ -98,6 +98,13 @@ async def test_the_gateway_of_a_stack_warns_when_publishing_a_refused_callable(
             assert len(r.json()["warnings"]) == 1 and "WEFT_STEP_MODULES" in r.json()["warnings"][0]
             r = await api.post("/v1/workflows", content=_attack("fine", "tests.integration.steps:positive"))
             assert r.status_code == 201 and r.json()["warnings"] == []
+            literal = "name: literal\nsteps:\n  - {id: a, type: http, with: {url: 'https://a.example', " \
+                      "headers: {X-API-Key: k3y}}}\n"
+            r = await api.post("/v1/workflows", content=literal)
+            assert r.status_code == 422, r.text
+            problem = r.json()["error"]["problems"][0]
+            assert problem["field"] == "body.steps[0].with.headers.X-API-Key" and "${{ secrets." in problem["message"]
+            assert "k3y" not in r.text
 
 
 # ---- 4. secrets by reference, 6. http with expressions --------------------------------------------
@@ -289,3 +296,27 @@ def _every_stored_row(db_url: str) -> str:
             rows += [" ".join(map(_text, row)) for row in conn.execute(query)]
     assert len(tables) > 3
     return "\n".join(rows)
+
+
+HTTP_TO = """
+name: http-to
+steps:
+  - {id: call, type: http, with: {method: POST, url: "${{ input.url }}"}, retry: {max_attempts: 1}}
+output: "${{ steps.call.output.status }}"
+"""
+
+
+async def test_allowed_hosts_and_ports_are_a_setting_of_the_worker(
+    tmp_path: Path, sqlite_url: str, nats_url: str, api_server: str
+) -> None:
+    port = urlsplit(api_server).port
+    assert port is not None
+    async with stack_up(tmp_path, sqlite_url, nats_url, http_allowed_hosts=f"127.0.0.1:{port}") as stack:
+        version = stack.publish(HTTP_TO)
+        allowed = await stack.start(version, {"url": api_server})
+        other_port = await stack.start(version, {"url": f"http://127.0.0.1:{port + 1 if port < 65535 else port - 1}/"})
+        by_name = await stack.start(version, {"url": f"http://localhost:{port}/hook"})
+        assert (await stack.finished(allowed)).output == 200
+        for eid in (other_port, by_name):
+            state = await stack.finished(eid)
+            assert state.error[1] == "SsrfBlocked" and "loopback" in state.error[2], state.error

@@ -370,3 +370,11 @@ def test_the_settings_take_the_new_fields(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="WEFT_STEP_MODULES"):
         Settings.load(env={"WEFT_STEP_MODULES": "rm -rf", "WEFT_HOME": str(tmp_path)})
     assert "sys" in sys.modules  # (keeps the `sys` import used for the traversal case above)
+
+
+def test_a_secret_in_the_url_is_refused_at_publish_and_at_run_time() -> None:
+    with pytest.raises(DefinitionError, match="cannot be part of the URL"):
+        parse_definition({"name": "w", "steps": [
+            {"id": "a", "type": "http", "with": {"url": "https://api.example.com/?key=${{ secrets.K }}"}}]})
+    with pytest.raises(StepTypeError, match="cannot be part of the URL"):
+        HttpStep()._check_config({"url": Secret("https://api.example.com/?key=v")}, static=False)

@@ -239,6 +239,8 @@ class HttpStep:
         url = config["url"]
         if not isinstance(url, str):
             raise config_error(TYPE, "url", f"must be a string, not {type(url).__name__}")
+        if isinstance(url, Secret):  # refused at publish; a forged command must not get one there either
+            raise config_error(TYPE, "url", "a secret cannot be part of the URL: send it in a header or auth")
         if not static:
             pass
         elif is_template(url):
