@@ -378,3 +378,16 @@ def test_a_secret_in_the_url_is_refused_at_publish_and_at_run_time() -> None:
             {"id": "a", "type": "http", "with": {"url": "https://api.example.com/?key=${{ secrets.K }}"}}]})
     with pytest.raises(StepTypeError, match="cannot be part of the URL"):
         HttpStep()._check_config({"url": Secret("https://api.example.com/?key=v")}, static=False)
+
+
+def test_entry_points_of_group_weft_steps_are_allowed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A real installed distribution's metadata, as pip writes it, found on sys.path.
+    info = tmp_path / "acme_steps-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: acme-steps\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[weft.steps]\nacme = acme_steps.jobs\nbilling = acme_billing.tasks:charge\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    modules = StepModules.build(["shop"])
+    assert modules.names == ("shop", "acme_steps.jobs", "acme_billing.tasks")
+    assert modules.allows("acme_steps.jobs") and not modules.allows("acme_steps")
+    assert StepModules.build(["shop"], entry_points=False).names == ("shop",)
