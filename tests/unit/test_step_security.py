@@ -139,6 +139,18 @@ def test_discover_finds_the_project_and_skips_stdlib_installed_and_venvs(tmp_pat
     assert discover(tmp_path) == ("jobs", "shop")
 
 
+def test_discover_keeps_the_project_installed_in_editable_mode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "myproj").mkdir()
+    (tmp_path / "myproj" / "__init__.py").write_text("")
+    info = tmp_path / "myproj-1.0.dist-info"  # `pip install -e .` of the project: its code stays here
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: myproj\nVersion: 1.0\n")
+    (info / "top_level.txt").write_text("myproj\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert "myproj" in __import__("importlib.metadata").metadata.packages_distributions()
+    assert discover(tmp_path) == ("myproj",)
+
+
 def test_publishers_that_know_the_allowlist_warn() -> None:
     wf = parse_definition({"name": "w", "steps": [
         {"id": "a", "type": "python", "with": {"callable": "os:system"}},

@@ -25,6 +25,7 @@ dunder attribute.
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import re
 import sys
 from collections.abc import Iterable
@@ -84,20 +85,42 @@ def entry_point_modules() -> tuple[str, ...]:
     return tuple(names)
 
 
-def _installed_top_levels() -> frozenset[str]:
+def _installed_top_levels() -> dict[str, list[str]]:
     try:
-        return frozenset(importlib.metadata.packages_distributions())
+        return dict(importlib.metadata.packages_distributions())
     except Exception:  # broken metadata of one distribution must not stop a worker
-        return frozenset()
+        return {}
+
+
+def _resolves_inside(name: str, folder: Path) -> bool:
+    """Whether `import name` would load code from `folder` (an editable install of the project itself)."""
+    module = sys.modules.get(name)
+    if module is not None:
+        places = [getattr(module, "__file__", None), *list(getattr(module, "__path__", None) or [])]
+    else:
+        try:
+            spec = importlib.util.find_spec(name)  # a top-level name: finds, does not import
+        except (ImportError, ValueError):
+            return False
+        if spec is None:
+            return False
+        places = [spec.origin, *list(spec.submodule_search_locations or [])]
+    root = folder.resolve()
+    return any(p and Path(p).resolve().is_relative_to(root) for p in places if isinstance(p, str))
 
 
 def discover(folder: Path) -> tuple[str, ...]:
     """Top-level modules and packages in `folder`: `*.py` files and folders with Python in them.
 
     Hidden folders, virtual environments and build output are skipped, and so
-    are names that the standard library or an installed distribution owns.
+    are names that the standard library owns, and names that an installed
+    distribution (or an already loaded module) owns unless that code lives in
+    `folder` itself (the project installed in editable mode). Weft's own packages
+    are never discovered.
     """
-    reserved = frozenset(sys.stdlib_module_names) | _installed_top_levels() | {"weft", "conftest", "setup"}
+    installed = _installed_top_levels()
+    reserved = frozenset(sys.stdlib_module_names) | {"conftest", "setup"} | {
+        name for name, dists in installed.items() if "weft" in dists}
     found: list[str] = []
     try:
         entries = sorted(folder.iterdir())
@@ -106,6 +129,8 @@ def discover(folder: Path) -> tuple[str, ...]:
     for entry in entries:
         name = entry.stem if entry.suffix == ".py" else entry.name
         if name.startswith((".", "_")) or name in reserved or name in _SKIP_DIRS or not _MODULE.match(name):
+            continue
+        if (name in installed or name in sys.modules) and not _resolves_inside(name, folder):
             continue
         try:
             if entry.is_file() and entry.suffix == ".py":
