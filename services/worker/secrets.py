@@ -102,12 +102,17 @@ class SecretSource:
             raise MissingSecret(name, f"in {path} is not UTF-8 text") from None
         return text[:-1] if text.endswith("\n") else text
 
-    def resolve(self, ready: StepReady) -> Resolved:
-        """The step's config and input with its secret references substituted."""
+    def resolve(self, ready: StepReady, input: Any = ...) -> Resolved:
+        """The step's config and input with its secret references substituted.
+
+        `input`: the step's input as the worker has it by now, when that is not `ready.input`
+        (e.g. after large payload references were fetched); the references are found in it.
+        """
+        data = ready.input if input is ... else input
         if not ready.secrets:
-            return Resolved(ready.config, ready.input, ())
+            return Resolved(ready.config, data, ())
         # Copies: the message (and anything logged from it) keeps the references.
-        doc = orjson.loads(orjson.dumps({"config": ready.config, "input": ready.input}))
+        doc = orjson.loads(orjson.dumps({"config": ready.config, "input": data}))
         values: list[str] = []
 
         def lookup(name: str) -> str:
