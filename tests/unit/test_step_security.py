@@ -403,3 +403,21 @@ def test_entry_points_of_group_weft_steps_are_allowed(tmp_path: Path, monkeypatc
     assert modules.names == ("shop", "acme_steps.jobs", "acme_billing.tasks")
     assert modules.allows("acme_steps.jobs") and not modules.allows("acme_steps")
     assert StepModules.build(["shop"], entry_points=False).names == ("shop",)
+
+
+def test_a_retry_keeps_the_rendered_with_of_its_map_item() -> None:
+    from contracts.messages import StepResult
+
+    wf = parse_definition({"name": "w", "steps": [
+        {"id": "each", "type": "http", "map": "${{ input.urls }}", "with": {"url": "${{ item }}"},
+         "retry": {"max_attempts": 2, "initial_delay": 0, "jitter": False}}]})
+    state = Execution(id="ex-1")
+    urls = ["https://a.example/1", "https://b.example/2"]
+    first = decide(state, Start(wf, 1, wf.content_hash(), input={"urls": urls}), NOW)
+    for e in first:
+        evolve(state, e)
+    assert [e.config["url"] for e in first if e.type == "StepScheduled"] == urls
+    failed = StepResult(execution_id="ex-1", step_id="each", item=1, attempt=1, status="failed",
+                        error=StepError(type="HttpTransportError", message="down"))
+    retry = [e for e in decide(state, failed, NOW) if e.type == "StepScheduled"]
+    assert [(e.item, e.attempt, e.config["url"]) for e in retry] == [(1, 2, urls[1])]
