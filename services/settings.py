@@ -51,6 +51,29 @@ class Settings(BaseModel):
     trigger_batch: int = 500  # trigger events ingested per store transaction
     cron_grace: float = 60.0  # seconds a late cron tick still counts as on time
     no_worker: bool = False  # `weft up` without its in-process worker
+    # What step code may do (services/worker/steps/allowlist.py, services/worker/secrets.py, ssrf.py).
+    # Modules `python` steps may call, comma-separated ("shop.steps,billing"); a module allows its
+    # submodules. Unset: `weft up` allows the modules in its working directory, other workers none.
+    step_modules: str | None = None
+    secrets_dir: Path | None = None  # one file per secret, named after it (Docker/Kubernetes secrets)
+    # Hosts (or host:port) `http` steps may reach although they resolve to private addresses.
+    http_allowed_hosts: str = ""
+
+    @field_validator("step_modules")
+    @classmethod
+    def _module_names(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        from services.worker.steps.allowlist import parse_modules
+
+        return ",".join(parse_modules(value))
+
+    @field_validator("http_allowed_hosts")
+    @classmethod
+    def _host_names(cls, value: str) -> str:
+        from services.worker.steps.ssrf import parse_allowed_hosts
+
+        return ",".join(parse_allowed_hosts(value))
 
     @field_validator("inbox_retention")
     @classmethod

@@ -25,7 +25,8 @@ from services.retrying import Backoff, away
 from services.settings import Settings
 from services.store import EventStore, open_store
 from services.worker.runtime import Worker
-from services.worker.steps import HttpPolicy, default_registry
+from services.worker.steps import HttpPolicy, StepModules, default_registry
+from services.worker.steps.allowlist import SETTING as STEP_MODULES_SETTING
 
 log = logging.getLogger("weft")
 ALL = ("orchestrator", "relay", "worker", "projector", "deadletters", "triggers", "scheduler", "gateway")
@@ -45,6 +46,7 @@ class Stack:
         self.triggers: Any = None  # services.triggers.consumer.TriggerConsumer
         self.scheduler: Any = None  # services.triggers.cron.Scheduler
         self.gateway: Any = None  # services.gateway.server.GatewayServer (.url)
+        self.step_modules: StepModules | None = None  # what this process's worker may call, if it runs one
 
 
 async def run_services(
@@ -133,10 +135,14 @@ async def _build(
         # Like celery and rq: step callables are imported relative to where the worker runs.
         if os.getcwd() not in sys.path:
             sys.path.insert(0, os.getcwd())
-        registry = default_registry(HttpPolicy(allow_private=settings.http_allow_private))
+        stack.step_modules = step_modules(settings)
+        policy = HttpPolicy(allow_private=settings.http_allow_private,
+                            allowed_hosts=frozenset(filter(None, settings.http_allowed_hosts.split(","))))
+        registry = default_registry(policy, stack.step_modules)
         stack.worker = Worker(
             transport, registry, concurrency=settings.worker_concurrency, worker_id=settings.worker_id,
             ack_wait=settings.ack_wait, max_deliver=settings.max_deliver, drain_grace=settings.drain_grace,
+            secrets=worker_secrets(settings),
         )
         runs.append(stack.worker.run(stop))
     if "projector" in parts:
@@ -172,6 +178,24 @@ async def _drain(tasks: list[asyncio.Future[Any]], grace: float) -> None:
         for task in pending:
             task.cancel()
         await asyncio.wait(pending, timeout=2.0)
+
+
+def step_modules(settings: Settings) -> StepModules:
+    """The worker's allowlist: the setting (or flag) plus installed `weft.steps` entry points."""
+    listed = settings.step_modules.split(",") if settings.step_modules else []
+    modules = StepModules.build(listed, origin="setting" if listed else "entry points only")
+    if modules.names:
+        log.info("worker: python steps may call modules %s", modules.describe())
+    else:
+        log.warning("worker: no step modules are allowed, so every python step will be refused: "
+                    "set %s (or --steps) to the modules of your step code", STEP_MODULES_SETTING)
+    return modules
+
+
+def worker_secrets(settings: Settings) -> Any:
+    from services.worker.secrets import SecretSource
+
+    return SecretSource(directory=settings.secrets_dir)
 
 
 async def _bounded(closing: Awaitable[Any], what: str, timeout: float = 3.0) -> None:

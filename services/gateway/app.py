@@ -41,6 +41,7 @@ class Context:
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     sse_poll: float = 0.25
     sse_heartbeat: float = 15.0
+    step_modules: Any = None  # the allowlist of a worker in this process (weft up), for publish warnings
 
     def __post_init__(self) -> None:
         self.registry = Registry(self.store)

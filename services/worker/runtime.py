@@ -26,6 +26,7 @@ from services.broker.batching import Batcher
 from services.broker.shelving import Shelf
 from services.faults import crash_point
 from services.retrying import Backoff
+from services.worker.secrets import Resolved, SecretSource
 from services.worker.steps import StepRegistry
 
 log = logging.getLogger("weft.worker")
@@ -41,8 +42,10 @@ class Worker:
     def __init__(
         self, transport: Transport, registry: StepRegistry, *, concurrency: int = 16, worker_id: str | None = None,
         ack_wait: float = 4.0, max_deliver: int = 20, drain_grace: float = 10.0,
+        secrets: SecretSource | None = None,
     ):
         self.transport, self.registry = transport, registry
+        self.secrets = secrets or SecretSource()
         self.concurrency = concurrency
         self.worker_id = worker_id or default_worker_id()
         self.ack_wait, self.max_deliver, self.drain_grace = ack_wait, max_deliver, drain_grace
@@ -153,9 +156,12 @@ class Worker:
         )
         if msg is not None:
             self._in_flight[id(msg)] = (msg, asyncio.get_running_loop().time())
+        resolved: Resolved | None = None
         try:
             handler = self.registry.get(ready.step_type)
-            output = await asyncio.wait_for(handler(ready.input, ready.config, ctx), timeout=ready.timeout)
+            # Secrets: resolved here, on the worker, at the last moment (services/worker/secrets.py).
+            resolved = self.secrets.resolve(ready)
+            output = await asyncio.wait_for(handler(resolved.input, resolved.config, ctx), timeout=ready.timeout)
             error = None
         except asyncio.TimeoutError:
             output, error = None, StepError(type="StepTimeout", message=f"step timed out after {ready.timeout}s")
@@ -164,6 +170,8 @@ class Worker:
         finally:
             if msg is not None:
                 self._in_flight.pop(id(msg), None)
+        if resolved is not None and resolved.values:  # what leaves the worker carries no secret's value
+            output, error = resolved.redact(output), resolved.redact_error(error)
         return StepResult(
             execution_id=ready.execution_id, step_id=ready.step_id, item=ready.item, attempt=ready.attempt,
             status="failed" if error else "succeeded", output=output, error=error, worker_id=self.worker_id,
