@@ -67,7 +67,10 @@ def test_weft_up_allows_the_project_and_refuses_the_rest(project: Path, tmp_path
                                 stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 30
-        while not (home / "stack.json").exists() or json.loads((home / "stack.json").read_text()).get("pid") != proc.pid:
+        # stack.json is written just before the banner is printed: wait for both
+        while (not (home / "stack.json").exists()
+               or json.loads((home / "stack.json").read_text()).get("pid") != proc.pid
+               or "ready" not in log.read_text()):
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.1)
         banner = log.read_text()
