@@ -115,3 +115,23 @@ async def test_executions_complete_within_seconds_of_the_database_coming_back(
     # No traceback per call: StoreUnavailableError is logged as one line per outage and service.
     tracebacks = [r for r in caplog.records if r.exc_info and "Unavailable" in repr(r.exc_info[1])]
     assert not tracebacks, [r.getMessage() for r in tracebacks][:5]
+
+
+async def test_the_gateway_answers_the_first_request_after_a_restart(
+    tmp_path: Path, nats_url: str, pg_cluster  # noqa: F811
+) -> None:
+    import httpx
+
+    async with stack_up(tmp_path, pg_cluster.url, nats_url, parts=["gateway", "projector"],
+                        gateway_auth=False) as stack:
+        async with httpx.AsyncClient(base_url=stack.stack.gateway.url, timeout=10) as client:
+            assert (await client.get("/v1/executions")).status_code == 200
+            assert (await client.get("/readyz")).status_code == 200
+            await asyncio.to_thread(pg_cluster.stop)
+            down = await client.get("/v1/executions")
+            assert down.status_code == 503, down.text  # while it is down: a clear 503
+            await asyncio.to_thread(pg_cluster.start)
+            # An idle gateway whose every pooled connection died: no 503 once the database is back.
+            for path in ("/v1/executions", "/v1/workflows", "/readyz", "/v1/executions", "/v1/deadletters"):
+                r = await client.get(path)
+                assert r.status_code == 200, (path, r.status_code, r.text)
