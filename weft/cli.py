@@ -48,7 +48,29 @@ def _settings(home: Optional[Path], **flags: Any):
 def _store(home: Optional[Path], settings: Any = None):
     from services.store import open_store
 
-    return open_store((settings or _settings(home)).database_url)
+    settings = settings or _settings(home)
+    need_stack(settings)
+    return open_store(settings.database_url)
+
+
+def need_stack(settings: Any) -> None:
+    """Say at once, in one line, that no stack is running, instead of creating an empty
+    store and showing empty tables (or waiting forever for an execution nobody runs).
+
+    A deployed stack is named by WEFT_DATABASE_URL: then the store itself says whether
+    it can be reached."""
+    from services.settings import read_stack
+
+    if os.environ.get("WEFT_DATABASE_URL"):
+        return
+    home = settings.home.resolve()
+    stack = read_stack(home)
+    pid = stack.get("pid")
+    if pid and out.alive(pid):
+        return
+    why = f"`weft up` (pid {pid}) is no longer running in {home}" if pid else f"no Weft stack is running in {home}"
+    out.fail(1, f"{why}: start one with `weft up` (or `weft up --home DIR`), or point --home / WEFT_HOME at a "
+                "running one (WEFT_DATABASE_URL and WEFT_NATS_URL for a deployed stack)")
 
 
 def _json_arg(name: str, raw: str) -> Any:
