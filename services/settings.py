@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Mapping, TypeVar
+from typing import TYPE_CHECKING, Any, Mapping, TypeVar
 
 import orjson
-from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator, model_validator
 
 T = TypeVar("T", bound="Settings")
+
+if TYPE_CHECKING:
+    from contracts.payloads import PayloadLimits
 
 
 class Settings(BaseModel):
@@ -37,7 +40,12 @@ class Settings(BaseModel):
     gateway_port: int = 0
     gateway_host: str = "127.0.0.1"
     gateway_auth: bool = True  # `weft up` turns it off on a loopback host unless set explicitly
-    gateway_max_body: int = 1024 * 1024  # bytes; larger bodies get 413
+    gateway_max_body: int = 1024 * 1024  # bytes; larger bodies get 413 (bodies that carry payloads: below)
+    # The payload policy (contracts/payloads.py). Up to the inline limit a value travels inside
+    # events and messages; up to the maximum it is stored once in the blob store and travels as a
+    # reference; over the maximum it is refused. Bytes of compact JSON.
+    payload_inline_limit: int = 256 * 1024
+    payload_max: int = 64 * 1024 * 1024
     trigger_batch: int = 500  # trigger events ingested per store transaction
     cron_grace: float = 60.0  # seconds a late cron tick still counts as on time
     no_worker: bool = False  # `weft up` without its in-process worker
@@ -50,6 +58,16 @@ class Settings(BaseModel):
             raise ValueError(f"must be at least ack_wait x max_deliver = {window:.0f}s, or a redelivered "
                              "result could be applied twice")
         return value
+
+    @model_validator(mode="after")
+    def _payload_limits(self: T) -> T:
+        self.payload_limits()  # raises if unfit: the inline limit must leave the broker room for the envelope
+        return self
+
+    def payload_limits(self) -> "PayloadLimits":
+        from contracts.payloads import PayloadLimits
+
+        return PayloadLimits(inline=self.payload_inline_limit, maximum=self.payload_max)
 
     @classmethod
     def load(cls: type[T], env: Mapping[str, str] | None = None, **flags: Any) -> T:

@@ -34,7 +34,7 @@ class Stack:
 
     def __init__(self, settings: Settings, store: EventStore, transport: Transport):
         self.settings, self.store, self.transport = settings, store, transport
-        self.executions = Executions(store)
+        self.executions = Executions(store, limits=settings.payload_limits())
         self.relay: Relay | None = None
         self.consumer: ResultConsumer | None = None
         self.worker: Worker | None = None
@@ -84,7 +84,7 @@ async def run_services(
             registry = default_registry(HttpPolicy(allow_private=settings.http_allow_private))
             stack.worker = Worker(
                 transport, registry, concurrency=settings.worker_concurrency, worker_id=settings.worker_id,
-                ack_wait=settings.ack_wait, max_deliver=settings.max_deliver,
+                ack_wait=settings.ack_wait, max_deliver=settings.max_deliver, claims=stack.executions.claims,
             )
             runs.append(stack.worker.run(stop))
         if "projector" in parts:

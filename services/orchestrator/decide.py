@@ -15,6 +15,7 @@ from contracts import events as ev
 from contracts.definitions import WorkflowDef
 from contracts.expressions import ExpressionError, evaluate, render, truthy
 from contracts.messages import StepResult, task_key
+from contracts.payloads import guard
 from services.orchestrator.backoff import backoff
 from services.orchestrator.state import FINISHED, PAUSED, RUNNING, Execution, evolve
 
@@ -223,8 +224,10 @@ def _control(s: Execution, c: Command, now: datetime, emit: Emit) -> None:
 
 
 def _context(s: Execution) -> dict[str, Any]:
-    steps = {sid: {"output": st.output, "status": st.status} for sid, st in s.steps.items()}
-    return {"input": s.input, "steps": steps, "execution": {"id": s.id, "workflow": s.workflow}}
+    # A payload stored by reference can be passed on whole, but an expression that looks
+    # inside it fails with a clear error (contracts.payloads.Guarded), never a silent null.
+    steps = {sid: {"output": guard(st.output), "status": st.status} for sid, st in s.steps.items()}
+    return {"input": guard(s.input), "steps": steps, "execution": {"id": s.id, "workflow": s.workflow}}
 
 
 def _advance(s: Execution, now: datetime, emit: Emit) -> None:
