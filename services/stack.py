@@ -22,6 +22,7 @@ from services.orchestrator.relay import Relay
 from services.projections import Projector, default_views
 from services.settings import Settings
 from services.store import EventStore, open_store
+from services.store.blobs import SqlBlobStore
 from services.worker.runtime import Worker
 from services.worker.steps import HttpPolicy, default_registry
 
@@ -52,6 +53,8 @@ async def connect(settings: Settings) -> tuple[EventStore, Transport]:
     store = await asyncio.to_thread(open_store, settings.database_url, pool_size=12)
     transport = await NatsTransport.connect(settings.nats_url, namespace=settings.namespace)
     await transport.ensure_streams()
+    # An oversized dead letter keeps its full bytes in the blob store, beside the events.
+    transport.blob_sink = SqlBlobStore(store).put
     return store, transport
 
 

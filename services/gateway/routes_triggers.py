@@ -45,7 +45,7 @@ async def publish_trigger(request: Request, body: TriggerIn) -> Any:
     except ValidationError as exc:
         problems = [{"field": "body." + ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in exc.errors()]
         raise ApiError(422, describe(exc), problems=problems) from None
-    stored = await publish(ctx.transport, event)
+    stored = await publish(ctx.transport, event, ctx.executions.claims)  # big data goes by reference
     return {"id": event.id, "source": event.source, "type": event.type, "topic": trigger_subject(event.type),
             "duplicate": not stored}
 
