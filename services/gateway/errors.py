@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from contracts.payloads import PayloadError, PayloadTooLarge
 from services.broker import BrokerError
 from services.gateway.models import ErrorBody
 from services.store import StoreUnavailableError
