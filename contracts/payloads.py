@@ -65,7 +65,9 @@ class ReservedKey(PayloadError):
 
 class NotJson(PayloadError):
     def __init__(self, what: str, why: str):
-        super().__init__(f"{what} is not JSON: {why}")
+        if "recursion" in why.lower():
+            why = "nested too deeply (at most 254 levels)"
+        super().__init__(f"{what} cannot be encoded as JSON: {why}")
         self.what = what
 
 

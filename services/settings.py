@@ -61,7 +61,10 @@ class Settings(BaseModel):
 
     @model_validator(mode="after")
     def _payload_limits(self: T) -> T:
-        self.payload_limits()  # raises if unfit: the inline limit must leave the broker room for the envelope
+        try:  # the inline limit must leave the broker room for the envelope, the maximum be above it
+            self.payload_limits()
+        except ValueError as exc:
+            raise ValueError(f"WEFT_PAYLOAD_INLINE_LIMIT / WEFT_PAYLOAD_MAX: {exc}") from None
         return self
 
     def payload_limits(self) -> "PayloadLimits":
@@ -85,7 +88,10 @@ class Settings(BaseModel):
         except ValidationError as exc:
             problems = []
             for err in exc.errors():
-                name = str(err["loc"][0]) if err["loc"] else "?"
+                if not err["loc"]:  # a rule over several settings says which itself
+                    problems.append(str(err["msg"]).removeprefix("Value error, "))
+                    continue
+                name = str(err["loc"][0])
                 where = f"WEFT_{name.upper()}" if name in from_env and name not in flags else name
                 problems.append(f"{where}={values.get(name)!r}: {err['msg']}")
             raise ValueError("; ".join(problems)) from None

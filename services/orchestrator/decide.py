@@ -15,7 +15,7 @@ from contracts import events as ev
 from contracts.definitions import WorkflowDef
 from contracts.expressions import ExpressionError, evaluate, render, truthy
 from contracts.messages import StepResult, task_key
-from contracts.payloads import guard
+from contracts.payloads import guard, is_ref
 from services.orchestrator.backoff import backoff
 from services.orchestrator.state import FINISHED, PAUSED, RUNNING, Execution, evolve
 
@@ -281,7 +281,8 @@ def _schedule_step(s: Execution, step_def: Any, now: datetime, emit: Emit) -> No
             return
         items = evaluate(_inner(step_def.map), ctx)
         if not isinstance(items, list):
-            raise ExpressionError(step_def.map, f"map needs a list, got {type(items).__name__}")
+            got = "a value stored by reference (over WEFT_PAYLOAD_INLINE_LIMIT)" if is_ref(items) else type(items).__name__
+            raise ExpressionError(step_def.map, f"map needs a list, got {got}")
         inputs = [render(step_def.input, {**ctx, "item": x}) if step_def.input is not None else x for x in items]
     except ExpressionError as exc:
         _dead_letter(s, step_def.id, None, 0, "ExpressionError", str(exc), "input error", now, emit)
