@@ -1,4 +1,4 @@
-"""The payload policy against a real stack (NATS + SQLite): big inputs, outputs and triggers
+"""The payload policy against a real stack (NATS + SQLite and PostgreSQL): big inputs, outputs and triggers
 go by reference and complete; over the maximum is refused (413, exit 2) or fails the step
 with PayloadTooLarge; nothing stalls, and a normal execution completes right after."""
 
@@ -109,8 +109,9 @@ class Api:
 
 
 @pytest.fixture
-async def api(tmp_path: Path, sqlite_url: str, nats_url: str) -> AsyncIterator[Api]:
-    async with stack_up(tmp_path, sqlite_url, nats_url, parts=PARTS, payload_max=MAX, gateway_auth=False) as running:
+async def api(tmp_path: Path, db_url: str, nats_url: str) -> AsyncIterator[Api]:
+    """The whole stack on SQLite and on PostgreSQL (the blob store lives in either)."""
+    async with stack_up(tmp_path, db_url, nats_url, parts=PARTS, payload_max=MAX, gateway_auth=False) as running:
         async with httpx.AsyncClient(base_url=running.stack.gateway.url, timeout=60) as client:
             yield Api(running, client)
 
@@ -265,3 +266,43 @@ def test_weft_run_with_a_2_mib_input_file_and_over_the_maximum(tmp_path: Path, s
             assert running.stack.store.head() == before
 
     asyncio.run(main())
+
+
+async def test_an_oversized_unroutable_trigger_is_dead_lettered_and_reprocessed_by_reference(api: Api) -> None:
+    """Published straight onto the broker (under its limit, over the dead-letter one), for a type no
+    workflow subscribes to yet: its dead letter fits the broker, and reprocessing it once the
+    workflow exists republishes it whole, its data by reference, and the execution completes."""
+    from services.broker import OutMessage
+    from services.triggers.publish import new_event, to_message
+
+    data = {"rows": ["u" * 100] * 6_000}  # ~620 KiB
+    event = new_event("late.subscriber", data, id="late-1", source="test")
+    message = to_message(event)
+    assert 256 * 1024 < len(message.data) < 1024 * 1024
+    await api.running.stack.transport.publish(OutMessage(message.subject, message.data, message.msg_id,
+                                                         message.headers))
+
+    async def letter() -> Any:
+        rows = (await api.client.get("/v1/deadletters", params={"kind": "trigger_unroutable"})).json()["items"]
+        return rows or None
+
+    [row] = await wait_until(letter, timeout=15)
+    shown = (await api.client.get(f"/v1/deadletters/{row['id']}")).json()
+    assert shown["headers"]["Weft-Payload-Truncated"] == "stored"
+    assert shown["headers"]["Weft-Payload-Size"] == str(len(message.data))
+    patched = await api.client.post("/v1/deadletters/reprocess", json={"ids": [row["id"]], "patch": {"id": "x"}})
+    assert patched.status_code == 422 and "blob store" in patched.json()["error"]["message"]
+
+    await api.publish(ON_TRIGGER.replace("big.arrived", "late.subscriber"))
+    r = await api.client.post("/v1/deadletters/reprocess", json={"ids": [row["id"]]})
+    assert r.status_code == 200, r.text
+
+    async def started() -> Any:
+        rows = (await api.client.get("/v1/executions", params={"workflow": "on-big-trigger"})).json()["items"]
+        return rows or None
+
+    [execution] = await wait_until(started, timeout=15)
+    body = await api.finished(execution["id"])
+    assert body["status"] == "completed" and body["output"]["bytes"] == len(orjson.dumps(data))
+    assert (await api.client.get("/readyz")).status_code == 200
+    await api.normal_run_completes()
