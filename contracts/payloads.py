@@ -30,8 +30,9 @@ MIB = 1024 * 1024
 
 REF_KEY = "$weft_blob"
 # What a reference looks like inside compact JSON: a substring test on bytes already encoded
-# tells "no reference in here" without walking the value (orjson never escapes these characters).
-MARKER = b'"$weft_blob"'
+# tells "no reference in here" without walking the value (orjson never escapes these characters,
+# and only a key is followed by ':', so a string value that happens to read "$weft_blob" is not one).
+MARKER = b'"$weft_blob":'
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 # The embedded NATS (`weft up`) and NATS's own default: 1 MiB per message, headers included.
