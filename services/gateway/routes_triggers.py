@@ -110,6 +110,8 @@ async def webhook(
         event = webhook_event(path, body, request.headers.get("content-type"), event_id)
     except WebhookError as exc:
         raise ApiError(exc.status, str(exc), problems=[{"field": exc.field or "body", "message": str(exc)}]) from None
+    if len(body) > ctx.executions.claims.limits.inline:  # measured here too: over the maximum is 413, not a dead letter
+        await asyncio.to_thread(ctx.executions.claims.check, event.data, "body")
     [outcome] = await asyncio.to_thread(ctx.ingestor.ingest, [Trigger(event, via="webhook", routes=allowed)])
     if outcome.rejected:
         await dead_letter_rejected(ctx.transport, outcome, encode(event), source_subject=f"webhook:{event.subject}")

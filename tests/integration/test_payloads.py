@@ -306,3 +306,32 @@ async def test_an_oversized_unroutable_trigger_is_dead_lettered_and_reprocessed_
     assert body["status"] == "completed" and body["output"]["bytes"] == len(orjson.dumps(data))
     assert (await api.client.get("/readyz")).status_code == 200
     await api.normal_run_completes()
+
+
+HOOKED = """
+name: hooked
+on:
+  - webhook: {path: /big}
+steps:
+  - id: count
+    type: python
+    with: {callable: "tests.integration.payload_steps:count"}
+output: "${{ steps.count.output }}"
+"""
+
+
+async def test_a_big_webhook_body_goes_by_reference_and_over_the_maximum_is_413(api: Api) -> None:
+    await api.publish(HOOKED)
+    data = {"rows": ["w" * 100] * 12_000}  # ~1.2 MiB
+    r = await api.client.post("/v1/webhooks/big", content=orjson.dumps(data),
+                              headers={"content-type": "application/json", "X-Weft-Delivery": "d-1"})
+    assert r.status_code == 202, r.text
+    [eid] = r.json()["executions"].values()
+    body = await api.finished(eid)
+    assert body["status"] == "completed" and body["output"]["bytes"] == len(orjson.dumps(data))
+    before = api.running.stack.store.head()
+    over = await api.client.post("/v1/webhooks/big", content=orjson.dumps({"s": "o" * (MAX + 1)}),
+                                 headers={"content-type": "application/json", "X-Weft-Delivery": "d-2"})
+    assert over.status_code == 413 and str(MAX) in over.json()["error"]["message"]
+    assert api.running.stack.store.head() == before
+    await api.normal_run_completes()
