@@ -68,10 +68,11 @@ class Claims:
             return value
         return make_ref(self.blobs.put(data), len(data))
 
-    def store_output(self, value: Any, what: str = "the step's output") -> Any:
+    def store_output(self, value: Any, what: str = "the step's output", data: bytes | None = None) -> Any:
         """A step's output: over the maximum it is refused (PayloadTooLarge), over the inline
-        limit it is stored and a reference is returned."""
-        data = encode(value, what)
+        limit it is stored and a reference is returned. `data`: its encoding, if already made."""
+        if data is None:
+            data = encode(value, what)
         if len(data) <= self.limits.inline:
             return value
         self.limits.check(what, len(data))
