@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 
+from contracts.payloads import PayloadLimits
 from services.broker import Transport
 from services.deadletters.view import FreshView
 from services.gateway import errors
@@ -64,8 +65,8 @@ def create_app(ctx: Context, *, max_body: int = DEFAULT_MAX_BODY, max_payload_bo
     )
     app.state.ctx = ctx
     errors.install(app)
-    if max_payload_body is None:
-        most = ctx.executions.claims.limits.maximum
+    if max_payload_body is None:  # (no ctx: an app built only for its OpenAPI document)
+        most = ctx.executions.claims.limits.maximum if ctx is not None else PayloadLimits().maximum
         max_payload_body = most + max(1024 * 1024, most // 4)
     app.add_middleware(errors.BodyLimit, limit=max_body, large=max_payload_body)
     app.include_router(routes_workflows.router)
