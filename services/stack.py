@@ -24,6 +24,7 @@ from services.projections import Projector, default_views
 from services.retrying import Backoff, away
 from services.settings import Settings
 from services.store import EventStore, open_store
+from services.store.blobs import SqlBlobStore
 from services.worker.runtime import Worker
 from services.worker.steps import HttpPolicy, StepModules, default_registry
 from services.worker.steps.allowlist import SETTING as STEP_MODULES_SETTING
@@ -37,7 +38,7 @@ class Stack:
 
     def __init__(self, settings: Settings, store: EventStore, transport: Transport):
         self.settings, self.store, self.transport = settings, store, transport
-        self.executions = Executions(store)
+        self.executions = Executions(store, limits=settings.payload_limits())
         self.relay: Relay | None = None
         self.consumer: ResultConsumer | None = None
         self.worker: Worker | None = None
@@ -119,6 +120,8 @@ async def _build(
                                             replicas=settings.nats_replicas)
     exits.push_async_callback(_bounded, transport.close(), "closing the broker connection")
     await transport.ensure_streams()
+    # An oversized dead letter keeps its full bytes in the blob store, beside the events.
+    transport.blob_sink = SqlBlobStore(store).put
     stack = Stack(settings, store, transport)
     if "relay" in parts:
         stack.relay = Relay(store, transport, batch=settings.relay_batch, poll_interval=settings.poll_interval)
@@ -142,7 +145,7 @@ async def _build(
         stack.worker = Worker(
             transport, registry, concurrency=settings.worker_concurrency, worker_id=settings.worker_id,
             ack_wait=settings.ack_wait, max_deliver=settings.max_deliver, drain_grace=settings.drain_grace,
-            secrets=worker_secrets(settings),
+            secrets=worker_secrets(settings), claims=stack.executions.claims,
         )
         runs.append(stack.worker.run(stop))
     if "projector" in parts:

@@ -73,11 +73,16 @@ def need_stack(settings: Any) -> None:
                 "running one (WEFT_DATABASE_URL and WEFT_NATS_URL for a deployed stack)")
 
 
-def _json_arg(name: str, raw: str) -> Any:
-    text = raw
+def _json_arg(name: str, raw: str, most: int | None = None) -> Any:
+    """JSON from the argument or from @file. With `most` (the payload maximum), a file far over
+    it (its compact JSON cannot be under it, whitespace allowed for) is refused unread."""
+    text: str | bytes = raw
     if raw.startswith("@"):
         try:
-            text = Path(raw[1:]).read_text()
+            path = Path(raw[1:])
+            if most is not None and (size := path.stat().st_size) > 2 * most:
+                out.fail(2, f"{name}: {raw[1:]} is {size} bytes, over the limit of {most} bytes (WEFT_PAYLOAD_MAX)")
+            text = path.read_bytes()
         except OSError as exc:
             out.fail(2, f"{name}: cannot read {raw[1:]}: {exc.strerror}")
     try:
@@ -204,15 +209,21 @@ def run(
 
     from contracts.definitions import validate_input
 
+    from contracts.payloads import PayloadError, measure
+
     wf = _definition(file, home)
-    data = _json_arg("--input", input)
+    settings = _settings(home)
+    data = _json_arg("--input", input, most=settings.payload_max)
+    try:  # over the payload maximum: refused before anything is stored
+        measure(data, settings.payload_limits(), "--input")
+    except PayloadError as exc:
+        out.fail(2, str(exc))
     problems = validate_input(wf, data)
     if problems:  # before anything is stored, the workflow version included
         out.fail(2, str(InputError(problems)))
-    settings = _settings(home)
     with _store(home, settings) as store:
         version = Registry(store).publish(wf)
-        executions = Executions(store)
+        executions = Executions(store, limits=settings.payload_limits())
         state, _ = executions.start(version, data, idempotency_key=idempotency_key)
         if no_wait:
             out.emit({"execution_id": state.id, "status": state.status, "workflow": wf.name,
