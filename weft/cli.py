@@ -18,7 +18,28 @@ import typer
 
 from weft import output as out
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="Weft: event-sourced workflow orchestration.")
+app = typer.Typer(no_args_is_help=True, add_completion=True, help="Weft: event-sourced workflow orchestration.")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            print(f"weft {version('weft')}")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            print("weft (not installed)")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    show_version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                      help="Print the version and exit."),
+) -> None:
+    """Weft: event-sourced workflow orchestration."""
+
+
 executions_app = typer.Typer(no_args_is_help=True, help="List executions.")
 workflows_app = typer.Typer(no_args_is_help=True, help="Publish and inspect workflow versions.")
 app.add_typer(executions_app, name="executions")
