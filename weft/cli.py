@@ -220,7 +220,8 @@ def run(
     input: str = typer.Option("{}", "--input", "-i", help="Execution input as JSON, or @file.json."),
     idempotency_key: Optional[str] = typer.Option(None, "--idempotency-key"),
     timeout: float = typer.Option(0, help="Stop following after this many seconds (0: never)."),
-    no_wait: bool = typer.Option(False, "--no-wait", help="Start and print the id; do not follow."),
+    no_wait: bool = typer.Option(False, "--no-wait", help="Start, print {execution_id, status, workflow, version} "
+                                                          "and do not follow."),
     as_json: bool = JsonOpt,
     home: Optional[Path] = HomeOpt,
 ) -> None:
@@ -245,7 +246,10 @@ def run(
     with _store(home, settings) as store:
         version = Registry(store).publish(wf)
         executions = Executions(store, limits=settings.payload_limits())
-        state, _ = executions.start(version, data, idempotency_key=idempotency_key)
+        state, created = executions.start(version, data, idempotency_key=idempotency_key)
+        if not created and not executions.claims.same(state.input, data):  # as HTTP answers 409: never silent
+            out.fail(2, f"--idempotency-key {idempotency_key!r} already started execution {state.id} with a "
+                        "different input; use a new key for a new execution")
         if no_wait:
             out.emit({"execution_id": state.id, "status": state.status, "workflow": wf.name,
                       "version": version.version}, as_json)
@@ -323,7 +327,13 @@ def _control(execution_id: str, cmd: Any, as_json: bool, home: Optional[Path]) -
         except (NotFound, DecisionError) as exc:
             out.fail(1, str(exc))
         state = executions.load(execution_id)
-    out.emit(out.execution_summary(state) | {"events": [e.type for e in events]}, as_json)
+    summary = out.execution_summary(state) | {"events": [e.type for e in events]}
+
+    def said(value: dict[str, Any]) -> None:  # one line for a person; --json has the whole summary
+        what = ", ".join(value["events"]) or "nothing to do (already so)"
+        out.console.print(f"execution {value['execution_id']} · {value['status']} · recorded: {what}", highlight=False)
+
+    out.emit(summary, as_json, render=said)
 
 
 @app.command()
