@@ -29,6 +29,8 @@ class ValueProblem(ValueError):
     """A value that cannot be stored or carried: `path` names the field, `message` the limit."""
 
     def __init__(self, path: str, message: str):
+        if len(path) > 160:  # 100 levels of [0] say little more than their ends do
+            path = path[:80] + "…" + path[-60:]
         super().__init__(f"{path}: {message}")
         self.path = path
         self.message = message

@@ -7,8 +7,6 @@ own event loop, so schemathesis can call it over real HTTP from synchronous test
 
 from __future__ import annotations
 
-import asyncio
-import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +21,7 @@ from schemathesis.generation import GenerationMode
 from services.gateway.app import create_app
 from services.gateway.keys import Keys
 from services.settings import Settings
-from services.stack import Stack, run_services
+from tests.support import Background
 
 pytestmark = pytest.mark.integration
 PARTS = ("projector", "triggers", "gateway")
@@ -33,54 +31,12 @@ CHECKS = [
 ]
 
 
-class Background:
-    """run_services in a thread of its own."""
-
-    def __init__(self, settings: Settings):
-        self.settings = settings
-        self.ready = threading.Event()
-        self.stack: Stack | None = None
-        self.error: BaseException | None = None
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.stop: asyncio.Event | None = None
-        self.thread = threading.Thread(target=self._main, name="fuzzed-stack", daemon=True)
-
-    def _main(self) -> None:
-        async def main() -> None:
-            self.loop, self.stop = asyncio.get_running_loop(), asyncio.Event()
-
-            def up(stack: Stack) -> None:
-                self.stack = stack
-                self.ready.set()
-
-            await run_services(self.settings, PARTS, self.stop, on_ready=up)
-
-        try:
-            asyncio.run(main())
-        except BaseException as exc:  # noqa: BLE001 - reported to the test
-            self.error = exc
-            self.ready.set()
-
-    def __enter__(self) -> Stack:
-        self.thread.start()
-        assert self.ready.wait(60), "the stack did not start"
-        if self.error is not None:
-            raise self.error
-        assert self.stack is not None
-        return self.stack
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.loop is not None and self.stop is not None:
-            self.loop.call_soon_threadsafe(self.stop.set)
-        self.thread.join(30)
-
-
 @pytest.fixture(scope="module")
 def fuzzed(tmp_path_factory: pytest.TempPathFactory, nats_server: Any) -> Iterator[tuple[str, str]]:
     tmp: Path = tmp_path_factory.mktemp("fuzz")
     settings = Settings(home=tmp, database_url=f"sqlite:///{tmp / 'weft.db'}", nats_url=nats_server.url,
                         namespace=f"f{uuid.uuid4().hex[:8]}", poll_interval=0.05)
-    with Background(settings) as stack:
+    with Background(settings, PARTS) as stack:
         token, _ = Keys(stack.store).create(["admin"], name="fuzz")
         yield stack.gateway.url, token
 
