@@ -393,7 +393,12 @@ def _line(lines: dict[tuple[Any, ...], int], loc: tuple[Any, ...]) -> int | None
 
 
 def validate_input(wf: WorkflowDef, value: Any) -> list[Problem]:
-    """Problems of an execution input against the definition's input_schema."""
+    """Problems of an execution input: what Weft cannot carry (contracts.values), then the input_schema.
+    Every way of starting an execution (HTTP, CLI, triggers, cron, replays) comes through here."""
+    try:
+        check_value(value, "input")
+    except ValueProblem as exc:
+        return [Problem(path=exc.path, message=exc.message)]
     validator = wf.input_validator
     if validator is None:
         return []

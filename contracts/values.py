@@ -62,6 +62,52 @@ def _bad_string(text: str) -> bool:
 def check_value(value: Any, path: str = "value", *, max_depth: int = MAX_DEPTH,
                 max_elements: int = MAX_ELEMENTS) -> None:
     """Raise ValueProblem for the first thing in `value` Weft could not store or carry."""
+    # The common case is a good value: walk it fast, without paths, and only when something is
+    # wrong walk it again, naming the field.
+    if _fine(value, max_depth, max_elements):
+        return
+    _name_problem(value, path, max_depth, max_elements)
+
+
+def _fine(value: Any, max_depth: int, max_elements: int) -> bool:
+    todo: list[tuple[Any, int]] = [(value, 0)]
+    pop, push = todo.pop, todo.append
+    seen = 0
+    while todo:
+        item, depth = pop()
+        seen += 1
+        kind = type(item)
+        if kind is str:
+            if not item.isascii() and _bad_string(item):
+                return False
+        elif kind is dict:
+            if depth >= max_depth:
+                return False
+            for key, member in item.items():
+                if type(key) is str and not key.isascii() and _bad_string(key):
+                    return False
+                push((member, depth + 1))
+        elif kind is list:
+            if depth >= max_depth:
+                return False
+            for member in item:
+                push((member, depth + 1))
+        elif kind is int:
+            if not MIN_INT <= item <= MAX_INT:
+                return False
+        elif kind is float:
+            if not math.isfinite(item):
+                return False
+        elif item is None or kind is bool:
+            pass
+        else:
+            return False  # a subclass or another type: let the careful walk judge it
+        if seen > max_elements:
+            return False
+    return True
+
+
+def _name_problem(value: Any, path: str, max_depth: int, max_elements: int) -> None:
     todo: list[tuple[Any, str, int]] = [(value, path, 0)]
     seen = 0
     while todo:
