@@ -28,7 +28,7 @@ from typing import Any
 
 import jmespath.exceptions
 import orjson
-from jmespath import lexer, parser, visitor
+from jmespath import functions, lexer, parser, visitor
 
 from contracts.values import MAX_DEPTH, ValueProblem, check_value
 
@@ -155,11 +155,15 @@ def _scalar_size(value: Any) -> int | None:
     return 8
 
 
+# jmespath's functions keep no state: one table for every evaluation, not one built per call.
+_OPTIONS = visitor.Options(custom_functions=functions.Functions())
+
+
 class BoundedInterpreter(visitor.TreeInterpreter):
     """jmespath's tree interpreter, charging what it visits and creates to a Budget."""
 
     def __init__(self, expression: str, budget: Budget):
-        super().__init__()
+        super().__init__(_OPTIONS)
         self.expression = expression
         self.budget = budget
 
