@@ -97,6 +97,11 @@ class Budget:
             raise ExpressionBudgetError(expression, "depth", f"creates a value nested deeper than {self.depth} levels")
         self._check(expression)
 
+    def spend_elements(self, expression: str, count: int) -> None:
+        """Charge `count` elements made outside the interpreter (a map's tasks)."""
+        self.used_elements += count
+        self._check(expression)
+
     def _check(self, expression: str) -> None:
         if self.used_elements > self.elements:
             raise ExpressionBudgetError(

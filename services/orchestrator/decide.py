@@ -280,6 +280,7 @@ def _schedule_step(s: Execution, step_def: Any, now: datetime, emit: Emit) -> No
         items = evaluate(_inner(step_def.map), ctx, budget)
         if not isinstance(items, list):
             raise ExpressionError(step_def.map, f"map needs a list, got {type(items).__name__}")
+        budget.spend_elements(step_def.map, len(items))  # each item becomes a task: a value created
         inputs = [render(step_def.input, {**ctx, "item": x}, budget) if step_def.input is not None else x
                   for x in items]
     except ExpressionError as exc:

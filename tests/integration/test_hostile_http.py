@@ -202,6 +202,20 @@ def test_hostile_queries_are_answered_without_a_server_error(gateway: Gateway, c
         assert r.status_code == 422 and words in r.text, r.text[:500]
 
 
+@pytest.mark.parametrize(("route", "text"), [
+    ("/v1/executions", '{"workflow": "echo", "version": 1099511627776}'),
+    ("/v1/executions/{eid}/replay", '{"version": 1099511627776}'),
+    ("/v1/replays", '{"filter": "workflow=echo,version=1099511627776", "dry_run": true}'),
+    ("/v1/backfills", '{"workflow": "echo", "version": 1099511627776, "from": "2024-01-01T00:00:00Z",'
+                      ' "to": "2024-01-02T00:00:00Z", "dry_run": true}'),
+    ("/v1/executions", '{"workflow": "echo", "input": {"msg": 9223372036854775807}}'),
+])
+def test_integers_within_64_bits_but_past_a_column_are_not_a_server_error(gateway: Gateway, route: str,
+                                                                          text: str) -> None:
+    r = gateway.json(route, text)
+    assert 400 <= r.status_code < 500 or r.status_code in (200, 201), (r.status_code, r.text[:500])
+
+
 def test_publishing_the_bomb_is_accepted_and_running_it_dead_letters_its_step(gateway: Gateway) -> None:
     c = gateway.client
     for text in (BOMB_IN_INPUT, BOMB_IN_TRANSFORM):

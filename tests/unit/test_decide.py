@@ -882,3 +882,9 @@ def test_a_wrong_content_hash_does_not_run_another_definition() -> None:
     assert scheduled(first.last) == [("one", None, 1)]
     assert scheduled(second.last) == [("two", None, 1)]
     assert fold("ex-2", second.history) == second.state
+
+
+def test_a_map_wider_than_the_element_budget_dead_letters_the_step() -> None:
+    run = Run(definition({"id": "a", "map": "${{ input.items }}"}), {"items": [0] * 1_000_001})
+    assert types(run.last)[1:] == ["StepDeadLettered", "ExecutionFailed"]
+    assert run.last[1].error_type == "ExpressionBudgetError" and "1000000 elements" in run.last[1].error_message
