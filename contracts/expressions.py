@@ -30,6 +30,7 @@ import jmespath.exceptions
 import orjson
 from jmespath import functions, lexer, parser, visitor
 
+from contracts.secrets import holds_secrets
 from contracts.values import MAX_DEPTH, ValueProblem, check_value
 
 MAX_EXPRESSION_CHARS = 2_000
@@ -127,7 +128,9 @@ class Budget:
             item, ready = todo.pop()
             if id(item) in sizes:
                 continue
-            members = item.values() if isinstance(item, dict) else item
+            # dict.values: a payload reference (contracts.payloads.Guarded) refuses .values() to
+            # expressions, but passing it on whole is allowed and costs its reference's size.
+            members = dict.values(item) if isinstance(item, dict) else item
             if not ready:
                 visited += 1
                 if visited > room:
@@ -327,9 +330,14 @@ def evaluate(expression: str, context: dict[str, Any], budget: Budget | None = N
 
 
 def render(template: Any, context: dict[str, Any], budget: Budget | None = None) -> Any:
-    """Evaluate every `${{ }}` inside a template against a context, within one budget."""
+    """Evaluate every `${{ }}` inside a template against a context, within one budget.
+
+    A string that refers to `secrets` is left as it is: only the worker resolves it.
+    """
     budget = budget if budget is not None else Budget()
     if isinstance(template, str):
+        if holds_secrets(template):
+            return template
         full = _FULL.match(template)
         if full and "${{" not in full.group(1):
             return evaluate(full.group(1), context, budget)

@@ -130,7 +130,7 @@ def _name_problem(value: Any, path: str, max_depth: int, max_elements: int) -> N
             if depth >= max_depth:
                 raise ValueProblem(where, f"nested deeper than {max_depth} levels")
             if isinstance(item, dict):
-                for key, member in item.items():
+                for key, member in dict.items(item):
                     if isinstance(key, str) and _bad_string(key):
                         raise ValueProblem(_join(where, _safe(key)),
                                            "key contains a lone UTF-16 surrogate (e.g. \\ud800), which is not Unicode")
