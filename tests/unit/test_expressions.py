@@ -320,3 +320,12 @@ def test_any_failure_inside_evaluation_is_an_expression_error() -> None:
     with pytest.raises(ExpressionBudgetError) as info:  # RecursionError inside == on 5,000 levels
         evaluate("input.a == input.b", {"input": {"a": a, "b": b}})
     assert info.value.limit == "depth"
+
+
+def test_a_payload_reference_in_a_created_value_costs_its_reference_not_its_payload() -> None:
+    from contracts.payloads import guard, make_ref
+
+    ref = make_ref("0" * 64, 60 * 1024 * 1024)  # a 60 MiB payload, stored by reference
+    budget = Budget(bytes=10_000)
+    out = render("${{ [steps.a.output, steps.a.output] }}", {"steps": {"a": {"output": guard(ref)}}}, budget)
+    assert out == [ref, ref] and budget.used_bytes < 1_000
