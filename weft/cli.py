@@ -106,10 +106,12 @@ def _json_arg(name: str, raw: str, most: int | None = None) -> Any:
             text = path.read_bytes()
         except OSError as exc:
             out.fail(2, f"{name}: cannot read {raw[1:]}: {exc.strerror}")
-    try:
-        return orjson.loads(text)
-    except orjson.JSONDecodeError as exc:
-        out.fail(2, f"{name}: not valid JSON: {exc}")
+    from contracts import values
+
+    try:  # not orjson: it reads a 65-bit integer as a float, silently
+        return values.loads(text, name.lstrip("-").replace("-", "_"))
+    except values.ValueProblem as exc:
+        out.fail(2, f"{name}: {exc}")
 
 
 def _definition(file: Path, home: Optional[Path] = None):
