@@ -15,6 +15,7 @@ from contextlib import AsyncExitStack
 from typing import Any, Awaitable, Callable, Iterable
 
 from services.broker import NatsTransport, Transport
+from services.broker.nats_auth import ADMIN
 from services.orchestrator.consumer import ResultConsumer
 from services.orchestrator.executions import Executions
 from services.orchestrator.inbox import prune_inbox
@@ -50,8 +51,12 @@ async def connect(settings: Settings) -> tuple[EventStore, Transport]:
         raise RuntimeError("no NATS url: run `weft up` (its home folder tells the services where), or set WEFT_NATS_URL")
     assert settings.database_url
     store = await asyncio.to_thread(open_store, settings.database_url, pool_size=12)
-    transport = await NatsTransport.connect(settings.nats_url, namespace=settings.namespace)
-    await transport.ensure_streams()
+    credentials = settings.nats_credentials()
+    transport = await NatsTransport.connect(settings.nats_url, namespace=settings.namespace, **credentials)
+    # Only the admin role may create streams (a worker that could would be one more way in):
+    # a service with a narrower role finds them made by `weft up` or `weft broker init`.
+    if credentials.get("user") in (None, ADMIN):
+        await transport.ensure_streams()
     return store, transport
 
 

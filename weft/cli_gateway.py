@@ -50,7 +50,7 @@ def publish(
 
     async def send() -> bool:
         transport = await NatsTransport.connect(settings.nats_url, namespace=settings.namespace, connect_timeout=5,
-                                                publish_retry_for=10)
+                                                publish_retry_for=10, **settings.nats_credentials())
         try:
             await transport.ensure_streams()
             return await publish_event(transport, event)
@@ -85,7 +85,7 @@ def gateway(
     """Run the HTTP gateway (API keys required unless --no-auth on loopback)."""
     from services.gateway.auth import is_loopback
 
-    flags: dict[str, Any] = {"gateway_host": host, "gateway_port": port}
+    flags: dict[str, Any] = {"gateway_host": host, "gateway_port": port, "nats_role": "gateway"}
     if no_auth:
         flags["gateway_auth"] = False
     settings = _settings(home, **flags)

@@ -272,8 +272,13 @@ class NatsTransport:
         publish_retry_for: float = 30.0,
         publish_window: int = 512,
         replicas: int = 1,
+        user: str | None = None,
+        password: str | None = None,
     ) -> NatsTransport:
-        """Connect, retrying for up to connect_timeout; afterwards the client reconnects forever."""
+        """Connect, retrying for up to connect_timeout; afterwards the client reconnects forever.
+
+        With `user` and `password` (services/broker/nats_auth.py), replies come to that role's own
+        inbox prefix, the only one its broker permissions let it subscribe to."""
         _check_namespace(namespace)
         servers = [url] if isinstance(url, str) else list(url)
         nc = NATS()
@@ -304,6 +309,7 @@ class NatsTransport:
                     error_cb=error_cb,
                     disconnected_cb=disconnected_cb,
                     reconnected_cb=reconnected_cb,
+                    **_credentials(user, password),
                 ),
                 timeout=connect_timeout,
             )
@@ -312,6 +318,9 @@ class NatsTransport:
                 await nc.close()
             except Exception:  # noqa: BLE001 - the connect error is the one worth reporting
                 pass
+            # A connect refused by the server (bad credentials) leaves its socket open in nats-py.
+            if getattr(nc, "_transport", None) is not None:
+                nc._transport.close()
             raise BrokerError(
                 f"cannot connect to NATS at {', '.join(servers)} within {connect_timeout:g}s",
                 operation="connect",
@@ -727,6 +736,14 @@ class NatsTransport:
                 log.debug("%s failed (%s), retrying in %.2fs", operation, type(exc).__name__, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
+
+
+def _credentials(user: str | None, password: str | None) -> dict[str, Any]:
+    if not user:
+        return {}
+    from services.broker.nats_auth import inbox_prefix
+
+    return {"user": user, "password": password or "", "inbox_prefix": inbox_prefix(user)}
 
 
 def _no_such_message(exc: nats.js.errors.APIError) -> bool:
