@@ -126,6 +126,9 @@ def scheduler(home: Optional[Path] = HomeOpt, log_level: str = typer.Option("INF
 def keys_create(
     scopes: str = typer.Option(..., "--scopes", help="Comma-separated: read, trigger, admin (admin implies both)."),
     workflows: Optional[str] = typer.Option(None, "--workflows", help="Bind the key to these workflows (comma-separated)."),
+    events: Optional[str] = typer.Option(None, "--events", help="With --workflows: the event types (comma-separated; "
+                                         "'order.*' is a prefix, 'webhook:/path' a webhook) those workflows may "
+                                         "subscribe to and backfill. Without it, none."),
     name: Optional[str] = typer.Option(None, "--name", help="A label, shown in `weft keys list`."),
     as_json: bool = JsonOpt,
     home: Optional[Path] = HomeOpt,
@@ -136,7 +139,7 @@ def keys_create(
     store = _store(home)
     try:
         token, key = Keys(store).create([scopes], workflows=workflows.split(",") if workflows else None,
-                                        name=name, by=_user())
+                                        events=[events] if events is not None else None, name=name, by=_user())
     except KeyProblem as exc:
         out.fail(2, f"--{exc}")
     finally:
@@ -147,6 +150,8 @@ def keys_create(
         return
     sys.stdout.write(token + "\n")
     bound = f" · workflows {', '.join(result['workflows'])}" if result["workflows"] else ""
+    if result["workflows"]:
+        bound += f" · events {', '.join(result['events'] or ['(none)'])}"
     out.errors.print(f"key {result['prefix']} · scopes {', '.join(result['scopes'])}{bound}\n"
                      "  shown once: store it now (only its hash is kept)", highlight=False)
 

@@ -141,7 +141,8 @@ def create_key(request: Request, body: KeyCreate) -> Any:
     """Create a key. The answer is the only time the key itself is shown."""
     _unbound(request)
     try:
-        token, key = request.app.state.ctx.keys.create(body.scopes, workflows=body.workflows, name=body.name,
+        token, key = request.app.state.ctx.keys.create(body.scopes, workflows=body.workflows, events=body.events,
+                                                       name=body.name,
                                                        by=who(caller(request)))
     except KeyProblem as exc:
         field = str(exc).split(":")[0]
