@@ -60,7 +60,8 @@ async def _populate(running: Running) -> World:
     revoked, key = keys.create(["admin"], name="revoked")
     keys.revoke(key.key_id)
     w.tokens["revoked"] = revoked
-    w.tokens["bound-admin"], _ = keys.create(["admin"], workflows=["alpha"])
+    w.tokens["bound-admin"], _ = keys.create(["admin"], workflows=["alpha"], events=["alpha.*"])
+    w.tokens["bound-no-events"], _ = keys.create(["admin"], workflows=["alpha"])
     w.tokens["bound-read"], _ = keys.create(["read"], workflows=["alpha", "gamma"])
     async with w.client("admin") as admin:
         for name, on in (("alpha", "{event: alpha.happened}"), ("beta", "{event: beta.happened}"),
@@ -232,3 +233,70 @@ async def test_unsigned_misconfigured_and_unknown_webhooks(world: World) -> None
         broken = await anon.post("/v1/webhooks/broken", json={}, headers={"X-Weft-Signature": "sha256=00"})
         assert broken.status_code == 503 and "WEFT_TEST_NOT_SET" not in broken.text
         assert (await anon.post("/v1/webhooks/nowhere", json={})).status_code == 404
+
+
+CARD = "4111 1111 1111 1111"
+RANGE = {"from": "2000-01-01T00:00:00Z", "to": "2100-01-01T00:00:00Z"}
+
+
+async def test_a_bound_key_cannot_reach_another_workflows_trigger_data(world: World) -> None:
+    """The two leaks of issue 14: backfilling A with B's event type, and subscribing A to B's type
+    (or B's webhook path). Both came back 2xx with B's data before event types were bound to keys."""
+    async with world.client("admin") as admin:
+        sent = await admin.post("/v1/triggers", json={"type": "beta.happened", "data": {"card": CARD}})
+        assert sent.status_code == 202, sent.text
+        body = b'{"card": "%s"}' % CARD.encode()
+        hook = await admin.post("/v1/webhooks/orders", content=body, headers={
+            "content-type": "application/json", "X-Weft-Signature": sign(SECRET, body),
+            "X-Weft-Delivery": f"leak-{uuid.uuid4()}"})
+        assert hook.status_code == 202, hook.text
+
+        async def recorded() -> bool:  # the unbound admin can backfill beta from the trigger log
+            r = await admin.post("/v1/backfills", json={"workflow": "beta", **RANGE, "dry_run": True})
+            return r.status_code == 200 and r.json()["total"] >= 1
+        await wait_until(recorded, timeout=20)
+        before = len((await admin.get("/v1/executions", params={"workflow": "alpha", "limit": 500})).json()["items"])
+
+    async with world.client("bound-admin") as c:
+        # leak 1: backfill A with B's event type
+        r = await c.post("/v1/backfills", json={"workflow": "alpha", "event_type": "beta.happened", **RANGE})
+        assert r.status_code == 403, r.text
+        assert "beta.happened" in r.json()["error"]["message"] and "alpha.*" in r.json()["error"]["message"]
+        # ... nor through the webhook type, which would hold every path's deliveries: those are filtered by path
+        r = await c.post("/v1/backfills", json={"workflow": "alpha", "event_type": "weft.webhook", **RANGE,
+                                                 "dry_run": True})
+        assert r.status_code == 200 and r.json()["items"] == [], r.text
+        # leak 2: subscribe A to B's event type, or to B's webhook path
+        for on in ("{event: beta.happened}", "{webhook: {path: /orders}}", "{event: both.happened}"):
+            r = await c.post("/v1/workflows", content=wf("alpha", on), headers={"content-type": "application/yaml"})
+            assert r.status_code == 403, (on, r.text)
+            assert r.json()["error"]["problems"][0]["field"] == "body.on"
+        # inside its binding both still work
+        r = await c.post("/v1/workflows", content=wf("alpha", "{event: alpha.other}"),
+                         headers={"content-type": "application/yaml"})
+        assert r.status_code in (200, 201), r.text
+        r = await c.post("/v1/backfills", json={"workflow": "alpha", "event_type": "alpha.happened", **RANGE,
+                                                 "dry_run": True})
+        assert r.status_code == 200, r.text
+    async with world.client("bound-no-events") as c:  # a bound key without --events may use no event type
+        r = await c.post("/v1/workflows", content=wf("alpha", "{event: alpha.happened}"),
+                         headers={"content-type": "application/yaml"})
+        assert r.status_code == 403 and "empty" in r.json()["error"]["message"]
+        r = await c.post("/v1/backfills", json={"workflow": "alpha", "event_type": "alpha.happened", **RANGE})
+        assert r.status_code == 403
+    async with world.client("bound-read") as reader, world.client("admin") as admin:
+        rows = (await admin.get("/v1/executions", params={"workflow": "alpha", "limit": 500})).json()["items"]
+        assert len(rows) == before  # nothing was started for alpha
+        for row in (await reader.get("/v1/executions", params={"limit": 500})).json()["items"]:
+            got = await reader.get(f"/v1/executions/{row['id']}")
+            assert CARD not in got.text
+
+
+async def test_an_event_binding_needs_a_workflow_binding(world: World) -> None:
+    async with world.client("admin") as admin:
+        r = await admin.post("/v1/keys", json={"scopes": ["admin"], "events": ["order.*"]})
+        assert r.status_code == 422 and "events" in r.text
+        r = await admin.post("/v1/keys", json={"scopes": ["admin"], "workflows": ["alpha"], "events": ["bad type!"]})
+        assert r.status_code == 422
+        r = await admin.post("/v1/keys", json={"scopes": ["read"], "workflows": ["alpha"], "events": ["alpha.*"]})
+        assert r.status_code == 201 and r.json()["events"] == ["alpha.*"]
