@@ -40,6 +40,7 @@ class Context:
     dead_letters: FreshView = field(init=False)  # caught up before each dead-letter read
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     sse_poll: float = 0.25
+    webhook_tolerance: float = 300.0  # seconds a signed webhook's timestamp may be off (settings.webhook_tolerance)
     sse_heartbeat: float = 15.0
 
     def __post_init__(self) -> None:
