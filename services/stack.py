@@ -46,11 +46,25 @@ class Stack:
         self.gateway: Any = None  # services.gateway.server.GatewayServer (.url)
 
 
-async def connect(settings: Settings) -> tuple[EventStore, Transport]:
+class _NoStore:
+    """The store of a process that runs only workers: using it is a bug, said plainly."""
+
+    def close(self) -> None:
+        pass
+
+    def __getattr__(self, name: str) -> Any:
+        raise RuntimeError(f"a worker-only process has no event store (store.{name})")
+
+
+async def connect(settings: Settings, *, with_store: bool = True) -> tuple[EventStore, Transport]:
+    """The store and the broker. A worker alone gets no store (`with_store=False`): it needs only
+    the broker, and a compromised worker then holds no database credentials either."""
     if not settings.nats_url:
         raise RuntimeError("no NATS url: run `weft up` (its home folder tells the services where), or set WEFT_NATS_URL")
     assert settings.database_url
-    store = await asyncio.to_thread(open_store, settings.database_url, pool_size=12)
+    store: Any = _NoStore()
+    if with_store:
+        store = await asyncio.to_thread(open_store, settings.database_url, pool_size=12)
     credentials = settings.nats_credentials()
     transport = await NatsTransport.connect(settings.nats_url, namespace=settings.namespace, **credentials)
     # Only the admin role may create streams (a worker that could would be one more way in):
@@ -66,7 +80,7 @@ async def run_services(
 ) -> None:
     parts = set(parts)
     async with AsyncExitStack() as exits:
-        store, transport = await connect(settings)
+        store, transport = await connect(settings, with_store=bool(parts - {"worker"}))
         exits.callback(store.close)
         exits.push_async_callback(transport.close)
         stack = Stack(settings, store, transport)

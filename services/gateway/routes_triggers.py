@@ -62,7 +62,7 @@ async def publish_trigger(request: Request, body: TriggerIn) -> Any:
 
 @router.post(
     "/webhooks/{path:path}", status_code=202, response_model=WebhookOut, tags=["triggers"],
-    responses=errors(409),
+    responses=errors(404, 409),
     openapi_extra={"requestBody": {"required": False, "content": {
         "application/json": {"schema": {}}, "text/plain": {"schema": {"type": "string"}}}}},
 )

@@ -11,6 +11,7 @@ from typing import Any, AsyncIterator, Iterator
 
 import nats
 import nats.errors
+import nats.js.errors
 import orjson
 import pytest
 
@@ -20,7 +21,7 @@ from services.broker import nats_auth
 from services.broker.nats_server import NatsServer
 from services.broker.ports import OutMessage
 from tests.fixtures_nats import start_nats_server
-from tests.support import stack_up
+from tests.support import stack_up, wait_until
 
 pytestmark = pytest.mark.integration
 NAMESPACE = "auth"
@@ -203,13 +204,23 @@ async def test_workflow_completes_with_each_service_on_its_own_role(
 ) -> None:
     url = auth_server.server.url
     creds = {r: {"nats_user": r, "nats_password_file": auth_server.files[r]} for r in nats_auth.ROLES}
-    async with stack_up(tmp_path / "w", pg_url, url, ["worker"], namespace=NAMESPACE, **creds["worker"]), \
+    async with stack_up(tmp_path / "w", pg_url, url, ["worker"], namespace=NAMESPACE, **creds["worker"]) as lone, \
             stack_up(tmp_path / "d", pg_url, url, ["deadletters"], namespace=NAMESPACE, **creds["deadletters"]), \
             stack_up(tmp_path / "g", pg_url, url, ["triggers"], namespace=NAMESPACE, **creds["gateway"]), \
             stack_up(tmp_path / "o", pg_url, url, ["orchestrator", "relay", "projector"], namespace=NAMESPACE,
                      **creds["orchestrator"]) as orch:
+        with pytest.raises(RuntimeError, match="no event store"):  # a worker holds no database connection
+            lone.stack.store.load
         version = orch.publish(FLOW)
         execution_id = await orch.start(version, {})
         state = await orch.finished(execution_id)
         assert state.status == "completed", state
         assert {s.status for s in state.steps.values()} == {"succeeded"}
+
+        async def advisories_captured() -> bool:  # the dead-letter service made its own stream with its role
+            try:
+                await admin._js.stream_info(admin.stream_name(nats_auth.ADVISORY_STREAM))
+                return True
+            except nats.js.errors.NotFoundError:
+                return False
+        await wait_until(advisories_captured, timeout=15)
