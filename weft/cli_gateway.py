@@ -52,7 +52,8 @@ def publish(
         transport = await NatsTransport.connect(settings.nats_url, namespace=settings.namespace, connect_timeout=5,
                                                 publish_retry_for=10, **settings.nats_credentials())
         try:
-            await transport.ensure_streams()
+            if settings.nats_user in (None, "admin"):  # a `publisher` may not make streams: it finds them made
+                await transport.ensure_streams()
             return await publish_event(transport, event)
         finally:
             await transport.close()
@@ -165,7 +166,9 @@ def keys_list(as_json: bool = JsonOpt, home: Optional[Path] = HomeOpt) -> None:
         rows = [k.public() for k in Keys(store).list()]
     out.emit(rows, as_json, render=lambda rs: out.render_table([
         {"id": r["id"], "prefix": r["prefix"], "scopes": ",".join(r["scopes"]),
-         "workflows": ",".join(r["workflows"] or ["*"]), "name": r["name"] or "", "created": r["created_at"][:19],
+         "workflows": ",".join(r["workflows"] or ["*"]),
+         "events": ",".join(r["events"] or []) if r["workflows"] else "*",
+         "name": r["name"] or "", "created": r["created_at"][:19],
          "active": "yes" if r["active"] else "revoked"} for r in rs]))
 
 

@@ -189,6 +189,12 @@ def test_the_broker_requires_credentials_and_a_lone_worker_gets_its_role(tmp_pat
                     "--timeout", "60")
         assert proc.returncode == 0, proc.stderr + (home / "worker.log").read_text()
 
+        # An outside system sends events as `publisher`, which may do nothing else.
+        env = {**_env(home), "WEFT_NATS_USER": "publisher", "WEFT_NATS_PASSWORD_FILE": users["publisher"]}
+        sent = subprocess.run([sys.executable, "-m", "weft", "publish", "order.created", "--data", "{}", "--json"],
+                              env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert sent.returncode == 0 and json.loads(sent.stdout)["duplicate"] is False, sent.stderr
+
         [ports] = (home / "nats").glob("*.ports")
         monitor = json.loads(ports.read_text())["monitoring"][0]
         with urllib.request.urlopen(f"{monitor}/connz?auth=true", timeout=5) as resp:
