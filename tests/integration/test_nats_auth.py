@@ -224,3 +224,31 @@ async def test_workflow_completes_with_each_service_on_its_own_role(
             except nats.js.errors.NotFoundError:
                 return False
         await wait_until(advisories_captured, timeout=15)
+
+
+@pytest.mark.parametrize(("role", "forbidden"), [
+    ("orchestrator", "weft.results.some-execution"),  # it may not forge a step's result
+    ("orchestrator", "weft.triggers.order.created"),
+    ("gateway", "$JS.API.STREAM.CREATE.WEFT_STEPS_AUTH"),
+    ("deadletters", "weft.steps.python"),
+    ("publisher", "weft.results.some-execution"),
+    ("worker", "weft.dlq.trigger_invalid"),  # only its own poison letters
+])
+async def test_each_role_is_refused_outside_its_subjects(
+    auth_server: _AuthServer, admin: NatsTransport, role: str, forbidden: str
+) -> None:
+    errors: list[str] = []
+
+    async def error_cb(exc: Exception) -> None:
+        errors.append(str(exc))
+
+    nc = await nats.connect(auth_server.server.url, user=role, password=auth_server.password(role),
+                            inbox_prefix=nats_auth.inbox_prefix(role), error_cb=error_cb, allow_reconnect=False)
+    try:
+        subject = forbidden if forbidden.startswith("$") else f"{NAMESPACE}.{forbidden}"
+        await nc.publish(subject, b"{}")
+        await nc.flush(timeout=2)
+        await nc.flush(timeout=2)  # the server's -ERR has arrived by the second round trip
+    finally:
+        await nc.close()
+    assert any("permissions violation for publish" in e.lower() for e in errors), errors
