@@ -31,6 +31,7 @@ def init(home: Optional[Path] = HomeOpt) -> None:
 
     async def main() -> None:
         transport = await NatsTransport.connect(settings.nats_url, namespace=settings.namespace, connect_timeout=10,
+                                                publish_retry_for=10,
                                                 **settings.nats_credentials())
         try:
             await transport.ensure_streams()
