@@ -65,10 +65,11 @@ def inbox_prefix(role: str) -> str:
 
 
 def _consume(stream: str, durable: str) -> list[str]:
-    """What binding to a durable pull consumer and acking its messages takes."""
+    """What binding to a durable pull consumer and acking its messages takes. Weft's consumers
+    take no filter subject, so the CREATE form with one (`...CREATE.<S>.<D>.<filter>`) is not
+    allowed: a role cannot narrow its shared durable to starve the other step types."""
     return [
         f"$JS.API.CONSUMER.CREATE.{stream}.{durable}",
-        f"$JS.API.CONSUMER.CREATE.{stream}.{durable}.>",  # the form with a filter subject
         f"$JS.API.CONSUMER.INFO.{stream}.{durable}",
         f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}",
         f"$JS.ACK.{stream}.{durable}.>",
