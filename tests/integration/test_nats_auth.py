@@ -198,14 +198,16 @@ output: "${{ steps.b.output }}"
 
 
 async def test_workflow_completes_with_each_service_on_its_own_role(
-    auth_server: _AuthServer, admin: NatsTransport, tmp_path: Path, pg_url: str
+    auth_server: _AuthServer, admin: NatsTransport, tmp_path: Path
 ) -> None:
     url = auth_server.server.url
+    # One SQLite file shared by the stacks (the shared PostgreSQL has few connections to spare).
+    db_url = f"sqlite:///{tmp_path / 'weft.db'}"
     creds = {r: {"nats_user": r, "nats_password_file": auth_server.files[r]} for r in nats_auth.ROLES}
-    async with stack_up(tmp_path / "w", pg_url, url, ["worker"], namespace=NAMESPACE, **creds["worker"]) as lone, \
-            stack_up(tmp_path / "d", pg_url, url, ["deadletters"], namespace=NAMESPACE, **creds["deadletters"]), \
-            stack_up(tmp_path / "g", pg_url, url, ["triggers"], namespace=NAMESPACE, **creds["gateway"]), \
-            stack_up(tmp_path / "o", pg_url, url, ["orchestrator", "relay", "projector"], namespace=NAMESPACE,
+    async with stack_up(tmp_path / "w", db_url, url, ["worker"], namespace=NAMESPACE, **creds["worker"]) as lone, \
+            stack_up(tmp_path / "d", db_url, url, ["deadletters"], namespace=NAMESPACE, **creds["deadletters"]), \
+            stack_up(tmp_path / "g", db_url, url, ["triggers"], namespace=NAMESPACE, **creds["gateway"]), \
+            stack_up(tmp_path / "o", db_url, url, ["orchestrator", "relay", "projector"], namespace=NAMESPACE,
                      **creds["orchestrator"]) as orch:
         with pytest.raises(RuntimeError, match="no event store"):  # a worker holds no database connection
             lone.stack.store.load
