@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Mapping, TypeVar
 
 import orjson
-from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 T = TypeVar("T", bound="Settings")
 
@@ -22,9 +22,19 @@ class Settings(BaseModel):
     database_url: str | None = None  # default: sqlite file in home
     nats_url: str | None = None  # default: what `weft up` wrote into home
     namespace: str = ""  # prefixes broker streams and subjects
+    # Copies of each stream in a NATS cluster (1-5): 3 survives the loss of any one node.
+    # Applied when the streams are created or updated; a single server accepts only 1.
+    nats_replicas: int = Field(1, ge=1, le=5)
     worker_concurrency: int = 16
     worker_id: str | None = None
-    ack_wait: float = 30.0  # seconds before an unacked command or result is redelivered
+    # Seconds before an unacked command or result is handed to another consumer. Short, because
+    # a held message's lease is renewed (in-progress acks) every ack_wait/3 while its process
+    # lives: this is how long a SIGKILLed worker's step waits. Too short for a process whose
+    # event loop stalls that long, and its work is run twice (harmless, idempotent, but wasted).
+    ack_wait: float = 4.0
+    # Seconds a stopping service (SIGTERM) gives the work it holds before handing it back;
+    # past it (+5 s for closing connections) the process exits whatever is down.
+    drain_grace: float = 10.0
     max_deliver: int = 20
     # seconds a result's message id is kept for dedup; at least ack_wait x max_deliver (orchestrator/inbox.py)
     inbox_retention: float = 7 * 86400.0
@@ -48,11 +58,34 @@ class Settings(BaseModel):
     nats_password_file: Path | None = None
     nats_role: str | None = None  # which of the stack's users to take; the CLI sets it per command
     webhook_tolerance: float = 300.0  # seconds a signed webhook's timestamp may be off (either way)
+    # What step code may do (services/worker/steps/allowlist.py, services/worker/secrets.py, ssrf.py).
+    # Modules `python` steps may call, comma-separated ("shop.steps,billing"); a module allows its
+    # submodules. Unset: `weft up` allows the modules in its working directory, other workers none.
+    step_modules: str | None = None
+    secrets_dir: Path | None = None  # one file per secret, named after it (Docker/Kubernetes secrets)
+    # Hosts (or host:port) `http` steps may reach although they resolve to private addresses.
+    http_allowed_hosts: str = ""
+
+    @field_validator("step_modules")
+    @classmethod
+    def _module_names(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        from services.worker.steps.allowlist import parse_modules
+
+        return ",".join(parse_modules(value))
+
+    @field_validator("http_allowed_hosts")
+    @classmethod
+    def _host_names(cls, value: str) -> str:
+        from services.worker.steps.ssrf import parse_allowed_hosts
+
+        return ",".join(parse_allowed_hosts(value))
 
     @field_validator("inbox_retention")
     @classmethod
     def _outlasts_redelivery(cls, value: float, info: ValidationInfo) -> float:
-        window = info.data.get("ack_wait", 30.0) * info.data.get("max_deliver", 20)
+        window = info.data.get("ack_wait", 4.0) * info.data.get("max_deliver", 20)
         if value < window:
             raise ValueError(f"must be at least ack_wait x max_deliver = {window:.0f}s, or a redelivered "
                              "result could be applied twice")

@@ -280,7 +280,9 @@ class NatsTransport:
         With `user` and `password` (services/broker/nats_auth.py), replies come to that role's own
         inbox prefix, the only one its broker permissions let it subscribe to."""
         _check_namespace(namespace)
-        servers = [url] if isinstance(url, str) else list(url)
+        # A cluster is given as its seed URLs, comma-separated (WEFT_NATS_URL=nats://a,nats://b,...);
+        # the client learns the rest of the cluster from the servers and follows it.
+        servers = [u.strip() for u in url.split(",") if u.strip()] if isinstance(url, str) else list(url)
         nc = NATS()
 
         async def error_cb(exc: Exception) -> None:

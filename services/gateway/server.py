@@ -95,6 +95,7 @@ def build_gateway(stack: Any, catalog: Catalog, ingestor: Ingestor, stop: asynci
         ingestor=ingestor, keys=keys, auth=Authenticator(keys, enabled=settings.gateway_auth), stop=stop,
         webhook_tolerance=settings.webhook_tolerance,
     )
+    ctx.step_modules = getattr(stack, "step_modules", None)
     app = create_app(ctx, max_body=settings.gateway_max_body)
     return GatewayServer(app, settings.gateway_host, settings.gateway_port)
 

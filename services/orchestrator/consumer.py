@@ -27,7 +27,7 @@ DURABLE = "orchestrator"
 
 class ResultConsumer:
     def __init__(
-        self, executions: Executions, transport: Transport, *, batch: int = 256, ack_wait: float = 30.0,
+        self, executions: Executions, transport: Transport, *, batch: int = 256, ack_wait: float = 4.0,
         max_deliver: int = 20,
     ):
         self.executions, self.transport = executions, transport
@@ -46,15 +46,16 @@ class ResultConsumer:
         while not stop.is_set():
             try:
                 msgs = await self.consumer.fetch(self.batch, timeout=0.5)
-                if msgs:
-                    await self.handle(msgs)
                 backoff.reset()
-            except Exception:  # store or broker away: nothing acked, so all is redelivered
-                await backoff.failed(stop, log, "orchestrator: a batch")
+            except Exception:  # the broker is away
+                await backoff.failed(stop, log, "orchestrator: a fetch")
+                continue
+            if msgs:
+                await self.handle(msgs, stop)
         await self._shelf.close()
         await self.consumer.close()
 
-    async def handle(self, msgs: list[Delivery]) -> None:
+    async def handle(self, msgs: list[Delivery], stop: asyncio.Event | None = None) -> None:
         good: list[tuple[Delivery, StepResult]] = []
         poison: list[tuple[Delivery, str]] = []
         for msg in msgs:
@@ -67,7 +68,39 @@ class ResultConsumer:
         if poison:
             self._shelf.put(poison)
         if good:
-            await self._apply(good)
+            await self._apply_until_done(good, stop or asyncio.Event())
+
+    async def _apply_until_done(self, good: list[tuple[Delivery, StepResult]], stop: asyncio.Event) -> None:
+        """Apply a batch, holding on to it while the store is away.
+
+        Left unacked, a batch would come back only after ack_wait (30 s by default): that
+        was most of the stall after a database restart. So the batch is kept, its leases
+        renewed (in-progress acks do not count as deliveries), and applied again as soon
+        as the store answers. Asked to stop meanwhile, it is handed back (nak) for
+        another orchestrator to take at once.
+        """
+        backoff = Backoff()
+        keeper = asyncio.ensure_future(self._keep_leases(good))
+        try:
+            while True:
+                try:
+                    await self._apply(good)
+                    backoff.reset()
+                    return
+                except Exception:  # the store (or the broker, for the acks) is away
+                    await backoff.failed(stop, log, "orchestrator: a batch")
+                if stop.is_set():
+                    await _each(good, "nak")
+                    return
+        finally:
+            keeper.cancel()
+
+    async def _keep_leases(self, batch: list[tuple[Delivery, StepResult]]) -> None:
+        # ack_wait is short (seconds) so that a dead orchestrator's batch moves on quickly;
+        # a live one renews its leases for as long as a slow commit or an outage lasts.
+        while True:
+            await asyncio.sleep(self.ack_wait / 3)
+            await _each(batch, "in_progress")
 
     async def _apply(self, good: list[tuple[Delivery, StepResult]]) -> None:
         outcomes = await asyncio.to_thread(self.executions.apply_results, [r for _, r in good])
@@ -84,3 +117,12 @@ class ResultConsumer:
         if unknown:  # rare, and after the batch's commit: no reason to wait on the shelf
             await shelve(self.transport, "unknown_task", RESULTS_STREAM, unknown,
                          crash="orchestrator.after_dead_letter", what="result(s)", log=log)
+
+
+async def _each(batch: list[tuple[Delivery, StepResult]], what: str) -> None:
+    for msg, _ in batch:
+        try:
+            await getattr(msg, what)()
+        except Exception:  # noqa: BLE001 - the broker may be away too: it redelivers after ack_wait
+            log.debug("%s of a held result failed", what, exc_info=True)
+            return

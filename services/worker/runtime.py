@@ -26,6 +26,7 @@ from services.broker.batching import Batcher
 from services.broker.shelving import Shelf
 from services.faults import crash_point
 from services.retrying import Backoff
+from services.worker.secrets import Resolved, SecretSource
 from services.worker.steps import StepRegistry
 
 log = logging.getLogger("weft.worker")
@@ -40,12 +41,14 @@ def default_worker_id() -> str:
 class Worker:
     def __init__(
         self, transport: Transport, registry: StepRegistry, *, concurrency: int = 16, worker_id: str | None = None,
-        ack_wait: float = 30.0, max_deliver: int = 20,
+        ack_wait: float = 4.0, max_deliver: int = 20, drain_grace: float = 10.0,
+        secrets: SecretSource | None = None,
     ):
         self.transport, self.registry = transport, registry
+        self.secrets = secrets or SecretSource()
         self.concurrency = concurrency
         self.worker_id = worker_id or default_worker_id()
-        self.ack_wait, self.max_deliver = ack_wait, max_deliver
+        self.ack_wait, self.max_deliver, self.drain_grace = ack_wait, max_deliver, drain_grace
         self.completed = 0
         self._slots = asyncio.Semaphore(concurrency)
         self._running: set[asyncio.Task[None]] = set()
@@ -86,11 +89,32 @@ class Worker:
                 self._spawn(self._guarded(msg, ready))
             if poison:
                 self._shelf.put(poison)
-        if self._running:  # let running steps finish and report: graceful stop
-            await asyncio.wait(self._running, timeout=self.ack_wait)
+        await self._drain()
         await self._shelf.close()
         heartbeat.cancel()
         await consumer.close()
+
+    async def _drain(self) -> None:
+        """Graceful stop: no more fetches (the loop has ended); the steps running now get
+        `drain_grace` seconds to finish and report; those that don't are handed back (nak)
+        for another worker to run at once, instead of waiting out ack_wait."""
+        if not self._running:
+            return
+        log.info("worker stopping: %d step(s) running get %.0fs to finish", len(self._running), self.drain_grace)
+        _, unfinished = await asyncio.wait(self._running, timeout=self.drain_grace)
+        if not unfinished:
+            return
+        held = [msg for msg, _ in self._in_flight.values()]
+        for task in unfinished:
+            task.cancel()
+        await asyncio.wait(unfinished, timeout=1.0)
+        for msg in held:
+            try:
+                await msg.nak()
+            except Exception:  # noqa: BLE001 - the broker may be away: it redelivers after ack_wait
+                log.debug("handing back a step failed", exc_info=True)
+        log.warning("worker stopping: handed back %d step(s) that did not finish within %.0fs",
+                    len(held), self.drain_grace)
 
     def _spawn(self, work: Awaitable[None]) -> None:
         task = asyncio.ensure_future(work)
@@ -132,9 +156,12 @@ class Worker:
         )
         if msg is not None:
             self._in_flight[id(msg)] = (msg, asyncio.get_running_loop().time())
+        resolved: Resolved | None = None
         try:
             handler = self.registry.get(ready.step_type)
-            output = await asyncio.wait_for(handler(ready.input, ready.config, ctx), timeout=ready.timeout)
+            # Secrets: resolved here, on the worker, at the last moment (services/worker/secrets.py).
+            resolved = self.secrets.resolve(ready)
+            output = await asyncio.wait_for(handler(resolved.input, resolved.config, ctx), timeout=ready.timeout)
             error = None
         except asyncio.TimeoutError:
             output, error = None, StepError(type="StepTimeout", message=f"step timed out after {ready.timeout}s")
@@ -143,6 +170,8 @@ class Worker:
         finally:
             if msg is not None:
                 self._in_flight.pop(id(msg), None)
+        if resolved is not None and resolved.values:  # what leaves the worker carries no secret's value
+            output, error = resolved.redact(output), resolved.redact_error(error)
         return StepResult(
             execution_id=ready.execution_id, step_id=ready.step_id, item=ready.item, attempt=ready.attempt,
             status="failed" if error else "succeeded", output=output, error=error, worker_id=self.worker_id,
