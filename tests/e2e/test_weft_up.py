@@ -183,8 +183,8 @@ def test_the_broker_requires_credentials_and_a_lone_worker_gets_its_role(tmp_pat
             assert sock.recv(4096).startswith(b"-ERR 'Authorization Violation'")
 
         with open(home / "worker.log", "wb") as log:
-            worker = subprocess.Popen([sys.executable, "-m", "weft", "worker"], env=_env(home), cwd=ROOT,
-                                      stdout=log, stderr=subprocess.STDOUT)
+            worker = subprocess.Popen([sys.executable, "-m", "weft", "worker", "--steps", "examples"], env=_env(home),
+                                      cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         proc = weft(home, "run", "examples/order.yaml", "--input", '{"order_id": "A-9", "items": ["fig"]}', "--json",
                     "--timeout", "60")
         assert proc.returncode == 0, proc.stderr + (home / "worker.log").read_text()
