@@ -133,9 +133,11 @@ def _service(parts: tuple[str, ...], home: Optional[Path], log_level: str, *, se
         install_signal_handlers(stop, settings.drain_grace)
         await run_services(settings, parts, stop, on_ready=on_ready)
 
+    from services.broker import BrokerError
+
     try:
         asyncio.run(main())
-    except RuntimeError as exc:  # e.g. no broker to connect to: say so, without a traceback
+    except (RuntimeError, BrokerError) as exc:  # e.g. no broker, or it refused our credentials: no traceback
         out.fail(1, str(exc))
 
 

@@ -284,8 +284,11 @@ class NatsTransport:
         # the client learns the rest of the cluster from the servers and follows it.
         servers = [u.strip() for u in url.split(",") if u.strip()] if isinstance(url, str) else list(url)
         nc = NATS()
+        refused: list[str] = []  # the server said no to the credentials: waiting will not help
 
         async def error_cb(exc: Exception) -> None:
+            if "authorization violation" in str(exc).lower():
+                refused.append(str(exc))
             # Connection errors are expected while the broker restarts.
             level = logging.DEBUG if _is_transient(exc) else logging.WARNING
             log.log(level, "nats client error: %s: %s", type(exc).__name__, exc)
@@ -323,6 +326,10 @@ class NatsTransport:
             # A connect refused by the server (bad credentials) leaves its socket open in nats-py.
             if getattr(nc, "_transport", None) is not None:
                 nc._transport.close()
+            if refused and not nc.is_connected:
+                who = f"user {user!r}" if user else "no credentials (the server requires them: WEFT_NATS_USER)"
+                raise BrokerError(f"NATS at {', '.join(servers)} refused {who}: authorization violation",
+                                  operation="connect", retryable=False) from exc
             raise BrokerError(
                 f"cannot connect to NATS at {', '.join(servers)} within {connect_timeout:g}s",
                 operation="connect",

@@ -77,10 +77,13 @@ def test_credentials_are_private_and_kept(auth_server: _AuthServer) -> None:
 
 
 async def test_anonymous_and_wrong_password_are_refused(auth_server: _AuthServer) -> None:
-    with pytest.raises(BrokerError):
+    # Refused credentials are not an outage: not retryable, so a service says so instead of waiting.
+    with pytest.raises(BrokerError, match="refused no credentials") as anonymous:
         await NatsTransport.connect(auth_server.server.url, connect_timeout=2)
-    with pytest.raises(BrokerError):
+    assert anonymous.value.retryable is False
+    with pytest.raises(BrokerError, match="refused user 'worker'") as guessed:
         await NatsTransport.connect(auth_server.server.url, user="worker", password="guess", connect_timeout=2)
+    assert guessed.value.retryable is False
     gc.collect()  # a socket left open by a refused connect would warn here (warnings are errors)
     # On the wire, as an attacker would try it: CONNECT without credentials, then a publish.
     reader, writer = await asyncio.open_connection(auth_server.server.host, auth_server.server.port)
