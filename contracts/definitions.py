@@ -342,7 +342,14 @@ def parse_definition(
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             line = mark.line + 1 if mark is not None else None
-            raise DefinitionError([Problem(path="<document>", message=str(exc).splitlines()[0], line=line)]) from None
+            # PyYAML's whole message, without its source snippets: "while parsing a flow mapping
+            # (line 3, column 5): expected ',' or '}', but got '<stream end>'".
+            detail = str(getattr(exc, "problem", None) or str(exc).splitlines()[0])
+            context, where = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+            if context:
+                at = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
+                detail = f"{context}{at}: {detail}"
+            raise DefinitionError([Problem(path="<document>", message=detail, line=line)]) from None
         if node is not None:
             _index_lines(node, (), lines)
     if not isinstance(data, dict):

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Mapping, TypeVar
+from typing import TYPE_CHECKING, Any, Mapping, TypeVar
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 T = TypeVar("T", bound="Settings")
+
+if TYPE_CHECKING:
+    from contracts.payloads import PayloadLimits
 
 
 class Settings(BaseModel):
@@ -47,7 +50,12 @@ class Settings(BaseModel):
     gateway_port: int = 0
     gateway_host: str = "127.0.0.1"
     gateway_auth: bool = True  # `weft up` turns it off on a loopback host unless set explicitly
-    gateway_max_body: int = 1024 * 1024  # bytes; larger bodies get 413
+    gateway_max_body: int = 1024 * 1024  # bytes; larger bodies get 413 (bodies that carry payloads: below)
+    # The payload policy (contracts/payloads.py). Up to the inline limit a value travels inside
+    # events and messages; up to the maximum it is stored once in the blob store and travels as a
+    # reference; over the maximum it is refused. Bytes of compact JSON.
+    payload_inline_limit: int = 256 * 1024
+    payload_max: int = 64 * 1024 * 1024
     trigger_batch: int = 500  # trigger events ingested per store transaction
     cron_grace: float = 60.0  # seconds a late cron tick still counts as on time
     no_worker: bool = False  # `weft up` without its in-process worker
@@ -110,6 +118,19 @@ class Settings(BaseModel):
                 raise ValueError(f"nats_password_file={str(self.nats_password_file)!r}: {exc.strerror}") from None
         return {"user": self.nats_user, "password": password or ""}
 
+    @model_validator(mode="after")
+    def _payload_limits(self: T) -> T:
+        try:  # the inline limit must leave the broker room for the envelope, the maximum be above it
+            self.payload_limits()
+        except ValueError as exc:
+            raise ValueError(f"WEFT_PAYLOAD_INLINE_LIMIT / WEFT_PAYLOAD_MAX: {exc}") from None
+        return self
+
+    def payload_limits(self) -> "PayloadLimits":
+        from contracts.payloads import PayloadLimits
+
+        return PayloadLimits(inline=self.payload_inline_limit, maximum=self.payload_max)
+
     @classmethod
     def load(cls: type[T], env: Mapping[str, str] | None = None, **flags: Any) -> T:
         env = os.environ if env is None else env
@@ -126,7 +147,10 @@ class Settings(BaseModel):
         except ValidationError as exc:
             problems = []
             for err in exc.errors():
-                name = str(err["loc"][0]) if err["loc"] else "?"
+                if not err["loc"]:  # a rule over several settings says which itself
+                    problems.append(str(err["msg"]).removeprefix("Value error, "))
+                    continue
+                name = str(err["loc"][0])
                 where = f"WEFT_{name.upper()}" if name in from_env and name not in flags else name
                 problems.append(f"{where}={values.get(name)!r}: {err['msg']}")
             raise ValueError("; ".join(problems)) from None

@@ -25,6 +25,7 @@ from services.projections import Projector, default_views
 from services.retrying import Backoff, away
 from services.settings import Settings
 from services.store import EventStore, open_store
+from services.store.blobs import SqlBlobStore
 from services.worker.runtime import Worker
 from services.worker.steps import HttpPolicy, StepModules, default_registry
 from services.worker.steps.allowlist import SETTING as STEP_MODULES_SETTING
@@ -38,7 +39,7 @@ class Stack:
 
     def __init__(self, settings: Settings, store: EventStore, transport: Transport):
         self.settings, self.store, self.transport = settings, store, transport
-        self.executions = Executions(store)
+        self.executions = Executions(store, limits=settings.payload_limits())
         self.relay: Relay | None = None
         self.consumer: ResultConsumer | None = None
         self.worker: Worker | None = None
@@ -114,11 +115,7 @@ async def _build(
     if not settings.nats_url:
         raise RuntimeError("no NATS url: run `weft up` (its home folder tells the services where), or set WEFT_NATS_URL")
     assert settings.database_url
-    # A worker alone gets no store: it needs only the broker, and a compromised worker then
-    # holds no database credentials either.
-    store: Any = _NoStore()
-    if parts - {"worker"}:
-        store = await asyncio.to_thread(open_store, settings.database_url, pool_size=12)
+    store = await asyncio.to_thread(open_store, settings.database_url, pool_size=12)
     exits.callback(store.close)
     credentials = settings.nats_credentials()
     transport = await NatsTransport.connect(settings.nats_url, namespace=settings.namespace,
@@ -128,6 +125,8 @@ async def _build(
     # a service with a narrower role finds them made by `weft up` or `weft broker init`.
     if credentials.get("user") in (None, ADMIN):
         await transport.ensure_streams()
+    # An oversized dead letter keeps its full bytes in the blob store, beside the events.
+    transport.blob_sink = SqlBlobStore(store).put
     stack = Stack(settings, store, transport)
     if "relay" in parts:
         stack.relay = Relay(store, transport, batch=settings.relay_batch, poll_interval=settings.poll_interval)
@@ -151,7 +150,7 @@ async def _build(
         stack.worker = Worker(
             transport, registry, concurrency=settings.worker_concurrency, worker_id=settings.worker_id,
             ack_wait=settings.ack_wait, max_deliver=settings.max_deliver, drain_grace=settings.drain_grace,
-            secrets=worker_secrets(settings),
+            secrets=worker_secrets(settings), claims=stack.executions.claims,
         )
         runs.append(stack.worker.run(stop))
     if "projector" in parts:
@@ -171,16 +170,6 @@ async def _build(
 
         runs.extend(await front_door(stack, parts, stop))
     return stack
-
-
-class _NoStore:
-    """The store of a process that runs only workers: using it is a bug, said plainly."""
-
-    def close(self) -> None:
-        pass
-
-    def __getattr__(self, name: str) -> Any:
-        raise RuntimeError(f"a worker-only process has no event store (store.{name})")
 
 
 async def _drain(tasks: list[asyncio.Future[Any]], grace: float) -> None:

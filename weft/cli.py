@@ -18,7 +18,28 @@ import typer
 
 from weft import output as out
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="Weft: event-sourced workflow orchestration.")
+app = typer.Typer(no_args_is_help=True, add_completion=True, help="Weft: event-sourced workflow orchestration.")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            print(f"weft {version('weft')}")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            print("weft (not installed)")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    show_version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                      help="Print the version and exit."),
+) -> None:
+    """Weft: event-sourced workflow orchestration."""
+
+
 executions_app = typer.Typer(no_args_is_help=True, help="List executions.")
 workflows_app = typer.Typer(no_args_is_help=True, help="Publish and inspect workflow versions.")
 app.add_typer(executions_app, name="executions")
@@ -48,14 +69,41 @@ def _settings(home: Optional[Path], **flags: Any):
 def _store(home: Optional[Path], settings: Any = None):
     from services.store import open_store
 
-    return open_store((settings or _settings(home)).database_url)
+    settings = settings or _settings(home)
+    need_stack(settings)
+    return open_store(settings.database_url)
 
 
-def _json_arg(name: str, raw: str) -> Any:
-    text = raw
+def need_stack(settings: Any) -> None:
+    """Say at once, in one line, that no stack is running, instead of creating an empty
+    store and showing empty tables (or waiting forever for an execution nobody runs).
+
+    A deployed stack is named by WEFT_DATABASE_URL: then the store itself says whether
+    it can be reached."""
+    from services.settings import read_stack
+
+    if os.environ.get("WEFT_DATABASE_URL"):
+        return
+    home = settings.home.resolve()
+    stack = read_stack(home)
+    pid = stack.get("pid")
+    if pid and out.alive(pid):
+        return
+    why = f"`weft up` (pid {pid}) is no longer running in {home}" if pid else f"no Weft stack is running in {home}"
+    out.fail(1, f"{why}: start one with `weft up` (or `weft up --home DIR`), or point --home / WEFT_HOME at a "
+                "running one (WEFT_DATABASE_URL and WEFT_NATS_URL for a deployed stack)")
+
+
+def _json_arg(name: str, raw: str, most: int | None = None) -> Any:
+    """JSON from the argument or from @file. With `most` (the payload maximum), a file far over
+    it (its compact JSON cannot be under it, whitespace allowed for) is refused unread."""
+    text: str | bytes = raw
     if raw.startswith("@"):
         try:
-            text = Path(raw[1:]).read_text()
+            path = Path(raw[1:])
+            if most is not None and (size := path.stat().st_size) > 2 * most:
+                out.fail(2, f"{name}: {raw[1:]} is {size} bytes, over the limit of {most} bytes (WEFT_PAYLOAD_MAX)")
+            text = path.read_bytes()
         except OSError as exc:
             out.fail(2, f"{name}: cannot read {raw[1:]}: {exc.strerror}")
     try:
@@ -189,15 +237,21 @@ def run(
 
     from contracts.definitions import validate_input
 
+    from contracts.payloads import PayloadError, measure
+
     wf = _definition(file, home)
-    data = _json_arg("--input", input)
+    settings = _settings(home)
+    data = _json_arg("--input", input, most=settings.payload_max)
+    try:  # over the payload maximum: refused before anything is stored
+        measure(data, settings.payload_limits(), "--input")
+    except PayloadError as exc:
+        out.fail(2, str(exc))
     problems = validate_input(wf, data)
     if problems:  # before anything is stored, the workflow version included
         out.fail(2, str(InputError(problems)))
-    settings = _settings(home)
     with _store(home, settings) as store:
         version = Registry(store).publish(wf)
-        executions = Executions(store)
+        executions = Executions(store, limits=settings.payload_limits())
         state, _ = executions.start(version, data, idempotency_key=idempotency_key)
         if no_wait:
             out.emit({"execution_id": state.id, "status": state.status, "workflow": wf.name,

@@ -32,6 +32,7 @@ from contracts.deadletters import MSG_ID_HEADER as DLQ_MSG_ID_HEADER
 from contracts.deadletters import REASON_HEADER as DLQ_REASON_HEADER
 from contracts.deadletters import SOURCE_SUBJECT_HEADER as DLQ_SOURCE_SUBJECT_HEADER
 from services.broker.ports import BrokerError, DeadLetter, OutMessage
+from services.broker.oversize import BlobSink, fit
 
 __all__ = [
     "DLQ_DELIVERED_HEADER",
@@ -257,6 +258,8 @@ class NatsTransport:
             timeout=request_timeout, publish_async_max_pending=max(4 * publish_window, 4000)
         )
         self._consumers: set[NatsConsumer] = set()
+        # Where an oversized dead letter's full bytes go (services.broker.oversize); set by the wiring.
+        self.blob_sink: BlobSink | None = None
 
     # ---- construction -------------------------------------------------
 
@@ -655,15 +658,17 @@ class NatsTransport:
         """Store a dead letter. Pass the source message's identity (contracts.deadletters.message_key,
         or another stable id) as msg_id: it is the dead letter's dedup id, else one is derived from
         kind, source subject and payload."""
-        await self.publish(self._dead_letter_message(DeadLetter(
+        [letter] = await fit([DeadLetter(
             kind, payload, reason, headers=headers, source_subject=source_subject, delivered=delivered, msg_id=msg_id,
-        )))
+        )], self.blob_sink)
+        await self.publish(self._dead_letter_message(letter))
 
     async def dead_letter_many(self, letters: Sequence[DeadLetter]) -> None:
         """Store many dead letters in one atomic batch (one stored write); a batch holding one the
         stream has seen already (a redelivered poison message) goes message by message instead,
         and the broker drops that one as a duplicate."""
-        await self.publish_many([self._dead_letter_message(letter) for letter in letters])
+        fitted = await fit(letters, self.blob_sink)
+        await self.publish_many([self._dead_letter_message(letter) for letter in fitted])
 
     @staticmethod
     def _dead_letter_message(letter: DeadLetter) -> OutMessage:

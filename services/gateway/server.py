@@ -110,7 +110,7 @@ async def front_door(stack: Any, parts: set[str], stop: asyncio.Event) -> list[A
         for listener in stack.executions.listeners:
             listener()
 
-    ingestor = Ingestor(stack.store, catalog, notify=notify)
+    ingestor = Ingestor(stack.store, catalog, notify=notify, claims=stack.executions.claims)
     runs: list[Awaitable[Any]] = []
     if "triggers" in parts:
         stack.triggers = TriggerConsumer(ingestor, stack.transport, batch=settings.trigger_batch,

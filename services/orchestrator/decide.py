@@ -15,6 +15,7 @@ from contracts import events as ev
 from contracts.definitions import WorkflowDef
 from contracts.expressions import ExpressionError, evaluate, render, truthy
 from contracts.messages import StepResult, task_key
+from contracts.payloads import guard, is_ref
 from services.orchestrator.backoff import backoff
 from services.orchestrator.state import FINISHED, PAUSED, RUNNING, Execution, evolve
 
@@ -223,8 +224,10 @@ def _control(s: Execution, c: Command, now: datetime, emit: Emit) -> None:
 
 
 def _context(s: Execution) -> dict[str, Any]:
-    steps = {sid: {"output": st.output, "status": st.status} for sid, st in s.steps.items()}
-    return {"input": s.input, "steps": steps, "execution": {"id": s.id, "workflow": s.workflow}}
+    # A payload stored by reference can be passed on whole, but an expression that looks
+    # inside it fails with a clear error (contracts.payloads.Guarded), never a silent null.
+    steps = {sid: {"output": guard(st.output), "status": st.status} for sid, st in s.steps.items()}
+    return {"input": guard(s.input), "steps": steps, "execution": {"id": s.id, "workflow": s.workflow}}
 
 
 def _advance(s: Execution, now: datetime, emit: Emit) -> None:
@@ -278,7 +281,8 @@ def _schedule_step(s: Execution, step_def: Any, now: datetime, emit: Emit) -> No
             return
         items = evaluate(_inner(step_def.map), ctx)
         if not isinstance(items, list):
-            raise ExpressionError(step_def.map, f"map needs a list, got {type(items).__name__}")
+            got = "a value stored by reference (over WEFT_PAYLOAD_INLINE_LIMIT)" if is_ref(items) else type(items).__name__
+            raise ExpressionError(step_def.map, f"map needs a list, got {got}")
         inputs = [render(step_def.input, {**ctx, "item": x}) if step_def.input is not None else x for x in items]
         configs = [_config(step_def, {**ctx, "item": x}) for x in items]
     except ExpressionError as exc:

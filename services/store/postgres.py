@@ -46,6 +46,14 @@ class WeftPostgresRecorder(PostgresProcessRecorder):
                 "recorded_at timestamptz NOT NULL DEFAULT now())"
             ).format(schema)
         )
+        # Large payloads, stored once by their SHA-256 (services/store/blobs.py, the claim check).
+        self.sql_create_statements.append(
+            SQL(
+                "CREATE TABLE IF NOT EXISTS {0}.blobs ("
+                "sha256 text PRIMARY KEY, size bigint NOT NULL, data bytea NOT NULL, "
+                "stored_at timestamptz NOT NULL DEFAULT now())"
+            ).format(schema)
+        )
         self.insert_inbox_statement = SQL(
             "INSERT INTO {0}.inbox (message_id) SELECT unnest(%s::text[])"
         ).format(schema)
