@@ -106,10 +106,12 @@ def _json_arg(name: str, raw: str, most: int | None = None) -> Any:
             text = path.read_bytes()
         except OSError as exc:
             out.fail(2, f"{name}: cannot read {raw[1:]}: {exc.strerror}")
-    try:
-        return orjson.loads(text)
-    except orjson.JSONDecodeError as exc:
-        out.fail(2, f"{name}: not valid JSON: {exc}")
+    from contracts import values
+
+    try:  # not orjson: it reads a 65-bit integer as a float, silently
+        return values.loads(text, name.lstrip("-").replace("-", "_"))
+    except values.ValueProblem as exc:
+        out.fail(2, f"{name}: {exc}")
 
 
 def _definition(file: Path, home: Optional[Path] = None):
@@ -227,7 +229,8 @@ def run(
     input: str = typer.Option("{}", "--input", "-i", help="Execution input as JSON, or @file.json."),
     idempotency_key: Optional[str] = typer.Option(None, "--idempotency-key"),
     timeout: float = typer.Option(0, help="Stop following after this many seconds (0: never)."),
-    no_wait: bool = typer.Option(False, "--no-wait", help="Start and print the id; do not follow."),
+    no_wait: bool = typer.Option(False, "--no-wait", help="Start, print {execution_id, status, workflow, version} "
+                                                          "and do not follow."),
     as_json: bool = JsonOpt,
     home: Optional[Path] = HomeOpt,
 ) -> None:
@@ -252,7 +255,10 @@ def run(
     with _store(home, settings) as store:
         version = Registry(store).publish(wf)
         executions = Executions(store, limits=settings.payload_limits())
-        state, _ = executions.start(version, data, idempotency_key=idempotency_key)
+        state, created = executions.start(version, data, idempotency_key=idempotency_key)
+        if not created and not executions.claims.same(state.input, data):  # as HTTP answers 409: never silent
+            out.fail(2, f"--idempotency-key {idempotency_key!r} already started execution {state.id} with a "
+                        "different input; use a new key for a new execution")
         if no_wait:
             out.emit({"execution_id": state.id, "status": state.status, "workflow": wf.name,
                       "version": version.version}, as_json)
@@ -330,7 +336,13 @@ def _control(execution_id: str, cmd: Any, as_json: bool, home: Optional[Path]) -
         except (NotFound, DecisionError) as exc:
             out.fail(1, str(exc))
         state = executions.load(execution_id)
-    out.emit(out.execution_summary(state) | {"events": [e.type for e in events]}, as_json)
+    summary = out.execution_summary(state) | {"events": [e.type for e in events]}
+
+    def said(value: dict[str, Any]) -> None:  # one line for a person; --json has the whole summary
+        what = ", ".join(value["events"]) or "nothing to do (already so)"
+        out.console.print(f"execution {value['execution_id']} · {value['status']} · recorded: {what}", highlight=False)
+
+    out.emit(summary, as_json, render=said)
 
 
 @app.command()

@@ -36,6 +36,7 @@ from typing import Any, Mapping
 
 import orjson
 
+from contracts import values
 from contracts.triggers import CloudEvent
 from services.triggers.routing import normalise_path
 
@@ -137,10 +138,10 @@ def webhook_event(path: str, body: bytes, content_type: str | None, event_id: st
     data: Any
     if media == "application/json" or media.endswith("+json"):
         if body.strip():
-            try:
-                data = orjson.loads(body)
-            except orjson.JSONDecodeError as exc:
-                raise WebhookError(422, "invalid", f"body: not valid JSON: {exc}", field="body") from None
+            try:  # the gateway's limits (depth, 64-bit integers, no lone surrogates), not orjson's
+                data = values.loads(body, "body")
+            except values.ValueProblem as exc:
+                raise WebhookError(422, "invalid", str(exc), field=exc.path) from None
         else:
             data = None
         media = "application/json"

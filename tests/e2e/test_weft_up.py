@@ -206,3 +206,33 @@ def test_the_broker_requires_credentials_and_a_lone_worker_gets_its_role(tmp_pat
             worker.send_signal(signal.SIGTERM)
             worker.wait(timeout=30)
         up.stop()
+
+
+BOMB = """
+name: bomb
+steps:
+  - {id: blow, type: noop, input: {v: "${{ input.v""" + " | [@,@]" * 40 + """ }}"}}
+"""
+
+
+def test_an_expression_bomb_fails_its_step_and_weft_up_carries_on(up: Up, tmp_path: Path) -> None:
+    # Issue 13: 327 characters that stand for 2^40 elements segfaulted `weft up` (orjson out of memory).
+    wf = tmp_path / "bomb.yaml"
+    wf.write_text(BOMB)
+    started = time.monotonic()
+    proc = weft(up.home, "run", str(wf), "--input", '{"v": "x"}', "--json")
+    assert proc.returncode == 1, proc.stderr
+    result = _json(proc)
+    assert result["status"] == "failed" and result["error"]["step_id"] == "blow"
+    assert result["error"]["type"] == "ExpressionBudgetError"
+    assert "creates more than 1000000 elements (the expression budget)" in result["error"]["message"]
+    assert time.monotonic() - started < 30
+    assert up.proc.poll() is None  # alive
+    letters = _json(weft(up.home, "dlq", "list", "--json", check=True))
+    assert [(d["execution_id"], d["step_id"]) for d in letters] == [(result["execution_id"], "blow")]
+    # values Weft cannot carry are refused at the door with the field, exit 2
+    proc = weft(up.home, "run", str(wf), "--input", '{"v": 100000000000000000000000}', "--json")
+    assert proc.returncode == 2 and "input.v" in proc.stderr and "64-bit" in proc.stderr, proc.stderr
+    # and a normal execution completes right after
+    proc = weft(up.home, "run", "examples/order.yaml", "--input", '{"order_id": "A-2", "items": ["fig"]}', "--json")
+    assert proc.returncode == 0 and _json(proc)["status"] == "completed", proc.stderr

@@ -67,3 +67,25 @@ def test_a_yaml_error_says_what_was_expected(cli, tmp_path: Path) -> None:
     assert result.exit_code == 2
     text = " ".join(result.output.split())
     assert "while parsing a flow mapping (line 3, column 5): expected ',' or '}'" in text, result.output
+
+
+def test_run_with_a_used_idempotency_key_and_another_input_is_refused(monkeypatch, tmp_path: Path) -> None:
+    from services.settings import write_stack
+
+    for name in ("WEFT_DATABASE_URL", "WEFT_NATS_URL"):
+        monkeypatch.delenv(name, raising=False)
+    home = tmp_path / "home"
+    import os
+
+    write_stack(home, {"pid": os.getpid()})  # a stack "runs": this process stands in for `weft up`
+    runner = CliRunner()
+    wf = str(ROOT / "examples/order.yaml")
+    first = runner.invoke(app, ["run", wf, "--input", '{"order_id": "A-1"}', "--idempotency-key", "k1", "--no-wait",
+                                "--json"], env={"WEFT_HOME": str(home)})
+    assert first.exit_code == 0, first.output
+    again = runner.invoke(app, ["run", wf, "--input", '{"order_id": "A-1"}', "--idempotency-key", "k1", "--no-wait",
+                                "--json"], env={"WEFT_HOME": str(home)})
+    assert again.exit_code == 0 and json.loads(again.output)["execution_id"] == json.loads(first.output)["execution_id"]
+    other = runner.invoke(app, ["run", wf, "--input", '{"order_id": "B-2"}', "--idempotency-key", "k1", "--no-wait"],
+                          env={"WEFT_HOME": str(home)})
+    assert other.exit_code == 2 and "different input" in " ".join(other.output.split())
