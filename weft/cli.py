@@ -171,16 +171,23 @@ def _service(parts: tuple[str, ...], home: Optional[Path], log_level: str, *, se
     from services.stack import install_signal_handlers, run_services
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = settings or _settings(home, **flags)
+    if settings is None:
+        from services.broker.nats_auth import role_for
+
+        # A service started alone takes its own role's broker credentials from the stack, not admin's.
+        flags.setdefault("nats_role", role_for(parts))
+        settings = _settings(home, **flags)
 
     async def main() -> None:
         stop = asyncio.Event()
         install_signal_handlers(stop, settings.drain_grace)
         await run_services(settings, parts, stop, on_ready=on_ready)
 
+    from services.broker import BrokerError
+
     try:
         asyncio.run(main())
-    except RuntimeError as exc:  # e.g. no broker to connect to: say so, without a traceback
+    except (RuntimeError, BrokerError) as exc:  # e.g. no broker, or it refused our credentials: no traceback
         out.fail(1, str(exc))
 
 
@@ -451,3 +458,4 @@ from weft import cli_gateway as _cli_gateway  # noqa: E402,F401
 
 def main() -> None:
     app()
+from weft import cli_broker as _cli_broker  # noqa: E402,F401

@@ -42,6 +42,7 @@ class Context:
     dead_letters: FreshView = field(init=False)  # caught up before each dead-letter read
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     sse_poll: float = 0.25
+    webhook_tolerance: float = 300.0  # seconds a signed webhook's timestamp may be off (settings.webhook_tolerance)
     sse_heartbeat: float = 15.0
     step_modules: Any = None  # the allowlist of a worker in this process (weft up), for publish warnings
 
