@@ -23,7 +23,7 @@ from services.gateway.auth import is_loopback
 from services.stack import ALL, Stack, install_signal_handlers, run_services
 from weft.output import alive
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # never wrap a URL or a path: they must stay copyable
 
 
 def run_up(settings: Settings) -> int:
