@@ -171,6 +171,43 @@ def keys_create(
                      "  shown once: store it now (only its hash is kept)", highlight=False)
 
 
+@keys_app.command("bootstrap")
+def keys_bootstrap(
+    key_file: Optional[Path] = typer.Option(None, "--key-file", help="A file holding the first admin key "
+                                            "(a compose or Kubernetes secret). Empty or missing: one is made "
+                                            "and printed once."),
+    as_json: bool = JsonOpt,
+    home: Optional[Path] = HomeOpt,
+) -> None:
+    """A deployment's first admin key, once: does nothing when the store already has a key."""
+    from services.gateway.keys import KeyProblem, Keys
+
+    store = _store(home)
+    try:
+        if _any_key(store):
+            out.errors.print("weft keys bootstrap: the store has API keys already; nothing to do", highlight=False)
+            if as_json:
+                out.emit({"created": False}, True)
+            return
+        token = key_file.read_text().strip() if key_file is not None and key_file.is_file() else ""
+        try:
+            made, key = Keys(store).create(["admin"], name="bootstrap", by=_user(), token=token or None)
+        except KeyProblem as exc:
+            out.fail(2, f"{key_file}: {exc}")
+    finally:
+        store.close()
+    result = key.public() | {"created": True}
+    if as_json:
+        out.emit(result | ({} if token else {"key": made}), True)
+        return
+    if token:
+        out.errors.print(f"admin key {result['prefix']} recorded from {key_file}", highlight=False)
+    else:  # nobody has it yet: this is the one time it is shown
+        sys.stdout.write(made + "\n")
+        out.errors.print(f"admin key {result['prefix']} · shown once: store it now (only its hash is kept)",
+                         highlight=False)
+
+
 @keys_app.command("list")
 def keys_list(as_json: bool = JsonOpt, home: Optional[Path] = HomeOpt) -> None:
     """Every key: prefix, scopes, binding, revoked or not (never the key itself)."""

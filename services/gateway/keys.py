@@ -188,9 +188,11 @@ class Keys:
 
     def create(
         self, scopes: Iterable[str], *, workflows: Iterable[str] | None = None, name: str | None = None,
-        by: str | None = None, events: Iterable[str] | None = None,
+        by: str | None = None, events: Iterable[str] | None = None, token: str | None = None,
     ) -> tuple[str, ApiKey]:
-        """A new key: (the key itself, shown once; its record)."""
+        """A new key: (the key itself, shown once; its record). With `token` (a deployment's
+        bootstrap key, made outside and kept in a secret file) that key is recorded instead of
+        a fresh one; recording the same token again changes nothing."""
         wanted = parse_scopes(scopes)
         bound = None
         if workflows is not None:
@@ -204,14 +206,25 @@ class Keys:
                 raise KeyProblem("events: only a key bound to workflows takes an event binding "
                                  "(an unbound key reaches every event type)")
             patterns = parse_events(events)
+        given = token
+        if given is not None and not _TOKEN.match(given):
+            raise KeyProblem("key: not a Weft key (weft_<8 hex digits>_<43 characters of base64url>)")
         for _ in range(10):
-            key_id = secrets.token_hex(4)
-            token = f"weft_{key_id}_{secrets.token_urlsafe(32)}"
+            if given is not None:
+                key_id, token = given[5:13], given
+            else:
+                key_id = secrets.token_hex(4)
+                token = f"weft_{key_id}_{secrets.token_urlsafe(32)}"
             event = ApiKeyCreated(at=self.clock(), key_id=key_id, digest=_digest(token), scopes=wanted,
                                   workflows=bound, name=name, by=by, events=patterns)
             try:
                 self.store.append([NewEvent(key_stream(key_id), 1, event.type, orjson.dumps(event.model_dump(mode="json")))])
             except ConcurrencyError:
+                if given is not None:
+                    existing = self._fold(self._events(key_id))
+                    if existing is not None and existing.digest == _digest(given):
+                        return given, existing  # recorded before: a bootstrap run again
+                    raise KeyProblem("key: its prefix is taken by another key") from None
                 continue  # the prefix is taken (1 in 4 billion): draw again
             return token, self._fold([event])  # type: ignore[return-value]
         raise ConcurrencyError("could not find a free key prefix", kind="version")

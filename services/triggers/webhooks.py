@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+from pathlib import Path
 import re
 import uuid
 from dataclasses import dataclass
@@ -113,7 +114,14 @@ def secret_for(secret_env: str | None, environ: Mapping[str, str] | None = None)
     """The secret a definition names, or None when it names none. KeyError: named but not set."""
     if not secret_env:
         return None
-    value = (os.environ if environ is None else environ).get(secret_env)
+    env = os.environ if environ is None else environ
+    value = env.get(secret_env)
+    if not value and env.get(f"{secret_env}_FILE"):
+        # Docker's convention for secrets mounted as files (compose `secrets:`, /run/secrets/NAME).
+        try:
+            value = Path(env[f"{secret_env}_FILE"]).read_text().strip()
+        except OSError:
+            value = None
     if not value:
         raise KeyError(secret_env)
     return value
