@@ -13,17 +13,28 @@ Who may import it: services (orchestrator, relay, worker, gateway) and the CLI.
 Never `contracts` or the pure core: they must not know a broker exists.
 """
 
-from services.broker.ports import BrokerError, Consumer, DeadLetter, Delivery, OutMessage, Transport
+from services.broker.ports import (
+    BrokerError,
+    Consumer,
+    DeadLetter,
+    Delivery,
+    MessageRejected,
+    OutMessage,
+    PayloadTooLarge,
+    Transport,
+)
 
 __all__ = [
     "BrokerError",
     "Consumer",
     "DeadLetter",
     "Delivery",
+    "MessageRejected",
     "NatsServer",
     "NatsServerError",
     "NatsTransport",
     "OutMessage",
+    "PayloadTooLarge",
     "Transport",
 ]
 

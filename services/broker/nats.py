@@ -3,8 +3,10 @@
 Streams are file-backed with a 120 s duplicate window, so a publisher that
 retries with the same msg id (the relay after a crash, a worker redoing a
 result) stores one message. Consumers are durable pull consumers with explicit
-ack. The client reconnects forever; a call that meets a broker restart waits
-and retries (bounded by `publish_retry_for`) instead of failing at once.
+ack. The client reconnects forever, also after the server closed the connection
+(services.broker.nats_client); a call that meets a broker restart waits and
+retries (bounded by `publish_retry_for`) instead of failing at once. No message
+over the server's max_payload is ever sent: it is refused with PayloadTooLarge.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from contracts.deadletters import KIND_HEADER as DLQ_KIND_HEADER
 from contracts.deadletters import MSG_ID_HEADER as DLQ_MSG_ID_HEADER
 from contracts.deadletters import REASON_HEADER as DLQ_REASON_HEADER
 from contracts.deadletters import SOURCE_SUBJECT_HEADER as DLQ_SOURCE_SUBJECT_HEADER
-from services.broker.ports import BrokerError, DeadLetter, OutMessage
+from services.broker.nats_client import Client, wire_size
+from services.broker.ports import BrokerError, DeadLetter, MessageRejected, OutMessage, PayloadTooLarge
 
 __all__ = [
     "DLQ_DELIVERED_HEADER",
@@ -84,6 +87,7 @@ _NAMESPACE_RE = re.compile(r"[a-z0-9_-]{1,32}")
 _ERR_STREAM_NAME_IN_USE = 10058  # "stream name already in use with a different configuration"
 _ERR_MSG_DELETE_FAILED = 10057
 _ERR_SEQUENCE_NOT_FOUND = 10043
+_ERR_MESSAGE_TOO_BIG = 10054  # over the stream's max_msg_size
 
 # Errors after which the same call may well succeed: the broker is restarting,
 # a leader election is running, the reply got lost in a reconnect.
@@ -163,6 +167,7 @@ class NatsConsumer:
         self.durable = durable
         self._lock = asyncio.Lock()
         self._closed = False
+        self._generation = transport._generation  # which client `_sub` belongs to
 
     async def fetch(self, max_messages: int, timeout: float) -> list[NatsDelivery]:
         if max_messages < 1:
@@ -177,6 +182,8 @@ class NatsConsumer:
             # client's buffer and all fire at once on reconnect.
             if not await transport._wait_connected(deadline):
                 return []
+            if self._generation != transport._generation:
+                await self._rebind()
             remaining = deadline - loop.time()
             if remaining < 0.01:
                 remaining = 0.01
@@ -200,6 +207,16 @@ class NatsConsumer:
                     retryable=_is_transient(exc),
                 ) from exc
         return [transport._delivery(m) for m in msgs]
+
+    async def _rebind(self) -> None:
+        """The transport has a new client (the server closed the old one): bind to the durable through it."""
+        generation = self._transport._generation
+        try:
+            self._sub = await self._transport._js.pull_subscribe_bind(durable=self.durable, stream=self.stream)
+        except _CLIENT_ERRORS as exc:
+            raise BrokerError("cannot bind consumer again", operation="fetch", stream=self.stream,
+                              retryable=True) from exc
+        self._generation = generation
 
     async def close(self) -> None:
         if self._closed:
@@ -243,6 +260,11 @@ class NatsTransport:
         if publish_window < 1:
             raise ValueError("publish_window must be >= 1")
         self._nc = nc
+        self._closing = False  # close() was called: a closed client is not to be replaced
+        self._generation = 0  # bumped each time a new client replaces one the server closed
+        self._reopening: asyncio.Task[None] | None = None
+        if isinstance(nc, Client):
+            nc.on_closed = self._on_closed
         self.namespace = namespace
         self._prefix = f"{namespace}." if namespace else ""
         self._suffix = f"_{namespace.upper()}" if namespace else ""
@@ -251,12 +273,14 @@ class NatsTransport:
         self._publish_window = publish_window
         self._replicas = replicas
         self._atomic = atomic  # atomic batches in publish_many (nats-server >= 2.12)
+        self._js: JetStreamContext = self._jetstream(nc)
+        self._consumers: set[NatsConsumer] = set()
+
+    def _jetstream(self, nc: NATS) -> JetStreamContext:
         # The context's own pending cap only guards against misuse: the window
         # in publish_many is what bounds the in-flight count.
-        self._js: JetStreamContext = nc.jetstream(
-            timeout=request_timeout, publish_async_max_pending=max(4 * publish_window, 4000)
-        )
-        self._consumers: set[NatsConsumer] = set()
+        return nc.jetstream(timeout=self._request_timeout,
+                            publish_async_max_pending=max(4 * self._publish_window, 4000))
 
     # ---- construction -------------------------------------------------
 
@@ -276,7 +300,7 @@ class NatsTransport:
         """Connect, retrying for up to connect_timeout; afterwards the client reconnects forever."""
         _check_namespace(namespace)
         servers = [url] if isinstance(url, str) else list(url)
-        nc = NATS()
+        nc = Client()
 
         async def error_cb(exc: Exception) -> None:
             # Connection errors are expected while the broker restarts.
@@ -375,14 +399,13 @@ class NatsTransport:
 
         For a stream beyond contracts.subjects.STREAMS (ensure_streams makes those):
         the names in `config` are physical, so build its name with stream_name()."""
-        jsm = self._js
         try:
-            await self._retrying("add_stream", "", lambda _t: jsm.add_stream(config), stream=config.name)
+            await self._retrying("add_stream", "", lambda _t: self._js.add_stream(config), stream=config.name)
         except BrokerError as exc:
             cause = exc.__cause__
             if not (isinstance(cause, nats.js.errors.APIError) and cause.err_code == _ERR_STREAM_NAME_IN_USE):
                 raise
-            await self._retrying("update_stream", "", lambda _t: jsm.update_stream(config), stream=config.name)
+            await self._retrying("update_stream", "", lambda _t: self._js.update_stream(config), stream=config.name)
 
     # ---- stored messages, by sequence -------------------------------------
 
@@ -392,11 +415,10 @@ class NatsTransport:
         if seq < 1:
             raise ValueError("seq must be >= 1")
         physical = self.stream_name(stream)
-        js = self._js
 
         async def get(_timeout: float) -> Any:
             try:
-                return await js.get_msg(physical, seq=seq)
+                return await self._js.get_msg(physical, seq=seq)
             except nats.js.errors.NotFoundError:
                 return None
 
@@ -414,11 +436,10 @@ class NatsTransport:
         """Remove the message at sequence `seq` from `stream` (a logical name), so no consumer
         gets it again. False when it was not there (already deleted, or acked off a work queue)."""
         physical = self.stream_name(stream)
-        js = self._js
 
         async def delete(_timeout: float) -> bool:
             try:
-                return bool(await js.delete_msg(physical, seq))
+                return bool(await self._js.delete_msg(physical, seq))
             except nats.js.errors.APIError as exc:
                 if _no_such_message(exc):
                     return False
@@ -439,11 +460,11 @@ class NatsTransport:
     async def publish(self, message: OutMessage) -> bool:
         subject = self.subject(message.subject)
         headers = self._headers(message)
-        js = self._js
+        self._check_size(message, headers)
         ack = await self._retrying(
             "publish",
             message.subject,
-            lambda timeout: js.publish(subject, message.data, timeout=timeout, headers=headers),
+            lambda timeout: self._js.publish(subject, message.data, timeout=timeout, headers=headers),
         )
         return not ack.duplicate
 
@@ -460,6 +481,8 @@ class NatsTransport:
         """
         if not messages:
             return
+        for message in messages:  # one too large fails the call before any is sent
+            self._check_size(message, self._headers(message), operation="publish_many")
         if len(messages) >= ATOMIC_BATCH_MIN and self._atomic and _one_stream(messages):
             for start in range(0, len(messages), ATOMIC_BATCH_MAX):
                 chunk = messages[start : start + ATOMIC_BATCH_MAX]
@@ -478,15 +501,21 @@ class NatsTransport:
     async def _publish_atomic(self, messages: Sequence[OutMessage]) -> None:
         batch_id = uuid.uuid4().hex
         last = len(messages)
+        batch: list[tuple[OutMessage, dict[str, str]]] = []
         for i, message in enumerate(messages, 1):
             headers = self._headers(message) or {}
             headers["Nats-Batch-Id"] = batch_id
             headers["Nats-Batch-Sequence"] = str(i)
+            if i == last:
+                headers["Nats-Batch-Commit"] = "1"
+            # The batch headers may tip one over: then nothing of the batch is sent (it goes one by one).
+            self._check_size(message, headers, operation="publish_many")
+            batch.append((message, headers))
+        for i, (message, headers) in enumerate(batch, 1):
             subject = self.subject(message.subject)
             if i < last:
                 await self._nc.publish(subject, message.data, headers=headers)
                 continue
-            headers["Nats-Batch-Commit"] = "1"
             reply = await self._nc.request(subject, message.data, headers=headers, timeout=self._request_timeout)
             ack = json.loads(reply.data or b"{}")
             if "error" in ack or ack.get("count") != last:
@@ -509,7 +538,7 @@ class NatsTransport:
             failures = await self._pipeline(messages, todo)
             if not failures:
                 return
-            fatal = [(i, e) for i, e in failures if not _is_transient(e)]
+            fatal = [(i, e) for i, e in failures if not self._transient(e)]
             if fatal or loop.time() + delay >= deadline:
                 index, exc = (fatal or failures)[0]
                 raise BrokerError(
@@ -591,19 +620,19 @@ class NatsTransport:
             max_ack_pending=max_ack_pending,
             filter_subject=self.subject(filter_subject) if filter_subject else None,
         )
-        js = self._js
         # Without an explicit action the server creates or updates, so binding to
         # a durable another process made is the same call as making it.
         await self._retrying(
-            "add_consumer", filter_subject or "", lambda _t: js.add_consumer(physical, config), stream=physical
+            "add_consumer", filter_subject or "", lambda _t: self._js.add_consumer(physical, config), stream=physical
         )
         try:
-            sub = await js.pull_subscribe_bind(durable=durable, stream=physical)
+            sub = await self._js.pull_subscribe_bind(durable=durable, stream=physical)
         except _CLIENT_ERRORS as exc:
             raise BrokerError(
                 "cannot bind consumer", operation="consumer", stream=physical, retryable=_is_transient(exc)
             ) from exc
         consumer = NatsConsumer(self, sub, physical, durable)
+        consumer._generation = self._generation
         self._consumers.add(consumer)
         return consumer
 
@@ -667,6 +696,9 @@ class NatsTransport:
     # ---- lifecycle --------------------------------------------------------
 
     async def close(self) -> None:
+        self._closing = True
+        if self._reopening is not None:
+            self._reopening.cancel()
         if self._nc.is_closed:
             return
         for consumer in list(self._consumers):
@@ -681,11 +713,57 @@ class NatsTransport:
 
     # ---- helpers ----------------------------------------------------------
 
+    def _check_size(self, message: OutMessage, headers: dict[str, str] | None, operation: str = "publish") -> None:
+        """PayloadTooLarge unless the server takes `message` (with `headers`): it would close the connection."""
+        size = wire_size(message.data, headers)
+        limit = self._nc.max_payload
+        if size > limit:
+            raise PayloadTooLarge(size, limit, operation=operation, subject=message.subject)
+
+    def _transient(self, exc: BaseException) -> bool:
+        # A client the server closed is being replaced (_reopen): waiting helps, unless we closed it.
+        if isinstance(exc, nats.errors.ConnectionClosedError):
+            return not self._closing
+        return _is_transient(exc)
+
+    async def _on_closed(self) -> None:
+        if self._closing or (self._reopening is not None and not self._reopening.done()):
+            return
+        why = self._nc.last_error
+        log.warning("nats: the client was closed (%s: %s); connecting a new one",
+                    type(why).__name__ if why else "no error", why)
+        self._reopening = asyncio.ensure_future(self._reopen())
+
+    async def _reopen(self) -> None:
+        """Connect a new client as the closed one was, until that works or close() is called.
+        Consumers bind to their durables again on their next fetch."""
+        old = self._nc
+        assert isinstance(old, Client)
+        delay, failures = 0.5, 0
+        while not self._closing:
+            try:
+                new = await asyncio.wait_for(old.twin(), timeout=10.0)
+            except (asyncio.TimeoutError, nats.errors.Error, OSError) as exc:
+                failures += 1
+                if failures == 1 or failures % 20 == 0:  # one line now and then, not one per try
+                    log.warning("nats: a new client could not connect (%d tries so far): %s: %s",
+                                failures, type(exc).__name__, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            if self._closing:
+                await new.close()
+                return
+            new.on_closed = self._on_closed
+            self._nc, self._js = new, self._jetstream(new)
+            self._generation += 1
+            log.warning("nats: connected again with a new client")
+            return
+
     async def _wait_connected(self, deadline: float) -> bool:
         loop = asyncio.get_running_loop()
-        nc = self._nc
-        while not nc.is_connected:
-            if nc.is_closed:
+        while not self._nc.is_connected:  # reconnecting, or a new client on its way (_reopen)
+            if self._closing:
                 raise BrokerError("connection is closed", operation="fetch")
             remaining = deadline - loop.time()
             if remaining <= 0:
@@ -707,7 +785,7 @@ class NatsTransport:
         deadline = start + self._publish_retry_for
         delay = 0.05
         while True:
-            if self._nc.is_closed:
+            if self._closing:
                 raise BrokerError("connection is closed", operation=operation, subject=subject, stream=stream)
             remaining = deadline - loop.time()
             try:
@@ -716,13 +794,17 @@ class NatsTransport:
                 limit = deadline
                 if isinstance(exc, (nats.js.errors.NoStreamResponseError, nats.errors.NoRespondersError)):
                     limit = min(deadline, start + _NO_STREAM_RETRY_FOR)
-                if not _is_transient(exc) or loop.time() + delay >= limit:
+                if isinstance(exc, nats.js.errors.APIError) and exc.err_code == _ERR_MESSAGE_TOO_BIG:
+                    raise MessageRejected(f"{operation} refused: {exc.description}", operation=operation,
+                                          subject=subject, stream=stream) from exc
+                transient = self._transient(exc)
+                if not transient or loop.time() + delay >= limit:
                     raise BrokerError(
                         _describe(operation, exc),
                         operation=operation,
                         subject=subject,
                         stream=stream,
-                        retryable=_is_transient(exc),
+                        retryable=transient,
                     ) from exc
                 log.debug("%s failed (%s), retrying in %.2fs", operation, type(exc).__name__, delay)
             await asyncio.sleep(delay)
