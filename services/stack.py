@@ -67,7 +67,8 @@ async def run_services(
         stack = Stack(settings, store, transport)
         runs: list[Awaitable[Any]] = []
         if "relay" in parts:
-            stack.relay = Relay(store, transport, batch=settings.relay_batch, poll_interval=settings.poll_interval)
+            stack.relay = Relay(store, transport, batch=settings.relay_batch, poll_interval=settings.poll_interval,
+                                executions=stack.executions)
             stack.executions.listeners.append(stack.relay.poke)
             runs.append(stack.relay.run(stop))
         if "orchestrator" in parts:

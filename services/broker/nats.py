@@ -541,6 +541,9 @@ class NatsTransport:
             fatal = [(i, e) for i, e in failures if not self._transient(e)]
             if fatal or loop.time() + delay >= deadline:
                 index, exc = (fatal or failures)[0]
+                if isinstance(exc, nats.js.errors.APIError) and exc.err_code == _ERR_MESSAGE_TOO_BIG:
+                    raise MessageRejected(f"publish refused: {exc.description}", operation="publish_many",
+                                          subject=messages[index].subject) from exc
                 raise BrokerError(
                     f"{len(failures)} of {len(messages)} messages were not stored "
                     f"(first: #{index}, {type(exc).__name__})",
