@@ -26,6 +26,9 @@ class Settings(BaseModel):
     worker_id: str | None = None
     ack_wait: float = 30.0  # seconds before an unacked command or result is redelivered
     max_deliver: int = 20
+    # deliveries of one message that may each have killed its consumer before it is poison: not
+    # handled again but dead-lettered (services/broker/redelivery.py). 0: off
+    poison_deliveries: int = 5
     # seconds a result's message id is kept for dedup; at least ack_wait x max_deliver (orchestrator/inbox.py)
     inbox_retention: float = 7 * 86400.0
     result_batch: int = 256
@@ -41,6 +44,17 @@ class Settings(BaseModel):
     trigger_batch: int = 500  # trigger events ingested per store transaction
     cron_grace: float = 60.0  # seconds a late cron tick still counts as on time
     no_worker: bool = False  # `weft up` without its in-process worker
+
+    @field_validator("poison_deliveries")
+    @classmethod
+    def _before_max_deliver(cls, value: int, info: ValidationInfo) -> int:
+        from services.broker.redelivery import TIMER_ALLOWANCE
+
+        most = info.data.get("max_deliver", 20) - TIMER_ALLOWANCE - 1
+        if value < 0 or value > most:
+            raise ValueError(f"must be between 0 (off) and max_deliver - {TIMER_ALLOWANCE + 1} = {most}: the "
+                             "broker gives up on a message after max_deliver deliveries")
+        return value
 
     @field_validator("inbox_retention")
     @classmethod

@@ -74,7 +74,7 @@ async def run_services(
         if "orchestrator" in parts:
             stack.consumer = ResultConsumer(
                 stack.executions, transport, batch=settings.result_batch, ack_wait=settings.ack_wait,
-                max_deliver=settings.max_deliver,
+                max_deliver=settings.max_deliver, poison_deliveries=settings.poison_deliveries,
             )
             runs.append(stack.consumer.run(stop))
             runs.append(prune_inbox(store, stop, retention=settings.inbox_retention))
@@ -86,6 +86,7 @@ async def run_services(
             stack.worker = Worker(
                 transport, registry, concurrency=settings.worker_concurrency, worker_id=settings.worker_id,
                 ack_wait=settings.ack_wait, max_deliver=settings.max_deliver,
+                poison_deliveries=settings.poison_deliveries,
             )
             runs.append(stack.worker.run(stop))
         if "projector" in parts:

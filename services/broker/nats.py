@@ -168,6 +168,9 @@ class NatsConsumer:
         self._lock = asyncio.Lock()
         self._closed = False
         self._generation = transport._generation  # which client `_sub` belongs to
+        # Messages of the durable delivered and not yet acked when we bound to it: left by a
+        # process that died, maybe (services.broker.redelivery), or in flight in another.
+        self.unacked_at_start = 0
 
     async def fetch(self, max_messages: int, timeout: float) -> list[NatsDelivery]:
         if max_messages < 1:
@@ -625,7 +628,7 @@ class NatsTransport:
         )
         # Without an explicit action the server creates or updates, so binding to
         # a durable another process made is the same call as making it.
-        await self._retrying(
+        info = await self._retrying(
             "add_consumer", filter_subject or "", lambda _t: self._js.add_consumer(physical, config), stream=physical
         )
         try:
@@ -636,6 +639,7 @@ class NatsTransport:
             ) from exc
         consumer = NatsConsumer(self, sub, physical, durable)
         consumer._generation = self._generation
+        consumer.unacked_at_start = int(getattr(info, "num_ack_pending", 0) or 0)
         self._consumers.add(consumer)
         return consumer
 
