@@ -53,3 +53,8 @@ steps:
     retry: {max_attempts: 1}
 output: "${{ steps.check.output }}"
 """
+
+
+def big(input: dict[str, Any], ctx: StepContext) -> str:
+    """An output of input["size"] bytes (tests of results over the broker's size limit)."""
+    return "x" * int(input["size"])

@@ -11,6 +11,7 @@ import pytest
 
 from contracts.subjects import STEPS_STREAM, dlq_subject, step_subject
 from services.broker import DeadLetter, OutMessage, PayloadTooLarge
+from services.broker.batching import Batcher
 from services.broker.nats import NatsTransport
 from tests.fixtures_nats import start_nats_server, wait_until
 from tests.support import stack_up
@@ -112,3 +113,25 @@ async def test_readyz_recovers_after_the_server_closes_the_connection(tmp_path: 
             assert (await running.finished(eid, timeout=60)).status == "completed"
     finally:
         server.stop()
+
+
+async def test_one_message_too_large_fails_alone_in_a_group_commit(transport: NatsTransport) -> None:
+    limit = transport._nc.max_payload
+    batcher = Batcher(transport.publish_many)
+    sizes = [10] * 30
+    sizes[17] = limit + 1
+    outcomes = await asyncio.gather(
+        *(batcher.publish(OutMessage(subject=step_subject("noop"), data=b"x" * n, msg_id=f"g:{i}"))
+          for i, n in enumerate(sizes)),
+        return_exceptions=True,
+    )
+    assert [type(o).__name__ for o in outcomes] == ["NoneType"] * 17 + ["PayloadTooLarge"] + ["NoneType"] * 12
+    consumer = await transport.consumer(STEPS_STREAM, "w", filter_subject=step_subject("noop"))
+    got: list[object] = []
+
+    async def all_there() -> bool:
+        got.extend(await consumer.fetch(100, timeout=0.5))
+        return len(got) >= 29
+
+    await wait_until(all_there, timeout=10)
+    assert transport._generation == 0
