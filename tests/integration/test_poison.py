@@ -15,16 +15,20 @@ import asyncio
 import signal
 import uuid
 from pathlib import Path
+from typing import Any
 
+import orjson
 import pytest
 
 from contracts.deadletters import KIND_HEADER, REASON_HEADER, SOURCE_SUBJECT_HEADER
 from contracts.definitions import parse_definition
-from contracts.subjects import DLQ_STREAM
+from contracts.subjects import DLQ_STREAM, trigger_subject
+from services.broker import OutMessage
 from services.broker.nats import NatsTransport
 from services.orchestrator.executions import Executions
 from services.orchestrator.registry import Registry
 from services.store import open_store
+from services.triggers.ingest import trigger_execution_id
 from tests.support import Services, assert_applied_once, service_env, wait_until
 
 pytestmark = pytest.mark.integration
@@ -134,3 +138,51 @@ async def test_a_result_that_kills_the_orchestrator(services: Services, db_url: 
         assert "without being acknowledged" in poisoned[0].headers[REASON_HEADER]
     finally:
         await transport.close()
+
+
+async def test_a_trigger_that_kills_the_trigger_consumer(services: Services, db_url: str, nats_url: str) -> None:
+    store = open_store(db_url)
+    Registry(store).publish(parse_definition("name: on-poke\non: [{event: poke.done}]\nsteps:\n  - {id: a, type: noop}\n"))
+    executions = Executions(store)
+    crash = {"WEFT_CRASH_AT": "triggers.handle@poison-1"}
+    services.start("triggers", **crash)
+    for name in ("orchestrator", "relay", "worker"):
+        services.start(name)
+    transport = await NatsTransport.connect(nats_url, namespace=services.env["WEFT_NAMESPACE"])
+    events = [f"ok-{i}" for i in range(4)] + ["poison-1"] + [f"ok-{i}" for i in range(4, 8)]
+    try:
+        await transport.ensure_streams()
+        for event_id in events:
+            body = {"specversion": "1.0", "id": event_id, "source": "tests", "type": "poke.done", "data": {}}
+            await transport.publish(OutMessage(trigger_subject("poke.done"), orjson.dumps(body), msg_id=event_id))
+        done = asyncio.Event()
+        supervisor = asyncio.create_task(_supervise(services, "triggers", crash, done))
+        ids = [trigger_execution_id("on-poke", "tests", e) for e in events if e != "poison-1"]
+
+        async def completed() -> bool:
+            states = await asyncio.to_thread(lambda: [executions.load(i, fresh=True) for i in ids])
+            return all(s.status == "completed" for s in states)
+
+        async def dead_lettered() -> list[Any]:
+            letters = []
+            for seq in range(1, 50):
+                stored = await transport.get_message(DLQ_STREAM, seq)
+                if stored is None:
+                    break
+                letters.append(stored)
+            return [m for m in letters if m.headers.get(KIND_HEADER) == "trigger_failed"]
+
+        try:
+            await wait_until(completed, timeout=120, interval=0.25, what="every other trigger's execution")
+            letters = await wait_until(dead_lettered, timeout=60, interval=0.25, what="the poison trigger's dead letter")
+        finally:
+            done.set()
+            restarts = await supervisor
+        assert restarts == LIMIT
+        assert len(letters) == 1 and b"poison-1" in letters[0].data
+        assert "without being acknowledged" in letters[0].headers[REASON_HEADER]
+        poisoned = await asyncio.to_thread(executions.load, trigger_execution_id("on-poke", "tests", "poison-1"))
+        assert poisoned.version == 0  # it never started anything
+    finally:
+        await transport.close()
+        store.close()
