@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -87,7 +88,8 @@ class Backoff:
         if self._throttled is None or self._throttled.log is not log:
             self._throttled = Throttled(log, self.log_every)
         exc = sys.exc_info()[1]
-        self._throttled.failure(f"{what}:{type(exc).__name__}", "%s failed, retrying in %.1fs", what, self.delay,
+        kind = f"{re.sub(r'[0-9]+', 'N', what)}:{type(exc).__name__}"  # "a batch of 12" and "of 13" are one kind
+        self._throttled.failure(kind, "%s failed, retrying in %.1fs", what, self.delay,
                                 exc=exc, level=logging.ERROR)
         await sleep_or_stop(stop, self.delay)
         self.delay = min(self.delay * 2, self.cap)
