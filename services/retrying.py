@@ -84,12 +84,17 @@ class Backoff:
         self.delay = self.first
 
     async def failed(self, stop: asyncio.Event, log: logging.Logger, what: str) -> None:
-        """Log the exception being handled (throttled, per type of error), then wait before the next round."""
+        """Log the exception being handled, then wait before the next round.
+
+        While the wait still grows, every round is one line (the first of a kind with its traceback);
+        at the cap, one line per `log_every` seconds per kind, with a count (Throttled)."""
         if self._throttled is None or self._throttled.log is not log:
             self._throttled = Throttled(log, self.log_every)
         exc = sys.exc_info()[1]
         kind = f"{re.sub(r'[0-9]+', 'N', what)}:{type(exc).__name__}"  # "a batch of 12" and "of 13" are one kind
-        self._throttled.failure(kind, "%s failed, retrying in %.1fs", what, self.delay,
-                                exc=exc, level=logging.ERROR)
+        if self.delay < self.cap and kind in self._throttled._kinds:
+            log.error("%s failed (%s: %s), retrying in %.1fs", what, type(exc).__name__, _one_line(exc), self.delay)
+        else:
+            self._throttled.failure(kind, "%s failed, retrying in %.1fs", what, self.delay, exc=exc, level=logging.ERROR)
         await sleep_or_stop(stop, self.delay)
         self.delay = min(self.delay * 2, self.cap)
