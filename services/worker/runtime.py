@@ -39,6 +39,7 @@ from services.worker.steps import StepRegistry
 log = logging.getLogger("weft.worker")
 DURABLE = "workers"
 MAX_TRACEBACK = 8_000
+ALONE_FOR = 5.0  # seconds a redelivered command runs alone before the worker takes other work again
 
 
 def default_worker_id() -> str:
@@ -126,15 +127,22 @@ class Worker:
 
     async def _alone(self, suspects: list[tuple[Delivery, StepReady]]) -> None:
         """Run redelivered commands one at a time with nothing else running: if one of them kills
-        the process, it is the only one whose delivery count that crash raises."""
+        the process, it is the only one whose delivery count that crash raises. A crash comes
+        early; a step that runs long is no reason to keep the others waiting, so each wait is
+        bounded (ALONE_FOR seconds), and after it the worker goes on as usual."""
         loop = asyncio.get_running_loop()
+        alone_for = min(self.ack_wait, ALONE_FOR)
         for msg, _ in suspects:  # keep them from timing out while they wait their turn
             self._in_flight[id(msg)] = (msg, loop.time())
         try:
             for msg, ready in suspects:
                 if self._running:
-                    await asyncio.wait(self._running)
-                await self._guarded(msg, ready)
+                    await asyncio.wait(self._running, timeout=alone_for)
+                self._in_flight.pop(id(msg), None)
+                task = asyncio.ensure_future(self._guarded(msg, ready))
+                self._running.add(task)
+                task.add_done_callback(self._running.discard)
+                await asyncio.wait({task}, timeout=alone_for)
         finally:
             for msg, _ in suspects:
                 self._in_flight.pop(id(msg), None)
