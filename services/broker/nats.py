@@ -310,12 +310,16 @@ class NatsTransport:
             level = logging.DEBUG if _is_transient(exc) else logging.WARNING
             log.log(level, "nats client error: %s: %s", type(exc).__name__, exc)
 
+        made: list[NatsTransport] = []  # the callbacks also serve the clients that replace this one
+
         async def disconnected_cb() -> None:
-            if not nc.is_closed:  # closing on purpose is not news
+            client = made[0]._nc if made else nc
+            if not client.is_closed:  # closing on purpose is not news
                 log.warning("nats: disconnected from %s", ", ".join(servers))
 
         async def reconnected_cb() -> None:
-            log.warning("nats: reconnected to %s", nc.connected_url.netloc if nc.connected_url else "?")
+            client = made[0]._nc if made else nc
+            log.warning("nats: reconnected to %s", client.connected_url.netloc if client.connected_url else "?")
 
         try:
             await asyncio.wait_for(
@@ -344,14 +348,15 @@ class NatsTransport:
                 operation="connect",
                 retryable=True,
             ) from exc
-        return cls(
+        made.append(cls(
             nc,
             namespace=namespace,
             request_timeout=request_timeout,
             publish_retry_for=publish_retry_for,
             publish_window=publish_window,
             replicas=replicas,
-        )
+        ))
+        return made[0]
 
     async def __aenter__(self) -> NatsTransport:
         return self
@@ -374,6 +379,11 @@ class NatsTransport:
 
     @property
     def is_connected(self) -> bool:
+        if self._nc.is_closed:  # asked by /readyz: a transport nobody uses must come back too
+            try:
+                self._reopen_if_closed()
+            except RuntimeError:  # no event loop running here
+                pass
         return self._nc.is_connected
 
     # ---- streams ----------------------------------------------------------
@@ -554,6 +564,7 @@ class NatsTransport:
                     subject=messages[index].subject,
                     retryable=not fatal,
                 ) from exc
+            self._reopen_if_closed()
             todo = sorted(i for i, _ in failures)
             log.info("publish_many: resending %d unacked messages", len(todo))
             await asyncio.sleep(delay)
@@ -734,7 +745,15 @@ class NatsTransport:
         return _is_transient(exc)
 
     async def _on_closed(self) -> None:
-        if self._closing or (self._reopening is not None and not self._reopening.done()):
+        self._reopen_if_closed()
+
+    def _reopen_if_closed(self) -> None:
+        """Start connecting a new client if the server closed ours. Called from the client's closed
+        callback and, because nats-py skips that callback when the close comes while it is
+        (re)connecting, from every wait for the connection too."""
+        if self._closing or not self._nc.is_closed:
+            return
+        if self._reopening is not None and not self._reopening.done():
             return
         why = self._nc.last_error
         log.warning("nats: the client was closed (%s: %s); connecting a new one",
@@ -772,6 +791,7 @@ class NatsTransport:
         while not self._nc.is_connected:  # reconnecting, or a new client on its way (_reopen)
             if self._closing:
                 raise BrokerError("connection is closed", operation="fetch")
+            self._reopen_if_closed()
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return False
@@ -794,6 +814,7 @@ class NatsTransport:
         while True:
             if self._closing:
                 raise BrokerError("connection is closed", operation=operation, subject=subject, stream=stream)
+            self._reopen_if_closed()
             remaining = deadline - loop.time()
             try:
                 return await call(max(0.1, min(self._request_timeout, remaining)))
