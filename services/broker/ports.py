@@ -72,6 +72,10 @@ class Delivery(Protocol):
 
 @runtime_checkable
 class Consumer(Protocol):
+    """A durable pull consumer. An adapter may also give it `unacked_at_start: int`, the messages
+    of the durable delivered and not acked when it was bound (services.broker.redelivery reads it,
+    and assumes some when it is missing)."""
+
     async def fetch(self, max_messages: int, timeout: float) -> list[Delivery]:
         """Up to max_messages deliveries; [] when none came within timeout (never raises on timeout)."""
         ...

@@ -85,3 +85,14 @@ def test_throttled_logs_one_line_per_kind_per_period_with_a_count(caplog: pytest
     assert len(publish) == 2 and len(lines) == 4
     assert publish[0].exc_info is not None and publish[1].exc_info is None  # one traceback, then counts
     assert "167 such failures in the last 10s" in publish[1].getMessage() and "away 167" in publish[1].getMessage()
+
+
+def test_the_setting_stays_below_max_deliver() -> None:
+    from services.settings import Settings
+
+    assert Settings.load({}).poison_deliveries == 5
+    assert Settings.load({"WEFT_POISON_DELIVERIES": "0"}).poison_deliveries == 0
+    with pytest.raises(ValueError, match="WEFT_POISON_DELIVERIES='18'.*max_deliver - 3 = 17"):
+        Settings.load({"WEFT_POISON_DELIVERIES": "18"})
+    with pytest.raises(ValueError, match="WEFT_POISON_DELIVERIES"):
+        Settings.load({"WEFT_POISON_DELIVERIES": "-1"})
