@@ -186,7 +186,7 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
     url, schema = prepare_db(args.db, workdir)
     settings = Settings(
         home=workdir, database_url=url, nats_url=server.url, namespace="bench",
-        worker_concurrency=args.concurrency, poll_interval=0.02,
+        worker_concurrency=args.concurrency, poll_interval=0.02, step_modules="examples,bench",
     )
     parts = ("orchestrator", "relay") + (("worker",) if args.workers == 0 else ())
     results = []

@@ -73,7 +73,8 @@ def services_apart(settings: Settings, parts: Sequence[str], cwd: Path = ROOT) -
     callables from."""
     env = {**os.environ, "WEFT_DATABASE_URL": settings.database_url or "", "WEFT_NATS_URL": settings.nats_url or "",
            "WEFT_NAMESPACE": settings.namespace, "WEFT_HOME": str(settings.home),
-           "WEFT_WORKER_CONCURRENCY": str(settings.worker_concurrency), "WEFT_LOG_LEVEL": "WARNING"}
+           "WEFT_WORKER_CONCURRENCY": str(settings.worker_concurrency), "WEFT_LOG_LEVEL": "WARNING",
+           "WEFT_STEP_MODULES": settings.step_modules or ""}
     procs = [subprocess.Popen([sys.executable, "-m", "weft", part], env=env, cwd=cwd) for part in parts]
     try:
         yield

@@ -255,7 +255,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     server = NatsServer(store_dir=workdir / "nats").start()
     url, schema = prepare_db(args.db, workdir)
     settings = Settings(home=workdir, database_url=url, nats_url=server.url, namespace="benchdlq",
-                        worker_concurrency=args.concurrency)  # the other settings as `weft up` has them
+                        worker_concurrency=args.concurrency, step_modules="dlq")  # the other settings as `weft up` has them
     apart = ("worker", "projector", "deadletters") if args.split else ()
     try:
         async with running_services(settings, [p for p in ALL if p not in apart]) as stack:

@@ -59,7 +59,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     server = NatsServer(store_dir=workdir / "nats").start()
     url, schema = prepare_db(args.db, workdir)
     settings = Settings(home=workdir, database_url=url, nats_url=server.url, namespace="benchtrg",
-                        trigger_batch=args.batch, poll_interval=0.02)
+                        trigger_batch=args.batch, poll_interval=0.02, step_modules="examples,bench")
     parts = ("triggers",) + (("orchestrator", "relay", "worker") if args.with_stack else ())
     try:
         async with running_services(settings, parts) as stack:

@@ -19,6 +19,7 @@ import yaml
 from croniter import croniter
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from contracts import secrets
 from contracts.expressions import ExpressionError, check_template, expressions_in
 
 BUILTIN_STEP_TYPES: frozenset[str] = frozenset({"python", "transform", "sleep", "noop", "http"})
@@ -103,6 +104,14 @@ class StepDef(_Strict):
             raise ValueError("must be one '${{ expression }}'")
         return value
 
+    @cached_property
+    def secret_refs(self) -> dict[str, str]:
+        """Where this step's `with:` and `input:` hold secret references: JSON pointer -> template."""
+        found = secrets.locate(self.with_, "/config")
+        if self.input is not None:
+            found.update(secrets.locate(self.input, "/input"))
+        return found
+
 
 class WorkflowDef(_Strict):
     name: str = Field(pattern=NAME)
@@ -180,12 +189,56 @@ def _check_steps(wf: WorkflowDef, step_types: frozenset[str] | set[str]) -> list
         for field, template in (("input", step.input), ("when", step.when), ("map", step.map), ("with", step.with_)):
             problems.extend(_check_expressions(f"steps[{i}].{field}", template, upstream, step.id))
     problems.extend(_check_expressions("output", wf.output, set(seen), None))
+    problems.extend(_check_secrets(wf))
     if wf.input_schema is not None:
         try:
             jsonschema.Draft202012Validator.check_schema(wf.input_schema)
         except jsonschema.SchemaError as exc:
             problems.append(Problem(path="input_schema", message=exc.message))
     return problems
+
+
+def _check_secrets(wf: WorkflowDef) -> list[Problem]:
+    """Secrets only as `${{ secrets.NAME }}` in with:/input:, and credentials only as secrets."""
+    problems: list[Problem] = []
+    for i, step in enumerate(wf.steps):
+        for field, template in (("with", step.with_), ("input", step.input)):
+            problems.extend(Problem(path=f"steps[{i}].{field}", message=m) for m in secrets.problems(template))
+        for field, template in (("when", step.when), ("map", step.map)):
+            if template is not None and any(secrets.mentions_secrets(e) for e in expressions_in(template)):
+                problems.append(Problem(path=f"steps[{i}].{field}", message="secrets can be used only in with: "
+                                        "and input:, where the worker resolves them"))
+        if step.type == "http":
+            problems.extend(_credential_problems(i, step))
+    if any(secrets.mentions_secrets(e) for e in expressions_in(wf.output)):
+        problems.append(Problem(path="output", message="secrets can be used only in a step's with: and input:"))
+    return problems
+
+
+def _credential_problems(i: int, step: StepDef) -> list[Problem]:
+    out: list[Problem] = []
+    url = step.with_.get("url")
+    if isinstance(url, str) and secrets.holds_secrets(url):
+        # A URL is logged (httpx logs each request) and shown in errors: secrets go in headers or auth.
+        out.append(Problem(path=f"steps[{i}].with.url", message="a secret cannot be part of the URL, which is "
+                           "logged and shown in errors: send it in a header or auth, e.g. "
+                           "headers: {X-API-Key: \"${{ secrets.API_KEY }}\"}"))
+    places = [(f"steps[{i}].with.headers", step.with_.get("headers"))]
+    if isinstance(step.input, dict):
+        places.append((f"steps[{i}].input.headers", step.input.get("headers")))
+    for where, headers in places:
+        if not isinstance(headers, dict):
+            continue
+        for name, value in headers.items():
+            if str(name).lower() not in secrets.CREDENTIAL_HEADERS:
+                continue
+            if not isinstance(value, str) or not secrets.names_in(value):
+                example = "Bearer ${{ secrets.API_TOKEN }}" if str(name).lower() == "authorization" else (
+                    "${{ secrets.API_KEY }}")
+                out.append(Problem(path=f"{where}.{name}", message=(
+                    f"the {name} header holds a credential and must come from a secret, which the worker "
+                    f"resolves from its environment or secrets folder: {name}: \"{example}\"")))
+    return out
 
 
 def _check_schedules(wf: WorkflowDef) -> list[Problem]:

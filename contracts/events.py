@@ -55,6 +55,9 @@ class StepScheduled(_Event):
     timeout: float | None = None
     not_before: datetime | None = None  # a retry waits out its backoff until then
     reason: str = "ready"  # ready | retry | reprocess (also after a Retry) | resume
+    # JSON pointer (/config/..., /input/...) -> the `${{ secrets.NAME }}` template the worker puts there.
+    # References only: values never reach an event (contracts/secrets.py).
+    secrets: dict[str, str] = {}
 
 
 class StepSucceeded(_Event):

@@ -20,6 +20,8 @@ import jmespath
 import jmespath.exceptions
 import orjson
 
+from contracts.secrets import holds_secrets
+
 MAX_EXPRESSION_CHARS = 2_000
 MAX_RESULT_BYTES = 4 * 1024 * 1024
 
@@ -101,8 +103,13 @@ def _check_size(expression: str, value: Any) -> None:
 
 
 def render(template: Any, context: dict[str, Any]) -> Any:
-    """Evaluate every `${{ }}` inside a template against a context."""
+    """Evaluate every `${{ }}` inside a template against a context.
+
+    A string that refers to `secrets` is left as it is: only the worker resolves it.
+    """
     if isinstance(template, str):
+        if holds_secrets(template):
+            return template
         full = _FULL.match(template)
         if full and "${{" not in full.group(1):
             return evaluate(full.group(1), context)

@@ -35,6 +35,8 @@ class StepReady(BaseModel):
     not_before: datetime | None = None
     scheduled_at: datetime
     trace_id: str | None = None
+    # Where config/input hold secret references (JSON pointer -> template); the worker resolves them.
+    secrets: dict[str, str] = {}
 
     @property
     def message_id(self) -> str:

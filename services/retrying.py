@@ -2,16 +2,15 @@
 
 Every consumer loop (orchestrator, worker, relay, triggers, dead letters,
 projector) handles a failed round the same way: log it, wait, try again, waiting
-longer each time up to a cap, and not at all once a stop is asked for. A failure
-that repeats is logged as one line per kind now and then, with a count
-(`Throttled`), never a traceback per round.
+longer each time up to a cap, and not at all once a stop is asked for. Other
+failures that repeat (a record the relay gives up on, a result a worker cannot
+report) are logged through `Throttled`: one line per kind now and then, with a count.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import sys
 import time
 from collections.abc import Callable
@@ -62,39 +61,74 @@ class Throttled:
             return False
         count, since = int(entry[1]), now - entry[0]
         entry[0], entry[1] = now, 0
-        detail = f" ({type(exc).__name__}: {_one_line(exc)})" if exc is not None else ""
+        detail = f" ({_one_line(exc)})" if exc is not None else ""
         self.log.log(level, message + "%s; %d such failures in the last %.0fs", *args, detail, count, since)
         return True
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:300]
-
-
 class Backoff:
-    """Exponential wait between failed rounds: `first` doubling up to `cap`, reset by a good round."""
+    """Exponential wait between failed rounds: `first` doubling up to `cap`, reset by a good round.
 
-    def __init__(self, first: float = 0.1, cap: float = 5.0, log_every: float = 10.0):
+    The cap is 1 s: a failed round costs little (the store fails fast while it is down,
+    services/store/reconnect.py), and a longer wait is added straight onto the stall
+    after the broker or the database comes back.
+
+    Logging is one line per outage, not a traceback per round: the first failure of a
+    run is logged (with its traceback only when it is not a known kind of "away"), and
+    the good round after it logs how long the run lasted. An unknown error that repeats
+    is logged again at most every `REPEAT_S` seconds, with a count.
+    """
+
+    REPEAT_S = 30.0
+
+    def __init__(self, first: float = 0.1, cap: float = 1.0):
         self.first, self.cap = first, cap
         self.delay = first
-        self.log_every = log_every
-        self._throttled: Throttled | None = None
+        self.failures = 0
+        self._since = 0.0
+        self._logged_at = 0.0
+        self._what = ""
+        self._log: logging.Logger | None = None
 
     def reset(self) -> None:
         self.delay = self.first
+        if self.failures and self._log is not None:
+            self._log.warning("%s: working again after %.2fs (%d failed round(s))",
+                              self._what, time.monotonic() - self._since, self.failures)
+        self.failures = 0
 
     async def failed(self, stop: asyncio.Event, log: logging.Logger, what: str) -> None:
-        """Log the exception being handled, then wait before the next round.
-
-        While the wait still grows, every round is one line (the first of a kind with its traceback);
-        at the cap, one line per `log_every` seconds per kind, with a count (Throttled)."""
-        if self._throttled is None or self._throttled.log is not log:
-            self._throttled = Throttled(log, self.log_every)
+        """Log the exception being handled (see the class docstring), then wait before the next round."""
         exc = sys.exc_info()[1]
-        kind = f"{re.sub(r'[0-9]+', 'N', what)}:{type(exc).__name__}"  # "a batch of 12" and "of 13" are one kind
-        if self.delay < self.cap and kind in self._throttled._kinds:
-            log.error("%s failed (%s: %s), retrying in %.1fs", what, type(exc).__name__, _one_line(exc), self.delay)
+        now = time.monotonic()
+        if self.failures == 0:
+            self._since, self._what, self._log = now, what, log
+        self.failures += 1
+        if self.failures == 1 or now - self._logged_at >= self.REPEAT_S:
+            self._logged_at = now
+            again = "" if self.failures == 1 else f" ({self.failures} failed rounds so far)"
+            if away(exc):
+                log.warning("%s failed: %s; retrying every %.1fs at most%s", what, _one_line(exc), self.cap, again)
+            else:
+                log.exception("%s failed, retrying in %.1fs%s", what, self.delay, again)
         else:
-            self._throttled.failure(kind, "%s failed, retrying in %.1fs", what, self.delay, exc=exc, level=logging.ERROR)
+            log.debug("%s failed again: %s", what, _one_line(exc))
         await sleep_or_stop(stop, self.delay)
         self.delay = min(self.delay * 2, self.cap)
+
+
+def away(exc: BaseException | None) -> bool:
+    """A store or broker that is unreachable: expected now and then, no traceback needed."""
+    from services.broker.ports import BrokerError
+    from services.store.ports import StoreUnavailableError
+
+    if isinstance(exc, StoreUnavailableError):
+        return True
+    return isinstance(exc, BrokerError) and exc.retryable
+
+
+def _one_line(exc: BaseException | None) -> str:
+    if exc is None:
+        return "unknown error"
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__

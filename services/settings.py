@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Mapping, TypeVar
+from typing import TYPE_CHECKING, Any, Mapping, TypeVar
 
 import orjson
-from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 T = TypeVar("T", bound="Settings")
+
+if TYPE_CHECKING:
+    from contracts.payloads import PayloadLimits
 
 
 class Settings(BaseModel):
@@ -22,9 +25,19 @@ class Settings(BaseModel):
     database_url: str | None = None  # default: sqlite file in home
     nats_url: str | None = None  # default: what `weft up` wrote into home
     namespace: str = ""  # prefixes broker streams and subjects
+    # Copies of each stream in a NATS cluster (1-5): 3 survives the loss of any one node.
+    # Applied when the streams are created or updated; a single server accepts only 1.
+    nats_replicas: int = Field(1, ge=1, le=5)
     worker_concurrency: int = 16
     worker_id: str | None = None
-    ack_wait: float = 30.0  # seconds before an unacked command or result is redelivered
+    # Seconds before an unacked command or result is handed to another consumer. Short, because
+    # a held message's lease is renewed (in-progress acks) every ack_wait/3 while its process
+    # lives: this is how long a SIGKILLed worker's step waits. Too short for a process whose
+    # event loop stalls that long, and its work is run twice (harmless, idempotent, but wasted).
+    ack_wait: float = 4.0
+    # Seconds a stopping service (SIGTERM) gives the work it holds before handing it back;
+    # past it (+5 s for closing connections) the process exits whatever is down.
+    drain_grace: float = 10.0
     max_deliver: int = 20
     # deliveries of one message that may each have killed its consumer before it is poison: not
     # handled again but dead-lettered (services/broker/redelivery.py). 0: off
@@ -40,10 +53,38 @@ class Settings(BaseModel):
     gateway_port: int = 0
     gateway_host: str = "127.0.0.1"
     gateway_auth: bool = True  # `weft up` turns it off on a loopback host unless set explicitly
-    gateway_max_body: int = 1024 * 1024  # bytes; larger bodies get 413
+    gateway_max_body: int = 1024 * 1024  # bytes; larger bodies get 413 (bodies that carry payloads: below)
+    # The payload policy (contracts/payloads.py). Up to the inline limit a value travels inside
+    # events and messages; up to the maximum it is stored once in the blob store and travels as a
+    # reference; over the maximum it is refused. Bytes of compact JSON.
+    payload_inline_limit: int = 256 * 1024
+    payload_max: int = 64 * 1024 * 1024
     trigger_batch: int = 500  # trigger events ingested per store transaction
     cron_grace: float = 60.0  # seconds a late cron tick still counts as on time
     no_worker: bool = False  # `weft up` without its in-process worker
+    # What step code may do (services/worker/steps/allowlist.py, services/worker/secrets.py, ssrf.py).
+    # Modules `python` steps may call, comma-separated ("shop.steps,billing"); a module allows its
+    # submodules. Unset: `weft up` allows the modules in its working directory, other workers none.
+    step_modules: str | None = None
+    secrets_dir: Path | None = None  # one file per secret, named after it (Docker/Kubernetes secrets)
+    # Hosts (or host:port) `http` steps may reach although they resolve to private addresses.
+    http_allowed_hosts: str = ""
+
+    @field_validator("step_modules")
+    @classmethod
+    def _module_names(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        from services.worker.steps.allowlist import parse_modules
+
+        return ",".join(parse_modules(value))
+
+    @field_validator("http_allowed_hosts")
+    @classmethod
+    def _host_names(cls, value: str) -> str:
+        from services.worker.steps.ssrf import parse_allowed_hosts
+
+        return ",".join(parse_allowed_hosts(value))
 
     @field_validator("poison_deliveries")
     @classmethod
@@ -59,11 +100,24 @@ class Settings(BaseModel):
     @field_validator("inbox_retention")
     @classmethod
     def _outlasts_redelivery(cls, value: float, info: ValidationInfo) -> float:
-        window = info.data.get("ack_wait", 30.0) * info.data.get("max_deliver", 20)
+        window = info.data.get("ack_wait", 4.0) * info.data.get("max_deliver", 20)
         if value < window:
             raise ValueError(f"must be at least ack_wait x max_deliver = {window:.0f}s, or a redelivered "
                              "result could be applied twice")
         return value
+
+    @model_validator(mode="after")
+    def _payload_limits(self: T) -> T:
+        try:  # the inline limit must leave the broker room for the envelope, the maximum be above it
+            self.payload_limits()
+        except ValueError as exc:
+            raise ValueError(f"WEFT_PAYLOAD_INLINE_LIMIT / WEFT_PAYLOAD_MAX: {exc}") from None
+        return self
+
+    def payload_limits(self) -> "PayloadLimits":
+        from contracts.payloads import PayloadLimits
+
+        return PayloadLimits(inline=self.payload_inline_limit, maximum=self.payload_max)
 
     @classmethod
     def load(cls: type[T], env: Mapping[str, str] | None = None, **flags: Any) -> T:
@@ -81,7 +135,10 @@ class Settings(BaseModel):
         except ValidationError as exc:
             problems = []
             for err in exc.errors():
-                name = str(err["loc"][0]) if err["loc"] else "?"
+                if not err["loc"]:  # a rule over several settings says which itself
+                    problems.append(str(err["msg"]).removeprefix("Value error, "))
+                    continue
+                name = str(err["loc"][0])
                 where = f"WEFT_{name.upper()}" if name in from_env and name not in flags else name
                 problems.append(f"{where}={values.get(name)!r}: {err['msg']}")
             raise ValueError("; ".join(problems)) from None

@@ -86,7 +86,7 @@ async def up_stack(tmp_path: Path, db_url: str, nats_url: str, parts: Sequence[s
         home=tmp_path, database_url=db_url, nats_url=nats_url,
         namespace=overrides.pop("namespace", f"t{uuid.uuid4().hex[:8]}"),
         ack_wait=overrides.pop("ack_wait", 5.0), worker_concurrency=overrides.pop("concurrency", 8),
-        poll_interval=0.02, **overrides,
+        poll_interval=0.02, step_modules=overrides.pop("step_modules", "tests,examples"), **overrides,
     )
     stop = asyncio.Event()
     ready: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -133,7 +133,7 @@ def service_env(home: Path, db_url: str, nats_url: str, prefix: str = "c") -> di
     env = {
         **os.environ, "WEFT_HOME": str(home), "WEFT_DATABASE_URL": db_url, "WEFT_NATS_URL": nats_url,
         "WEFT_NAMESPACE": f"{prefix}{uuid.uuid4().hex[:8]}", "WEFT_ACK_WAIT": "2", "WEFT_POLL_INTERVAL": "0.02",
-        "WEFT_LOG_LEVEL": "INFO", "PYTHONPATH": str(ROOT),
+        "WEFT_LOG_LEVEL": "INFO", "PYTHONPATH": str(ROOT), "WEFT_STEP_MODULES": "tests,examples",
     }
     env.pop("WEFT_CRASH_AT", None)
     return env
@@ -147,13 +147,21 @@ class Services:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         logs.mkdir(parents=True, exist_ok=True)
 
-    def start(self, name: str, **extra_env: str) -> subprocess.Popen[bytes]:
-        with open(self.logs / f"{name}-{len(list(self.logs.iterdir()))}.log", "wb") as log:
+    def start(self, name: str, key: str | None = None, **extra_env: str) -> subprocess.Popen[bytes]:
+        """Start `weft <name>`, known as `key` (default: the name) in `procs`; a process
+        already under that key is waited for first, so none is left unreaped."""
+        key = key or name
+        old = self.procs.get(key)
+        if old is not None and old.poll() is None:
+            old.kill()
+        if old is not None:
+            old.wait()
+        with open(self.logs / f"{key}-{len(list(self.logs.iterdir()))}.log", "wb") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "weft", name], env={**self.env, **extra_env}, stdout=log,
                 stderr=subprocess.STDOUT, cwd=ROOT,
             )
-        self.procs[name] = proc
+        self.procs[key] = proc
         return proc
 
     def stop_all(self) -> None:

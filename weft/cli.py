@@ -26,6 +26,12 @@ app.add_typer(workflows_app, name="workflows")
 
 HomeOpt = typer.Option(None, "--home", envvar="WEFT_HOME", help="Stack folder (default ./.weft).")
 JsonOpt = typer.Option(False, "--json", help="Print JSON only.")
+StepsOpt = typer.Option(
+    None, "--steps", metavar="MODULES",
+    help="Modules `python` steps may call, comma-separated (shop.steps,billing); a module allows its submodules. "
+         "Default: WEFT_STEP_MODULES; unset, `weft up` allows the modules in its working directory and "
+         "`weft worker` none (entry points of group weft.steps are always allowed).",
+)
 
 
 def _settings(home: Optional[Path], **flags: Any):
@@ -42,14 +48,41 @@ def _settings(home: Optional[Path], **flags: Any):
 def _store(home: Optional[Path], settings: Any = None):
     from services.store import open_store
 
-    return open_store((settings or _settings(home)).database_url)
+    settings = settings or _settings(home)
+    need_stack(settings)
+    return open_store(settings.database_url)
 
 
-def _json_arg(name: str, raw: str) -> Any:
-    text = raw
+def need_stack(settings: Any) -> None:
+    """Say at once, in one line, that no stack is running, instead of creating an empty
+    store and showing empty tables (or waiting forever for an execution nobody runs).
+
+    A deployed stack is named by WEFT_DATABASE_URL: then the store itself says whether
+    it can be reached."""
+    from services.settings import read_stack
+
+    if os.environ.get("WEFT_DATABASE_URL"):
+        return
+    home = settings.home.resolve()
+    stack = read_stack(home)
+    pid = stack.get("pid")
+    if pid and out.alive(pid):
+        return
+    why = f"`weft up` (pid {pid}) is no longer running in {home}" if pid else f"no Weft stack is running in {home}"
+    out.fail(1, f"{why}: start one with `weft up` (or `weft up --home DIR`), or point --home / WEFT_HOME at a "
+                "running one (WEFT_DATABASE_URL and WEFT_NATS_URL for a deployed stack)")
+
+
+def _json_arg(name: str, raw: str, most: int | None = None) -> Any:
+    """JSON from the argument or from @file. With `most` (the payload maximum), a file far over
+    it (its compact JSON cannot be under it, whitespace allowed for) is refused unread."""
+    text: str | bytes = raw
     if raw.startswith("@"):
         try:
-            text = Path(raw[1:]).read_text()
+            path = Path(raw[1:])
+            if most is not None and (size := path.stat().st_size) > 2 * most:
+                out.fail(2, f"{name}: {raw[1:]} is {size} bytes, over the limit of {most} bytes (WEFT_PAYLOAD_MAX)")
+            text = path.read_bytes()
         except OSError as exc:
             out.fail(2, f"{name}: cannot read {raw[1:]}: {exc.strerror}")
     try:
@@ -58,7 +91,7 @@ def _json_arg(name: str, raw: str) -> Any:
         out.fail(2, f"{name}: not valid JSON: {exc}")
 
 
-def _definition(file: Path):
+def _definition(file: Path, home: Optional[Path] = None):
     from contracts.definitions import DefinitionError, parse_definition
 
     try:
@@ -66,9 +99,26 @@ def _definition(file: Path):
     except OSError as exc:
         out.fail(2, f"{file}: {exc.strerror}")
     try:
-        return parse_definition(text)
+        wf = parse_definition(text)
     except DefinitionError as exc:
         out.fail(2, f"{file}: {exc}")
+    _warn_refused_callables(wf, home)
+    return wf
+
+
+def _warn_refused_callables(wf: Any, home: Optional[Path]) -> None:
+    """`weft up` wrote its worker's allowlist into stack.json: say so if this definition goes past it."""
+    from services.settings import read_stack
+
+    names = read_stack(home or Path(os.environ.get("WEFT_HOME") or ".weft")).get("step_modules")
+    if names is None:
+        return
+    from rich.markup import escape
+
+    from services.worker.steps.allowlist import StepModules, refused_callables
+
+    for warning in refused_callables(wf, StepModules(tuple(names))):
+        out.errors.print(f"[yellow]warning:[/yellow] {escape(warning)}", soft_wrap=True)
 
 
 # ---- running the stack ----------------------------------------------------------------------
@@ -80,13 +130,15 @@ def up(
     nats_port: int = typer.Option(0, help="NATS port (0: a free one)."),
     concurrency: Optional[int] = typer.Option(None, help="Worker concurrency (default 16, or WEFT_WORKER_CONCURRENCY)."),
     no_worker: Optional[bool] = typer.Option(None, "--no-worker", help="Run no worker in this process."),
+    steps: Optional[str] = StepsOpt,
     log_level: str = typer.Option("WARNING", envvar="WEFT_LOG_LEVEL"),
 ) -> None:
     """Run the whole stack on embedded defaults: NATS + SQLite + all services."""
     from weft.up import run_up
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = _settings(home, nats_port=nats_port or None, worker_concurrency=concurrency, no_worker=no_worker)
+    settings = _settings(home, nats_port=nats_port or None, worker_concurrency=concurrency, no_worker=no_worker,
+                         step_modules=steps)
     raise typer.Exit(run_up(settings))
 
 
@@ -100,7 +152,7 @@ def _service(parts: tuple[str, ...], home: Optional[Path], log_level: str, *, se
 
     async def main() -> None:
         stop = asyncio.Event()
-        install_signal_handlers(stop)
+        install_signal_handlers(stop, settings.drain_grace)
         await run_services(settings, parts, stop, on_ready=on_ready)
 
     try:
@@ -131,10 +183,11 @@ def projector(home: Optional[Path] = HomeOpt, log_level: str = typer.Option("INF
 def worker(
     home: Optional[Path] = HomeOpt,
     concurrency: int = typer.Option(None, "--concurrency", "-c", help="Steps run at once."),
+    steps: Optional[str] = StepsOpt,
     log_level: str = typer.Option("INFO", envvar="WEFT_LOG_LEVEL"),
 ) -> None:
     """Run a stateless worker."""
-    _service(("worker",), home, log_level, worker_concurrency=concurrency)
+    _service(("worker",), home, log_level, worker_concurrency=concurrency, step_modules=steps)
 
 
 # ---- executions -----------------------------------------------------------------------------
@@ -156,15 +209,21 @@ def run(
 
     from contracts.definitions import validate_input
 
-    wf = _definition(file)
-    data = _json_arg("--input", input)
+    from contracts.payloads import PayloadError, measure
+
+    wf = _definition(file, home)
+    settings = _settings(home)
+    data = _json_arg("--input", input, most=settings.payload_max)
+    try:  # over the payload maximum: refused before anything is stored
+        measure(data, settings.payload_limits(), "--input")
+    except PayloadError as exc:
+        out.fail(2, str(exc))
     problems = validate_input(wf, data)
     if problems:  # before anything is stored, the workflow version included
         out.fail(2, str(InputError(problems)))
-    settings = _settings(home)
     with _store(home, settings) as store:
         version = Registry(store).publish(wf)
-        executions = Executions(store)
+        executions = Executions(store, limits=settings.payload_limits())
         state, _ = executions.start(version, data, idempotency_key=idempotency_key)
         if no_wait:
             out.emit({"execution_id": state.id, "status": state.status, "workflow": wf.name,
@@ -315,7 +374,7 @@ def workflows_publish(file: Path, as_json: bool = JsonOpt, home: Optional[Path] 
     """Register a version: immutable, content-hashed; identical content is a no-op."""
     from services.orchestrator.registry import Registry
 
-    wf = _definition(file)
+    wf = _definition(file, home)
     with _store(home) as store:
         v = Registry(store).publish(wf)
     out.emit({"id": f"{v.name}@{v.version}", "workflow": v.name, "version": v.version,

@@ -138,6 +138,11 @@ def render_show(r: dict[str, Any]) -> None:
     if r["kind"] == "input_error":
         title = "the execution's input (the step's input mapping could not be computed from it)"
     body = r["payload"]
+    headers = r.get("headers") or {}
+    if headers.get("Weft-Payload-Truncated"):  # an oversized message: the letter holds its first bytes
+        title = (f"payload preview: the first {len(str(body))} of {headers.get('Weft-Payload-Size')} bytes "
+                 f"(whole bytes {headers['Weft-Payload-Truncated']} in the blob store, "
+                 f"SHA-256 {str(headers.get('Weft-Payload-Sha256'))[:16]}…)")
     text = orjson.dumps(body, option=orjson.OPT_INDENT_2).decode() if not isinstance(body, str) else body
     c.print(Panel(Syntax(text, "json" if not isinstance(body, str) else "text", word_wrap=True), title=title, title_align="left"))
     if r["details"].get("input_mapping") is not None and r["kind"] == "input_error":

@@ -48,14 +48,28 @@ def publish(
     if not settings.nats_url:
         out.fail(1, f"no broker: start `weft up` (home {settings.home}) or set WEFT_NATS_URL")
 
+    from contracts.payloads import PayloadError, measure
+
+    try:  # over the payload maximum: refused before anything is stored or published
+        size = len(measure(payload, settings.payload_limits(), "--data"))
+    except PayloadError as exc:
+        out.fail(2, str(exc))
+    claims = None
+    if size > settings.payload_limits().inline:  # goes by reference: the blob store is beside the events
+        from services.payloads import Claims
+
+        claims = Claims.on(_store(home, settings), settings.payload_limits())
+
     async def send() -> bool:
         transport = await NatsTransport.connect(settings.nats_url, namespace=settings.namespace, connect_timeout=5,
                                                 publish_retry_for=10)
         try:
             await transport.ensure_streams()
-            return await publish_event(transport, event)
+            return await publish_event(transport, event, claims)
         finally:
             await transport.close()
+            if claims is not None:
+                claims.blobs.store.close()  # type: ignore[attr-defined]
 
     try:
         stored = asyncio.run(send())

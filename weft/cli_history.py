@@ -247,6 +247,7 @@ def replay(
     home: Optional[Path] = HomeOpt,
 ) -> None:
     """Replay a past execution as a new one (same version and input unless told otherwise), or many with --filter."""
+    from contracts.payloads import PayloadTooLarge
     from services.replay import ReplayError, bulk_replay, replay_execution
 
     if (execution_id is None) == (filter_ is None):
@@ -271,6 +272,8 @@ def replay(
                                       version=version, dry_run=dry_run)
         except ReplayError as exc:
             out.fail(exc.exit_code, str(exc))
+        except PayloadTooLarge as exc:  # nothing was stored
+            out.fail(2, str(exc))
         if wait and not dry_run:
             from services.orchestrator.executions import Executions
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 from datetime import datetime, timezone
+from pathlib import Path
 
 from rich.console import Console
 
@@ -37,12 +38,18 @@ def run_up(settings: Settings) -> int:
     if "gateway_auth" not in settings.model_fields_set and is_loopback(settings.gateway_host):
         settings = settings.model_copy(update={"gateway_auth": False})  # loopback only; said so when ready
     parts = tuple(p for p in ALL if not (settings.no_worker and p == "worker"))
+    discovered = settings.step_modules is None
+    if discovered:  # a project's own modules run with no flag; said so when ready
+        from services.worker.steps import discover
+
+        settings = settings.model_copy(update={"step_modules": ",".join(discover(Path.cwd()))})
 
     def ready(stack: Stack) -> None:
         write_stack(home, {
             "pid": os.getpid(), "home": str(home), "nats_url": server.url, "nats_port": server.port,
             "database_url": settings.database_url, "services": list(parts),
             "gateway_url": stack.gateway.url if stack.gateway is not None else None,
+            "step_modules": list(stack.step_modules.names) if stack.step_modules is not None else None,
             "started_at": datetime.now(timezone.utc).isoformat(),
         })
         console.print(f"[bold]weft up[/bold] · home {home}")
@@ -50,6 +57,13 @@ def run_up(settings: Settings) -> int:
         console.print(f"  event store     {settings.database_url}")
         console.print(f"  services        {', '.join(parts)}"
                       + (f" (worker concurrency {settings.worker_concurrency})" if not settings.no_worker else ""))
+        if stack.step_modules is not None:
+            names = stack.step_modules.describe()
+            how = (f"found in {Path.cwd()}; --steps or WEFT_STEP_MODULES to choose" if discovered
+                   else "from --steps / WEFT_STEP_MODULES")
+            console.print(f"  step modules    {names}  ({how}, plus weft.steps entry points)")
+            if not stack.step_modules.names:
+                console.print("  [yellow]no step modules[/yellow]: every python step will be refused")
         if stack.gateway is not None:
             console.print(f"  HTTP gateway    {stack.gateway.url}/v1  (docs {stack.gateway.url}/v1/docs)")
             if not settings.gateway_auth:
@@ -59,7 +73,7 @@ def run_up(settings: Settings) -> int:
 
     async def main() -> None:
         stop = asyncio.Event()
-        install_signal_handlers(stop)
+        install_signal_handlers(stop, settings.drain_grace)
         await run_services(settings, parts, stop, on_ready=ready)
 
     try:

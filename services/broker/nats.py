@@ -34,6 +34,7 @@ from contracts.deadletters import MSG_ID_HEADER as DLQ_MSG_ID_HEADER
 from contracts.deadletters import REASON_HEADER as DLQ_REASON_HEADER
 from contracts.deadletters import SOURCE_SUBJECT_HEADER as DLQ_SOURCE_SUBJECT_HEADER
 from services.broker.nats_client import Client, wire_size
+from services.broker.oversize import BlobSink, fit
 from services.broker.ports import BrokerError, DeadLetter, MessageRejected, OutMessage, PayloadTooLarge
 
 __all__ = [
@@ -278,6 +279,8 @@ class NatsTransport:
         self._atomic = atomic  # atomic batches in publish_many (nats-server >= 2.12)
         self._js: JetStreamContext = self._jetstream(nc)
         self._consumers: set[NatsConsumer] = set()
+        # Where an oversized dead letter's full bytes go (services.broker.oversize); set by the wiring.
+        self.blob_sink: BlobSink | None = None
 
     def _jetstream(self, nc: NATS) -> JetStreamContext:
         # The context's own pending cap only guards against misuse: the window
@@ -302,7 +305,9 @@ class NatsTransport:
     ) -> NatsTransport:
         """Connect, retrying for up to connect_timeout; afterwards the client reconnects forever."""
         _check_namespace(namespace)
-        servers = [url] if isinstance(url, str) else list(url)
+        # A cluster is given as its seed URLs, comma-separated (WEFT_NATS_URL=nats://a,nats://b,...);
+        # the client learns the rest of the cluster from the servers and follows it.
+        servers = [u.strip() for u in url.split(",") if u.strip()] if isinstance(url, str) else list(url)
         nc = Client()
 
         async def error_cb(exc: Exception) -> None:
@@ -684,15 +689,17 @@ class NatsTransport:
         """Store a dead letter. Pass the source message's identity (contracts.deadletters.message_key,
         or another stable id) as msg_id: it is the dead letter's dedup id, else one is derived from
         kind, source subject and payload."""
-        await self.publish(self._dead_letter_message(DeadLetter(
+        [letter] = await fit([DeadLetter(
             kind, payload, reason, headers=headers, source_subject=source_subject, delivered=delivered, msg_id=msg_id,
-        )))
+        )], self.blob_sink)
+        await self.publish(self._dead_letter_message(letter))
 
     async def dead_letter_many(self, letters: Sequence[DeadLetter]) -> None:
         """Store many dead letters in one atomic batch (one stored write); a batch holding one the
         stream has seen already (a redelivered poison message) goes message by message instead,
         and the broker drops that one as a duplicate."""
-        await self.publish_many([self._dead_letter_message(letter) for letter in letters])
+        fitted = await fit(letters, self.blob_sink)
+        await self.publish_many([self._dead_letter_message(letter) for letter in fitted])
 
     @staticmethod
     def _dead_letter_message(letter: DeadLetter) -> OutMessage:

@@ -30,13 +30,18 @@ from contracts import events as ev
 from contracts.messages import MessageError, decode_ready, decode_result
 from contracts.subjects import RESULTS_PREFIX, STEPS_PREFIX, TRIGGERS_PREFIX, trigger_subject
 from contracts.triggers import CloudEvent
+from contracts.payloads import PayloadLimits, is_ref, make_ref
+from services.broker.oversize import DLQ_PAYLOAD_INLINE, SHA256_HEADER, SIZE_HEADER, TRUNCATED_HEADER
 from services.broker import OutMessage, Transport
 from services.orchestrator.decide import DecisionError, Reprocess, decide, merge_patch
 from services.orchestrator.executions import utcnow
 from services.orchestrator.state import Execution, evolve, fold
+from services.payloads import Claims
+from services.store.blobs import SqlBlobStore
 from services.store import ConcurrencyError, EventStore, NewEvent
 
 MAX_INPUT_BYTES = 900_000  # a StepReady must still fit the broker's 1 MB message limit
+PATCH_MAX = PayloadLimits().inline  # a patch is stored and travels inline
 
 
 class PatchError(ValueError):
@@ -78,6 +83,14 @@ class Actions:
             return None
         if not isinstance(patch, dict):
             raise PatchError(f"a patch must be a JSON object (an RFC 7386 merge patch), not {_json_type(patch)}")
+        # A patch is stored inline in its event: it must fit the inline limit (a bigger change is a replay).
+        size = len(orjson.dumps(patch))
+        if size > PATCH_MAX:
+            raise PatchError(f"the patch is {size} bytes, over the limit of {PATCH_MAX} bytes (a patch travels inline; "
+                             "for a bigger change replay the execution with a new input)")
+        if _truncated(row):
+            raise PatchError("the payload was over the dead-letter limit and is kept whole in the blob store "
+                             f"({(row.get('headers') or {}).get(SIZE_HEADER)} bytes): reprocess it unpatched or discard it")
         if row["source"] == "step":
             return _patched_step_input(row, patch)
         return _patched_message(row, patch)
@@ -181,6 +194,8 @@ class Actions:
         if status != dl.OPEN:
             return _already(out, status, acts)
         data = orjson.dumps(preview) if patch is not None else dl.decode_payload(row["payload"], row["payload_encoding"])
+        if patch is None and _truncated(row):  # the letter holds a preview: the message is in the blob store
+            data = await asyncio.to_thread(self._whole, row)
         subject = target_subject(row, data)
         if not subject:
             out.outcome, out.ok = "failed", False
@@ -194,8 +209,15 @@ class Actions:
             return out
         if self.transport is None:
             raise RuntimeError("republishing a message needs the broker: no transport given")
-        headers = dict(row.get("headers") or {})
+        headers = {k: v for k, v in (row.get("headers") or {}).items()
+                   if k not in (SIZE_HEADER, SHA256_HEADER, TRUNCATED_HEADER)}
         headers[dl.REPROCESSED_FROM_HEADER] = row["id"]
+        if len(data) > DLQ_PAYLOAD_INLINE:
+            try:
+                data = await asyncio.to_thread(self._by_reference, row, data)
+            except ValueError as exc:
+                out.outcome, out.ok, out.detail = "failed", False, str(exc)
+                return out
         # Publish before recording: a crash in between republishes once more (deduplicated
         # by msg id, and harmless downstream), where the other order could lose it.
         await self.transport.publish(OutMessage(subject=subject, data=data, msg_id=msg_id, headers=headers))
@@ -205,6 +227,28 @@ class Actions:
         )
         out.detail = f"to {subject}"
         return await asyncio.to_thread(self._record, out, acts, event, "republished")
+
+    def _whole(self, row: dict[str, Any]) -> bytes:
+        return SqlBlobStore(self.store).get((row.get("headers") or {})[SHA256_HEADER])
+
+    def _by_reference(self, row: dict[str, Any], data: bytes) -> bytes:
+        """A big message to republish: a trigger goes with its data stored by reference (as
+        POST /v1/triggers sends one); anything else of that size cannot travel and is refused."""
+        if not row["kind"].startswith("trigger_"):
+            raise ValueError(f"the message is {len(data)} bytes, too large to republish on the broker; discard it")
+        try:
+            event = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            raise ValueError(f"the message is {len(data)} bytes and not JSON; it cannot be republished") from None
+        if not isinstance(event, dict) or "data" not in event:
+            raise ValueError(f"the message is {len(data)} bytes and not a CloudEvent with data; discard it")
+        claims = Claims.on(self.store)
+        encoded = claims.check(event["data"], "the trigger's data")
+        event["data"] = make_ref(claims.blobs.put(encoded), len(encoded))
+        out = orjson.dumps(event)
+        if len(out) > DLQ_PAYLOAD_INLINE:
+            raise ValueError(f"the trigger is {len(out)} bytes without its data; too large to republish")
+        return out
 
     # ---- discard --------------------------------------------------------------------------------
 
@@ -322,6 +366,10 @@ def _already(out: Outcome, status: str, acts: list[Any], acting: str = "reproces
     return out
 
 
+def _truncated(row: dict[str, Any]) -> bool:
+    return (row.get("headers") or {}).get(TRUNCATED_HEADER) == "stored"
+
+
 def _json(text: str) -> Any:
     try:
         return orjson.loads(text)
@@ -341,6 +389,10 @@ def _patched_step_input(row: dict[str, Any], patch: dict[str, Any]) -> Any:
             "reprocess without --patch after fixing what the input mapping reads"
         )
     current = _json(row["payload"])
+    if is_ref(current):
+        raise PatchError(f"the input of step {row['step_id']!r} is stored by reference (over the inline limit, "
+                         f"{current.get('size')} bytes): it cannot be patched; reprocess it unpatched, or replay "
+                         "the execution with a new input")
     if current is not None and not isinstance(current, dict):
         raise PatchError(
             f"the input of step {row['step_id']!r} is {_json_type(current)}; a merge patch applies to an object"

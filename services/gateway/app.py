@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 
+from contracts.payloads import PayloadLimits
 from services.broker import Transport
 from services.deadletters.view import FreshView
 from services.gateway import errors
@@ -41,13 +42,17 @@ class Context:
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     sse_poll: float = 0.25
     sse_heartbeat: float = 15.0
+    step_modules: Any = None  # the allowlist of a worker in this process (weft up), for publish warnings
 
     def __post_init__(self) -> None:
         self.registry = Registry(self.store)
         self.dead_letters = FreshView(self.store)
 
 
-def create_app(ctx: Context, *, max_body: int = DEFAULT_MAX_BODY) -> FastAPI:
+def create_app(ctx: Context, *, max_body: int = DEFAULT_MAX_BODY, max_payload_body: int | None = None) -> FastAPI:
+    """`max_payload_body`: the body limit of requests that carry a payload (errors.carries_payload);
+    by default the payload maximum plus room for the request around it and for whitespace
+    (the payload itself is measured as compact JSON in the route, and 413 names that limit)."""
     from services.gateway import routes_deadletters, routes_executions, routes_replay, routes_triggers, routes_workflows
 
     app = FastAPI(
@@ -61,7 +66,10 @@ def create_app(ctx: Context, *, max_body: int = DEFAULT_MAX_BODY) -> FastAPI:
     )
     app.state.ctx = ctx
     errors.install(app)
-    app.add_middleware(errors.BodyLimit, limit=max_body)
+    if max_payload_body is None:  # (no ctx: an app built only for its OpenAPI document)
+        most = ctx.executions.claims.limits.maximum if ctx is not None else PayloadLimits().maximum
+        max_payload_body = most + max(1024 * 1024, most // 4)
+    app.add_middleware(errors.BodyLimit, limit=max_body, large=max_payload_body)
     app.include_router(routes_workflows.router)
     app.include_router(routes_executions.router)
     app.include_router(routes_triggers.router)

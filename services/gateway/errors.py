@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from contracts.payloads import PayloadError, PayloadTooLarge
 from services.broker import BrokerError
 from services.gateway.models import ErrorBody
 from services.store import StoreUnavailableError
@@ -82,6 +83,14 @@ def install(app: FastAPI) -> None:
             return _respond(invalid("body", "could not be parsed (send UTF-8 JSON)"))
         return error_response(exc.status_code, detail, headers=getattr(exc, "headers", None))
 
+    @app.exception_handler(PayloadTooLarge)
+    async def _too_large(_: Request, exc: PayloadTooLarge) -> JSONResponse:
+        return error_response(413, str(exc), problems=[{"field": exc.what, "message": str(exc)}])
+
+    @app.exception_handler(PayloadError)
+    async def _payload(_: Request, exc: PayloadError) -> JSONResponse:
+        return _respond(invalid(getattr(exc, "what", "body"), str(exc)))
+
     @app.exception_handler(StoreUnavailableError)
     async def _store_down(_: Request, exc: StoreUnavailableError) -> JSONResponse:
         log.warning("store unavailable: %s", exc)
@@ -121,25 +130,37 @@ def errors(*extra: int) -> dict[int | str, dict[str, Any]]:
     return out
 
 
-class BodyLimit:
-    """ASGI middleware: a request body over `limit` bytes gets 413, whether it declares
-    its length or streams it; nothing of it reaches the application."""
+def carries_payload(method: str, path: str) -> bool:
+    """Requests whose body is a payload (an execution input, a trigger's data, a replay's input):
+    those may be as big as the payload policy's maximum, every other body stays small."""
+    if method != "POST":
+        return False
+    return (path in ("/v1/executions", "/v1/triggers") or path.startswith("/v1/webhooks/")
+            or (path.startswith("/v1/executions/") and path.endswith("/replay")))
 
-    def __init__(self, app: ASGIApp, limit: int):
-        self.app, self.limit = app, limit
+
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes (`large` for bodies that carry a
+    payload, see carries_payload) gets 413, whether it declares its length or streams it;
+    nothing of it reaches the application."""
+
+    def __init__(self, app: ASGIApp, limit: int, large: int | None = None):
+        self.app, self.small = app, limit
+        self.large = max(large or limit, limit)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.large if carries_payload(scope.get("method", ""), scope.get("path", "")) else self.small
         declared = dict(scope.get("headers") or ()).get(b"content-length")
         if declared is not None:
             try:
-                too_big = int(declared) > self.limit
+                size = int(declared)
             except ValueError:
-                too_big = False
-            if too_big:
-                await self._reject(scope, receive, send)
+                size = 0
+            if size > limit:
+                await self._reject(scope, receive, send, limit, f"{size} bytes")
                 return
         body = bytearray()
         more = True
@@ -149,8 +170,8 @@ class BodyLimit:
                 return
             body.extend(message.get("body", b""))
             more = message.get("more_body", False)
-            if len(body) > self.limit:
-                await self._reject(scope, receive, send)
+            if len(body) > limit:
+                await self._reject(scope, receive, send, limit, f"more than {limit} bytes")
                 return
         sent = False
 
@@ -163,6 +184,7 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = error_response(413, f"the request body is over the limit of {self.limit} bytes")
+    async def _reject(self, scope: Scope, receive: Receive, send: Send, limit: int, size: str) -> None:
+        response = error_response(413, f"the request body is {size}, over the limit of {limit} bytes",
+                                  problems=[{"field": "body", "message": f"{size}; at most {limit} bytes"}])
         await response(scope, receive, send)

@@ -40,6 +40,7 @@ class WorkflowVersionOut(BaseModel):
     published_at: datetime
     created: bool | None = None  # on publish: False when identical content was already published
     definition: dict[str, Any] | None = None
+    warnings: list[str] = []  # on publish: e.g. python callables this stack's worker would refuse
 
 
 class WorkflowList(BaseModel):

@@ -66,20 +66,20 @@ def start(
         # Look first: the common repeat is then a read, not a refused write.
         existing = ctx.executions.load(execution_id_for(version.name, idempotency_key))
         if existing.version:
-            return _repeat(response, existing, body.input)
+            return _repeat(response, existing, body.input, ctx)
     try:
         state, created = ctx.executions.start(version, body.input, idempotency_key=idempotency_key)
     except InputError as exc:
         problems = [{"field": f"body.{p.path}", "message": p.message} for p in exc.problems]
         raise ApiError(422, str(exc), problems=problems) from None
     if not created:
-        return _repeat(response, state, body.input)
+        return _repeat(response, state, body.input, ctx)
     response.status_code = 201
     return summary(state) | {"created": True}
 
 
-def _repeat(response: Response, state: Execution, data: Any) -> dict[str, Any]:
-    if state.input != data:
+def _repeat(response: Response, state: Execution, data: Any, ctx: Any) -> dict[str, Any]:
+    if not ctx.executions.claims.same(state.input, data):  # a big input is stored as a reference
         raise ApiError(409, "this Idempotency-Key already started an execution with a different input",
                        code="idempotency_conflict")
     response.status_code = 200

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 from fastapi import APIRouter, Path, Request, Response
@@ -12,6 +13,8 @@ from services.gateway.auth import ScopedRoute, caller, scoped
 from services.gateway.errors import ApiError, errors, invalid
 from services.gateway.models import WorkflowList, WorkflowVersionOut
 from services.orchestrator.registry import UnknownWorkflow, Version
+
+log = logging.getLogger("weft.gateway")
 
 router = APIRouter(prefix="/v1/workflows", tags=["workflows"], route_class=ScopedRoute)
 NamePath = Path(min_length=1, max_length=128, description="workflow name")
@@ -72,7 +75,14 @@ async def publish_workflow(request: Request, response: Response) -> Any:
     v = await asyncio.to_thread(ctx.registry.publish, wf)
     await asyncio.to_thread(ctx.catalog.refresh, force=True)
     response.status_code = 201 if v.created else 200
-    return out(v, definition=True, created=v.created)
+    warnings = []
+    if ctx.step_modules is not None:
+        from services.worker.steps.allowlist import refused_callables
+
+        warnings = refused_callables(wf, ctx.step_modules)
+        for warning in warnings:
+            log.warning("published %s@%s: %s", v.name, v.version, warning)
+    return out(v, definition=True, created=v.created) | {"warnings": warnings}
 
 
 @router.get("", response_model=WorkflowList, responses=errors(), openapi_extra=scoped("read"))

@@ -94,6 +94,7 @@ def build_gateway(stack: Any, catalog: Catalog, ingestor: Ingestor, stop: asynci
         store=stack.store, transport=stack.transport, executions=stack.executions, catalog=catalog,
         ingestor=ingestor, keys=keys, auth=Authenticator(keys, enabled=settings.gateway_auth), stop=stop,
     )
+    ctx.step_modules = getattr(stack, "step_modules", None)
     app = create_app(ctx, max_body=settings.gateway_max_body)
     return GatewayServer(app, settings.gateway_host, settings.gateway_port)
 
@@ -108,7 +109,7 @@ async def front_door(stack: Any, parts: set[str], stop: asyncio.Event) -> list[A
         for listener in stack.executions.listeners:
             listener()
 
-    ingestor = Ingestor(stack.store, catalog, notify=notify)
+    ingestor = Ingestor(stack.store, catalog, notify=notify, claims=stack.executions.claims)
     runs: list[Awaitable[Any]] = []
     if "triggers" in parts:
         stack.triggers = TriggerConsumer(ingestor, stack.transport, batch=settings.trigger_batch,

@@ -36,7 +36,7 @@ DURABLE = "orchestrator"
 
 class ResultConsumer:
     def __init__(
-        self, executions: Executions, transport: Transport, *, batch: int = 256, ack_wait: float = 30.0,
+        self, executions: Executions, transport: Transport, *, batch: int = 256, ack_wait: float = 4.0,
         max_deliver: int = 20, poison_deliveries: int = 5,
     ):
         self.executions, self.transport = executions, transport
@@ -58,20 +58,18 @@ class ResultConsumer:
                                         unacked_at_start=getattr(self.consumer, "unacked_at_start", 1))
         backoff = Backoff()
         while not stop.is_set():
-            msgs: list[Delivery] = []
             try:
                 msgs = await self.consumer.fetch(1 if guard.careful else self.batch, timeout=0.5)
-                if msgs:
-                    await self.handle(msgs)
                 backoff.reset()
-            except Exception:  # store or broker away: nothing acked, so all is redelivered
-                for msg in msgs:  # ... and this process lived through it: not a crash
-                    guard.survived(msg)
-                await backoff.failed(stop, log, "orchestrator: a batch")
+            except Exception:  # the broker is away
+                await backoff.failed(stop, log, "orchestrator: a fetch")
+                continue
+            if msgs:
+                await self.handle(msgs, stop)
         await self._shelf.close()
         await self.consumer.close()
 
-    async def handle(self, msgs: list[Delivery]) -> None:
+    async def handle(self, msgs: list[Delivery], stop: asyncio.Event | None = None) -> None:
         """First deliveries in one batch; redelivered ones each alone, after them; poison not at all."""
         fresh: list[Delivery] = []
         suspects: list[Delivery] = []
@@ -83,11 +81,11 @@ class ResultConsumer:
             else:
                 fresh.append(msg)
         if fresh:
-            await self._handle(fresh)
+            await self._handle(fresh, stop)
         for msg in suspects:
-            await self._handle([msg])
+            await self._handle([msg], stop)
 
-    async def _handle(self, msgs: list[Delivery]) -> None:
+    async def _handle(self, msgs: list[Delivery], stop: asyncio.Event | None = None) -> None:
         good: list[tuple[Delivery, StepResult]] = []
         poison: list[tuple[Delivery, str]] = []
         for msg in msgs:
@@ -100,7 +98,39 @@ class ResultConsumer:
         if poison:
             self._shelf.put(poison)
         if good:
-            await self._apply(good)
+            await self._apply_until_done(good, stop or asyncio.Event())
+
+    async def _apply_until_done(self, good: list[tuple[Delivery, StepResult]], stop: asyncio.Event) -> None:
+        """Apply a batch, holding on to it while the store is away.
+
+        Left unacked, a batch would come back only after ack_wait (30 s by default): that
+        was most of the stall after a database restart. So the batch is kept, its leases
+        renewed (in-progress acks do not count as deliveries), and applied again as soon
+        as the store answers. Asked to stop meanwhile, it is handed back (nak) for
+        another orchestrator to take at once.
+        """
+        backoff = Backoff()
+        keeper = asyncio.ensure_future(self._keep_leases(good))
+        try:
+            while True:
+                try:
+                    await self._apply(good)
+                    backoff.reset()
+                    return
+                except Exception:  # the store (or the broker, for the acks) is away
+                    await backoff.failed(stop, log, "orchestrator: a batch")
+                if stop.is_set():
+                    await _each(good, "nak")
+                    return
+        finally:
+            keeper.cancel()
+
+    async def _keep_leases(self, batch: list[tuple[Delivery, StepResult]]) -> None:
+        # ack_wait is short (seconds) so that a dead orchestrator's batch moves on quickly;
+        # a live one renews its leases for as long as a slow commit or an outage lasts.
+        while True:
+            await asyncio.sleep(self.ack_wait / 3)
+            await _each(batch, "in_progress")
 
     async def _apply(self, good: list[tuple[Delivery, StepResult]]) -> None:
         for _, result in good:
@@ -128,6 +158,15 @@ class ResultConsumer:
         ignores an Undeliverable for an attempt already over."""
         reason = poison_reason(msg.delivered, "orchestrator")
         try:
+            await self._dead_letter_poison(msg, reason)
+        except Exception as exc:  # the broker or the store is away: left unacked, it comes back
+            self.guard.survived(msg)
+            self._throttled.failure(f"poison-report:{type(exc).__name__}",
+                                    "orchestrator: could not dead-letter a poison result; it will be redelivered",
+                                    exc=exc)
+
+    async def _dead_letter_poison(self, msg: Delivery, reason: str) -> None:
+        try:
             await self.transport.dead_letter_many(
                 [DeadLetter.of(msg, "poison", reason, message_key(RESULTS_STREAM, msg.stream_seq))])
         except MessageRejected as exc:  # too large even for the DLQ: the step's dead letter keeps the reason
@@ -146,3 +185,12 @@ class ResultConsumer:
         self.poisoned += 1
         self._throttled.failure("poison", "orchestrator: result %s was %s; dead-lettered, its step failed",
                                 msg.msg_id, reason)
+
+
+async def _each(batch: list[tuple[Delivery, StepResult]], what: str) -> None:
+    for msg, _ in batch:
+        try:
+            await getattr(msg, what)()
+        except Exception:  # noqa: BLE001 - the broker may be away too: it redelivers after ack_wait
+            log.debug("%s of a held result failed", what, exc_info=True)
+            return

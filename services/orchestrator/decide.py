@@ -15,6 +15,7 @@ from contracts import events as ev
 from contracts.definitions import WorkflowDef
 from contracts.expressions import ExpressionError, evaluate, render, truthy
 from contracts.messages import StepResult, task_key
+from contracts.payloads import guard, is_ref
 from services.orchestrator.backoff import backoff
 from services.orchestrator.state import FINISHED, PAUSED, RUNNING, Execution, evolve
 
@@ -256,8 +257,10 @@ def _control(s: Execution, c: Command, now: datetime, emit: Emit) -> None:
 
 
 def _context(s: Execution) -> dict[str, Any]:
-    steps = {sid: {"output": st.output, "status": st.status} for sid, st in s.steps.items()}
-    return {"input": s.input, "steps": steps, "execution": {"id": s.id, "workflow": s.workflow}}
+    # A payload stored by reference can be passed on whole, but an expression that looks
+    # inside it fails with a clear error (contracts.payloads.Guarded), never a silent null.
+    steps = {sid: {"output": guard(st.output), "status": st.status} for sid, st in s.steps.items()}
+    return {"input": guard(s.input), "steps": steps, "execution": {"id": s.id, "workflow": s.workflow}}
 
 
 def _advance(s: Execution, now: datetime, emit: Emit) -> None:
@@ -307,12 +310,14 @@ def _schedule_step(s: Execution, step_def: Any, now: datetime, emit: Emit) -> No
             return
         if step_def.map is None:
             data = render(step_def.input, ctx) if step_def.input is not None else s.input
-            _schedule(s, step_def, None, 1, data, now, None, "ready", emit)
+            _schedule(s, step_def, None, 1, data, now, None, "ready", emit, _config(step_def, ctx))
             return
         items = evaluate(_inner(step_def.map), ctx)
         if not isinstance(items, list):
-            raise ExpressionError(step_def.map, f"map needs a list, got {type(items).__name__}")
+            got = "a value stored by reference (over WEFT_PAYLOAD_INLINE_LIMIT)" if is_ref(items) else type(items).__name__
+            raise ExpressionError(step_def.map, f"map needs a list, got {got}")
         inputs = [render(step_def.input, {**ctx, "item": x}) if step_def.input is not None else x for x in items]
+        configs = [_config(step_def, {**ctx, "item": x}) for x in items]
     except ExpressionError as exc:
         _dead_letter(s, step_def.id, None, 0, "ExpressionError", str(exc), "input error", now, emit)
         return
@@ -320,7 +325,22 @@ def _schedule_step(s: Execution, step_def: Any, now: datetime, emit: Emit) -> No
     if not inputs:
         emit(ev.StepSucceeded(at=now, step_id=step_def.id, attempt=0, output=[]))
     for i, data in enumerate(inputs):
-        _schedule(s, step_def, i, 1, data, now, None, "ready", emit)
+        _schedule(s, step_def, i, 1, data, now, None, "ready", emit, configs[i])
+
+
+def _config(step_def: Any, ctx: dict[str, Any]) -> dict[str, Any]:
+    # `with:` may use expressions too (`url: "${{ input.url }}"`); secrets stay references.
+    return render(step_def.with_, ctx) if _has_expressions(step_def.with_) else step_def.with_
+
+
+def _has_expressions(value: Any) -> bool:
+    if isinstance(value, str):
+        return "${{" in value
+    if isinstance(value, dict):
+        return any(_has_expressions(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_expressions(v) for v in value)
+    return False
 
 
 def _inner(expression: str) -> str:
@@ -330,13 +350,14 @@ def _inner(expression: str) -> str:
 
 def _schedule(
     s: Execution, step_def: Any, item: int | None, attempt: int, data: Any, now: datetime,
-    not_before: datetime | None, reason: str, emit: Emit,
+    not_before: datetime | None, reason: str, emit: Emit, config: dict[str, Any] | None = None,
 ) -> None:
     emit(
         ev.StepScheduled(
             at=now, step_id=step_def.id, item=item, attempt=attempt, step_type=step_def.type,
-            config=step_def.with_, input=data, idempotency_key=task_key(s.id, step_def.id, item),
-            timeout=step_def.timeout, not_before=not_before, reason=reason,
+            config=step_def.with_ if config is None else config, input=data,
+            idempotency_key=task_key(s.id, step_def.id, item),
+            timeout=step_def.timeout, not_before=not_before, reason=reason, secrets=step_def.secret_refs,
         )
     )
 
@@ -351,12 +372,12 @@ def _reschedule(s: Execution, wf: WorkflowDef, now: datetime, emit: Emit) -> Non
                 key = task_key(s.id, step_def.id, item)
                 delay = backoff(step_def.retry, failures, key, task.next_retry_delay)
                 when = now + timedelta(seconds=delay) if delay > 0 else None
-                _schedule(s, step_def, item, task.attempt + 1, task.input, now, when, "retry", emit)
+                _schedule(s, step_def, item, task.attempt + 1, task.input, now, when, "retry", emit, task.config)
             elif task.status == "reprocess":
                 data = merge_patch(task.input, task.patch) if task.patch is not None else task.input
-                _schedule(s, step_def, item, task.attempt + 1, data, now, None, "reprocess", emit)
+                _schedule(s, step_def, item, task.attempt + 1, data, now, None, "reprocess", emit, task.config)
             elif task.orphaned():
-                _schedule(s, step_def, item, task.attempt + 1, task.input, now, None, "resume", emit)
+                _schedule(s, step_def, item, task.attempt + 1, task.input, now, None, "resume", emit, task.config)
 
 
 def merge_patch(target: Any, patch: Any) -> Any:

@@ -19,9 +19,11 @@ from typing import Any, Callable, Sequence
 from contracts import events as ev
 from contracts.definitions import Problem, validate_input
 from contracts.messages import StepResult
-from services.orchestrator.decide import Command, DecisionError, Start, UnknownTask, decide, decide_into
+from contracts.payloads import PayloadError, PayloadLimits, is_ref
+from services.orchestrator.decide import Command, DecisionError, Reprocess, Start, UnknownTask, decide, decide_into
 from services.orchestrator.registry import Version
 from services.orchestrator.state import Execution, evolve
+from services.payloads import Claims
 from services.store import ConcurrencyError, EventStore, NewEvent
 
 _TRIGGER_NS = uuid.UUID("0d5f3e55-8a1c-4c3b-a3a4-1f6c2b7d9e21")
@@ -57,9 +59,13 @@ class Outcome:
 
 
 class Executions:
-    def __init__(self, store: EventStore, clock: Callable[[], datetime] = utcnow, cache_size: int = 20_000):
+    def __init__(self, store: EventStore, clock: Callable[[], datetime] = utcnow, cache_size: int = 20_000,
+                 limits: PayloadLimits | None = None):
         self.store = store
         self.clock = clock
+        # Every event is measured before it is appended: one over the inline limit has its
+        # payload stored in the blob store and carries a reference (decide() stays pure).
+        self.claims = Claims.on(store, limits)
         self._cache: OrderedDict[str, Execution] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()  # the consumer thread and request threads share the cache
@@ -103,6 +109,7 @@ class Executions:
         trace_id: str | None = None,
     ) -> tuple[Execution, bool]:
         """Start an execution; returns (state, created). Input is checked before anything is stored."""
+        self.claims.check(input, "the execution input")  # PayloadTooLarge before anything else
         problems = validate_input(version.definition, input)
         if problems:
             raise InputError(problems)
@@ -127,6 +134,7 @@ class Executions:
         given ids an execution that already exists is left alone (idempotent).
         """
         for i, data in enumerate(inputs):
+            self.claims.check(data, f"the execution input [{i}]")
             problems = validate_input(version.definition, data)
             if problems:
                 for p in problems:
@@ -138,8 +146,10 @@ class Executions:
         for eid, data in zip(ids, inputs):
             state = Execution(id=eid)
             events = decide_into(state, _start(version, data), now)
-            records.extend(_record(eid, i + 1, e) for i, e in enumerate(events))
-            states.append(state)
+            encoded, moved = self.claims.offload(events)
+            records.extend(_record(eid, i + 1, e, b) for i, (e, b) in enumerate(encoded))
+            if not moved:  # else the cache would hold what the store does not: load it next time
+                states.append(state)
         try:
             self.store.append(records)
         except ConcurrencyError:  # some exist already: start the others one by one
@@ -157,6 +167,8 @@ class Executions:
             state = self.load(execution_id)
             if not state.version:
                 raise NotFound(f"no execution {execution_id}")
+            if isinstance(cmd, Reprocess) and cmd.patch is not None:
+                _patchable(state, cmd)
             events = decide(state, cmd, self.clock())
             try:
                 self._append(state, events)
@@ -168,14 +180,15 @@ class Executions:
     def _append(self, state: Execution, events: list[Any], inbox: Sequence[str] = ()) -> Execution:
         if not events and not inbox:
             return state
-        new = [_record(state.id, state.version + i + 1, e) for i, e in enumerate(events)]
+        encoded, _ = self.claims.offload(events)
+        new = [_record(state.id, state.version + i + 1, e, b) for i, (e, b) in enumerate(encoded)]
         try:
             self.store.append(new, inbox=inbox)
         except ConcurrencyError:
             self._forget(state.id)
             raise
         after = state.copy()
-        for e in events:
+        for e, _b in encoded:  # as stored: references where payloads were moved
             evolve(after, e)
         self._remember(after)
         self._notify()
@@ -225,7 +238,10 @@ class Executions:
             outcomes.append(Outcome(mid, "applied", r.execution_id))
         batch = [s for s in staged.values() if s.inbox]
         if batch:
-            records = [_record(s.state.id, s.base_version + i + 1, e) for s in batch for i, e in enumerate(s.events)]
+            records = []
+            for s in batch:
+                encoded, s.moved = self.claims.offload(s.events)
+                records.extend(_record(s.state.id, s.base_version + i + 1, e, b) for i, (e, b) in enumerate(encoded))
             batch_ids = {m for s in batch for m in s.inbox}
             try:
                 self.store.append(records, inbox=list(batch_ids))
@@ -236,7 +252,10 @@ class Executions:
                 recheck = [r for r in results if r.message_id in batch_ids] + recheck
             else:
                 for s in batch:
-                    self._remember(s.state)
+                    if s.moved:  # the working copy holds payloads the store has as references
+                        self._forget(s.state.id)
+                    else:
+                        self._remember(s.state)
                 self._notify()
         if recheck:
             outcomes += self._apply_one_by_one(recheck)
@@ -299,6 +318,7 @@ class _Staged:
     state: Execution
     events: list[Any] = field(default_factory=list)
     inbox: list[str] = field(default_factory=list)
+    moved: bool = False  # some payload went to the blob store
 
 
 def _start(version: Version, input: Any, **kw: Any) -> Start:
@@ -306,8 +326,19 @@ def _start(version: Version, input: Any, **kw: Any) -> Start:
                  input=input, **kw)
 
 
-def _record(execution_id: str, version: int, event: Any) -> NewEvent:
-    return NewEvent(uuid.UUID(execution_id), version, event.type, ev.encode(event))
+def _record(execution_id: str, version: int, event: Any, data: bytes | None = None) -> NewEvent:
+    return NewEvent(uuid.UUID(execution_id), version, event.type, ev.encode(event) if data is None else data)
 
 
-__all__ = ["Executions", "InputError", "NotFound", "DecisionError", "Outcome", "execution_id_for", "utcnow"]
+def _patchable(state: Execution, cmd: Reprocess) -> None:
+    # A merge patch is applied by the pure core, which does not load stored payloads: onto a
+    # reference it would merge into the reference itself. Refused, with what to do instead.
+    step = state.steps.get(cmd.step_id)
+    task = step.tasks.get(cmd.item) if step is not None else None
+    if task is not None and is_ref(task.input):
+        raise DecisionError("input_by_reference", f"step {cmd.step_id!r}'s input is stored by reference (over the "
+                            "inline limit, WEFT_PAYLOAD_INLINE_LIMIT): it cannot be patched; reprocess it without "
+                            "a patch, or replay the execution with a new input")
+
+
+__all__ = ["Executions", "InputError", "NotFound", "DecisionError", "Outcome", "PayloadError", "execution_id_for", "utcnow"]

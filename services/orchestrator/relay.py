@@ -61,6 +61,7 @@ def to_message(rec: StoredRecord) -> OutMessage:
         "not_before": e.get("not_before"),
         "scheduled_at": e["at"],
         "trace_id": None,
+        "secrets": e.get("secrets") or {},
     }
     return OutMessage(subject=step_subject(e["step_type"]), data=orjson.dumps(ready), msg_id=f"{key}:{e['attempt']}")
 

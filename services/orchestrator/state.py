@@ -33,6 +33,7 @@ class Task:
     patch: dict[str, Any] | None = None
     error: tuple[str, str] | None = None
     worker_id: str | None = None
+    config: dict[str, Any] | None = None  # the rendered `with:` of the last attempt, for its retries
 
     def orphaned(self) -> bool:
         """Scheduled, but its result was ignored because the execution had finished."""
@@ -41,7 +42,7 @@ class Task:
     def copy(self) -> Task:
         return Task(
             self.attempt, self.status, self.input, self.output, set(self.finished),
-            self.budget_from, self.next_retry_delay, self.patch, self.error, self.worker_id,
+            self.budget_from, self.next_retry_delay, self.patch, self.error, self.worker_id, self.config,
         )
 
 
@@ -127,6 +128,7 @@ def evolve(s: Execution, e: Any) -> Execution:
         if task is None:
             task = step.tasks[e.item] = Task()
         task.attempt, task.status, task.input, task.patch = e.attempt, "scheduled", e.input, None
+        task.config = e.config
         task.next_retry_delay = None
         if step.status in ("pending", "dead_lettered"):
             step.status = "scheduled"

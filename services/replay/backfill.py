@@ -20,11 +20,13 @@ from typing import Any, Callable
 
 import orjson
 
+from contracts.payloads import PayloadError, is_ref
 from contracts.triggers import TriggerAccepted
 from services.orchestrator.decide import DecisionError
 from services.orchestrator.executions import Executions, InputError, execution_id_for
 from services.orchestrator.registry import Registry, UnknownWorkflow, Version
 from services.replay.operations import Progress, Run, check_id, derive_id
+from services.store.blobs import BlobNotFound
 from services.store import EventStore
 
 
@@ -164,9 +166,11 @@ def backfill(
                        "time": e.get("time"), "via": "backfill", "backfill": bid}
             data = {} if e.get("data") is None else e["data"]
             try:
+                if is_ref(data):  # a big trigger's data, kept by reference in the trigger log
+                    data = executions.claims.resolve(data)
                 _, created = executions.start(target, data, trigger=trigger, idempotency_key=key)
                 item["outcome"] = "started" if created else "skipped"
-            except (InputError, DecisionError) as exc:
+            except (InputError, DecisionError, PayloadError, BlobNotFound) as exc:
                 item["outcome"], item["error"] = "failed", str(exc)
         run.add(item)
     return {

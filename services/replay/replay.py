@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from contracts.definitions import Problem, validate_input
+from contracts.payloads import PayloadError, PayloadTooLarge, refs_in
 from services.orchestrator.decide import DecisionError, merge_patch
 from services.orchestrator.executions import Executions, InputError, execution_id_for
 from services.orchestrator.registry import Registry, UnknownWorkflow, Version
@@ -139,7 +140,10 @@ def plan_replay(
             steps.append({"step_id": sid, "action": "reuse", "source_status": status})
         else:
             steps.append({"step_id": sid, "action": "run", "source_status": status})
-    data = source.input if input_patch is None else merge_patch(source.input, input_patch)
+    base = source.input
+    if refs_in(base):  # stored by reference: the replay validates and patches the value itself
+        base = executions.claims.resolve(base)
+    data = base if input_patch is None else merge_patch(base, input_patch)
     problems = validate_input(wf, data)
     if problems:
         lines = "\n".join(f"  {p}" for p in problems)
@@ -186,6 +190,10 @@ def replay_execution(
         )
     except InputError as exc:
         raise ReplayError("bad_input", str(exc), exc.problems) from None
+    except PayloadTooLarge:
+        raise  # 413 on HTTP, exit 2 on the CLI
+    except PayloadError as exc:
+        raise ReplayError("bad_input", str(exc)) from None
     except DecisionError as exc:
         raise ReplayError("bad_input", str(exc)) from None
     if not created and state.replay_of != plan.source.id:

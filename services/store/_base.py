@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol, TypeVar
 from uuid import UUID
 
 import psycopg
@@ -30,6 +30,8 @@ from services.store.ports import (
     StoreUnavailableError,
     ViewTransaction,
 )
+
+T = TypeVar("T")
 
 _TRANSIENT: tuple[type[BaseException], ...] = (
     es.OperationalError,
@@ -136,6 +138,18 @@ class BaseStore:
         except _DB_ERRORS as exc:
             raise map_error(exc, operation, self.dialect) from exc
 
+    def _read_op(self, operation: str, call: Callable[[], T]) -> T:
+        """A read, tried once more when its connection turned out dead: the backend has
+        replaced its connections by then (services/store/reconnect.py), so a server that
+        restarted while this process was idle costs the caller nothing. A write is not
+        retried here: whether it committed is unknown, and its caller decides again."""
+        try:
+            with self._errors(operation):
+                return call()
+        except StoreUnavailableError:
+            with self._errors(operation):
+                return call()
+
     def _create_tables(self) -> None:
         # Two processes opening a fresh database at once can race on CREATE/initial
         # tracking rows; the loser's second attempt finds everything in place.
@@ -219,8 +233,8 @@ class BaseStore:
     def load(
         self, stream_id: UUID, after_version: int = 0, upto_version: int | None = None
     ) -> list[StoredRecord]:
-        with self._errors("load"):
-            rows = self._recorder.select_events(stream_id, gt=after_version or None, lte=upto_version)
+        rows = self._read_op("load", lambda: self._recorder.select_events(
+            stream_id, gt=after_version or None, lte=upto_version))
         return [
             StoredRecord(0, _uuid(r.originator_id), r.originator_version, r.topic, bytes(r.state))
             for r in rows
@@ -232,8 +246,7 @@ class BaseStore:
         out: dict[UUID, list[StoredRecord]] = {i: [] for i in ids}
         if not ids:
             return out
-        with self._errors("load_many"):
-            rows = self._load_many(ids)
+        rows = self._read_op("load_many", lambda: self._load_many(ids))
         for oid, version, topic, state in rows:
             sid = _uuid(oid)
             out[sid].append(StoredRecord(0, sid, version, topic, bytes(state)))
@@ -245,18 +258,15 @@ class BaseStore:
     def read(self, after: int, limit: int, types: Sequence[str] = ()) -> list[StoredRecord]:
         if limit <= 0:
             return []
-        with self._errors("read"):
-            rows = self._recorder.select_notifications(
-                after, limit, topics=list(types), inclusive_of_start=False
-            )
+        rows = self._read_op("read", lambda: self._recorder.select_notifications(
+            after, limit, topics=list(types), inclusive_of_start=False))
         return [
             StoredRecord(r.id, _uuid(r.originator_id), r.originator_version, r.topic, bytes(r.state))
             for r in rows
         ]
 
     def head(self) -> int:
-        with self._errors("head"):
-            return self._recorder.max_notification_id() or 0
+        return self._read_op("head", self._recorder.max_notification_id) or 0
 
     def follow(self, after: int, limit: int, types: Sequence[str]) -> tuple[list[StoredRecord], int]:
         # The head is taken before the read: everything at or below it is committed (positions
@@ -271,8 +281,8 @@ class BaseStore:
     def seen(self, message_ids: Sequence[str]) -> set[str]:
         if not message_ids:
             return set()
-        with self._errors("seen"):
-            return self._seen(list(dict.fromkeys(message_ids)))
+        ids = list(dict.fromkeys(message_ids))
+        return self._read_op("seen", lambda: self._seen(ids))
 
     def prune_inbox(self, older_than: float, *, batch: int = 10_000) -> int:
         cutoff = datetime.now(timezone.utc) - timedelta(seconds=older_than)
@@ -288,8 +298,7 @@ class BaseStore:
         raise NotImplementedError
 
     def position(self, name: str) -> int:
-        with self._errors("position"):
-            return self._recorder.max_tracking_id(name) or 0
+        return self._read_op("position", lambda: self._recorder.max_tracking_id(name)) or 0
 
     def track(self, name: str, position: int) -> None:
         with self._errors("track"):

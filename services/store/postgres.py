@@ -12,13 +12,14 @@ are written in the same transaction, through the `_insert_events` hook.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
 from uuid import UUID
 
 import psycopg
+from eventsourcing import persistence as es
 from eventsourcing.persistence import StoredEvent
 from eventsourcing.postgres import PostgresDatastore, PostgresProcessRecorder
 from psycopg.rows import DictRow, tuple_row
@@ -26,6 +27,7 @@ from psycopg.sql import SQL, Identifier
 
 from services.store._base import BaseStore, ViewTxBase
 from services.store.ports import LogRow, StoreError, StoreUnavailableError
+from services.store.reconnect import ReconnectingDatastore
 
 CONNECT_TIMEOUT_S = 10  # first connection (reachability check, CREATE SCHEMA)
 POOL_TIMEOUT_S = 5.0  # wait for a pooled connection (the library retries 10x on timeout)
@@ -42,6 +44,14 @@ class WeftPostgresRecorder(PostgresProcessRecorder):
                 "CREATE TABLE IF NOT EXISTS {0}.inbox ("
                 "message_id text PRIMARY KEY, "
                 "recorded_at timestamptz NOT NULL DEFAULT now())"
+            ).format(schema)
+        )
+        # Large payloads, stored once by their SHA-256 (services/store/blobs.py, the claim check).
+        self.sql_create_statements.append(
+            SQL(
+                "CREATE TABLE IF NOT EXISTS {0}.blobs ("
+                "sha256 text PRIMARY KEY, size bigint NOT NULL, data bytea NOT NULL, "
+                "stored_at timestamptz NOT NULL DEFAULT now())"
             ).format(schema)
         )
         self.insert_inbox_statement = SQL(
@@ -186,7 +196,7 @@ class PostgresStore(BaseStore):
         # Openers of one schema take turns creating it and its tables (concurrent
         # CREATE OR REPLACE FUNCTION / CREATE TABLE IF NOT EXISTS can fail).
         with _schema_setup_lock(dbname, host, port, user, password, schema):
-            self._datastore = PostgresDatastore(
+            self._datastore = ReconnectingDatastore(
                 dbname,
                 host,
                 port,
@@ -229,14 +239,28 @@ class PostgresStore(BaseStore):
 
     @contextmanager
     def _view_transaction(self) -> Iterator[_PostgresViewTx]:
-        with (
-            self._datastore.get_connection() as conn,
-            conn.transaction(),
-            conn.cursor(row_factory=tuple_row) as curs,
-        ):
-            # Unqualified view tables live in the store's schema, beside its events.
-            curs.execute(self._search_path)
-            yield _PostgresViewTx(curs, self._recorder)
+        for attempt in (1, 2):
+            scope = ExitStack()
+            try:
+                conn = scope.enter_context(self._datastore.get_connection())
+                scope.enter_context(conn.transaction())
+                curs = scope.enter_context(conn.cursor(row_factory=tuple_row))
+                # Unqualified view tables live in the store's schema, beside its events.
+                curs.execute(self._search_path)
+            except (psycopg.OperationalError, es.OperationalError) as exc:
+                # Nothing of the caller's has run yet: a connection found dead here is
+                # replaced (services/store/reconnect.py) and the transaction begun again.
+                # The error goes through the contexts, so the datastore sees it.
+                try:
+                    scope.__exit__(type(exc), exc, exc.__traceback__)
+                except Exception:  # noqa: BLE001 - the same error, as the library renamed it
+                    pass
+                if attempt == 2:
+                    raise
+                continue
+            with scope:
+                yield _PostgresViewTx(curs, self._recorder)
+            return
 
     def _close(self) -> None:
         self._datastore.close()

@@ -105,6 +105,13 @@ class WeftSQLiteRecorder(SQLiteProcessRecorder):
             "recorded_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))"
             ") WITHOUT ROWID"
         )
+        # Large payloads, stored once by their SHA-256 (services/store/blobs.py, the claim check).
+        statements.append(
+            "CREATE TABLE IF NOT EXISTS blobs ("
+            "sha256 TEXT PRIMARY KEY, size INTEGER NOT NULL, data BLOB NOT NULL, "
+            "stored_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))"
+            ")"
+        )
         return statements
 
     def _insert_events(

@@ -26,11 +26,13 @@ import orjson
 
 from contracts import events as ev
 from contracts.definitions import validate_input
+from contracts.payloads import PayloadError, is_ref, ref_digest
 from contracts.triggers import CloudEvent, TriggerAccepted, trigger_stream
 from services.orchestrator.decide import Start, decide
 from services.orchestrator.executions import execution_id_for, utcnow
 from services.orchestrator.state import Execution
-from services.store import ConcurrencyError, EventStore, NewEvent
+from services.payloads import Claims
+from services.store import ConcurrencyError, EventStore, NewEvent, StoreError
 from services.triggers.routing import Catalog, Route
 
 log = logging.getLogger("weft.triggers")
@@ -84,9 +86,10 @@ class _Plan:
 class Ingestor:
     def __init__(
         self, store: EventStore, catalog: Catalog, *, clock: Callable[[], datetime] = utcnow,
-        notify: Callable[[], None] | None = None,
+        notify: Callable[[], None] | None = None, claims: Claims | None = None,
     ):
         self.store, self.catalog, self.clock = store, catalog, clock
+        self.claims = claims or Claims.on(store)
         self.notify = notify or (lambda: None)
         # counters, for tests and benchmarks
         self.accepted = 0
@@ -144,13 +147,24 @@ class Ingestor:
         starts: dict[str, list[NewEvent]] = {}
         about = {"id": e.id, "source": e.source, "type": e.type, "subject": e.subject,
                  "time": t.raw.get("time"), "via": t.via}
+        raw = t.raw
+        try:
+            data, plain = self._payload(t, data)
+        except (PayloadError, StoreError) as exc:
+            if isinstance(exc, StoreError) and exc.transient:
+                raise  # the batch is retried
+            plain, why = None, str(exc)
+            rejected = {route.label: why for route in routes}
+            routes = []
+        if data is not e.data and e.data is not None:
+            raw = {**t.raw, "data": data}  # the trigger log keeps the reference, not the bytes again
         planned: set[str] = set()
         for route in routes:
             v = route.version
             if v.name in planned:
                 continue  # two `on:` entries of one workflow (say, one webhook path twice): one execution
             planned.add(v.name)
-            problems = validate_input(v.definition, data)
+            problems = validate_input(v.definition, plain)
             if problems:
                 rejected[route.label] = "invalid input: " + "; ".join(str(p) for p in problems)
                 continue
@@ -163,13 +177,24 @@ class Ingestor:
                 rejected[route.label] = f"cannot start: {type(exc).__name__}: {exc}"
                 continue
             stream = uuid.UUID(eid)
-            starts[route.label] = [NewEvent(stream, n + 1, d.type, ev.encode(d)) for n, d in enumerate(decided)]
+            encoded, _ = self.claims.offload(decided)
+            starts[route.label] = [NewEvent(stream, n + 1, d.type, b) for n, (d, b) in enumerate(encoded)]
             executions[route.label] = eid
-        accepted = TriggerAccepted(at=now, event=t.raw, via=t.via, executions=executions,
+        accepted = TriggerAccepted(at=now, event=raw, via=t.via, executions=executions,
                                    filtered=list(t.filtered), rejected=rejected)
         head = NewEvent(t.stream, 1, accepted.type, orjson.dumps(accepted.model_dump(mode="json")))
         records = [head, *(r for rs in starts.values() for r in rs)]
         return _Plan(t, records, executions, rejected, starts)
+
+    def _payload(self, t: Trigger, data: Any) -> tuple[Any, Any]:
+        """(what the execution's input will be, the plain value to validate). A trigger that
+        came over the broker may carry its data by reference (`weft publish`, POST /v1/triggers
+        store big data first); from anywhere else a reference is refused, like over the maximum.
+        Big plain data is stored here, once, so the trigger log and the execution share it."""
+        if t.via == "topic" and is_ref(data):
+            return data, self.claims.load(ref_digest(data))
+        encoded = self.claims.check(data, "the trigger's data")
+        return self.claims.store(data, encoded), data
 
     # ---- storing ----------------------------------------------------------------------------
 

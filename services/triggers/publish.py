@@ -8,6 +8,7 @@ window stores one message; beyond the window the trigger log catches it.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import Mapping
 import uuid
@@ -16,11 +17,13 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from contracts.payloads import make_ref
 from contracts.subjects import trigger_subject
 from contracts.triggers import CloudEvent
 from services.broker import DeadLetter, OutMessage, Transport
 
 if TYPE_CHECKING:
+    from services.payloads import Claims
     from services.triggers.ingest import Outcome
 
 
@@ -53,8 +56,17 @@ def to_message(event: CloudEvent) -> OutMessage:
                       headers={"Content-Type": "application/cloudevents+json"})
 
 
-async def publish(transport: Transport, event: CloudEvent) -> bool:
-    """Publish and wait for the broker's ack. False: the broker already had this (source, id)."""
+async def publish(transport: Transport, event: CloudEvent, claims: Claims | None = None) -> bool:
+    """Publish and wait for the broker's ack. False: the broker already had this (source, id).
+
+    With `claims`, the data is measured first: over the payload maximum it is refused
+    (PayloadTooLarge, nothing published), over the inline limit it is stored in the blob store
+    and the event carries a reference, which the trigger consumer resolves."""
+    if claims is not None and event.data is not None:
+        encoded = claims.check(event.data, "the trigger's data")
+        if len(encoded) > claims.limits.inline:
+            digest = await asyncio.to_thread(claims.blobs.put, encoded)
+            event = event.model_copy(update={"data": make_ref(digest, len(encoded))})
     return await transport.publish(to_message(event))
 
 

@@ -27,13 +27,16 @@ from typing import Any
 
 import weft
 from contracts.messages import MessageError, StepError, StepReady, StepResult, decode_ready, task_of
+from contracts.payloads import MARKER, PayloadError, PayloadTooLarge, encode
 from contracts.subjects import STEPS_STREAM, result_subject
 from services.broker import Delivery, MessageRejected, OutMessage, Transport
 from services.broker.batching import Batcher
 from services.broker.redelivery import TIMER_ALLOWANCE, CrashGuard, poison_reason
 from services.broker.shelving import Shelf
 from services.faults import crash_point
+from services.payloads import Claims
 from services.retrying import Backoff, Throttled
+from services.worker.secrets import Resolved, SecretSource
 from services.worker.steps import StepRegistry
 
 log = logging.getLogger("weft.worker")
@@ -49,12 +52,18 @@ def default_worker_id() -> str:
 class Worker:
     def __init__(
         self, transport: Transport, registry: StepRegistry, *, concurrency: int = 16, worker_id: str | None = None,
-        ack_wait: float = 30.0, max_deliver: int = 20, poison_deliveries: int = 5,
+        ack_wait: float = 4.0, max_deliver: int = 20, drain_grace: float = 10.0,
+        secrets: SecretSource | None = None, claims: Claims | None = None, poison_deliveries: int = 5,
     ):
         self.transport, self.registry = transport, registry
+        self.secrets = secrets or SecretSource()
+        # References in a step's input are resolved before the step runs, and an output over the
+        # inline limit is stored after it (the claim check). Without a blob store (a worker built
+        # by hand in a test) a reference is an error and big outputs travel inline.
+        self.claims = claims
         self.concurrency = concurrency
         self.worker_id = worker_id or default_worker_id()
-        self.ack_wait, self.max_deliver = ack_wait, max_deliver
+        self.ack_wait, self.max_deliver, self.drain_grace = ack_wait, max_deliver, drain_grace
         self.completed = 0
         self.poison_deliveries, self.poisoned = poison_deliveries, 0
         self.guard = CrashGuard(poison_deliveries, careful_for=2 * ack_wait)
@@ -114,11 +123,32 @@ class Worker:
                 self._shelf.put(poison)
             if suspects:
                 await self._alone(suspects)
-        if self._running:  # let running steps finish and report: graceful stop
-            await asyncio.wait(self._running, timeout=self.ack_wait)
+        await self._drain()
         await self._shelf.close()
         heartbeat.cancel()
         await consumer.close()
+
+    async def _drain(self) -> None:
+        """Graceful stop: no more fetches (the loop has ended); the steps running now get
+        `drain_grace` seconds to finish and report; those that don't are handed back (nak)
+        for another worker to run at once, instead of waiting out ack_wait."""
+        if not self._running:
+            return
+        log.info("worker stopping: %d step(s) running get %.0fs to finish", len(self._running), self.drain_grace)
+        _, unfinished = await asyncio.wait(self._running, timeout=self.drain_grace)
+        if not unfinished:
+            return
+        held = [msg for msg, _ in self._in_flight.values()]
+        for task in unfinished:
+            task.cancel()
+        await asyncio.wait(unfinished, timeout=1.0)
+        for msg in held:
+            try:
+                await msg.nak()
+            except Exception:  # noqa: BLE001 - the broker may be away: it redelivers after ack_wait
+                log.debug("handing back a step failed", exc_info=True)
+        log.warning("worker stopping: handed back %d step(s) that did not finish within %.0fs",
+                    len(held), self.drain_grace)
 
     def _spawn(self, work: Awaitable[None]) -> None:
         task = asyncio.ensure_future(work)
@@ -226,9 +256,15 @@ class Worker:
         )
         if msg is not None:
             self._in_flight[id(msg)] = (msg, asyncio.get_running_loop().time())
+        resolved: Resolved | None = None
         try:
             handler = self.registry.get(ready.step_type)
-            output = await asyncio.wait_for(handler(ready.input, ready.config, ctx), timeout=ready.timeout)
+            data = ready.input
+            if msg is None or MARKER in msg.data:  # a substring test spares the walk on most steps
+                data = await self._resolve(data)
+            # Secrets: resolved here, on the worker, at the last moment (services/worker/secrets.py).
+            resolved = self.secrets.resolve(ready, input=data)
+            output = await asyncio.wait_for(handler(resolved.input, resolved.config, ctx), timeout=ready.timeout)
             error = None
         except asyncio.TimeoutError:
             output, error = None, StepError(type="StepTimeout", message=f"step timed out after {ready.timeout}s")
@@ -237,11 +273,33 @@ class Worker:
         finally:
             if msg is not None:
                 self._in_flight.pop(id(msg), None)
+        if resolved is not None and resolved.values:  # what leaves the worker carries no secret's value
+            output, error = resolved.redact(output), resolved.redact_error(error)
+        if error is None and self.claims is not None:
+            # Measured here, on the loop (a small output costs an encode, ~1 µs); only a big one goes
+            # to a thread, to be stored. After redaction: the blob store keeps no secret either.
+            try:
+                encoded = encode(output, "the step's output")
+                if len(encoded) > self.claims.limits.inline:
+                    output = await asyncio.to_thread(self.claims.store_output, output, data=encoded)
+            except PayloadTooLarge as exc:  # retrying makes the same output: fail for good, say why
+                output, error = None, StepError(type="PayloadTooLarge", message=str(exc), non_retryable=True)
+            except Exception as exc:
+                output, error = None, _error(exc)
         return StepResult(
             execution_id=ready.execution_id, step_id=ready.step_id, item=ready.item, attempt=ready.attempt,
             status="failed" if error else "succeeded", output=output, error=error, worker_id=self.worker_id,
             started_at=started, finished_at=datetime.now(timezone.utc), scheduled_at=ready.scheduled_at,
         )
+
+    async def _resolve(self, value: Any) -> Any:
+        from contracts.payloads import refs_in
+
+        if not refs_in(value):
+            return value
+        if self.claims is None:
+            raise PayloadError("the step's input holds a stored payload, and this worker has no blob store")
+        return await asyncio.to_thread(self.claims.resolve, value)
 
     async def _heartbeat(self) -> None:
         # Long steps tell the broker they are alive, so it does not redeliver them.

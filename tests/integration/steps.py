@@ -55,6 +55,30 @@ output: "${{ steps.check.output }}"
 """
 
 
+# ---- lease tests: a slow step that logs each run (who ran it, when it started)
+
+
+def slow(input: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    import time
+
+    with open(input["log"], "a") as f:
+        f.write(f"{ctx.idempotency_key} {ctx.worker_id} {time.time():.3f}\n")
+    time.sleep(input["seconds"])
+    return {"slept": input["seconds"], "by": ctx.worker_id}
+
+
+# ---- secrets (test_step_security.py): a careless step that echoes what it was given
+
+
+def echo_secret(input: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    return {"echoed": input, "sentence": f"the token is {input['token']}"}
+
+
+def fail_with_secret(input: dict[str, Any], ctx: StepContext) -> None:
+    token = input["token"]  # a local in the traceback's frame, and in the message
+    raise NonRetryableError(f"login refused for token {token!r}")
+
+
 def big(input: dict[str, Any], ctx: StepContext) -> str:
     """An output of input["size"] bytes (tests of results over the broker's size limit)."""
     return "x" * int(input["size"])

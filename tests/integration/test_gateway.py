@@ -280,7 +280,8 @@ async def test_publish_a_trigger_over_http(api: Api) -> None:
 
 
 async def test_limits_health_and_openapi(api: Api) -> None:
-    big = await api.client.post("/v1/triggers", content=b"x" * (1024 * 1024 + 1),
+    # Bodies that carry no payload keep the small limit (payload bodies: tests/integration/test_payloads.py).
+    big = await api.client.post("/v1/workflows", content=b"x" * (1024 * 1024 + 1),
                                 headers={"content-type": "application/json"})
     assert big.status_code == 413 and big.json()["error"]["code"] == "too_large"
 
@@ -288,7 +289,7 @@ async def test_limits_health_and_openapi(api: Api) -> None:
         for _ in range(20):
             yield b"y" * 65536 * 2
 
-    streamed = await api.client.post("/v1/triggers", content=chunks(), headers={"content-type": "application/json"})
+    streamed = await api.client.post("/v1/workflows", content=chunks(), headers={"content-type": "application/json"})
     assert streamed.status_code == 413
     assert (await api.client.get("/healthz")).json() == {"status": "ok"}
     ready = (await api.client.get("/readyz")).json()

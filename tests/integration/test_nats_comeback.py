@@ -43,10 +43,13 @@ async def test_a_message_over_max_payload_is_refused_before_the_wire(transport: 
     for batch in ([big], small[:3] + [big], small[:20] + [big] + small[20:]):  # single, pipelined, atomic
         with pytest.raises(PayloadTooLarge):
             await transport.publish_many(batch)
+    # A big payload is cut to a preview (services.broker.oversize); the source message's own
+    # headers are kept as they are, and can still take a dead letter over the limit.
+    fat = {"Source-Header": "h" * limit}
     with pytest.raises(PayloadTooLarge):
-        await transport.dead_letter("poison", body, reason="r" * 100, msg_id="dl:1")
+        await transport.dead_letter("poison", b"{}", reason="r", headers=fat, msg_id="dl:1")
     with pytest.raises(PayloadTooLarge):
-        await transport.dead_letter_many([DeadLetter("poison", body, "r" * 100, msg_id="dl:2")])
+        await transport.dead_letter_many([DeadLetter("poison", b"{}", "r", headers=fat, msg_id="dl:2")])
     # Nothing reached the wire: the connection is the same one, and works.
     assert transport.is_connected and transport._generation == 0
     await transport.publish_many(small)

@@ -38,12 +38,13 @@ from services.worker.steps import (
     check_url,
     default_registry,
 )
-from services.worker.steps import pycall
+from services.worker.steps import StepModules, pycall
 from services.worker.steps.http_step import parse_retry_after
 from services.worker.steps.ssrf import address_problem
 from weft import NonRetryableError, RetryableError, StepContext
 
 SAMPLES = "tests.unit.sample_steps"
+ALLOWED = StepModules(("tests.unit",))
 
 
 @pytest.fixture
@@ -311,26 +312,26 @@ def test_validate_config_accepts_good_configs(type_name: str, config: dict[str, 
 
 
 async def test_python_sync_callable_runs_in_a_thread(ctx: StepContext) -> None:
-    handler = default_registry().get("python")
+    handler = default_registry(step_modules=ALLOWED).get("python")
     out = await handler({"n": 21}, {"callable": f"{SAMPLES}:double"}, ctx)
     assert out["doubled"] == 42
     assert out["thread"] != threading.get_ident()
 
 
 async def test_python_async_callable_is_awaited_on_the_loop(ctx: StepContext) -> None:
-    handler = default_registry().get("python")
+    handler = default_registry(step_modules=ALLOWED).get("python")
     out = await handler({"n": 4}, {"callable": f"{SAMPLES}:async_double"}, ctx)
     assert out == {"doubled": 8, "thread": threading.get_ident()}
     assert await handler(None, {"callable": f"{SAMPLES}:async_object"}, ctx) == {"async_object": True}
 
 
 async def test_python_ctx_is_passed_through(ctx: StepContext) -> None:
-    out = await default_registry().get("python")(None, {"callable": f"{SAMPLES}:context"}, ctx)
+    out = await default_registry(step_modules=ALLOWED).get("python")(None, {"callable": f"{SAMPLES}:context"}, ctx)
     assert out == {"execution_id": "ex-1", "step_id": "s1", "attempt": 2, "idempotency_key": "ex-1:s1", "item": None}
 
 
 async def test_python_dotted_attribute_and_normalised_output(ctx: StepContext) -> None:
-    handler = default_registry().get("python")
+    handler = default_registry(step_modules=ALLOWED).get("python")
     assert await handler("ada", {"callable": f"{SAMPLES}:Greeter.greet"}, ctx) == "hello ada"
     assert await handler(None, {"callable": f"{SAMPLES}:returns_tuple"}, ctx) == [1, "two", None]
 
@@ -338,7 +339,7 @@ async def test_python_dotted_attribute_and_normalised_output(ctx: StepContext) -
 @pytest.mark.parametrize(("fn", "type_name"), [("returns_set", "set"), ("returns_object", "object")])
 async def test_python_non_json_output_is_refused(ctx: StepContext, fn: str, type_name: str) -> None:
     with pytest.raises(OutputNotJSONError) as info:
-        await default_registry().get("python")(None, {"callable": f"{SAMPLES}:{fn}"}, ctx)
+        await default_registry(step_modules=ALLOWED).get("python")(None, {"callable": f"{SAMPLES}:{fn}"}, ctx)
     assert non_retryable(info.value)
     assert type_name in str(info.value) and fn in str(info.value)
 
@@ -354,19 +355,19 @@ async def test_python_non_json_output_is_refused(ctx: StepContext, fn: str, type
 )
 async def test_python_bad_callable_path(ctx: StepContext, path: str, needle: str) -> None:
     with pytest.raises(CallableImportError) as info:
-        await default_registry().get("python")(None, {"callable": path}, ctx)
+        await default_registry(step_modules=ALLOWED).get("python")(None, {"callable": path}, ctx)
     assert non_retryable(info.value)
     assert path in str(info.value) and needle in str(info.value)
 
 
 async def test_python_malformed_path_at_run_time_is_a_config_error(ctx: StepContext) -> None:
     with pytest.raises(StepTypeError) as info:
-        await default_registry().get("python")(None, {"callable": "not a path"}, ctx)
+        await default_registry(step_modules=ALLOWED).get("python")(None, {"callable": "not a path"}, ctx)
     assert info.value.field == "callable"
 
 
 async def test_python_exceptions_from_the_callable_propagate(ctx: StepContext) -> None:
-    handler = default_registry().get("python")
+    handler = default_registry(step_modules=ALLOWED).get("python")
     with pytest.raises(NonRetryableError, match="card declined"):
         await handler(None, {"callable": f"{SAMPLES}:refuses"}, ctx)
     with pytest.raises(ValueError, match="boom"):
@@ -382,7 +383,7 @@ async def test_python_imports_once(ctx: StepContext, monkeypatch: pytest.MonkeyP
         return real(name, package)
 
     monkeypatch.setattr(pycall.importlib, "import_module", counting)
-    handler = default_registry().get("python")
+    handler = default_registry(step_modules=ALLOWED).get("python")
     for n in range(3):
         assert (await handler({"n": n}, {"callable": f"{SAMPLES}:double"}, ctx))["doubled"] == 2 * n
     assert calls == [SAMPLES]

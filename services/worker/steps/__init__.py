@@ -7,6 +7,7 @@ What lives here:
   package's root error: a bad type or `with:` config, naming the field);
 * the built-in types `python`, `transform`, `sleep`, `noop` and `http`, one
   module each, and `default_registry()` that registers them;
+* `allowlist.py`, the modules `python` steps may call (`StepModules`);
 * `ssrf.py`, the guard every `http` step goes through (`HttpPolicy`,
   `SsrfBlocked`).
 
@@ -32,6 +33,7 @@ from services.worker.steps.http_step import (
     ResponseTooLarge,
     TooManyRedirects,
 )
+from services.worker.steps.allowlist import CallableNotAllowed, StepModules, discover
 from services.worker.steps.noop import NoopStep
 from services.worker.steps.pycall import CallableImportError, OutputNotJSONError, PythonStep
 from services.worker.steps.registry import (
@@ -65,6 +67,9 @@ __all__ = [
     "NoopStep",
     "HttpStep",
     "CallableImportError",
+    "CallableNotAllowed",
+    "StepModules",
+    "discover",
     "OutputNotJSONError",
     "TransformError",
     "HttpClientError",
@@ -77,10 +82,14 @@ __all__ = [
 BUILTIN_STEP_TYPES: frozenset[str] = frozenset({"python", "transform", "sleep", "noop", "http"})
 
 
-def default_registry(http_policy: HttpPolicy | None = None) -> StepRegistry:
-    """A fresh registry with the built-in types; `http_policy` governs what `http` steps may reach."""
+def default_registry(http_policy: HttpPolicy | None = None, step_modules: StepModules | None = None) -> StepRegistry:
+    """A fresh registry with the built-in types.
+
+    `http_policy` governs what `http` steps may reach; `step_modules` which modules
+    `python` steps may call (none when not given).
+    """
     registry = StepRegistry()
-    registry.register("python", PythonStep())
+    registry.register("python", PythonStep(step_modules))
     registry.register("transform", TransformStep())
     registry.register("sleep", SleepStep())
     registry.register("noop", NoopStep())

@@ -13,11 +13,23 @@ None when empty). 5xx and 429 raise `HttpRetryableStatus` (retryable, with
 Retry-After as `next_retry_delay`); other 4xx raise `HttpClientError`
 (non-retryable). Redirects are followed here, not by httpx, so every hop is
 checked; `timeout` bounds the whole call, redirects included.
+
+`with:` fields may be expressions (`url: "${{ input.url }}"`): the orchestrator
+renders them, and the SSRF guard checks the URL that results, at run time.
+Credentials: a credential header of `with.headers` (Authorization, Cookie,
+X-API-Key, ... see `contracts.secrets.CREDENTIAL_HEADERS`) must come from a
+secret (`"Bearer ${{ secrets.API_TOKEN }}"`); a definition with a literal one
+is refused at publish, and at run time a value that is not a resolved secret
+is refused too. `with.auth` builds the Authorization header from secrets:
+`{bearer: "${{ secrets.T }}"}` or `{username: u, password: "${{ secrets.P }}"}`.
+On a redirect to another origin (scheme, host or port), credential headers
+and every header that came from a secret are dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import email.utils
 import math
 from collections.abc import Mapping
@@ -27,6 +39,8 @@ from typing import Any
 import httpx
 import orjson
 
+from contracts.secrets import CREDENTIAL_HEADERS, names_in
+from services.worker.secrets import Secret
 from services.worker.steps.registry import StepInputError, check_keys, config_error, is_template
 from services.worker.steps.ssrf import (
     ALLOWED_SCHEMES,
@@ -147,6 +161,42 @@ def _merge_headers(*layers: Mapping[str, str]) -> dict[str, str]:
     return dict(merged.values())
 
 
+_SECRET_FORM = ("holds a credential and must come from a secret, resolved on the worker from its environment "
+                "(WEFT_SECRET_<NAME>) or secrets folder: {name}: \"Bearer ${{{{ secrets.API_TOKEN }}}}\"")
+
+
+def _from_secret(value: Any, static: bool) -> bool:
+    # Before publishing the reference is still text; at run time the worker has made it a Secret.
+    return isinstance(value, Secret) if not static else isinstance(value, str) and bool(names_in(value))
+
+
+def _check_auth(auth: Any, static: bool) -> None:
+    if not isinstance(auth, Mapping):
+        raise config_error(TYPE, "auth", "must be {bearer: <secret>} or {username: ..., password: <secret>}")
+    check_keys(TYPE, {f"auth.{k}": v for k, v in auth.items()}, ("auth.bearer", "auth.username", "auth.password"))
+    if "bearer" in auth:
+        if set(auth) != {"bearer"}:
+            raise config_error(TYPE, "auth", "bearer cannot be combined with username/password")
+        if not _from_secret(auth["bearer"], static):
+            raise config_error(TYPE, "auth.bearer", "must be a secret: bearer: \"${{ secrets.API_TOKEN }}\"")
+        return
+    if set(auth) != {"username", "password"}:
+        raise config_error(TYPE, "auth", "needs bearer, or both username and password")
+    if not isinstance(auth["username"], str) or ":" in auth["username"]:
+        raise config_error(TYPE, "auth.username", "must be a string without ':'")
+    if not _from_secret(auth["password"], static):
+        raise config_error(TYPE, "auth.password", "must be a secret: password: \"${{ secrets.API_PASSWORD }}\"")
+
+
+def _auth_header(auth: Any) -> dict[str, str]:
+    if not auth:
+        return {}
+    if "bearer" in auth:
+        return {"Authorization": Secret(f"Bearer {auth['bearer']}")}
+    pair = f"{auth['username']}:{auth['password']}".encode()
+    return {"Authorization": Secret("Basic " + base64.b64encode(pair).decode())}
+
+
 def _decode_body(response: httpx.Response, raw: bytes) -> Any:
     if not raw:
         return None
@@ -179,7 +229,7 @@ class HttpStep:
         def later(value: Any) -> bool:
             return static and is_template(value)
 
-        check_keys(TYPE, config, ("method", "url", "headers", "timeout"))
+        check_keys(TYPE, config, ("method", "url", "headers", "timeout", "auth"))
         method = config.get("method", "GET")
         if not later(method):
             if not isinstance(method, str) or method.upper() not in METHODS:
@@ -189,6 +239,8 @@ class HttpStep:
         url = config["url"]
         if not isinstance(url, str):
             raise config_error(TYPE, "url", f"must be a string, not {type(url).__name__}")
+        if isinstance(url, Secret):  # refused at publish; a forged command must not get one there either
+            raise config_error(TYPE, "url", "a secret cannot be part of the URL: send it in a header or auth")
         if not static:
             pass
         elif is_template(url):
@@ -206,7 +258,12 @@ class HttpStep:
             if not parsed.host:
                 raise config_error(TYPE, "url", f"has no host: {url!r}")
         if "headers" in config and not later(config["headers"]):
-            _check_headers("headers", config["headers"], lambda f, r: config_error(TYPE, f, r))
+            headers = _check_headers("headers", config["headers"], lambda f, r: config_error(TYPE, f, r))
+            for name, value in headers.items():
+                if name.lower() in CREDENTIAL_HEADERS and not _from_secret(value, static):
+                    raise config_error(TYPE, f"headers.{name}", _SECRET_FORM.format(name=name))
+        if "auth" in config:
+            _check_auth(config["auth"], static)
         if "timeout" in config and not later(config["timeout"]):
             timeout = config["timeout"]
             if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout):
@@ -232,6 +289,7 @@ class HttpStep:
             raise StepInputError(TYPE, "params", f"must be a mapping, not {type(params).__name__}")
         headers = _merge_headers(
             {"Idempotency-Key": ctx.idempotency_key},
+            _auth_header(config.get("auth")),
             dict(config.get("headers") or {}),
             in_headers,
         )
@@ -333,9 +391,10 @@ def _redirected(
         method, content = "GET", None
         headers = {k: v for k, v in headers.items() if k.lower() not in ("content-type", "content-length")}
     if (source.scheme, source.host, source.port) != (target.scheme, target.host, target.port):
-        # Credentials meant for one origin must not follow a redirect to another.
-        private = ("authorization", "cookie", "proxy-authorization")
-        headers = {k: v for k, v in headers.items() if k.lower() not in private}
+        # Credentials meant for one origin must not follow a redirect to another: the known
+        # credential headers, and any header whose value came from a secret.
+        headers = {k: v for k, v in headers.items()
+                   if k.lower() not in CREDENTIAL_HEADERS and not isinstance(v, Secret)}
     return method, content, headers
 
 

@@ -2,7 +2,9 @@
 
     with: {callable: "shop.steps:reserve"}
 
-The callable is imported once per handler and cached. Sync callables run in a
+Only modules on the worker's allowlist (`allowlist.py`, `WEFT_STEP_MODULES`)
+are imported: anything else fails with `CallableNotAllowed` before an import
+happens. The callable is imported once per handler and cached. Sync callables run in a
 worker thread (`asyncio.to_thread`) so a slow one does not stall the event
 loop; async callables are awaited. The return value must be JSON-serialisable
 (checked with orjson); the handler returns it *normalised* through orjson, so
@@ -22,10 +24,11 @@ from typing import Any
 
 import orjson
 
+from services.worker.steps.allowlist import CallableNotAllowed, StepModules
 from services.worker.steps.registry import check_keys, config_error, is_template
 from weft import NonRetryableError, StepContext
 
-__all__ = ["PythonStep", "CallableImportError", "OutputNotJSONError", "CALLABLE_PATH"]
+__all__ = ["PythonStep", "CallableImportError", "CallableNotAllowed", "OutputNotJSONError", "CALLABLE_PATH"]
 
 TYPE = "python"
 _IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
@@ -53,19 +56,25 @@ class OutputNotJSONError(NonRetryableError):
         self.reason = reason
 
 
-def _load(path: str) -> Callable[..., Any]:
+def _load(path: str, modules: StepModules) -> Callable[..., Any]:
+    if not CALLABLE_PATH.match(path):
+        raise CallableImportError(path, "not of the form 'package.module:function'")
+    modules.check_path(path)  # before the import: importing a module runs its code
     module_name, _, attr_path = path.partition(":")
     try:
         obj: Any = importlib.import_module(module_name)
     except Exception as exc:  # SyntaxError and friends too: the message must say which path
         raise CallableImportError(path, f"{type(exc).__name__}: {exc}") from exc
+    via: list[Any] = []
     for part in attr_path.split("."):
+        via.append(obj)
         try:
             obj = getattr(obj, part)
         except AttributeError:
             raise CallableImportError(path, f"{module_name!r} has no attribute {attr_path!r}") from None
     if not callable(obj):
         raise CallableImportError(path, f"{type(obj).__name__} object is not callable")
+    modules.check_target(path, obj, via[1:])
     return obj
 
 
@@ -81,7 +90,9 @@ def _json_normalised(path: str, value: Any) -> Any:
 
 
 class PythonStep:
-    def __init__(self) -> None:
+    def __init__(self, modules: StepModules | None = None) -> None:
+        # No allowlist given: nothing is callable. A worker is built with its operator's list.
+        self.modules = modules if modules is not None else StepModules()
         # Path -> callable. Concurrent first calls may both import: harmless,
         # the module system makes the second import a dictionary lookup.
         self._cache: dict[str, Callable[..., Any]] = {}
@@ -102,7 +113,7 @@ class PythonStep:
         fn = self._cache.get(path)
         if fn is None:
             # Importing can run arbitrary module code: keep it off the event loop.
-            fn = await asyncio.to_thread(_load, path)
+            fn = await asyncio.to_thread(_load, path, self.modules)
             self._cache[path] = fn
         return fn
 

@@ -11,8 +11,9 @@ reach public addresses:
   address; IPv4 addresses embedded in IPv6 (`::ffff:a.b.c.d`, 6to4, NAT64,
   Teredo) are judged by the IPv4 address they carry;
 * `HttpPolicy.allow_private` turns the address check off, and hosts in
-  `HttpPolicy.allowed_hosts` are exempt by *name* (an allowed `127.0.0.1` does
-  not allow `localhost`).
+  `HttpPolicy.allowed_hosts` (the `WEFT_HTTP_ALLOWED_HOSTS` setting) are exempt
+  by *name* (an allowed `127.0.0.1` does not allow `localhost`); an entry with
+  a port (`billing.internal:8443`, `[fd00::1]:80`) exempts that port only.
 
 DNS rebinding: `check_url` runs before each request (and each redirect hop)
 for a clear early refusal, and `GuardedNetworkBackend` resolves and checks
@@ -51,6 +52,7 @@ __all__ = [
     "GuardedTransport",
     "METADATA_ADDRESSES",
     "safe_url",
+    "parse_allowed_hosts",
 ]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -80,7 +82,7 @@ _HOST_CHARS = re.compile(r"^[A-Za-z0-9._:-]+$")
 @dataclass(frozen=True)
 class HttpPolicy:
     allow_private: bool = False  # allow loopback/private/link-local targets
-    allowed_hosts: frozenset[str] = frozenset()  # names (or IPs) exempt from the address check
+    allowed_hosts: frozenset[str] = frozenset()  # names (or IPs, or host:port) exempt from the address check
     max_redirects: int = 5
     timeout: float = 30.0
     max_response_bytes: int = 10 * 1024 * 1024
@@ -88,7 +90,7 @@ class HttpPolicy:
     def __post_init__(self) -> None:
         if isinstance(self.allowed_hosts, str):
             raise TypeError("HttpPolicy.allowed_hosts must be a collection of host names, not a string")
-        object.__setattr__(self, "allowed_hosts", frozenset(_normalise_host(h) for h in self.allowed_hosts))
+        object.__setattr__(self, "allowed_hosts", frozenset(parse_allowed_hosts(self.allowed_hosts)))
         if self.max_redirects < 0:
             raise ValueError("HttpPolicy.max_redirects must be >= 0")
         if not self.timeout > 0:
@@ -125,6 +127,49 @@ def _normalise_host(host: str) -> str:
         return str(ipaddress.ip_address(host))
     except ValueError:
         return host
+
+
+def _split_entry(entry: str) -> tuple[str, int | None]:
+    """'host', 'host:port', '[v6]:port' or a bare IPv6 literal -> (normalised host, port or None)."""
+    text = entry.strip()
+    port: str | None = None
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError(f"{entry!r} is not host, host:port or [ipv6]:port")
+            port = rest[1:]
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    else:
+        host = text
+    host = _normalise_host(host)
+    if not host or not _HOST_CHARS.match(host):
+        raise ValueError(f"{entry!r} is not a host name or IP address")
+    if port is None:
+        return host, None
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{entry!r} has a bad port (1-65535)")
+    return host, int(port)
+
+
+def _entry_key(host: str, port: int | None) -> str:
+    if port is None:
+        return host
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def parse_allowed_hosts(value: str | Any) -> tuple[str, ...]:
+    """'a.internal, b:8443' (or a collection) -> normalised entries; ValueError names a bad one."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    out: list[str] = []
+    for item in items:
+        if not str(item).strip():
+            continue
+        key = _entry_key(*_split_entry(str(item)))
+        if key not in out:
+            out.append(key)
+    return tuple(out)
 
 
 def _embedded_ipv4(ip: ipaddress.IPv6Address) -> tuple[str, ipaddress.IPv4Address] | None:
@@ -190,8 +235,12 @@ class AddressGuard:
         self.policy = policy
         self.resolver: Resolver = resolver or system_resolver
 
-    def exempt(self, host: str) -> bool:
-        return self.policy.allow_private or _normalise_host(host) in self.policy.allowed_hosts
+    def exempt(self, host: str, port: int | None = None) -> bool:
+        if self.policy.allow_private:
+            return True
+        name = _normalise_host(host)
+        allowed = self.policy.allowed_hosts
+        return name in allowed or (port is not None and _entry_key(name, port) in allowed)
 
     async def resolve(self, host: str, port: int) -> list[str]:
         """Resolve `host` and return its addresses, refusing it if any address is forbidden."""
@@ -204,7 +253,7 @@ class AddressGuard:
             addresses = await self.resolver(host, port)
         if not addresses:
             raise HostResolutionError(host, "no addresses")
-        if not self.exempt(host):
+        if not self.exempt(host, port):
             for address in addresses:
                 problem = address_problem(address)
                 if problem:
@@ -228,9 +277,9 @@ class AddressGuard:
             raise SsrfBlocked("", "host is not ASCII after IDNA encoding", url=safe_url(parsed)) from None
         if not host:
             raise SsrfBlocked("", "URL has no host", url=safe_url(parsed))
-        if self.exempt(host):
-            return []
         port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        if self.exempt(host, port):
+            return []
         return await self.resolve(host, port)
 
 
