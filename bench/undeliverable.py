@@ -1,13 +1,15 @@
-"""Issue 13's stuck relay, measured: a 2 MiB execution input whose StepReady the broker will never take.
+"""Issue 13's stuck relay, measured: an execution input whose StepReady the broker will never take.
 
 Starts relay, orchestrator and worker in this process (SQLite, a NATS server of its own), starts the
 big execution straight through the execution service (no entrance check in front), then a small one,
 and reports after `--seconds`: bytes logged, relay log lines, tracebacks, the big execution's status,
-and when the small one completed. `--code DIR` runs another checkout's services (e.g. main, for the
-"before" figure):
+and when the small one completed. `--code DIR` runs another checkout's services (an older one,
+for the "before" figure). Since the payload policy sends a 2 MiB input by reference, give the
+server a small max_payload and an input between it and the inline limit to reach the relay's
+last line of defence:
 
-    python bench/undeliverable.py --seconds 20
-    python bench/undeliverable.py --seconds 20 --code /path/to/main
+    python bench/undeliverable.py --seconds 20 --max-payload 65536 --input-bytes 100000
+    python bench/undeliverable.py --seconds 20 --max-payload 65536 --input-bytes 100000 --code /path/to/old
 """
 
 from __future__ import annotations
@@ -26,6 +28,11 @@ async def main(args: argparse.Namespace) -> None:
     from services.broker.nats_server import NatsServer
     from tests.support import up_stack
 
+    class Server(NatsServer):
+        def _config(self) -> str:
+            extra = f"max_payload: {args.max_payload}\n" if args.max_payload else ""
+            return super()._config() + extra
+
     buf = io.StringIO()
     handler = logging.StreamHandler(buf)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
@@ -33,13 +40,13 @@ async def main(args: argparse.Namespace) -> None:
     logging.getLogger().setLevel(logging.INFO)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        server = NatsServer(tmp / "nats").start()
+        server = Server(tmp / "nats").start()
         try:
             running = await up_stack(tmp, f"sqlite:///{tmp / 'weft.db'}", server.url,
                                      parts=["relay", "orchestrator", "worker"])
             version = running.publish("name: big\nsteps:\n  - {id: a, type: noop}\n")
             started = time.monotonic()
-            big = await running.start(version, {"blob": "x" * (2 * 1024 * 1024)})
+            big = await running.start(version, {"blob": "x" * args.input_bytes})
             small = await running.start(version, {"n": 1})
             small_done = None
             while time.monotonic() - started < args.seconds:
@@ -60,6 +67,8 @@ async def main(args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--input-bytes", type=int, default=2 * 1024 * 1024)
+    parser.add_argument("--max-payload", type=int, default=0, help="the NATS server's max_payload (0: its default)")
     parser.add_argument("--code", type=Path, default=Path(__file__).resolve().parents[1],
                         help="the checkout whose services to run (default: this one)")
     options = parser.parse_args()
