@@ -21,12 +21,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from contracts import secrets
 from contracts.expressions import ExpressionError, check_template, expressions_in
+from contracts.values import MAX_DEPTH, ValueProblem, check_value
 
 BUILTIN_STEP_TYPES: frozenset[str] = frozenset({"python", "transform", "sleep", "noop", "http"})
 STEP_ID = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
 NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 # Not preceded by a name or a dot: `input.steps.x` is a field of the input, not a step.
 _STEP_REF = re.compile(r"(?<![\w.])steps\.([A-Za-z_][A-Za-z0-9_]*)")
+MAX_DEFINITION_ELEMENTS = 200_000  # values in one definition, YAML aliases expanded
 _EXPR_ONLY = re.compile(r"^\s*\$\{\{.*\}\}\s*$", re.DOTALL)
 
 
@@ -259,9 +261,9 @@ def _check_schedules(wf: WorkflowDef) -> list[Problem]:
 def _check_expressions(path: str, template: Any, allowed: set[str], own: str | None) -> list[Problem]:
     out: list[Problem] = []
     try:
-        check_template(template)
-    except ExpressionError as exc:
-        return [Problem(path=path, message=str(exc))]
+        check_template(template, path)
+    except ExpressionError as exc:  # its length, nesting and syntax, in the field it sits in
+        return [Problem(path=exc.path or path, message=str(exc))]
     for expr in expressions_in(template):
         for ref in _STEP_REF.findall(expr):
             if ref not in allowed:
@@ -337,16 +339,31 @@ def parse_definition(
     else:
         text = source.decode() if isinstance(source, bytes) else source
         try:
+            _check_yaml_depth(text)  # the YAML composer and _index_lines recurse once per level
             node = yaml.compose(text, Loader=_Loader)
             data = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             line = mark.line + 1 if mark is not None else None
-            raise DefinitionError([Problem(path="<document>", message=str(exc).splitlines()[0], line=line)]) from None
+            # PyYAML's whole message, without its source snippets: "while parsing a flow mapping
+            # (line 3, column 5): expected ',' or '}', but got '<stream end>'".
+            detail = str(getattr(exc, "problem", None) or str(exc).splitlines()[0])
+            context, where = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+            if context:
+                at = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
+                detail = f"{context}{at}: {detail}"
+            raise DefinitionError([Problem(path="<document>", message=detail, line=line)]) from None
         if node is not None:
             _index_lines(node, (), lines)
     if not isinstance(data, dict):
         raise DefinitionError([Problem(path="<document>", message="a definition must be a mapping")])
+    try:
+        # What the store and orjson cannot carry (a 65-bit integer, a lone surrogate, NaN), and YAML
+        # aliases that would expand to more than MAX_DEFINITION_ELEMENTS, before pydantic walks it.
+        check_value(data, "", max_elements=MAX_DEFINITION_ELEMENTS)
+    except ValueProblem as exc:
+        path = exc.path or "<document>"
+        raise DefinitionError([Problem(path=path, message=exc.message, line=_line(lines, _loc(path)))]) from None
     try:
         wf = WorkflowDef.model_validate(data)
     except ValidationError as exc:
@@ -363,6 +380,43 @@ def parse_definition(
             p.line = _line(lines, _loc(p.path))
         raise DefinitionError(problems)
     return wf
+
+
+def _check_yaml_depth(text: str) -> None:
+    """Depth and size of the document with its aliases expanded (as _index_lines and pydantic would
+    walk it), counted from yaml.parse's events: a state machine, no recursion, nothing expanded."""
+    open_: list[list[Any]] = [[None, 0, 0]]  # per open collection: anchor, elements, depth below it
+    sizes: dict[str, tuple[int, int]] = {}  # anchor -> (elements, depth)
+
+    def problem(event: Any, message: str) -> DefinitionError:
+        return DefinitionError([Problem(path="<document>", message=message, line=event.start_mark.line + 1)])
+
+    for event in yaml.parse(text, Loader=_Loader):
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            open_.append([event.anchor, 0, 0])
+            if len(open_) - 1 > MAX_DEPTH:
+                raise problem(event, f"nested deeper than {MAX_DEPTH} levels")
+            continue
+        if isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            anchor, elements, depth = open_.pop()
+            elements, depth = elements + 1, depth + 1
+            if anchor is not None:
+                sizes[anchor] = (elements, depth)
+        elif isinstance(event, yaml.ScalarEvent):
+            elements, depth = 1, 0
+            if event.anchor is not None:
+                sizes[event.anchor] = (1, 0)
+        elif isinstance(event, yaml.AliasEvent):
+            elements, depth = sizes.get(event.anchor, (1, 0))
+        else:
+            continue
+        parent = open_[-1]
+        parent[1] += elements
+        parent[2] = max(parent[2], depth)
+        if len(open_) - 1 + depth > MAX_DEPTH:
+            raise problem(event, f"nested deeper than {MAX_DEPTH} levels (with its aliases expanded)")
+        if sum(level[1] for level in open_) > MAX_DEFINITION_ELEMENTS:
+            raise problem(event, f"more than {MAX_DEFINITION_ELEMENTS} values (with its aliases expanded)")
 
 
 def _index_lines(node: yaml.Node, loc: tuple[Any, ...], out: dict[tuple[Any, ...], int]) -> None:
@@ -399,7 +453,12 @@ def _line(lines: dict[tuple[Any, ...], int], loc: tuple[Any, ...]) -> int | None
 
 
 def validate_input(wf: WorkflowDef, value: Any) -> list[Problem]:
-    """Problems of an execution input against the definition's input_schema."""
+    """Problems of an execution input: what Weft cannot carry (contracts.values), then the input_schema.
+    Every way of starting an execution (HTTP, CLI, triggers, cron, replays) comes through here."""
+    try:
+        check_value(value, "input")
+    except ValueProblem as exc:
+        return [Problem(path=exc.path, message=exc.message)]
     validator = wf.input_validator
     if validator is None:
         return []

@@ -62,6 +62,13 @@ class Settings(BaseModel):
     trigger_batch: int = 500  # trigger events ingested per store transaction
     cron_grace: float = 60.0  # seconds a late cron tick still counts as on time
     no_worker: bool = False  # `weft up` without its in-process worker
+    # Broker credentials (services/broker/nats_auth.py). The password directly, or better a file
+    # holding it (0600). Unset, they come from the stack file `weft up` wrote, for nats_role.
+    nats_user: str | None = None
+    nats_password: str | None = None
+    nats_password_file: Path | None = None
+    nats_role: str | None = None  # which of the stack's users to take; the CLI sets it per command
+    webhook_tolerance: float = 300.0  # seconds a signed webhook's timestamp may be off (either way)
     # What step code may do (services/worker/steps/allowlist.py, services/worker/secrets.py, ssrf.py).
     # Modules `python` steps may call, comma-separated ("shop.steps,billing"); a module allows its
     # submodules. Unset: `weft up` allows the modules in its working directory, other workers none.
@@ -105,6 +112,25 @@ class Settings(BaseModel):
             raise ValueError(f"must be at least ack_wait x max_deliver = {window:.0f}s, or a redelivered "
                              "result could be applied twice")
         return value
+
+    @field_validator("webhook_tolerance")
+    @classmethod
+    def _positive_tolerance(cls, value: float) -> float:
+        if not 1 <= value <= 86400:
+            raise ValueError("must be between 1 and 86400 seconds")
+        return value
+
+    def nats_credentials(self) -> dict[str, str]:
+        """user and password for NatsTransport.connect, or nothing when the broker takes none."""
+        if not self.nats_user:
+            return {}
+        password = self.nats_password
+        if password is None and self.nats_password_file is not None:
+            try:
+                password = self.nats_password_file.read_text().strip()
+            except OSError as exc:
+                raise ValueError(f"nats_password_file={str(self.nats_password_file)!r}: {exc.strerror}") from None
+        return {"user": self.nats_user, "password": password or ""}
 
     @model_validator(mode="after")
     def _payload_limits(self: T) -> T:
@@ -152,6 +178,14 @@ class Settings(BaseModel):
             update["database_url"] = stack.get("database_url") or f"sqlite:///{(self.home / 'weft.db').resolve()}"
         if self.nats_url is None and stack.get("nats_url"):
             update["nats_url"] = stack["nats_url"]
+        # stack.json names each role's password file (0600), never a password.
+        users = stack.get("nats_users") or {}
+        if self.nats_user is None and users:
+            role = self.nats_role or "admin"
+            if role in users:
+                update["nats_user"] = role
+                if self.nats_password is None and self.nats_password_file is None:
+                    update["nats_password_file"] = Path(users[role])
         return self.model_copy(update=update)
 
 

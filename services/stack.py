@@ -16,6 +16,7 @@ from contextlib import AsyncExitStack
 from typing import Any, Awaitable, Callable, Iterable
 
 from services.broker import NatsTransport, Transport
+from services.broker.nats_auth import ADMIN
 from services.orchestrator.consumer import ResultConsumer
 from services.orchestrator.executions import Executions
 from services.orchestrator.inbox import prune_inbox
@@ -116,10 +117,14 @@ async def _build(
     assert settings.database_url
     store = await asyncio.to_thread(open_store, settings.database_url, pool_size=12)
     exits.callback(store.close)
+    credentials = settings.nats_credentials()
     transport = await NatsTransport.connect(settings.nats_url, namespace=settings.namespace,
-                                            replicas=settings.nats_replicas)
+                                            replicas=settings.nats_replicas, **credentials)
     exits.push_async_callback(_bounded, transport.close(), "closing the broker connection")
-    await transport.ensure_streams()
+    # Only the admin role may create streams (a worker that could would be one more way in):
+    # a service with a narrower role finds them made by `weft up` or `weft broker init`.
+    if credentials.get("user") in (None, ADMIN):
+        await transport.ensure_streams()
     # An oversized dead letter keeps its full bytes in the blob store, beside the events.
     transport.blob_sink = SqlBlobStore(store).put
     stack = Stack(settings, store, transport)

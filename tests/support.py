@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections import Counter
@@ -121,6 +122,51 @@ async def finished_all(store: Any, ids: Any, finishing: str, *, since: int = 0, 
         else:
             assert time.monotonic() < deadline, f"only {len(seen)}/{len(wanted)} {finishing} after {timeout}s"
             await asyncio.sleep(interval)
+
+
+class Background:
+    """run_services in a thread of its own (with its own event loop), for synchronous tests
+    that call the stack over real HTTP, e.g. through schemathesis or httpx.Client."""
+
+    def __init__(self, settings: Any, parts: Sequence[str]):
+        self.settings, self.parts = settings, tuple(parts)
+        self.ready = threading.Event()
+        self.stack: Any = None
+        self.error: BaseException | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.stop: asyncio.Event | None = None
+        self.thread = threading.Thread(target=self._main, name="background-stack", daemon=True)
+
+    def _main(self) -> None:
+        from services.stack import run_services
+
+        async def main() -> None:
+            self.loop, self.stop = asyncio.get_running_loop(), asyncio.Event()
+
+            def up(stack: Any) -> None:
+                self.stack = stack
+                self.ready.set()
+
+            await run_services(self.settings, self.parts, self.stop, on_ready=up)
+
+        try:
+            asyncio.run(main())
+        except BaseException as exc:  # noqa: BLE001 - reported to the test
+            self.error = exc
+            self.ready.set()
+
+    def __enter__(self) -> Any:
+        self.thread.start()
+        assert self.ready.wait(60), "the stack did not start"
+        if self.error is not None:
+            raise self.error
+        assert self.stack is not None
+        return self.stack
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.loop is not None and self.stop is not None:
+            self.loop.call_soon_threadsafe(self.stop.set)
+        self.thread.join(30)
 
 
 # ---- services as real subprocesses (`python -m weft <service>`), for crash tests ------------

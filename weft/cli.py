@@ -18,7 +18,28 @@ import typer
 
 from weft import output as out
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="Weft: event-sourced workflow orchestration.")
+app = typer.Typer(no_args_is_help=True, add_completion=True, help="Weft: event-sourced workflow orchestration.")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            print(f"weft {version('weft')}")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            print("weft (not installed)")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    show_version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                      help="Print the version and exit."),
+) -> None:
+    """Weft: event-sourced workflow orchestration."""
+
+
 executions_app = typer.Typer(no_args_is_help=True, help="List executions.")
 workflows_app = typer.Typer(no_args_is_help=True, help="Publish and inspect workflow versions.")
 app.add_typer(executions_app, name="executions")
@@ -85,10 +106,12 @@ def _json_arg(name: str, raw: str, most: int | None = None) -> Any:
             text = path.read_bytes()
         except OSError as exc:
             out.fail(2, f"{name}: cannot read {raw[1:]}: {exc.strerror}")
-    try:
-        return orjson.loads(text)
-    except orjson.JSONDecodeError as exc:
-        out.fail(2, f"{name}: not valid JSON: {exc}")
+    from contracts import values
+
+    try:  # not orjson: it reads a 65-bit integer as a float, silently
+        return values.loads(text, name.lstrip("-").replace("-", "_"))
+    except values.ValueProblem as exc:
+        out.fail(2, f"{name}: {exc}")
 
 
 def _definition(file: Path, home: Optional[Path] = None):
@@ -148,16 +171,23 @@ def _service(parts: tuple[str, ...], home: Optional[Path], log_level: str, *, se
     from services.stack import install_signal_handlers, run_services
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = settings or _settings(home, **flags)
+    if settings is None:
+        from services.broker.nats_auth import role_for
+
+        # A service started alone takes its own role's broker credentials from the stack, not admin's.
+        flags.setdefault("nats_role", role_for(parts))
+        settings = _settings(home, **flags)
 
     async def main() -> None:
         stop = asyncio.Event()
         install_signal_handlers(stop, settings.drain_grace)
         await run_services(settings, parts, stop, on_ready=on_ready)
 
+    from services.broker import BrokerError
+
     try:
         asyncio.run(main())
-    except RuntimeError as exc:  # e.g. no broker to connect to: say so, without a traceback
+    except (RuntimeError, BrokerError) as exc:  # e.g. no broker, or it refused our credentials: no traceback
         out.fail(1, str(exc))
 
 
@@ -199,7 +229,8 @@ def run(
     input: str = typer.Option("{}", "--input", "-i", help="Execution input as JSON, or @file.json."),
     idempotency_key: Optional[str] = typer.Option(None, "--idempotency-key"),
     timeout: float = typer.Option(0, help="Stop following after this many seconds (0: never)."),
-    no_wait: bool = typer.Option(False, "--no-wait", help="Start and print the id; do not follow."),
+    no_wait: bool = typer.Option(False, "--no-wait", help="Start, print {execution_id, status, workflow, version} "
+                                                          "and do not follow."),
     as_json: bool = JsonOpt,
     home: Optional[Path] = HomeOpt,
 ) -> None:
@@ -224,7 +255,10 @@ def run(
     with _store(home, settings) as store:
         version = Registry(store).publish(wf)
         executions = Executions(store, limits=settings.payload_limits())
-        state, _ = executions.start(version, data, idempotency_key=idempotency_key)
+        state, created = executions.start(version, data, idempotency_key=idempotency_key)
+        if not created and not executions.claims.same(state.input, data):  # as HTTP answers 409: never silent
+            out.fail(2, f"--idempotency-key {idempotency_key!r} already started execution {state.id} with a "
+                        "different input; use a new key for a new execution")
         if no_wait:
             out.emit({"execution_id": state.id, "status": state.status, "workflow": wf.name,
                       "version": version.version}, as_json)
@@ -302,7 +336,13 @@ def _control(execution_id: str, cmd: Any, as_json: bool, home: Optional[Path]) -
         except (NotFound, DecisionError) as exc:
             out.fail(1, str(exc))
         state = executions.load(execution_id)
-    out.emit(out.execution_summary(state) | {"events": [e.type for e in events]}, as_json)
+    summary = out.execution_summary(state) | {"events": [e.type for e in events]}
+
+    def said(value: dict[str, Any]) -> None:  # one line for a person; --json has the whole summary
+        what = ", ".join(value["events"]) or "nothing to do (already so)"
+        out.console.print(f"execution {value['execution_id']} · {value['status']} · recorded: {what}", highlight=False)
+
+    out.emit(summary, as_json, render=said)
 
 
 @app.command()
@@ -418,3 +458,4 @@ from weft import cli_gateway as _cli_gateway  # noqa: E402,F401
 
 def main() -> None:
     app()
+from weft import cli_broker as _cli_broker  # noqa: E402,F401

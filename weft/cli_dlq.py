@@ -243,7 +243,8 @@ class _Broker:
 
         try:
             self.actions.transport = await NatsTransport.connect(
-                self.settings.nats_url, namespace=self.settings.namespace, connect_timeout=5)
+                self.settings.nats_url, namespace=self.settings.namespace, connect_timeout=5,
+                **self.settings.nats_credentials())
         except BrokerError as exc:
             out.fail(1, f"cannot republish: {exc}")
         return self.actions.transport

@@ -62,9 +62,10 @@ def publish(
 
     async def send() -> bool:
         transport = await NatsTransport.connect(settings.nats_url, namespace=settings.namespace, connect_timeout=5,
-                                                publish_retry_for=10)
+                                                publish_retry_for=10, **settings.nats_credentials())
         try:
-            await transport.ensure_streams()
+            if settings.nats_user in (None, "admin"):  # a `publisher` may not make streams: it finds them made
+                await transport.ensure_streams()
             return await publish_event(transport, event, claims)
         finally:
             await transport.close()
@@ -99,7 +100,7 @@ def gateway(
     """Run the HTTP gateway (API keys required unless --no-auth on loopback)."""
     from services.gateway.auth import is_loopback
 
-    flags: dict[str, Any] = {"gateway_host": host, "gateway_port": port}
+    flags: dict[str, Any] = {"gateway_host": host, "gateway_port": port, "nats_role": "gateway"}
     if no_auth:
         flags["gateway_auth"] = False
     settings = _settings(home, **flags)
@@ -140,6 +141,9 @@ def scheduler(home: Optional[Path] = HomeOpt, log_level: str = typer.Option("INF
 def keys_create(
     scopes: str = typer.Option(..., "--scopes", help="Comma-separated: read, trigger, admin (admin implies both)."),
     workflows: Optional[str] = typer.Option(None, "--workflows", help="Bind the key to these workflows (comma-separated)."),
+    events: Optional[str] = typer.Option(None, "--events", help="With --workflows: the event types (comma-separated; "
+                                         "'order.*' is a prefix, 'webhook:/path' a webhook) those workflows may "
+                                         "subscribe to and backfill. Without it, none."),
     name: Optional[str] = typer.Option(None, "--name", help="A label, shown in `weft keys list`."),
     as_json: bool = JsonOpt,
     home: Optional[Path] = HomeOpt,
@@ -150,7 +154,7 @@ def keys_create(
     store = _store(home)
     try:
         token, key = Keys(store).create([scopes], workflows=workflows.split(",") if workflows else None,
-                                        name=name, by=_user())
+                                        events=[events] if events is not None else None, name=name, by=_user())
     except KeyProblem as exc:
         out.fail(2, f"--{exc}")
     finally:
@@ -161,6 +165,8 @@ def keys_create(
         return
     sys.stdout.write(token + "\n")
     bound = f" · workflows {', '.join(result['workflows'])}" if result["workflows"] else ""
+    if result["workflows"]:
+        bound += f" · events {', '.join(result['events'] or ['(none)'])}"
     out.errors.print(f"key {result['prefix']} · scopes {', '.join(result['scopes'])}{bound}\n"
                      "  shown once: store it now (only its hash is kept)", highlight=False)
 
@@ -174,7 +180,9 @@ def keys_list(as_json: bool = JsonOpt, home: Optional[Path] = HomeOpt) -> None:
         rows = [k.public() for k in Keys(store).list()]
     out.emit(rows, as_json, render=lambda rs: out.render_table([
         {"id": r["id"], "prefix": r["prefix"], "scopes": ",".join(r["scopes"]),
-         "workflows": ",".join(r["workflows"] or ["*"]), "name": r["name"] or "", "created": r["created_at"][:19],
+         "workflows": ",".join(r["workflows"] or ["*"]),
+         "events": ",".join(r["events"] or []) if r["workflows"] else "*",
+         "name": r["name"] or "", "created": r["created_at"][:19],
          "active": "yes" if r["active"] else "revoked"} for r in rs]))
 
 

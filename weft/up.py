@@ -16,6 +16,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from services.broker.nats_auth import ADMIN, ensure_passwords, read_password
 from services.broker.nats_server import NatsServer
 from services.settings import Settings, read_stack, stack_file, write_stack
 from services.gateway.auth import is_loopback
@@ -32,9 +33,17 @@ def run_up(settings: Settings) -> int:
     if previous.get("pid") and previous["pid"] != os.getpid() and alive(previous["pid"]):
         console.print(f"[red]error:[/red] `weft up` is already running on {home} (pid {previous['pid']})")
         return 1
-    server = NatsServer(store_dir=home / "nats", port=settings.nats_port or previous.get("nats_port") or 0)
+    # One password per broker role, made on the first start and kept (0600) under home/nats/auth;
+    # the server requires them. This process runs as admin; `weft worker --home` etc. take their role's.
+    password_files = ensure_passwords(home / "nats" / "auth")
+    server = NatsServer(store_dir=home / "nats", port=settings.nats_port or previous.get("nats_port") or 0,
+                        passwords={role: read_password(path) for role, path in password_files.items()},
+                        namespace=settings.namespace)
     server.start()
-    settings = settings.model_copy(update={"home": home, "nats_url": server.url})
+    settings = settings.model_copy(update={
+        "home": home, "nats_url": server.url, "nats_user": ADMIN, "nats_password": None,
+        "nats_password_file": password_files[ADMIN],
+    })
     if "gateway_auth" not in settings.model_fields_set and is_loopback(settings.gateway_host):
         settings = settings.model_copy(update={"gateway_auth": False})  # loopback only; said so when ready
     parts = tuple(p for p in ALL if not (settings.no_worker and p == "worker"))
@@ -48,12 +57,15 @@ def run_up(settings: Settings) -> int:
         write_stack(home, {
             "pid": os.getpid(), "home": str(home), "nats_url": server.url, "nats_port": server.port,
             "database_url": settings.database_url, "services": list(parts),
+            # Where each broker role's password is (files readable by this user only), not the passwords.
+            "nats_users": {role: str(path) for role, path in password_files.items()},
             "gateway_url": stack.gateway.url if stack.gateway is not None else None,
             "step_modules": list(stack.step_modules.names) if stack.step_modules is not None else None,
             "started_at": datetime.now(timezone.utc).isoformat(),
         })
         console.print(f"[bold]weft up[/bold] · home {home}")
-        console.print(f"  NATS JetStream  {server.url}  (data in {home / 'nats'})")
+        console.print(f"  NATS JetStream  {server.url}  (data in {home / 'nats'}; credentials required, "
+                      f"one user per role, passwords in {home / 'nats' / 'auth'})")
         console.print(f"  event store     {settings.database_url}")
         console.print(f"  services        {', '.join(parts)}"
                       + (f" (worker concurrency {settings.worker_concurrency})" if not settings.no_worker else ""))

@@ -302,15 +302,23 @@ class NatsTransport:
         publish_retry_for: float = 30.0,
         publish_window: int = 512,
         replicas: int = 1,
+        user: str | None = None,
+        password: str | None = None,
     ) -> NatsTransport:
-        """Connect, retrying for up to connect_timeout; afterwards the client reconnects forever."""
+        """Connect, retrying for up to connect_timeout; afterwards the client reconnects forever.
+
+        With `user` and `password` (services/broker/nats_auth.py), replies come to that role's own
+        inbox prefix, the only one its broker permissions let it subscribe to."""
         _check_namespace(namespace)
         # A cluster is given as its seed URLs, comma-separated (WEFT_NATS_URL=nats://a,nats://b,...);
         # the client learns the rest of the cluster from the servers and follows it.
         servers = [u.strip() for u in url.split(",") if u.strip()] if isinstance(url, str) else list(url)
         nc = Client()
+        refused: list[str] = []  # the server said no to the credentials: waiting will not help
 
         async def error_cb(exc: Exception) -> None:
+            if "authorization violation" in str(exc).lower():
+                refused.append(str(exc))
             # Connection errors are expected while the broker restarts.
             level = logging.DEBUG if _is_transient(exc) else logging.WARNING
             log.log(level, "nats client error: %s: %s", type(exc).__name__, exc)
@@ -340,6 +348,7 @@ class NatsTransport:
                     error_cb=error_cb,
                     disconnected_cb=disconnected_cb,
                     reconnected_cb=reconnected_cb,
+                    **_credentials(user, password),
                 ),
                 timeout=connect_timeout,
             )
@@ -348,6 +357,13 @@ class NatsTransport:
                 await nc.close()
             except Exception:  # noqa: BLE001 - the connect error is the one worth reporting
                 pass
+            # A connect refused by the server (bad credentials) leaves its socket open in nats-py.
+            if getattr(nc, "_transport", None) is not None:
+                nc._transport.close()
+            if refused and not nc.is_connected:
+                who = f"user {user!r}" if user else "no credentials (the server requires them: WEFT_NATS_USER)"
+                raise BrokerError(f"NATS at {', '.join(servers)} refused {who}: authorization violation",
+                                  operation="connect", retryable=False) from exc
             raise BrokerError(
                 f"cannot connect to NATS at {', '.join(servers)} within {connect_timeout:g}s",
                 operation="connect",
@@ -844,6 +860,14 @@ class NatsTransport:
                 log.debug("%s failed (%s), retrying in %.2fs", operation, type(exc).__name__, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
+
+
+def _credentials(user: str | None, password: str | None) -> dict[str, Any]:
+    if not user:
+        return {}
+    from services.broker.nats_auth import inbox_prefix
+
+    return {"user": user, "password": password or "", "inbox_prefix": inbox_prefix(user)}
 
 
 def _no_such_message(exc: nats.js.errors.APIError) -> bool:

@@ -111,6 +111,8 @@ class NatsServer:
         stop_timeout: float = 15.0,
         binary: Path | str | None = None,
         sync: str = "always",
+        passwords: dict[str, str] | None = None,
+        namespace: str = "",
     ) -> None:
         self.store_dir = Path(store_dir).resolve()
         # "always": fsync every write (the default: durability first). Anything else is
@@ -124,6 +126,10 @@ class NatsServer:
         self.stop_timeout = stop_timeout
         self._binary = Path(binary) if binary else None
         self._proc: subprocess.Popen[bytes] | None = None
+        # role -> password (services/broker/nats_auth.py): authentication required, each role
+        # limited to its subjects. None: no authentication (tests of the transport alone).
+        self.passwords = passwords
+        self.namespace = namespace
 
     # ---- paths and urls -------------------------------------------------
 
@@ -164,7 +170,11 @@ class NatsServer:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         for stale in self.store_dir.glob("*.ports"):
             stale.unlink(missing_ok=True)
-        self.config_path.write_text(self._config())
+        # 0600: with authentication on, the config holds the passwords.
+        fd = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(self._config())
+        os.chmod(self.config_path, 0o600)
         with open(self.log_path, "ab") as log_file:
             log_file.write(f"\n=== starting {binary} at {time.strftime('%Y-%m-%d %H:%M:%S')} ===\n".encode())
             log_file.flush()
@@ -243,6 +253,10 @@ class NatsServer:
             f"  sync_interval: {self.sync}",
             "}",
         ]
+        if self.passwords is not None:
+            from services.broker.nats_auth import authorization_block
+
+            lines.append(authorization_block(self.passwords, self.namespace))
         return "\n".join(lines) + "\n"
 
     def _wait_ready(self) -> None:

@@ -6,7 +6,7 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 
@@ -15,6 +15,7 @@ from services.broker import Transport
 from services.deadletters.view import FreshView
 from services.gateway import errors
 from services.gateway.auth import Authenticator
+from services.gateway.bodies import checked_request
 from services.gateway.keys import Keys
 from services.gateway.models import Health
 from services.orchestrator.executions import Executions
@@ -41,6 +42,7 @@ class Context:
     dead_letters: FreshView = field(init=False)  # caught up before each dead-letter read
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     sse_poll: float = 0.25
+    webhook_tolerance: float = 300.0  # seconds a signed webhook's timestamp may be off (settings.webhook_tolerance)
     sse_heartbeat: float = 15.0
     step_modules: Any = None  # the allowlist of a worker in this process (weft up), for publish warnings
 
@@ -56,6 +58,7 @@ def create_app(ctx: Context, *, max_body: int = DEFAULT_MAX_BODY, max_payload_bo
     from services.gateway import routes_deadletters, routes_executions, routes_replay, routes_triggers, routes_workflows
 
     app = FastAPI(
+        dependencies=[Depends(checked_request)],  # one check of every JSON body and query string
         title="Weft", version="1", openapi_url="/v1/openapi.json", docs_url="/v1/docs", redoc_url=None,
         description=(
             "Event-sourced workflow orchestration. Authenticate with `Authorization: Bearer <key>` "

@@ -9,6 +9,7 @@ traceback under an error id, answered with only that id.
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from typing import Any
@@ -20,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from contracts.payloads import PayloadError, PayloadTooLarge
+from contracts.values import MAX_DEPTH
 from services.broker import BrokerError
 from services.gateway.models import ErrorBody
 from services.store import StoreUnavailableError
@@ -46,12 +48,21 @@ def invalid(field: str, message: str) -> ApiError:
     return ApiError(422, f"{field}: {message}", problems=[{"field": field, "message": message}])
 
 
+class SafeJSONResponse(JSONResponse):
+    """An error must always be answerable, even when its message quotes input that is not
+    Unicode (a lone surrogate): such characters are escaped instead of failing the response."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode(
+            "utf-8", "replace")
+
+
 def error_response(status: int, message: str, *, code: str | None = None, problems: list[dict[str, Any]] | None = None,
                    error_id: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
     body: dict[str, Any] = {"code": code or _CODES.get(status, "error"), "message": message, "problems": problems or []}
     if error_id:
         body["error_id"] = error_id
-    return JSONResponse({"error": body}, status_code=status, headers=headers)
+    return SafeJSONResponse({"error": body}, status_code=status, headers=headers)
 
 
 def _field(loc: tuple[Any, ...]) -> str:
@@ -80,6 +91,8 @@ def install(app: FastAPI) -> None:
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         detail = exc.detail if isinstance(exc.detail, str) else "error"
         if exc.status_code == 400:  # FastAPI's "error parsing the body": invalid input like any other
+            if isinstance(exc.__cause__, RecursionError):
+                return _respond(invalid("body", f"nested deeper than {MAX_DEPTH} levels"))
             return _respond(invalid("body", "could not be parsed (send UTF-8 JSON)"))
         return error_response(exc.status_code, detail, headers=getattr(exc, "headers", None))
 

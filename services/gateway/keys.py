@@ -15,6 +15,15 @@ Scopes: `read` (GET routes), `trigger` (publish triggers, start executions),
 `admin` (publish workflows; cancel, pause, resume, retry; keys). `admin`
 implies the other two. A key may be bound to a set of workflows: it then sees
 and acts on those workflows and their executions only.
+
+Trigger data belongs to event types, not to workflows, so a bound key is also
+bound to event types (`weft keys create --workflows A --events 'order.*'`):
+it may subscribe its workflows only to those types (and webhook paths, named
+`webhook:/path`), and backfill only events of those types. Without `--events`
+a bound key may use none. So a key bound to A can neither read B's recorded
+events by backfilling A with B's type, nor receive B's live events by
+publishing A with `on: [event: <B's type>]`. A pattern is a name, or a prefix
+ending in `*` (`order.*`, `webhook:/shop/*`); `*` alone is every event type.
 """
 
 from __future__ import annotations
@@ -41,6 +50,8 @@ _IMPLIES = {"read": {"read"}, "trigger": {"trigger"}, "admin": {"read", "trigger
 _NS = uuid.UUID("9e8a1d43-5b0c-4f6e-8d27-3c1a7f5e2b90")
 _TOKEN = re.compile(r"^weft_([0-9a-f]{8})_([A-Za-z0-9_-]{43})$")
 _NAME = re.compile(NAME)
+_EVENT_PATTERN = re.compile(r"^(\*|[A-Za-z0-9][A-Za-z0-9_.:/\-]{0,199}\*?)$")
+WEBHOOK_PREFIX = "webhook:"
 
 
 class KeyProblem(ValueError):
@@ -58,6 +69,7 @@ class ApiKeyCreated(BaseModel):
     workflows: list[str] | None = None  # None: every workflow
     name: str | None = None
     by: str | None = None
+    events: list[str] | None = None  # event type patterns of a bound key; None: none (unbound: every one)
 
 
 class ApiKeyRevoked(BaseModel):
@@ -78,6 +90,7 @@ class ApiKey:
     created_at: datetime
     revoked_at: datetime | None = None
     digest: str = ""
+    events: frozenset[str] | None = None
 
     def allows(self, scope: str) -> bool:
         return any(scope in _IMPLIES[s] for s in self.scopes if s in _IMPLIES)
@@ -85,14 +98,66 @@ class ApiKey:
     def can_use(self, workflow: str | None) -> bool:
         return self.workflows is None or workflow in self.workflows
 
+    def can_use_event(self, name: str) -> bool:
+        """May this key use trigger data named `name` (an event type, or `webhook:/path`)?"""
+        if self.workflows is None:
+            return True
+        return any(event_matches(p, name) for p in self.events or ())
+
     def public(self) -> dict[str, object]:
         return {
             "id": self.key_id, "prefix": f"weft_{self.key_id}", "scopes": sorted(self.scopes),
             "workflows": sorted(self.workflows) if self.workflows is not None else None, "name": self.name,
+            "events": sorted(self.events) if self.events is not None else None,
             "created_at": self.created_at.isoformat(),
             "revoked_at": self.revoked_at.isoformat() if self.revoked_at else None,
             "active": self.revoked_at is None,
         }
+
+
+def event_matches(pattern: str, name: str) -> bool:
+    if pattern == "*":
+        return True
+    if pattern.endswith("*"):
+        return name.startswith(pattern[:-1])
+    return name == pattern
+
+
+def webhook_name(path: str) -> str:
+    from services.triggers.routing import normalise_path
+
+    return WEBHOOK_PREFIX + normalise_path(path)
+
+
+def trigger_names(definition: object) -> list[str]:
+    """What a definition subscribes to, as binding names: its event types and `webhook:/path`s."""
+    names: list[str] = []
+    for spec in getattr(definition, "on", None) or ():
+        if getattr(spec, "event", None):
+            names.append(spec.event)
+        elif getattr(spec, "webhook", None) is not None:
+            names.append(webhook_name(spec.webhook.path))
+    return names
+
+
+def recorded_name(event: dict[str, object]) -> str:
+    """The binding name of a recorded trigger event (webhook deliveries by their path)."""
+    from services.triggers.webhooks import WEBHOOK_EVENT_TYPE
+
+    if event.get("type") == WEBHOOK_EVENT_TYPE:
+        return webhook_name(str(event.get("subject") or ""))
+    return str(event.get("type") or "")
+
+
+def parse_events(values: Iterable[str]) -> list[str]:
+    patterns = sorted({p.strip() for v in values for p in v.split(",") if p.strip()})
+    bad = [p for p in patterns if not _EVENT_PATTERN.match(p)]
+    if bad or not patterns:
+        raise KeyProblem(f"events: not event type patterns (a type, a prefix ending in '*', or '*'): "
+                         f"{bad or 'none given'}")
+    if len(patterns) > 1000:
+        raise KeyProblem("events: at most 1000 patterns")
+    return patterns
 
 
 def key_stream(key_id: str) -> uuid.UUID:
@@ -123,7 +188,7 @@ class Keys:
 
     def create(
         self, scopes: Iterable[str], *, workflows: Iterable[str] | None = None, name: str | None = None,
-        by: str | None = None,
+        by: str | None = None, events: Iterable[str] | None = None,
     ) -> tuple[str, ApiKey]:
         """A new key: (the key itself, shown once; its record)."""
         wanted = parse_scopes(scopes)
@@ -133,11 +198,17 @@ class Keys:
             bad = [w for w in bound if not _NAME.match(w)]
             if bad or not bound:
                 raise KeyProblem(f"workflows: not workflow names: {bad or 'none given'}")
+        patterns = None
+        if events is not None:
+            if bound is None:
+                raise KeyProblem("events: only a key bound to workflows takes an event binding "
+                                 "(an unbound key reaches every event type)")
+            patterns = parse_events(events)
         for _ in range(10):
             key_id = secrets.token_hex(4)
             token = f"weft_{key_id}_{secrets.token_urlsafe(32)}"
             event = ApiKeyCreated(at=self.clock(), key_id=key_id, digest=_digest(token), scopes=wanted,
-                                  workflows=bound, name=name, by=by)
+                                  workflows=bound, name=name, by=by, events=patterns)
             try:
                 self.store.append([NewEvent(key_stream(key_id), 1, event.type, orjson.dumps(event.model_dump(mode="json")))])
             except ConcurrencyError:
@@ -214,9 +285,10 @@ class Keys:
         for e in events:
             if isinstance(e, ApiKeyCreated):
                 key = ApiKey(e.key_id, frozenset(e.scopes), frozenset(e.workflows) if e.workflows is not None else None,
-                             e.name, e.at, None, e.digest)
+                             e.name, e.at, None, e.digest, frozenset(e.events) if e.events is not None else None)
             elif key is not None:
-                key = ApiKey(key.key_id, key.scopes, key.workflows, key.name, key.created_at, e.at, key.digest)
+                key = ApiKey(key.key_id, key.scopes, key.workflows, key.name, key.created_at, e.at, key.digest,
+                             key.events)
         return key
 
 

@@ -165,6 +165,8 @@ class KeyCreate(BaseModel):
     scopes: list[Literal["read", "trigger", "admin"]] = Field(min_length=1)
     workflows: list[str] | None = Field(None, min_length=1, max_length=1000)
     name: str | None = Field(None, max_length=200)
+    # Event types (and `webhook:/path`s) a bound key may subscribe its workflows to and backfill.
+    events: list[str] | None = Field(None, min_length=1, max_length=1000)
 
 
 class KeyOut(BaseModel):
@@ -172,6 +174,7 @@ class KeyOut(BaseModel):
     prefix: str
     scopes: list[str]
     workflows: list[str] | None = None
+    events: list[str] | None = None
     name: str | None = None
     created_at: str
     revoked_at: str | None = None

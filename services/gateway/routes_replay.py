@@ -15,8 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from services.gateway.auth import ScopedRoute, caller, scoped
 from services.gateway.errors import ApiError, errors
+from services.gateway.keys import recorded_name
 from services.gateway.routes_executions import IdPath, _load
 from services.replay import BackfillError, ReplayError, backfill, bulk_replay, parse_filter, replay_execution
+from services.triggers.webhooks import WEBHOOK_EVENT_TYPE
 
 router = APIRouter(prefix="/v1", tags=["replay"], route_class=ScopedRoute)
 
@@ -94,12 +96,19 @@ def replay_many(request: Request, body: BulkReplayRequest) -> Any:
 @router.post("/backfills", responses=errors(422), openapi_extra=scoped("admin"))
 def backfill_(request: Request, body: BackfillRequest) -> Any:
     """Run the trigger events recorded in [from, to) through a workflow version."""
-    if not caller(request).can_use(body.workflow):
+    key = caller(request)
+    if not key.can_use(body.workflow):
         raise ApiError(403, f"this key may not start {body.workflow!r}")
+    if body.event_type is not None and body.event_type != WEBHOOK_EVENT_TYPE and not key.can_use_event(body.event_type):
+        raise ApiError(403, f"this key may not read events of type {body.event_type!r}: outside its event binding "
+                            f"({', '.join(sorted(key.events or ())) or 'empty'})")
+    # Every recorded event is checked too: the version may subscribe to types outside the binding
+    # (published before it, or by another key), and webhook deliveries are told apart by path.
+    allow = None if key.workflows is None else (lambda event: key.can_use_event(recorded_name(event)))
     try:
         return backfill(
             request.app.state.ctx.store, body.workflow, start=body.from_, end=body.to, version=body.version,
-            event_type=body.event_type, dry_run=body.dry_run, backfill_id=body.id,
+            event_type=body.event_type, dry_run=body.dry_run, backfill_id=body.id, allow=allow,
         )
     except (BackfillError, ReplayError) as exc:
         raise _replay_error(exc) from None

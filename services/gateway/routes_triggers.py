@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from datetime import datetime, timezone
 from typing import Any
 
 from fastapi import APIRouter, Header, Path, Request
@@ -17,10 +19,18 @@ from services.gateway.models import KeyCreate, KeyList, KeyOut, TriggerIn, Trigg
 from services.triggers.consumer import describe
 from services.triggers.ingest import Trigger
 from services.triggers.publish import dead_letter_rejected, encode, new_event, publish
-from services.triggers.webhooks import WebhookError, delivery_id, secret_for, signature, verify, webhook_event
+from services.triggers.webhooks import (
+    WebhookError, claim_signature, delivery_id, secret_for, signature, verify, webhook_event,
+)
 
 log = logging.getLogger("weft.gateway")
 router = APIRouter(prefix="/v1", route_class=ScopedRoute)
+
+# One answer for an unknown path, a missing or bad signature, and an unsigned webhook called
+# without a key: webhook paths cannot be told apart from outside.
+_NOT_ACCEPTED = (401, "unauthorized", "no webhook accepts this request: sign it (X-Weft-Signature: t=<unix time>,"
+                 "v1=<hex HMAC-SHA256 of \"<t>.<body>\">), or for an unsigned webhook send an API key with the "
+                 "'trigger' scope")
 
 
 @router.post("/triggers", status_code=202, response_model=TriggerOut, responses=errors(), tags=["triggers"],
@@ -52,18 +62,20 @@ async def publish_trigger(request: Request, body: TriggerIn) -> Any:
 
 @router.post(
     "/webhooks/{path:path}", status_code=202, response_model=WebhookOut, tags=["triggers"],
-    responses=errors(404),
+    responses=errors(404, 409),
     openapi_extra={"requestBody": {"required": False, "content": {
         "application/json": {"schema": {}}, "text/plain": {"schema": {"type": "string"}}}}},
 )
 async def webhook(
     request: Request, path: str = Path(max_length=512, description="the `webhook.path`"),
-    x_weft_signature: str | None = Header(None, max_length=200, description="sha256=<hex HMAC-SHA256 of the body>"),
+    x_weft_signature: str | None = Header(None, max_length=700, description="t=<unix time>,v1=<hex HMAC-SHA256 of "
+                                          "\"<t>.<raw body>\"> with the webhook's secret; within webhook_tolerance"),
     x_weft_delivery: str | None = Header(None, max_length=256, description="delivery id: deduplicates retries"),
     idempotency_key: str | None = Header(None, max_length=256, description="used when X-Weft-Delivery is absent"),
 ) -> Any:
     """Start the workflows listening on this path. Signed webhooks (a `secret_env` in the definition)
-    need a valid `X-Weft-Signature` and no key; unsigned ones need a key with the `trigger` scope."""
+    need a valid, recent `X-Weft-Signature` and no key; unsigned ones need a key with the `trigger` scope.
+    An unknown path answers as a bad signature does (401)."""
     ctx = request.app.state.ctx
     await asyncio.to_thread(ctx.catalog.refresh)  # at most every 0.1 s: a new version may have changed the secret
     routes = ctx.catalog.webhooks(path)
@@ -71,10 +83,12 @@ async def webhook(
         await asyncio.to_thread(ctx.catalog.refresh, force=True)
         routes = ctx.catalog.webhooks(path)
     if not routes:
-        raise ApiError(404, f"no workflow listens on webhook /{path.strip('/')}")
+        status, code, message = _NOT_ACCEPTED
+        raise ApiError(status, message, code=code)
     body = await request.body()
     sig = signature(request.headers)
     allowed, why = [], []
+    used: str | None = None  # the signature that let it in, remembered against its delivery id
     key = None
     for route in routes:
         spec = route.spec.webhook
@@ -87,17 +101,21 @@ async def webhook(
             why.append((503, "unavailable", "this webhook's secret is not configured on the gateway"))
             continue
         if secret is not None:
-            if verify(secret, body, sig):
-                allowed.append(route)
-            elif sig is None:
-                why.append((401, "unauthorized", "missing signature: send X-Weft-Signature: sha256=<hex HMAC of the body>"))
-            else:
-                why.append((401, "unauthorized", "the signature does not match the body"))
+            try:
+                matched = verify(secret, body, sig, now=time.time(), tolerance=ctx.webhook_tolerance)
+            except WebhookError as exc:  # signed with the secret, but too long ago (or ahead)
+                why.append((exc.status, exc.code, str(exc)))
+                continue
+            if matched is None:
+                why.append(_NOT_ACCEPTED)
+                continue
+            allowed.append(route)
+            used = matched
             continue
         if key is None:
             key = await ctx.auth.identify(request)
         if key is None:
-            why.append((401, "unauthorized", "this webhook is not signed: an API key with the 'trigger' scope is required"))
+            why.append(_NOT_ACCEPTED)
         elif not key.allows("trigger") or not key.can_use(route.version.name):
             why.append((403, "forbidden", "this key may not trigger this webhook"))
         else:
@@ -107,11 +125,19 @@ async def webhook(
         raise ApiError(status, message, code=code)
     try:
         event_id, given = delivery_id(request.headers)
+        if used is not None and not given:
+            # No delivery id: the signature stands for the delivery, so a re-send is its duplicate.
+            event_id = f"sig-{used[:32]}"
         event = webhook_event(path, body, request.headers.get("content-type"), event_id)
     except WebhookError as exc:
         raise ApiError(exc.status, str(exc), problems=[{"field": exc.field or "body", "message": str(exc)}]) from None
     if len(body) > ctx.executions.claims.limits.inline:  # measured here too: over the maximum is 413, not a dead letter
         await asyncio.to_thread(ctx.executions.claims.check, event.data, "body")
+    if used is not None:
+        other = await asyncio.to_thread(claim_signature, ctx.store, path, used, event_id, datetime.now(timezone.utc))
+        if other is not None:
+            raise ApiError(409, "this signature was already used for another delivery: sign each delivery anew "
+                                "(a new timestamp) and keep X-Weft-Delivery the same on retries", code="conflict")
     [outcome] = await asyncio.to_thread(ctx.ingestor.ingest, [Trigger(event, via="webhook", routes=allowed)])
     if outcome.rejected:
         await dead_letter_rejected(ctx.transport, outcome, encode(event), source_subject=f"webhook:{event.subject}")
@@ -143,7 +169,8 @@ def create_key(request: Request, body: KeyCreate) -> Any:
     """Create a key. The answer is the only time the key itself is shown."""
     _unbound(request)
     try:
-        token, key = request.app.state.ctx.keys.create(body.scopes, workflows=body.workflows, name=body.name,
+        token, key = request.app.state.ctx.keys.create(body.scopes, workflows=body.workflows, events=body.events,
+                                                       name=body.name,
                                                        by=who(caller(request)))
     except KeyProblem as exc:
         field = str(exc).split(":")[0]

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Path, Request, Response
 from contracts.definitions import NAME, DefinitionError, parse_definition
 from services.gateway.auth import ScopedRoute, caller, scoped
 from services.gateway.errors import ApiError, errors, invalid
+from services.gateway.keys import trigger_names
 from services.gateway.models import WorkflowList, WorkflowVersionOut
 from services.orchestrator.registry import UnknownWorkflow, Version
 
@@ -69,8 +70,16 @@ async def publish_workflow(request: Request, response: Response) -> Any:
         problems = [{"field": f"body.{p.path}" if p.path != "<document>" else "body", "message": p.message,
                      "line": p.line} for p in exc.problems]
         raise ApiError(422, str(exc), problems=problems) from None
-    if not caller(request).can_use(wf.name):
+    key = caller(request)
+    if not key.can_use(wf.name):
         raise ApiError(403, f"this key may not publish workflow {wf.name!r}")
+    outside = sorted({n for n in trigger_names(wf) if not key.can_use_event(n)})
+    if outside:
+        # Subscribing would hand this workflow (and this key's readers) other workflows' trigger data.
+        raise ApiError(403, f"this key may not subscribe {wf.name!r} to {', '.join(outside)}: its event binding is "
+                            f"{', '.join(sorted(key.events or ())) or 'empty'} (weft keys create --events ...)",
+                       problems=[{"field": "body.on", "message": f"outside this key's event binding: {n}"}
+                                 for n in outside])
     ctx = request.app.state.ctx
     v = await asyncio.to_thread(ctx.registry.publish, wf)
     await asyncio.to_thread(ctx.catalog.refresh, force=True)

@@ -93,6 +93,7 @@ def build_gateway(stack: Any, catalog: Catalog, ingestor: Ingestor, stop: asynci
     ctx = Context(
         store=stack.store, transport=stack.transport, executions=stack.executions, catalog=catalog,
         ingestor=ingestor, keys=keys, auth=Authenticator(keys, enabled=settings.gateway_auth), stop=stop,
+        webhook_tolerance=settings.webhook_tolerance,
     )
     ctx.step_modules = getattr(stack, "step_modules", None)
     app = create_app(ctx, max_body=settings.gateway_max_body)

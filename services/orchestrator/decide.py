@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from contracts import events as ev
 from contracts.definitions import WorkflowDef
-from contracts.expressions import ExpressionError, evaluate, render, truthy
+from contracts.expressions import Budget, ExpressionError, evaluate, render, truthy
 from contracts.messages import StepResult, task_key
 from contracts.payloads import guard, is_ref
 from services.orchestrator.backoff import backoff
@@ -296,30 +296,35 @@ def _advance(s: Execution, now: datetime, emit: Emit) -> None:
     if s.status == RUNNING and all(st.status in ("succeeded", "skipped") for st in s.steps.values()):
         try:
             output = render(wf.output, _context(s)) if wf.output is not None else None
-        except ExpressionError as exc:
-            emit(ev.ExecutionFailed(at=now, error_type="ExpressionError", error_message=str(exc)))
+        except ExpressionError as exc:  # a budget error too: the execution fails, the process carries on
+            emit(ev.ExecutionFailed(at=now, error_type=type(exc).__name__, error_message=str(exc)))
             return
         emit(ev.ExecutionCompleted(at=now, output=output))
 
 
 def _schedule_step(s: Execution, step_def: Any, now: datetime, emit: Emit) -> None:
     ctx = _context(s)
+    budget = Budget()  # one for the step: its when, its map and every item's input together
     try:
-        if step_def.when is not None and not truthy(evaluate(_inner(step_def.when), ctx)):
+        if step_def.when is not None and not truthy(evaluate(_inner(step_def.when), ctx, budget)):
             emit(ev.StepSkipped(at=now, step_id=step_def.id, reason=f"when was false: {step_def.when.strip()}"))
             return
         if step_def.map is None:
-            data = render(step_def.input, ctx) if step_def.input is not None else s.input
-            _schedule(s, step_def, None, 1, data, now, None, "ready", emit, _config(step_def, ctx))
+            data = render(step_def.input, ctx, budget) if step_def.input is not None else s.input
+            _schedule(s, step_def, None, 1, data, now, None, "ready", emit, _config(step_def, ctx, budget))
             return
-        items = evaluate(_inner(step_def.map), ctx)
+        items = evaluate(_inner(step_def.map), ctx, budget)
         if not isinstance(items, list):
             got = "a value stored by reference (over WEFT_PAYLOAD_INLINE_LIMIT)" if is_ref(items) else type(items).__name__
             raise ExpressionError(step_def.map, f"map needs a list, got {got}")
-        inputs = [render(step_def.input, {**ctx, "item": x}) if step_def.input is not None else x for x in items]
-        configs = [_config(step_def, {**ctx, "item": x}) for x in items]
+        budget.spend_elements(step_def.map, len(items))  # each item becomes a task: a value created
+        inputs = [render(step_def.input, {**ctx, "item": x}, budget) if step_def.input is not None else x
+                  for x in items]
+        configs = [_config(step_def, {**ctx, "item": x}, budget) for x in items]
     except ExpressionError as exc:
-        _dead_letter(s, step_def.id, None, 0, "ExpressionError", str(exc), "input error", now, emit)
+        # Not retryable (the same data gives the same error): the step is dead-lettered, which fails
+        # the execution, with the reason; a budget error is one of these, never a crash.
+        _dead_letter(s, step_def.id, None, 0, type(exc).__name__, str(exc), "input error", now, emit)
         return
     emit(ev.StepMapped(at=now, step_id=step_def.id, count=len(inputs)))
     if not inputs:
@@ -328,9 +333,9 @@ def _schedule_step(s: Execution, step_def: Any, now: datetime, emit: Emit) -> No
         _schedule(s, step_def, i, 1, data, now, None, "ready", emit, configs[i])
 
 
-def _config(step_def: Any, ctx: dict[str, Any]) -> dict[str, Any]:
+def _config(step_def: Any, ctx: dict[str, Any], budget: Budget) -> dict[str, Any]:
     # `with:` may use expressions too (`url: "${{ input.url }}"`); secrets stay references.
-    return render(step_def.with_, ctx) if _has_expressions(step_def.with_) else step_def.with_
+    return render(step_def.with_, ctx, budget) if _has_expressions(step_def.with_) else step_def.with_
 
 
 def _has_expressions(value: Any) -> bool:

@@ -111,11 +111,14 @@ def backfill(
     event_type: str | None = None, rate: float | None = None, dry_run: bool = False,
     backfill_id: str | None = None, progress: Progress | None = None,
     should_stop: Callable[[], bool] | None = None, sleep: Callable[[float], None] = time.sleep,
+    allow: Callable[[dict[str, Any]], bool] | None = None,
 ) -> dict[str, Any]:
     """Run the recorded trigger events of [start, end) through `workflow` (latest version unless given).
 
     Returns the report: id, counts (started, skipped as already done, failed),
     cancelled, and one item per event. Raises BackfillError for bad parameters.
+    `allow`, when given, further limits the events (a bound API key's event binding): an event it
+    refuses is neither started nor counted nor reported.
     """
     start, end = _time(start), _time(end)
     assert start is not None and end is not None
@@ -128,6 +131,8 @@ def backfill(
     except UnknownWorkflow as exc:
         raise BackfillError(f"--workflow: {exc}") from None
     match = _matcher(target, event_type)
+    if allow is not None:
+        matched, match = match, (lambda event: matched(event) and allow(event))
     params = {"workflow": target.name, "version": target.version, "from": start.isoformat(),
               "to": end.isoformat(), "event_type": event_type}
     if backfill_id is not None:

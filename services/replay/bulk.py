@@ -46,7 +46,10 @@ def parse_time(name: str, value: str, now: datetime | None = None) -> datetime:
     rel = _RELATIVE.match(text)
     if rel:
         now = now or datetime.now(timezone.utc)
-        return now - timedelta(**{_UNITS[rel.group(2)]: int(rel.group(1))})
+        try:
+            return now - timedelta(**{_UNITS[rel.group(2)]: int(rel.group(1))})
+        except (OverflowError, ValueError):  # 100000000000000000000h: before year 1
+            raise ReplayError("bad_input", f"{name}: {value!r} reaches before year 1") from None
     try:
         dt = datetime.fromisoformat(text.replace("Z", "+00:00") if text.endswith("Z") else text)
     except ValueError:
@@ -79,8 +82,8 @@ def parse_filter(text: str, now: datetime | None = None) -> ReplayFilter:
             parsed[key] = parse_time(f"--filter {key}", fields[key], now)
     for key in ("version", "limit"):
         if key in fields:
-            if not fields[key].isdigit() or int(fields[key]) < 1:
-                raise ReplayError("bad_input", f"--filter: {key} must be a number >= 1")
+            if not fields[key].isdigit() or not 1 <= int(fields[key]) <= 2**31 - 1:
+                raise ReplayError("bad_input", f"--filter: {key} must be a number from 1 to {2**31 - 1}")
             parsed[key] = int(fields[key])
     return ReplayFilter(text=normal, **parsed)
 

@@ -34,7 +34,9 @@ def parse_at(text: str | int) -> int | datetime:
 def events_upto(history: Sequence[Any], at: int | datetime) -> int:
     """How many events of the history make the state as of `at` (the last event at or before a time)."""
     if isinstance(at, int):
-        return min(at, len(history))
+        if at > len(history):  # not quietly the last event: the caller asked for one that does not exist
+            raise AtError(2, f"--at {at}: the execution has {len(history)} event(s); pick 1 to {len(history)}")
+        return at
     n = sum(1 for e in history if e.at <= at)  # histories are in time order: append order
     if n == 0:
         first = history[0].at.isoformat() if history else "?"

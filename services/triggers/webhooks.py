@@ -6,10 +6,21 @@ A request to `POST /v1/webhooks/orders` becomes a CloudEvent
   data = the JSON body (or the body as text for other content types),
 and is ingested like any trigger, so a redelivered request starts nothing new.
 
-When the definition names a secret, the request must carry
-`X-Weft-Signature: sha256=<hex HMAC-SHA256 of the raw body>` (GitHub's
-`X-Hub-Signature-256` is accepted too), compared in constant time. A secret
-named but not set in the gateway's environment fails closed.
+When the definition names a secret, the request must be signed the way Stripe
+and Slack sign theirs: a timestamp together with the body, so a captured
+request cannot be replayed later:
+
+    X-Weft-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>.<raw body>")>
+
+`v1` may appear more than once (while a secret is being rotated); one match is
+enough, each compared in constant time. The timestamp must be within
+`webhook_tolerance` seconds (default 300) of the gateway's clock. Inside that
+window, a signature is good for one delivery: the gateway remembers it with
+its delivery id (services/gateway/routes_triggers.py), so the same body and
+signature re-sent under a new or missing delivery id are refused, and a retry
+under the same delivery id is the duplicate it always was. A body-only
+signature (`sha256=...`, GitHub's style) is no longer accepted: it never expires.
+A secret named but not set in the gateway's environment fails closed.
 """
 
 from __future__ import annotations
@@ -17,18 +28,24 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import re
 import uuid
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Mapping
 
 import orjson
 
+from contracts import values
 from contracts.triggers import CloudEvent
 from services.triggers.routing import normalise_path
 
 WEBHOOK_EVENT_TYPE = "weft.webhook"
-SIGNATURE_HEADERS = ("x-weft-signature", "x-hub-signature-256")
+SIGNATURE_HEADER = "x-weft-signature"
 DELIVERY_HEADERS = ("x-weft-delivery", "idempotency-key")
+DEFAULT_TOLERANCE = 300.0
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_MAX_SIGNATURES = 8
 
 
 class WebhookError(ValueError):
@@ -37,25 +54,59 @@ class WebhookError(ValueError):
         self.status, self.code, self.field = status, code, field
 
 
-def sign(secret: str | bytes, body: bytes) -> str:
-    """The signature header value for a body: `sha256=<hex>`."""
+def sign(secret: str | bytes, body: bytes, timestamp: int) -> str:
+    """The signature header value for a body sent at `timestamp` (unix seconds): `t=...,v1=...`."""
+    return f"t={int(timestamp)},v1={_mac(secret, int(timestamp), body)}"
+
+
+def _mac(secret: str | bytes, timestamp: int, body: bytes) -> str:
     key = secret.encode() if isinstance(secret, str) else secret
-    return "sha256=" + hmac.new(key, body, hashlib.sha256).hexdigest()
+    return hmac.new(key, f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
 
 
-def signature(headers: Mapping[str, str]) -> str | None:
-    for name in SIGNATURE_HEADERS:
-        value = headers.get(name)
-        if value:
-            return value.strip()
-    return None
+@dataclass(frozen=True, slots=True)
+class Signature:
+    timestamp: int
+    v1: tuple[str, ...]
 
 
-def verify(secret: str | bytes, body: bytes, header: str | None) -> bool:
-    if not header:
-        return False
-    # compare_digest over equal-length ASCII strings: time does not depend on where they differ.
-    return hmac.compare_digest(sign(secret, body).encode(), header.encode("ascii", "replace"))
+def signature(headers: Mapping[str, str]) -> Signature | None:
+    """The parsed X-Weft-Signature header; None when absent or not of the `t=...,v1=...` form."""
+    raw = headers.get(SIGNATURE_HEADER)
+    if not raw:
+        return None
+    timestamp: int | None = None
+    v1: list[str] = []
+    for part in raw.split(","):
+        name, _, value = part.strip().partition("=")
+        if name == "t" and value.isdigit() and len(value) <= 12 and timestamp is None:
+            timestamp = int(value)
+        elif name == "v1" and _HEX64.match(value) and len(v1) < _MAX_SIGNATURES:
+            v1.append(value)
+    if timestamp is None or not v1:
+        return None
+    return Signature(timestamp, tuple(v1))
+
+
+def verify(secret: str | bytes, body: bytes, sig: Signature | None, *, now: float,
+           tolerance: float = DEFAULT_TOLERANCE) -> str | None:
+    """The v1 that matches (the signature to remember), or None: no match, or out of the window.
+
+    The HMAC is checked first and the time second, so "expired" is said only to whoever holds
+    a signature the secret made."""
+    if sig is None:
+        return None
+    expected = _mac(secret, sig.timestamp, body).encode()
+    matched = None
+    for candidate in sig.v1:  # every candidate is compared: the time does not tell which one matched
+        if hmac.compare_digest(expected, candidate.encode()):
+            matched = candidate
+    if matched is None:
+        return None
+    if abs(now - sig.timestamp) > tolerance:
+        raise WebhookError(401, "unauthorized", f"the signature's timestamp is more than {tolerance:g}s away from "
+                           "the gateway's clock: sign each delivery when you send it", field="header.x-weft-signature")
+    return matched
 
 
 def secret_for(secret_env: str | None, environ: Mapping[str, str] | None = None) -> str | None:
@@ -87,10 +138,10 @@ def webhook_event(path: str, body: bytes, content_type: str | None, event_id: st
     data: Any
     if media == "application/json" or media.endswith("+json"):
         if body.strip():
-            try:
-                data = orjson.loads(body)
-            except orjson.JSONDecodeError as exc:
-                raise WebhookError(422, "invalid", f"body: not valid JSON: {exc}", field="body") from None
+            try:  # the gateway's limits (depth, 64-bit integers, no lone surrogates), not orjson's
+                data = values.loads(body, "body")
+            except values.ValueProblem as exc:
+                raise WebhookError(422, "invalid", str(exc), field=exc.path) from None
         else:
             data = None
         media = "application/json"
@@ -101,3 +152,30 @@ def webhook_event(path: str, body: bytes, content_type: str | None, event_id: st
             raise WebhookError(422, "invalid", "body: not UTF-8 text", field="body") from None
     return CloudEvent(id=event_id, source=f"weft:webhook{path}", type=WEBHOOK_EVENT_TYPE, subject=path,
                       time=datetime.now(timezone.utc), datacontenttype=media, data=data)
+
+
+# ---- one delivery per signature -------------------------------------------------------------
+
+_NS = uuid.UUID("5d0f6a3e-2f4b-4c47-9a51-7c0e8b1d2a64")
+SIGNATURE_USED = "WebhookSignatureUsed"
+
+
+def claim_signature(store: Any, path: str, v1: str, delivery: str, at: datetime) -> str | None:
+    """Record that signature `v1` on `path` is `delivery`'s. None when it is (now or already);
+    else the other delivery id it was used for: a replay under a new id.
+
+    Kept in the event store, as API keys are (one short stream per signature), so every
+    gateway replica sees it, and a crash between this and the ingest is healed by the
+    sender's retry under the same delivery id."""
+    from services.store import ConcurrencyError, NewEvent
+
+    stream = uuid.uuid5(_NS, f"{normalise_path(path)}:{v1}")
+    data = orjson.dumps({"type": SIGNATURE_USED, "schema_version": 1, "path": normalise_path(path),
+                         "delivery": delivery, "at": at.isoformat()})
+    try:
+        store.append([NewEvent(stream, 1, SIGNATURE_USED, data)])
+        return None
+    except ConcurrencyError:
+        [first, *_] = store.load(stream)
+        used = orjson.loads(first.data)["delivery"]
+        return None if used == delivery else used

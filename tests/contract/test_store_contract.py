@@ -474,7 +474,8 @@ class TestPostgresStore(StoreContract):
                 tx.execute("SELECT current_schema(), count(*) FROM stored_events")
                 assert tx.fetchone() == (schema, 1)
                 tx.execute("SELECT table_name FROM information_schema.tables WHERE table_schema = ? ORDER BY 1", (schema,))
-                assert tx.fetchall() == [("inbox",), ("notification_tracking",), ("stored_events",), ("view_here",)]
+                assert tx.fetchall() == [("blobs",), ("inbox",), ("notification_tracking",), ("stored_events",),
+                                         ("view_here",)]
         finally:
             s.close()
 

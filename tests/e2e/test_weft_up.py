@@ -50,13 +50,13 @@ def weft(home: Path, *args: str, check: bool = False, timeout: float = 60) -> su
 
 
 class Up:
-    def __init__(self, home: Path):
+    def __init__(self, home: Path, *flags: str):
         self.home = home
         self.log = home / f"up-{time.monotonic_ns()}.log"
         home.mkdir(parents=True, exist_ok=True)
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "weft", "up"], env=_env(home), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                [sys.executable, "-m", "weft", "up", *flags], env=_env(home), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
             )
         deadline = time.monotonic() + 30
         while not self._ready():
@@ -155,3 +155,84 @@ def test_restart_resumes_in_flight_executions(tmp_path: Path) -> None:
     finally:
         assert second.stop() == 0
     assert not (home / "stack.json").exists()
+
+
+def test_the_broker_requires_credentials_and_a_lone_worker_gets_its_role(tmp_path: Path) -> None:
+    """`weft up` makes one password per broker role (0600), stack.json only points at them, an anonymous
+    client is refused, and `weft worker --home` joins as the worker role (not admin) and does the work."""
+    import socket
+    import stat
+    import urllib.request
+
+    home = tmp_path / "home"
+    up = Up(home, "--no-worker")
+    worker = None
+    try:
+        stack = json.loads((home / "stack.json").read_text())
+        users = stack["nats_users"]
+        assert set(users) == {"admin", "worker", "orchestrator", "gateway", "publisher", "deadletters"}
+        for path in users.values():
+            assert stat.S_IMODE(Path(path).stat().st_mode) == 0o600
+            assert Path(path).read_text().strip() not in (home / "stack.json").read_text()
+        assert stat.S_IMODE((home / "nats" / "nats-server.conf").stat().st_mode) == 0o600
+
+        host, port = stack["nats_url"].removeprefix("nats://").rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            sock.recv(4096)  # INFO
+            sock.sendall(b'CONNECT {"verbose":false}\r\nPUB weft.steps.python 2\r\n{}\r\nPING\r\n')
+            assert sock.recv(4096).startswith(b"-ERR 'Authorization Violation'")
+
+        with open(home / "worker.log", "wb") as log:
+            worker = subprocess.Popen([sys.executable, "-m", "weft", "worker", "--steps", "examples"], env=_env(home),
+                                      cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        proc = weft(home, "run", "examples/order.yaml", "--input", '{"order_id": "A-9", "items": ["fig"]}', "--json",
+                    "--timeout", "60")
+        assert proc.returncode == 0, proc.stderr + (home / "worker.log").read_text()
+
+        # An outside system sends events as `publisher`, which may do nothing else.
+        env = {**_env(home), "WEFT_NATS_USER": "publisher", "WEFT_NATS_PASSWORD_FILE": users["publisher"]}
+        sent = subprocess.run([sys.executable, "-m", "weft", "publish", "order.created", "--data", "{}", "--json"],
+                              env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert sent.returncode == 0 and json.loads(sent.stdout)["duplicate"] is False, sent.stderr
+
+        [ports] = (home / "nats").glob("*.ports")
+        monitor = json.loads(ports.read_text())["monitoring"][0]
+        with urllib.request.urlopen(f"{monitor}/connz?auth=true", timeout=5) as resp:
+            users_connected = [c.get("authorized_user") for c in json.loads(resp.read())["connections"]]
+        assert "worker" in users_connected and "admin" in users_connected, users_connected
+        assert None not in users_connected
+    finally:
+        if worker is not None:
+            worker.send_signal(signal.SIGTERM)
+            worker.wait(timeout=30)
+        up.stop()
+
+
+BOMB = """
+name: bomb
+steps:
+  - {id: blow, type: noop, input: {v: "${{ input.v""" + " | [@,@]" * 40 + """ }}"}}
+"""
+
+
+def test_an_expression_bomb_fails_its_step_and_weft_up_carries_on(up: Up, tmp_path: Path) -> None:
+    # Issue 13: 327 characters that stand for 2^40 elements segfaulted `weft up` (orjson out of memory).
+    wf = tmp_path / "bomb.yaml"
+    wf.write_text(BOMB)
+    started = time.monotonic()
+    proc = weft(up.home, "run", str(wf), "--input", '{"v": "x"}', "--json")
+    assert proc.returncode == 1, proc.stderr
+    result = _json(proc)
+    assert result["status"] == "failed" and result["error"]["step_id"] == "blow"
+    assert result["error"]["type"] == "ExpressionBudgetError"
+    assert "creates more than 1000000 elements (the expression budget)" in result["error"]["message"]
+    assert time.monotonic() - started < 30
+    assert up.proc.poll() is None  # alive
+    letters = _json(weft(up.home, "dlq", "list", "--json", check=True))
+    assert [(d["execution_id"], d["step_id"]) for d in letters] == [(result["execution_id"], "blow")]
+    # values Weft cannot carry are refused at the door with the field, exit 2
+    proc = weft(up.home, "run", str(wf), "--input", '{"v": 100000000000000000000000}', "--json")
+    assert proc.returncode == 2 and "input.v" in proc.stderr and "64-bit" in proc.stderr, proc.stderr
+    # and a normal execution completes right after
+    proc = weft(up.home, "run", "examples/order.yaml", "--input", '{"order_id": "A-2", "items": ["fig"]}', "--json")
+    assert proc.returncode == 0 and _json(proc)["status"] == "completed", proc.stderr

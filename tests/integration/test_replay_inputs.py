@@ -62,7 +62,9 @@ def test_at_and_events_upto() -> None:
             parse_at(bad)
         assert err.value.code == code
     history = [SimpleNamespace(at=NOW + timedelta(seconds=i), type="x") for i in range(5)]
-    assert events_upto(history, 3) == 3 and events_upto(history, 99) == 5
+    assert events_upto(history, 3) == 3 and events_upto(history, 5) == 5
+    with pytest.raises(AtError, match="has 5 event"):
+        events_upto(history, 99)  # beyond the end: said so, not quietly the last event
     assert events_upto(history, NOW + timedelta(seconds=2.5)) == 3  # the last event at or before the time
     assert events_upto(history, NOW + timedelta(seconds=2)) == 3
     with pytest.raises(AtError, match="did not exist yet") as err:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import time
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -426,10 +427,40 @@ def test_an_expression_error_at_schedule_time_dead_letters_the_step(steps: list[
     assert run.state.status == "failed"
 
 
-def test_an_expression_that_grows_too_big_is_an_expression_error() -> None:
-    run = Run(definition({"id": "a", "input": "${{ input.big }}"}), {"big": "x" * (4 * 1024 * 1024 + 1)})
+BOMB = "${{ input.v" + " | [@,@]" * 40 + " }}"  # 2^40 elements if it were ever built (issue 13)
+
+
+@pytest.mark.parametrize(
+    "step",
+    [
+        {"id": "a", "input": {"v": BOMB}},
+        {"id": "a", "when": BOMB},
+        {"id": "a", "map": "${{ input.list }}", "input": {"v": BOMB.replace("input.v", "item")}},
+    ],
+    ids=["input", "when", "map input"],
+)
+def test_an_expression_over_its_budget_dead_letters_the_step_at_once(step: dict[str, Any]) -> None:
+    started = time.perf_counter()
+    run = Run(definition(step), {"v": 1, "list": [1, 2, 3]})
+    assert time.perf_counter() - started < 2
     assert types(run.last)[1:] == ["StepDeadLettered", "ExecutionFailed"]
-    assert "bytes" in run.last[1].error_message
+    dead = run.last[1]
+    assert (dead.error_type, dead.reason) == ("ExpressionBudgetError", "input error")
+    assert "creates more than 1000000 elements" in dead.error_message
+
+
+def test_an_output_over_its_budget_fails_the_execution() -> None:
+    run = Run(definition({"id": "a"}, output=BOMB), {"v": 1})
+    run.do(result("a", "succeeded", output=1))
+    assert types(run.last)[-1] == "ExecutionFailed"
+    assert run.last[-1].error_type == "ExpressionBudgetError" and "elements" in run.last[-1].error_message
+
+
+def test_a_map_over_10000_items_fits_the_budget() -> None:
+    run = Run(definition({"id": "a", "map": "${{ input.items }}", "input": {"sku": "${{ item.sku }}", "n": "${{ [item.n] }}"}}),
+              {"items": [{"sku": f"s{i}", "n": i} for i in range(10_000)]})
+    scheduled = [e for e in run.last if e.type == "StepScheduled"]
+    assert len(scheduled) == 10_000 and scheduled[-1].input == {"sku": "s9999", "n": [9999]}
 
 
 # ---- duplicates, stale and late results -----------------------------------------------------
@@ -851,3 +882,9 @@ def test_a_wrong_content_hash_does_not_run_another_definition() -> None:
     assert scheduled(first.last) == [("one", None, 1)]
     assert scheduled(second.last) == [("two", None, 1)]
     assert fold("ex-2", second.history) == second.state
+
+
+def test_a_map_wider_than_the_element_budget_dead_letters_the_step() -> None:
+    run = Run(definition({"id": "a", "map": "${{ input.items }}"}), {"items": [0] * 1_000_001})
+    assert types(run.last)[1:] == ["StepDeadLettered", "ExecutionFailed"]
+    assert run.last[1].error_type == "ExpressionBudgetError" and "1000000 elements" in run.last[1].error_message

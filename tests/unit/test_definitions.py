@@ -152,10 +152,10 @@ REJECTIONS: list[tuple[str, str, str, int, str]] = [
     ("self parent", BASE + "  - id: c\n    type: noop\n    needs: [c]\n", "steps[2].needs[0]", 10, "itself"),
     ("duplicate id", BASE + "  - id: a\n    type: noop\n", "steps[2].id", 8, "duplicate step id 'a'"),
     ("unknown step type", BASE + "  - id: c\n    type: rocket\n", "steps[2].type", 9, "unknown step type 'rocket'"),
-    ("bad expression", BASE + '  - id: c\n    type: noop\n    input: {x: "${{ input.[ }}"}\n', "steps[2].input", 10, "bad expression"),
-    ("unterminated expression", BASE + '  - id: c\n    type: noop\n    input: {x: "${{ input.x"}\n', "steps[2].input", 10, "unterminated"),
-    ("unterminated, nested", BASE + '  - id: c\n    type: noop\n    input:\n      deep: ["${{ input.x }} and ${{ input.y"]\n', "steps[2].input", 10, "unterminated"),
-    ("bad expression in with", BASE + '  - id: c\n    type: noop\n    with: {url: "${{ ) }}"}\n', "steps[2].with", 10, "bad expression"),
+    ("bad expression", BASE + '  - id: c\n    type: noop\n    input: {x: "${{ input.[ }}"}\n', "steps[2].input.x", 10, "bad expression"),
+    ("unterminated expression", BASE + '  - id: c\n    type: noop\n    input: {x: "${{ input.x"}\n', "steps[2].input.x", 10, "unterminated"),
+    ("unterminated, nested", BASE + '  - id: c\n    type: noop\n    input:\n      deep: ["${{ input.x }} and ${{ input.y"]\n', "steps[2].input.deep[0]", 11, "unterminated"),
+    ("bad expression in with", BASE + '  - id: c\n    type: noop\n    with: {url: "${{ ) }}"}\n', "steps[2].with.url", 10, "bad expression"),
     ("bad map expression", BASE + '  - id: c\n    type: noop\n    map: "${{ input.[ }}"\n', "steps[2].map", 10, "bad expression"),
     ("when not an expression", BASE + "  - id: c\n    type: noop\n    when: input.go\n", "steps[2].when", 10, "expression"),
     ("when is text around one", BASE + '  - id: c\n    type: noop\n    when: "go ${{ input.go }}"\n', "steps[2].when", 10, "expression"),
@@ -183,6 +183,26 @@ REJECTIONS: list[tuple[str, str, str, int, str]] = [
     ("bad timeout", BASE + "  - id: c\n    type: noop\n    timeout: -1\n", "steps[2].timeout", 10, "greater than 0"),
     ("not yaml", "name: w\nsteps:\n  - id: a\n    type: [noop\n", "<document>", 0, ""),
     ("not a mapping", "- just\n- a list\n", "<document>", 0, "mapping"),
+    # hostile definitions (issue 13): refused with the field and the limit, never a crash
+    ("expression 400 brackets deep", BASE + '  - id: c\n    type: noop\n    input: {v: "${{ ' + "[" * 400 + "]" * 400
+     + ' }}"}\n', "steps[2].input.v", 10, "nested deeper than 32 levels"),
+    ("expression 400 projections deep", BASE + '  - id: c\n    type: noop\n    input: {v: ["${{ a' + "[*]" * 400
+     + ' }}"]}\n', "steps[2].input.v[0]", 10, "nested deeper than"),
+    ("expression too long in map", BASE + '  - id: c\n    type: noop\n    map: "${{ ' + "a." * 1500 + 'a }}"\n',
+     "steps[2].map", 10, "longer than 2000 characters"),
+    ("literal nested deeply", BASE + '  - id: c\n    type: noop\n    input: {v: "${{ `' + "[" * 40 + "]" * 40
+     + '` }}"}\n', "steps[2].input.v", 10, "nested deeper than 32 levels"),
+    ("5000-deep YAML", "name: w\nsteps:\n  - {id: a, type: noop, input: " + "[" * 5000 + "]" * 5000 + "}\n",
+     "<document>", 3, "nested deeper than 100 levels"),
+    ("900-deep JSON", '{"name": "w", "steps": [{"id": "a", "type": "noop", "input": ' + "[" * 900 + "]" * 900 + "}]}",
+     "<document>", 1, "nested deeper than 100 levels"),
+    ("YAML alias bomb", "name: w\nsteps:\n  - {id: a, type: noop, input: {x0: &a0 [1,1,1,1,1,1,1,1,1,1], "
+     + "".join(f"x{i}: &a{i} [" + ",".join([f"*a{i - 1}"] * 10) + "], " for i in range(1, 9)) + "y: *a8}}\n",
+     "<document>", 3, "more than 200000 values (with its aliases expanded)"),
+    ("lone surrogate", BASE + '  - id: c\n    type: noop\n    input: {v: "\\ud800"}\n', "steps[2].input.v", 10,
+     "lone UTF-16 surrogate"),
+    ("integer over 64 bits", BASE + "  - id: c\n    type: noop\n    input: {v: [1, 100000000000000000000000]}\n",
+     "steps[2].input.v[1]", 10, "64-bit range"),
 ]
 
 

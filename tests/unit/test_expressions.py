@@ -9,7 +9,8 @@ import pytest
 
 from contracts.expressions import (
     MAX_EXPRESSION_CHARS,
-    MAX_RESULT_BYTES,
+    Budget,
+    ExpressionBudgetError,
     ExpressionError,
     check_template,
     compile_expression,
@@ -155,13 +156,14 @@ def test_errors_while_evaluating_are_expression_errors(template: Any, reason: st
     assert reason in info.value.reason
 
 
-BIG = "x" * (MAX_RESULT_BYTES - 10)
+SMALL_BYTES = 100_000  # a small byte budget, so that the test does not build 64 MiB strings
+BIG = "x" * (SMALL_BYTES // 2 + 10)
 
 
 @pytest.mark.parametrize(
     ("template", "ok"),
     [
-        ("${{ input.big }}", True),  # just under the bound
+        ("${{ input.big }}", True),  # read, not created: free
         ("${{ [input.big, input.big] }}", False),  # a value built by the expression
         ("${{ join('', [input.big, input.big]) }}", False),
         ("${{ input.big }}${{ input.big }}", False),  # each part fits, the whole does not
@@ -171,10 +173,11 @@ BIG = "x" * (MAX_RESULT_BYTES - 10)
 def test_the_size_of_a_result_is_bounded(template: str, ok: bool) -> None:
     ctx = {"input": {"big": BIG}}
     if ok:
-        assert len(render(template, ctx)) >= len(BIG)
+        assert len(render(template, ctx, Budget(bytes=SMALL_BYTES))) >= len(BIG)
         return
-    with pytest.raises(ExpressionError, match="bytes is over"):
-        render(template, ctx)
+    with pytest.raises(ExpressionBudgetError, match=f"creates more than {SMALL_BYTES} bytes") as info:
+        render(template, ctx, Budget(bytes=SMALL_BYTES))
+    assert info.value.limit == "bytes"
 
 
 def test_evaluate_is_the_raw_jmespath_search() -> None:
@@ -223,3 +226,106 @@ def test_truthiness_follows_jmespath(value: Any, expected: bool) -> None:
 )
 def test_a_when_condition_is_its_truthiness(expression: str, expected: bool) -> None:
     assert truthy(evaluate(expression, CTX)) is expected
+
+
+# ---- budgets (issue 13): counted as values are created, never built first -------------------
+
+BOMB = "input.v" + " | [@,@]" * 40  # 2^40 elements once serialized
+
+
+def test_the_doubling_bomb_stops_at_the_element_budget_fast_and_small() -> None:
+    import time
+    import tracemalloc
+
+    tracemalloc.start()
+    started = time.perf_counter()
+    try:
+        with pytest.raises(ExpressionBudgetError) as info:
+            render("${{ " + BOMB + " }}", {"input": {"v": "x" * 100}})
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert time.perf_counter() - started < 1
+    assert peak < 5 * 1024 * 1024, peak  # nothing of the 2^40 elements was built
+    assert info.value.limit in ("elements", "bytes") and "expression budget" in info.value.reason
+
+
+@pytest.mark.parametrize(
+    ("expression", "budget", "limit"),
+    [
+        ("input.l[*].[@, @]", Budget(elements=25), "elements"),  # 10 pairs of 2 + the outer list
+        ("[input.s, input.s, input.s]", Budget(bytes=300), "bytes"),
+        ("join('', [input.s, input.s])", Budget(bytes=300), "bytes"),
+        ("to_string(input.l)", Budget(bytes=10), "bytes"),
+        ("input.l[*] | [*] | [*] | [*]", Budget(steps=30), "steps"),
+        ("input.d" + " | [@]" * 5, Budget(depth=4), "depth"),
+        ("sort(input.l)", Budget(elements=5), "elements"),
+        ("map(&[@, @], input.l)", Budget(elements=25), "elements"),
+    ],
+)
+def test_each_budget_is_enforced_and_named(expression: str, budget: Budget, limit: str) -> None:
+    ctx = {"input": {"l": list(range(10)), "s": "y" * 100, "d": {"k": "v"}}}
+    with pytest.raises(ExpressionBudgetError) as info:
+        evaluate(expression, ctx, budget)
+    assert info.value.limit == limit
+    assert getattr(budget, limit) and str(getattr(budget, limit)) in info.value.reason
+
+
+def test_reading_big_values_costs_nothing_and_one_render_shares_its_budget() -> None:
+    ctx = {"input": {"big": list(range(100_000)), "n": 1}}
+    assert evaluate("input.big", ctx, Budget(elements=10)) is ctx["input"]["big"]  # read, not created
+    budget = Budget(elements=10)
+    render({"a": "${{ [input.n, input.n] }}", "b": "${{ [input.n, input.n] }}"}, ctx, budget)
+    assert budget.used_elements == 6
+    with pytest.raises(ExpressionBudgetError):
+        render(["${{ [input.n, input.n, input.n] }}"] * 3, ctx, Budget(elements=10))
+
+
+def test_a_map_sized_projection_over_10000_items_fits_the_default_budget() -> None:
+    items = [{"sku": f"s{i}", "qty": i % 3} for i in range(10_000)]
+    out = evaluate("input.items[?qty > `0`].{sku: sku, twice: [qty, qty]}", {"input": {"items": items}})
+    assert len(out) == 6_666 and out[0] == {"sku": "s1", "twice": [1, 1]}
+
+
+@pytest.mark.parametrize(
+    ("expression", "reason"),
+    [
+        ("[" * 400 + "]" * 400, "nested deeper than 32 levels"),
+        ("!" * 40 + "a", "nested deeper than 32 levels"),
+        ("&" * 40 + "a", ""),  # not JMESPath; the parser says so
+        ("a" + "[*]" * 300, "more than 128 operations inside one another"),
+        ("a" + " | b" * 200, "more than 128 operations inside one another"),
+        ("`" + "[" * 40 + "]" * 40 + "`", "nested deeper than 32 levels"),
+        ("`" + "[" * 3000 + "]" * 3000 + "`", "longer than"),
+        ("`100000000000000000000000`", "64-bit range"),
+    ],
+)
+def test_deep_expressions_are_refused_when_compiled(expression: str, reason: str) -> None:
+    with pytest.raises(ExpressionError) as info:
+        compile_expression(expression)
+    assert reason in info.value.reason
+
+
+def test_the_bomb_compiles_its_budget_is_a_run_time_matter() -> None:
+    assert len("${{ " + BOMB + " }}") < 400
+    compile_expression(BOMB)
+    check_template({"v": "${{ " + BOMB + " }}"})
+
+
+def test_any_failure_inside_evaluation_is_an_expression_error() -> None:
+    a: Any = 1
+    b: Any = 1
+    for _ in range(5000):  # a step's output is not checked for depth by the gateway
+        a, b = [a], [b]
+    with pytest.raises(ExpressionBudgetError) as info:  # RecursionError inside == on 5,000 levels
+        evaluate("input.a == input.b", {"input": {"a": a, "b": b}})
+    assert info.value.limit == "depth"
+
+
+def test_a_payload_reference_in_a_created_value_costs_its_reference_not_its_payload() -> None:
+    from contracts.payloads import guard, make_ref
+
+    ref = make_ref("0" * 64, 60 * 1024 * 1024)  # a 60 MiB payload, stored by reference
+    budget = Budget(bytes=10_000)
+    out = render("${{ [steps.a.output, steps.a.output] }}", {"steps": {"a": {"output": guard(ref)}}}, budget)
+    assert out == [ref, ref] and budget.used_bytes < 1_000

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import time
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -10,7 +14,7 @@ from contracts.triggers import CloudEvent
 from services.triggers.cron import plan_ticks, tick_event
 from services.triggers.publish import encode, message_id, new_event
 from services.triggers.routing import matches, normalise_path
-from services.triggers.webhooks import WebhookError, delivery_id, sign, verify, webhook_event
+from services.triggers.webhooks import WebhookError, delivery_id, sign, signature, verify, webhook_event
 
 EVENT = {
     "id": "1", "source": "shop", "type": "order.created", "subject": "orders/7",
@@ -107,15 +111,47 @@ def test_tick_event_is_deterministic() -> None:
 
 
 def test_signatures() -> None:
-    body = b'{"order": 1}'
-    good = sign("s3cret", body)
-    assert good.startswith("sha256=") and len(good) == 7 + 64
-    assert verify("s3cret", body, good)
-    assert not verify("s3cret", body + b" ", good)
-    assert not verify("other", body, good)
-    assert not verify("s3cret", body, None)
-    assert not verify("s3cret", body, good.removeprefix("sha256="))
-    assert not verify("s3cret", body, "sha256=ü")
+    body, now = b'{"order": 1}', 1_700_000_000
+    good = sign("s3cret", body, now)
+    assert good.startswith(f"t={now},v1=") and len(good) == len(f"t={now},v1=") + 64
+    v1 = good.split("v1=")[1]
+    assert verify("s3cret", body, signature({"x-weft-signature": good}), now=now) == v1
+    assert verify("s3cret", body, signature({"x-weft-signature": good}), now=now + 300) == v1  # edge of the window
+    assert verify("s3cret", body + b" ", signature({"x-weft-signature": good}), now=now) is None
+    assert verify("other", body, signature({"x-weft-signature": good}), now=now) is None
+    assert verify("s3cret", body, None, now=now) is None
+    # the timestamp is signed: moving it breaks the signature
+    moved = good.replace(f"t={now}", f"t={now + 100}")
+    assert verify("s3cret", body, signature({"x-weft-signature": moved}), now=now) is None
+    # a rotated secret: either v1 may match
+    both = f"t={now},v1={'0' * 64},v1={v1}"
+    assert verify("s3cret", body, signature({"x-weft-signature": both}), now=now) == v1
+    # a captured signature replayed after the window
+    with pytest.raises(WebhookError, match="300s"):
+        verify("s3cret", body, signature({"x-weft-signature": good}), now=now + 301)
+    with pytest.raises(WebhookError):
+        verify("s3cret", body, signature({"x-weft-signature": good}), now=now - 301, tolerance=300)
+    for bad in ("sha256=" + v1, f"v1={v1}", f"t={now}", f"t=x,v1={v1}", f"t={now},v1={v1[:-1]}", "t=1,v1=ü" * 3, ""):
+        assert signature({"x-weft-signature": bad}) is None, bad
+
+
+# The README's recipe, word for word: what a sender runs with curl and openssl.
+RECIPE = """
+T=$(date +%s)
+SIG=$(printf '%s.%s' "$T" "$BODY" | openssl dgst -sha256 -hmac "$SECRET" | awk '{print $NF}')
+echo "t=$T,v1=$SIG"
+"""
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
+def test_the_readme_openssl_recipe_signs_as_the_gateway_checks() -> None:
+    body = '{"order_id": "A-1", "note": "50% off, it\'s \\"quoted\\""}'
+    env = {"PATH": os.environ["PATH"], "SECRET": "whsec-t3st", "BODY": body}
+    header = subprocess.run(["bash", "-c", RECIPE], env=env, capture_output=True, text=True, check=True).stdout.strip()
+    sig = signature({"x-weft-signature": header})
+    assert sig is not None, header
+    assert verify("whsec-t3st", body.encode(), sig, now=time.time()) is not None
+    assert header == sign("whsec-t3st", body.encode(), sig.timestamp)
 
 
 def test_webhook_event_and_delivery_ids() -> None:

@@ -411,6 +411,16 @@ async def test_transform_failure_is_non_retryable(ctx: StepContext) -> None:
     assert "abs(name)" in str(info.value)
 
 
+async def test_transform_over_its_budget_is_non_retryable_and_fast(ctx: StepContext) -> None:
+    bomb = "v" + " | [@,@]" * 40  # 2^40 elements if it were built (issue 13)
+    started = time.monotonic()
+    with pytest.raises(TransformError) as info:
+        await default_registry().get("transform")({"v": "x"}, {"expression": bomb}, ctx)
+    assert time.monotonic() - started < 1
+    assert non_retryable(info.value)
+    assert "creates more than 1000000 elements (the expression budget)" in str(info.value)
+
+
 async def test_sleep_short(ctx: StepContext) -> None:
     handler = default_registry().get("sleep")
     started = time.monotonic()

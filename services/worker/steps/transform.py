@@ -6,7 +6,8 @@ The expression is plain JMESPath (no `${{ }}` around it) and is evaluated
 against the step's resolved input document *itself*: with input
 `{"items": [...]}` the expression is `items[0]`, not `input.items[0]`. Build
 the document with the step's `input:` mapping. Evaluation uses
-`contracts.expressions`, so the same length and result-size bounds apply.
+`contracts.expressions`, so the same length, nesting and budget limits apply: going
+over the budget (elements, bytes, steps, depth) is a non-retryable TransformError.
 """
 
 from __future__ import annotations
