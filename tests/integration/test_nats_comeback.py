@@ -4,6 +4,7 @@ server closes it anyway (a raw oversized publish, a restart): against a real nat
 from __future__ import annotations
 
 import asyncio
+import uuid
 from pathlib import Path
 
 import httpx
@@ -12,8 +13,10 @@ import pytest
 from contracts.subjects import STEPS_STREAM, dlq_subject, step_subject
 from services.broker import DeadLetter, OutMessage, PayloadTooLarge
 from services.broker.batching import Batcher
+from services.broker import nats_auth
 from services.broker.nats import NatsTransport
 from tests.fixtures_nats import start_nats_server, wait_until
+from tests.integration.test_nats_auth import _AuthServer, auth_server  # noqa: F401 - a fixture
 from tests.support import stack_up
 
 pytestmark = pytest.mark.integration
@@ -24,7 +27,8 @@ async def _server_closes(transport: NatsTransport) -> None:
     body nats-py lets through but whose headers take it over max_payload ('Maximum Payload Violation')."""
     nc = transport._nc
     limit, reconnects = nc.max_payload, nc.stats["reconnects"]
-    await nc.publish(transport.subject("weft.elsewhere"), b"x" * (limit - 10), headers={"Pad": "p" * 200})
+    # On a subject every role may publish to (a worker's results), so that only the size is wrong.
+    await nc.publish(transport.subject("weft.results.oversize"), b"x" * (limit - 10), headers={"Pad": "p" * 200})
     # nats-py closes the client for good when it reads the -ERR; when the server's close of the
     # socket wins the race, it sees a dropped connection instead and reconnects by itself.
     await wait_until(lambda: nc.is_closed or nc.stats["reconnects"] > reconnects, timeout=10,
@@ -155,3 +159,22 @@ async def test_a_client_closed_without_its_callback_is_replaced_all_the_same(tra
     await transport.publish(OutMessage(subject=step_subject("noop"), data=b"1", msg_id="after"))
     got = await wait_until(lambda: consumer.fetch(1, timeout=0.5), timeout=10)
     assert [d.data for d in got] == [b"1"]  # type: ignore[union-attr]
+
+
+async def test_a_worker_with_credentials_comes_back_with_them(auth_server: _AuthServer) -> None:
+    """The new client is made with the closed one's options: its user, password and inbox prefix."""
+    admin = await auth_server.connect(nats_auth.ADMIN)
+    worker = await auth_server.connect(nats_auth.WORKER)
+    try:
+        await admin.ensure_streams()
+        consumer = await worker.consumer(STEPS_STREAM, nats_auth.WORKER_DURABLE)
+        await _server_closes(worker)
+        await wait_until(lambda: worker.is_connected, timeout=15, message="a new client")
+        await admin.publish(OutMessage(subject=step_subject("noop"), data=b"1", msg_id=f"cred-{uuid.uuid4().hex}"))
+        got = await wait_until(lambda: consumer.fetch(1, timeout=0.5), timeout=10)
+        for d in got:  # type: ignore[union-attr]
+            await d.ack()  # the ack goes out on the new client, under the worker's own permissions
+        assert worker._nc.connect_args[1]["user"] == nats_auth.WORKER  # type: ignore[attr-defined]
+    finally:
+        await worker.close()
+        await admin.close()
