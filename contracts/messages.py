@@ -94,3 +94,22 @@ def decode_ready(data: bytes) -> StepReady:
         return StepReady.model_validate_json(data)
     except ValueError as exc:
         raise MessageError(f"undecodable StepReady: {exc}") from None
+
+
+def task_of(message_id: str | None) -> tuple[str, str, int | None, int] | None:
+    """(execution, step, item, attempt) from the message id of a StepReady
+    (`<execution>:<step>[#item]:<attempt>`) or a StepResult (the same, then `:result`):
+    who a message is about, without decoding its body. None for any other id."""
+    if not message_id:
+        return None
+    if message_id.endswith(":result"):
+        message_id = message_id[: -len(":result")]
+    key, _, attempt = message_id.rpartition(":")
+    execution_id, _, step = key.partition(":")
+    step_id, hash_, item = step.partition("#")
+    if not execution_id or not step_id:
+        return None
+    try:
+        return execution_id, step_id, (int(item) if hash_ else None), int(attempt)
+    except ValueError:
+        return None

@@ -2,7 +2,9 @@
 
 Every consumer loop (orchestrator, worker, relay, triggers, dead letters,
 projector) handles a failed round the same way: log it, wait, try again, waiting
-longer each time up to a cap, and not at all once a stop is asked for.
+longer each time up to a cap, and not at all once a stop is asked for. Other
+failures that repeat (a record the relay gives up on, a result a worker cannot
+report) are logged through `Throttled`: one line per kind now and then, with a count.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import asyncio
 import logging
 import sys
 import time
+from collections.abc import Callable
 
 
 async def sleep_or_stop(stop: asyncio.Event, delay: float, wake: asyncio.Event | None = None) -> None:
@@ -26,6 +29,41 @@ async def sleep_or_stop(stop: asyncio.Event, delay: float, wake: asyncio.Event |
     _, pending = await asyncio.wait(waits, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
     for w in pending:
         w.cancel()
+
+
+class Throttled:
+    """At most one log line per kind of failure every `every` seconds, saying how many there were.
+
+    The first of a kind is logged with its traceback; the ones after it within `every` are only
+    counted, and the next line says how many. A loop that fails every 60 ms logs one line per
+    `every`, not 5 MB of tracebacks in four minutes."""
+
+    MAX_KINDS = 256  # kinds are types of errors and places: a handful; forget beyond this
+
+    def __init__(self, log: logging.Logger, every: float = 10.0, clock: Callable[[], float] = time.monotonic):
+        self.log, self.every, self.clock = log, every, clock
+        self._kinds: dict[str, list[float]] = {}  # kind -> [time of its last line, count since]
+
+    def failure(self, kind: str, message: str, *args: object, exc: BaseException | None = None,
+                level: int = logging.WARNING) -> bool:
+        """Log `message % args` for a failure of `kind` unless one was logged less than `every` ago.
+        True when a line was written."""
+        now = self.clock()
+        entry = self._kinds.get(kind)
+        if entry is None:
+            if len(self._kinds) >= self.MAX_KINDS:
+                self._kinds.clear()
+            self._kinds[kind] = [now, 0]
+            self.log.log(level, message, *args, exc_info=exc)
+            return True
+        entry[1] += 1
+        if now - entry[0] < self.every:
+            return False
+        count, since = int(entry[1]), now - entry[0]
+        entry[0], entry[1] = now, 0
+        detail = f" ({_one_line(exc)})" if exc is not None else ""
+        self.log.log(level, message + "%s; %d such failures in the last %.0fs", *args, detail, count, since)
+        return True
 
 
 class Backoff:

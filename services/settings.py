@@ -39,6 +39,9 @@ class Settings(BaseModel):
     # past it (+5 s for closing connections) the process exits whatever is down.
     drain_grace: float = 10.0
     max_deliver: int = 20
+    # deliveries of one message that may each have killed its consumer before it is poison: not
+    # handled again but dead-lettered (services/broker/redelivery.py). 0: off
+    poison_deliveries: int = 5
     # seconds a result's message id is kept for dedup; at least ack_wait x max_deliver (orchestrator/inbox.py)
     inbox_retention: float = 7 * 86400.0
     result_batch: int = 256
@@ -89,6 +92,17 @@ class Settings(BaseModel):
         from services.worker.steps.ssrf import parse_allowed_hosts
 
         return ",".join(parse_allowed_hosts(value))
+
+    @field_validator("poison_deliveries")
+    @classmethod
+    def _before_max_deliver(cls, value: int, info: ValidationInfo) -> int:
+        from services.broker.redelivery import TIMER_ALLOWANCE
+
+        most = info.data.get("max_deliver", 20) - TIMER_ALLOWANCE - 1
+        if value < 0 or value > most:
+            raise ValueError(f"must be between 0 (off) and max_deliver - {TIMER_ALLOWANCE + 1} = {most}: the "
+                             "broker gives up on a message after max_deliver deliveries")
+        return value
 
     @field_validator("inbox_retention")
     @classmethod

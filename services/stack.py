@@ -129,13 +129,14 @@ async def _build(
     transport.blob_sink = SqlBlobStore(store).put
     stack = Stack(settings, store, transport)
     if "relay" in parts:
-        stack.relay = Relay(store, transport, batch=settings.relay_batch, poll_interval=settings.poll_interval)
+        stack.relay = Relay(store, transport, batch=settings.relay_batch, poll_interval=settings.poll_interval,
+                            executions=stack.executions)
         stack.executions.listeners.append(stack.relay.poke)
         runs.append(stack.relay.run(stop))
     if "orchestrator" in parts:
         stack.consumer = ResultConsumer(
             stack.executions, transport, batch=settings.result_batch, ack_wait=settings.ack_wait,
-            max_deliver=settings.max_deliver,
+            max_deliver=settings.max_deliver, poison_deliveries=settings.poison_deliveries,
         )
         runs.append(stack.consumer.run(stop))
         runs.append(prune_inbox(store, stop, retention=settings.inbox_retention))
@@ -151,6 +152,7 @@ async def _build(
             transport, registry, concurrency=settings.worker_concurrency, worker_id=settings.worker_id,
             ack_wait=settings.ack_wait, max_deliver=settings.max_deliver, drain_grace=settings.drain_grace,
             secrets=worker_secrets(settings), claims=stack.executions.claims,
+            poison_deliveries=settings.poison_deliveries,
         )
         runs.append(stack.worker.run(stop))
     if "projector" in parts:

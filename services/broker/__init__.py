@@ -3,7 +3,9 @@
 - `ports`: the port every service codes against (`Transport`, `Consumer`,
   `Delivery`, `OutMessage`, `DeadLetter`, `BrokerError`). Callers use the logical stream and
   subject names of `contracts.subjects`.
-- `nats`: `NatsTransport`, the NATS JetStream implementation.
+- `nats`: `NatsTransport`, the NATS JetStream implementation; `nats_client`: the nats-py client
+  under it (a twin replaces a client the server closed; `wire_size`, what max_payload counts).
+- `redelivery`: `CrashGuard`, telling a message that kills its consumer from a redelivered one.
 - `batching`: `Batcher`, group commit of many tasks' publishes; `shelving`: `shelve`,
   garbage off a work queue into the DLQ, then acked.
 - `nats_server`: `NatsServer`, runs the embedded nats-server of the
@@ -13,17 +15,28 @@ Who may import it: services (orchestrator, relay, worker, gateway) and the CLI.
 Never `contracts` or the pure core: they must not know a broker exists.
 """
 
-from services.broker.ports import BrokerError, Consumer, DeadLetter, Delivery, OutMessage, Transport
+from services.broker.ports import (
+    BrokerError,
+    Consumer,
+    DeadLetter,
+    Delivery,
+    MessageRejected,
+    OutMessage,
+    PayloadTooLarge,
+    Transport,
+)
 
 __all__ = [
     "BrokerError",
     "Consumer",
     "DeadLetter",
     "Delivery",
+    "MessageRejected",
     "NatsServer",
     "NatsServerError",
     "NatsTransport",
     "OutMessage",
+    "PayloadTooLarge",
     "Transport",
 ]
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 
-from services.broker.ports import OutMessage
+from services.broker.ports import MessageRejected, OutMessage
 
 
 class Batcher:
@@ -36,6 +36,26 @@ class Batcher:
             batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
             try:
                 await self.send([m for m, _ in batch])
+            except MessageRejected as rejected:
+                if len(batch) == 1:
+                    future = batch[0][1]
+                    if not future.done():
+                        future.set_exception(rejected)
+                    continue
+                # One message the broker will never take must not fail the others with it:
+                # each is sent alone, and each caller sees what became of its own.
+                for message, future in batch:
+                    try:
+                        await self.send([message])
+                    except BaseException as exc:
+                        if not future.done():
+                            future.set_exception(exc)
+                        if isinstance(exc, asyncio.CancelledError):
+                            raise
+                    else:
+                        if not future.done():
+                            future.set_result(None)
+                continue
             except BaseException as exc:  # each caller sees the failure of its own publish
                 for _, future in batch:
                     if not future.done():

@@ -3,8 +3,10 @@
 Streams are file-backed with a 120 s duplicate window, so a publisher that
 retries with the same msg id (the relay after a crash, a worker redoing a
 result) stores one message. Consumers are durable pull consumers with explicit
-ack. The client reconnects forever; a call that meets a broker restart waits
-and retries (bounded by `publish_retry_for`) instead of failing at once.
+ack. The client reconnects forever, also after the server closed the connection
+(services.broker.nats_client); a call that meets a broker restart waits and
+retries (bounded by `publish_retry_for`) instead of failing at once. No message
+over the server's max_payload is ever sent: it is refused with PayloadTooLarge.
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ from contracts.deadletters import KIND_HEADER as DLQ_KIND_HEADER
 from contracts.deadletters import MSG_ID_HEADER as DLQ_MSG_ID_HEADER
 from contracts.deadletters import REASON_HEADER as DLQ_REASON_HEADER
 from contracts.deadletters import SOURCE_SUBJECT_HEADER as DLQ_SOURCE_SUBJECT_HEADER
-from services.broker.ports import BrokerError, DeadLetter, OutMessage
+from services.broker.nats_client import Client, wire_size
 from services.broker.oversize import BlobSink, fit
+from services.broker.ports import BrokerError, DeadLetter, MessageRejected, OutMessage, PayloadTooLarge
 
 __all__ = [
     "DLQ_DELIVERED_HEADER",
@@ -85,6 +88,7 @@ _NAMESPACE_RE = re.compile(r"[a-z0-9_-]{1,32}")
 _ERR_STREAM_NAME_IN_USE = 10058  # "stream name already in use with a different configuration"
 _ERR_MSG_DELETE_FAILED = 10057
 _ERR_SEQUENCE_NOT_FOUND = 10043
+_ERR_MESSAGE_TOO_BIG = 10054  # over the stream's max_msg_size
 
 # Errors after which the same call may well succeed: the broker is restarting,
 # a leader election is running, the reply got lost in a reconnect.
@@ -164,6 +168,10 @@ class NatsConsumer:
         self.durable = durable
         self._lock = asyncio.Lock()
         self._closed = False
+        self._generation = transport._generation  # which client `_sub` belongs to
+        # Messages of the durable delivered and not yet acked when we bound to it: left by a
+        # process that died, maybe (services.broker.redelivery), or in flight in another.
+        self.unacked_at_start = 0
 
     async def fetch(self, max_messages: int, timeout: float) -> list[NatsDelivery]:
         if max_messages < 1:
@@ -178,6 +186,8 @@ class NatsConsumer:
             # client's buffer and all fire at once on reconnect.
             if not await transport._wait_connected(deadline):
                 return []
+            if self._generation != transport._generation:
+                await self._rebind()
             remaining = deadline - loop.time()
             if remaining < 0.01:
                 remaining = 0.01
@@ -201,6 +211,16 @@ class NatsConsumer:
                     retryable=_is_transient(exc),
                 ) from exc
         return [transport._delivery(m) for m in msgs]
+
+    async def _rebind(self) -> None:
+        """The transport has a new client (the server closed the old one): bind to the durable through it."""
+        generation = self._transport._generation
+        try:
+            self._sub = await self._transport._js.pull_subscribe_bind(durable=self.durable, stream=self.stream)
+        except _CLIENT_ERRORS as exc:
+            raise BrokerError("cannot bind consumer again", operation="fetch", stream=self.stream,
+                              retryable=True) from exc
+        self._generation = generation
 
     async def close(self) -> None:
         if self._closed:
@@ -244,6 +264,11 @@ class NatsTransport:
         if publish_window < 1:
             raise ValueError("publish_window must be >= 1")
         self._nc = nc
+        self._closing = False  # close() was called: a closed client is not to be replaced
+        self._generation = 0  # bumped each time a new client replaces one the server closed
+        self._reopening: asyncio.Task[None] | None = None
+        if isinstance(nc, Client):
+            nc.on_closed = self._on_closed
         self.namespace = namespace
         self._prefix = f"{namespace}." if namespace else ""
         self._suffix = f"_{namespace.upper()}" if namespace else ""
@@ -252,14 +277,16 @@ class NatsTransport:
         self._publish_window = publish_window
         self._replicas = replicas
         self._atomic = atomic  # atomic batches in publish_many (nats-server >= 2.12)
-        # The context's own pending cap only guards against misuse: the window
-        # in publish_many is what bounds the in-flight count.
-        self._js: JetStreamContext = nc.jetstream(
-            timeout=request_timeout, publish_async_max_pending=max(4 * publish_window, 4000)
-        )
+        self._js: JetStreamContext = self._jetstream(nc)
         self._consumers: set[NatsConsumer] = set()
         # Where an oversized dead letter's full bytes go (services.broker.oversize); set by the wiring.
         self.blob_sink: BlobSink | None = None
+
+    def _jetstream(self, nc: NATS) -> JetStreamContext:
+        # The context's own pending cap only guards against misuse: the window
+        # in publish_many is what bounds the in-flight count.
+        return nc.jetstream(timeout=self._request_timeout,
+                            publish_async_max_pending=max(4 * self._publish_window, 4000))
 
     # ---- construction -------------------------------------------------
 
@@ -286,7 +313,7 @@ class NatsTransport:
         # A cluster is given as its seed URLs, comma-separated (WEFT_NATS_URL=nats://a,nats://b,...);
         # the client learns the rest of the cluster from the servers and follows it.
         servers = [u.strip() for u in url.split(",") if u.strip()] if isinstance(url, str) else list(url)
-        nc = NATS()
+        nc = Client()
         refused: list[str] = []  # the server said no to the credentials: waiting will not help
 
         async def error_cb(exc: Exception) -> None:
@@ -296,12 +323,16 @@ class NatsTransport:
             level = logging.DEBUG if _is_transient(exc) else logging.WARNING
             log.log(level, "nats client error: %s: %s", type(exc).__name__, exc)
 
+        made: list[NatsTransport] = []  # the callbacks also serve the clients that replace this one
+
         async def disconnected_cb() -> None:
-            if not nc.is_closed:  # closing on purpose is not news
+            client = made[0]._nc if made else nc
+            if not client.is_closed:  # closing on purpose is not news
                 log.warning("nats: disconnected from %s", ", ".join(servers))
 
         async def reconnected_cb() -> None:
-            log.warning("nats: reconnected to %s", nc.connected_url.netloc if nc.connected_url else "?")
+            client = made[0]._nc if made else nc
+            log.warning("nats: reconnected to %s", client.connected_url.netloc if client.connected_url else "?")
 
         try:
             await asyncio.wait_for(
@@ -338,14 +369,15 @@ class NatsTransport:
                 operation="connect",
                 retryable=True,
             ) from exc
-        return cls(
+        made.append(cls(
             nc,
             namespace=namespace,
             request_timeout=request_timeout,
             publish_retry_for=publish_retry_for,
             publish_window=publish_window,
             replicas=replicas,
-        )
+        ))
+        return made[0]
 
     async def __aenter__(self) -> NatsTransport:
         return self
@@ -368,6 +400,11 @@ class NatsTransport:
 
     @property
     def is_connected(self) -> bool:
+        if self._nc.is_closed:  # asked by /readyz: a transport nobody uses must come back too
+            try:
+                self._reopen_if_closed()
+            except RuntimeError:  # no event loop running here
+                pass
         return self._nc.is_connected
 
     # ---- streams ----------------------------------------------------------
@@ -396,14 +433,13 @@ class NatsTransport:
 
         For a stream beyond contracts.subjects.STREAMS (ensure_streams makes those):
         the names in `config` are physical, so build its name with stream_name()."""
-        jsm = self._js
         try:
-            await self._retrying("add_stream", "", lambda _t: jsm.add_stream(config), stream=config.name)
+            await self._retrying("add_stream", "", lambda _t: self._js.add_stream(config), stream=config.name)
         except BrokerError as exc:
             cause = exc.__cause__
             if not (isinstance(cause, nats.js.errors.APIError) and cause.err_code == _ERR_STREAM_NAME_IN_USE):
                 raise
-            await self._retrying("update_stream", "", lambda _t: jsm.update_stream(config), stream=config.name)
+            await self._retrying("update_stream", "", lambda _t: self._js.update_stream(config), stream=config.name)
 
     # ---- stored messages, by sequence -------------------------------------
 
@@ -413,11 +449,10 @@ class NatsTransport:
         if seq < 1:
             raise ValueError("seq must be >= 1")
         physical = self.stream_name(stream)
-        js = self._js
 
         async def get(_timeout: float) -> Any:
             try:
-                return await js.get_msg(physical, seq=seq)
+                return await self._js.get_msg(physical, seq=seq)
             except nats.js.errors.NotFoundError:
                 return None
 
@@ -435,11 +470,10 @@ class NatsTransport:
         """Remove the message at sequence `seq` from `stream` (a logical name), so no consumer
         gets it again. False when it was not there (already deleted, or acked off a work queue)."""
         physical = self.stream_name(stream)
-        js = self._js
 
         async def delete(_timeout: float) -> bool:
             try:
-                return bool(await js.delete_msg(physical, seq))
+                return bool(await self._js.delete_msg(physical, seq))
             except nats.js.errors.APIError as exc:
                 if _no_such_message(exc):
                     return False
@@ -460,11 +494,11 @@ class NatsTransport:
     async def publish(self, message: OutMessage) -> bool:
         subject = self.subject(message.subject)
         headers = self._headers(message)
-        js = self._js
+        self._check_size(message, headers)
         ack = await self._retrying(
             "publish",
             message.subject,
-            lambda timeout: js.publish(subject, message.data, timeout=timeout, headers=headers),
+            lambda timeout: self._js.publish(subject, message.data, timeout=timeout, headers=headers),
         )
         return not ack.duplicate
 
@@ -481,6 +515,8 @@ class NatsTransport:
         """
         if not messages:
             return
+        for message in messages:  # one too large fails the call before any is sent
+            self._check_size(message, self._headers(message), operation="publish_many")
         if len(messages) >= ATOMIC_BATCH_MIN and self._atomic and _one_stream(messages):
             for start in range(0, len(messages), ATOMIC_BATCH_MAX):
                 chunk = messages[start : start + ATOMIC_BATCH_MAX]
@@ -499,15 +535,21 @@ class NatsTransport:
     async def _publish_atomic(self, messages: Sequence[OutMessage]) -> None:
         batch_id = uuid.uuid4().hex
         last = len(messages)
+        batch: list[tuple[OutMessage, dict[str, str]]] = []
         for i, message in enumerate(messages, 1):
             headers = self._headers(message) or {}
             headers["Nats-Batch-Id"] = batch_id
             headers["Nats-Batch-Sequence"] = str(i)
+            if i == last:
+                headers["Nats-Batch-Commit"] = "1"
+            # The batch headers may tip one over: then nothing of the batch is sent (it goes one by one).
+            self._check_size(message, headers, operation="publish_many")
+            batch.append((message, headers))
+        for i, (message, headers) in enumerate(batch, 1):
             subject = self.subject(message.subject)
             if i < last:
                 await self._nc.publish(subject, message.data, headers=headers)
                 continue
-            headers["Nats-Batch-Commit"] = "1"
             reply = await self._nc.request(subject, message.data, headers=headers, timeout=self._request_timeout)
             ack = json.loads(reply.data or b"{}")
             if "error" in ack or ack.get("count") != last:
@@ -530,9 +572,12 @@ class NatsTransport:
             failures = await self._pipeline(messages, todo)
             if not failures:
                 return
-            fatal = [(i, e) for i, e in failures if not _is_transient(e)]
+            fatal = [(i, e) for i, e in failures if not self._transient(e)]
             if fatal or loop.time() + delay >= deadline:
                 index, exc = (fatal or failures)[0]
+                if isinstance(exc, nats.js.errors.APIError) and exc.err_code == _ERR_MESSAGE_TOO_BIG:
+                    raise MessageRejected(f"publish refused: {exc.description}", operation="publish_many",
+                                          subject=messages[index].subject) from exc
                 raise BrokerError(
                     f"{len(failures)} of {len(messages)} messages were not stored "
                     f"(first: #{index}, {type(exc).__name__})",
@@ -540,6 +585,7 @@ class NatsTransport:
                     subject=messages[index].subject,
                     retryable=not fatal,
                 ) from exc
+            self._reopen_if_closed()
             todo = sorted(i for i, _ in failures)
             log.info("publish_many: resending %d unacked messages", len(todo))
             await asyncio.sleep(delay)
@@ -612,19 +658,20 @@ class NatsTransport:
             max_ack_pending=max_ack_pending,
             filter_subject=self.subject(filter_subject) if filter_subject else None,
         )
-        js = self._js
         # Without an explicit action the server creates or updates, so binding to
         # a durable another process made is the same call as making it.
-        await self._retrying(
-            "add_consumer", filter_subject or "", lambda _t: js.add_consumer(physical, config), stream=physical
+        info = await self._retrying(
+            "add_consumer", filter_subject or "", lambda _t: self._js.add_consumer(physical, config), stream=physical
         )
         try:
-            sub = await js.pull_subscribe_bind(durable=durable, stream=physical)
+            sub = await self._js.pull_subscribe_bind(durable=durable, stream=physical)
         except _CLIENT_ERRORS as exc:
             raise BrokerError(
                 "cannot bind consumer", operation="consumer", stream=physical, retryable=_is_transient(exc)
             ) from exc
         consumer = NatsConsumer(self, sub, physical, durable)
+        consumer._generation = self._generation
+        consumer.unacked_at_start = int(getattr(info, "num_ack_pending", 0) or 0)
         self._consumers.add(consumer)
         return consumer
 
@@ -690,6 +737,9 @@ class NatsTransport:
     # ---- lifecycle --------------------------------------------------------
 
     async def close(self) -> None:
+        self._closing = True
+        if self._reopening is not None:
+            self._reopening.cancel()
         if self._nc.is_closed:
             return
         for consumer in list(self._consumers):
@@ -704,12 +754,67 @@ class NatsTransport:
 
     # ---- helpers ----------------------------------------------------------
 
+    def _check_size(self, message: OutMessage, headers: dict[str, str] | None, operation: str = "publish") -> None:
+        """PayloadTooLarge unless the server takes `message` (with `headers`): it would close the connection."""
+        size = wire_size(message.data, headers)
+        limit = self._nc.max_payload
+        if size > limit:
+            raise PayloadTooLarge(size, limit, operation=operation, subject=message.subject)
+
+    def _transient(self, exc: BaseException) -> bool:
+        # A client the server closed is being replaced (_reopen): waiting helps, unless we closed it.
+        if isinstance(exc, nats.errors.ConnectionClosedError):
+            return not self._closing
+        return _is_transient(exc)
+
+    async def _on_closed(self) -> None:
+        self._reopen_if_closed()
+
+    def _reopen_if_closed(self) -> None:
+        """Start connecting a new client if the server closed ours. Called from the client's closed
+        callback and, because nats-py skips that callback when the close comes while it is
+        (re)connecting, from every wait for the connection too."""
+        if self._closing or not self._nc.is_closed:
+            return
+        if self._reopening is not None and not self._reopening.done():
+            return
+        why = self._nc.last_error
+        log.warning("nats: the client was closed (%s: %s); connecting a new one",
+                    type(why).__name__ if why else "no error", why)
+        self._reopening = asyncio.ensure_future(self._reopen())
+
+    async def _reopen(self) -> None:
+        """Connect a new client as the closed one was, until that works or close() is called.
+        Consumers bind to their durables again on their next fetch."""
+        old = self._nc
+        assert isinstance(old, Client)
+        delay, failures = 0.5, 0
+        while not self._closing:
+            try:
+                new = await asyncio.wait_for(old.twin(), timeout=10.0)
+            except (asyncio.TimeoutError, nats.errors.Error, OSError) as exc:
+                failures += 1
+                if failures == 1 or failures % 20 == 0:  # one line now and then, not one per try
+                    log.warning("nats: a new client could not connect (%d tries so far): %s: %s",
+                                failures, type(exc).__name__, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            if self._closing:
+                await new.close()
+                return
+            new.on_closed = self._on_closed
+            self._nc, self._js = new, self._jetstream(new)
+            self._generation += 1
+            log.warning("nats: connected again with a new client")
+            return
+
     async def _wait_connected(self, deadline: float) -> bool:
         loop = asyncio.get_running_loop()
-        nc = self._nc
-        while not nc.is_connected:
-            if nc.is_closed:
+        while not self._nc.is_connected:  # reconnecting, or a new client on its way (_reopen)
+            if self._closing:
                 raise BrokerError("connection is closed", operation="fetch")
+            self._reopen_if_closed()
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return False
@@ -730,8 +835,9 @@ class NatsTransport:
         deadline = start + self._publish_retry_for
         delay = 0.05
         while True:
-            if self._nc.is_closed:
+            if self._closing:
                 raise BrokerError("connection is closed", operation=operation, subject=subject, stream=stream)
+            self._reopen_if_closed()
             remaining = deadline - loop.time()
             try:
                 return await call(max(0.1, min(self._request_timeout, remaining)))
@@ -739,13 +845,17 @@ class NatsTransport:
                 limit = deadline
                 if isinstance(exc, (nats.js.errors.NoStreamResponseError, nats.errors.NoRespondersError)):
                     limit = min(deadline, start + _NO_STREAM_RETRY_FOR)
-                if not _is_transient(exc) or loop.time() + delay >= limit:
+                if isinstance(exc, nats.js.errors.APIError) and exc.err_code == _ERR_MESSAGE_TOO_BIG:
+                    raise MessageRejected(f"{operation} refused: {exc.description}", operation=operation,
+                                          subject=subject, stream=stream) from exc
+                transient = self._transient(exc)
+                if not transient or loop.time() + delay >= limit:
                     raise BrokerError(
                         _describe(operation, exc),
                         operation=operation,
                         subject=subject,
                         stream=stream,
-                        retryable=_is_transient(exc),
+                        retryable=transient,
                     ) from exc
                 log.debug("%s failed (%s), retrying in %.2fs", operation, type(exc).__name__, delay)
             await asyncio.sleep(delay)

@@ -15,6 +15,8 @@ from typing import Protocol, runtime_checkable
 __all__ = [
     "BrokerError",
     "Consumer",
+    "MessageRejected",
+    "PayloadTooLarge",
     "DeadLetter",
     "Delivery",
     "OutMessage",
@@ -70,6 +72,10 @@ class Delivery(Protocol):
 
 @runtime_checkable
 class Consumer(Protocol):
+    """A durable pull consumer. An adapter may also give it `unacked_at_start: int`, the messages
+    of the durable delivered and not acked when it was bound (services.broker.redelivery reads it,
+    and assumes some when it is missing)."""
+
     async def fetch(self, max_messages: int, timeout: float) -> list[Delivery]:
         """Up to max_messages deliveries; [] when none came within timeout (never raises on timeout)."""
         ...
@@ -115,6 +121,31 @@ class BrokerError(Exception):
         if cause is not None:
             parts.append(f"cause={type(cause).__name__}: {cause}")
         return " ".join(parts)
+
+
+class MessageRejected(BrokerError):
+    """This one message can never be stored, however often it is sent again (too large, say).
+
+    Unlike other non-retryable errors it says nothing about the broker or the
+    connection: a publisher may give up on this message and go on with the next."""
+
+    def __init__(self, message: str, **kw: object) -> None:
+        kw.setdefault("retryable", False)
+        super().__init__(message, **kw)  # type: ignore[arg-type]
+
+
+class PayloadTooLarge(MessageRejected):
+    """A message larger than the broker accepts (headers and body together).
+
+    Raised before it is put on the wire: a NATS server closes the connection of
+    a client that sends one."""
+
+    def __init__(self, size: int, limit: int, *, operation: str = "publish", subject: str = "") -> None:
+        super().__init__(
+            f"message of {size} bytes is over the broker's limit of {limit} bytes",
+            operation=operation, subject=subject,
+        )
+        self.size, self.limit = size, limit
 
 
 @runtime_checkable

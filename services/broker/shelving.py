@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from contracts.deadletters import message_key
 from services.broker.ports import DeadLetter, Delivery, Transport
 from services.faults import crash_point
+from services.retrying import Throttled
 
 
 async def shelve(
@@ -63,6 +64,7 @@ class Shelf:
         self._waiting: list[tuple[Delivery, str]] = []
         self._full = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
+        self._throttled = Throttled(log)
 
     def put(self, msgs: Sequence[tuple[Delivery, str]]) -> None:
         self._waiting.extend(msgs)
@@ -86,8 +88,9 @@ class Shelf:
             try:
                 await shelve(self.transport, self.kind, self.stream, batch, crash=self.crash, what=self.what,
                              log=self.log)
-            except Exception:  # the DLQ is out of reach: left unacked, they come back
-                self.log.exception("could not dead-letter %d %s; they will be redelivered", len(batch), self.what)
+            except Exception as exc:  # the DLQ is out of reach: left unacked, they come back
+                self._throttled.failure(f"shelve:{type(exc).__name__}", "could not dead-letter %d %s; they will be "
+                                        "redelivered", len(batch), self.what, exc=exc, level=logging.ERROR)
 
     async def close(self) -> None:
         """Shelve what waits, then return (a graceful stop)."""

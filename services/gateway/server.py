@@ -114,7 +114,8 @@ async def front_door(stack: Any, parts: set[str], stop: asyncio.Event) -> list[A
     runs: list[Awaitable[Any]] = []
     if "triggers" in parts:
         stack.triggers = TriggerConsumer(ingestor, stack.transport, batch=settings.trigger_batch,
-                                         ack_wait=settings.ack_wait, max_deliver=settings.max_deliver)
+                                         ack_wait=settings.ack_wait, max_deliver=settings.max_deliver,
+                                         poison_deliveries=settings.poison_deliveries)
         runs.append(stack.triggers.run(stop))
     if "scheduler" in parts:
         stack.scheduler = Scheduler(stack.store, catalog, ingestor, transport=stack.transport, grace=settings.cron_grace)

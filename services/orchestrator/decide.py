@@ -79,7 +79,20 @@ class Reprocess:
     request_id: str | None = None
 
 
-Command = Start | StepResult | Cancel | Pause | Resume | Retry | Reprocess
+@dataclass(frozen=True)
+class Undeliverable:
+    """A task attempt whose message can never be handled: its command or its result cannot be
+    published (too large, say), or handling it kills the process that tries (a poison message).
+    Fails the attempt non-retryably and dead-letters the step, so the execution ends."""
+
+    step_id: str
+    item: int | None
+    attempt: int
+    error_type: str  # PayloadTooLarge, PoisonMessage, ...
+    reason: str
+
+
+Command = Start | StepResult | Cancel | Pause | Resume | Retry | Reprocess | Undeliverable
 
 
 def decide(state: Execution, command: Command, now: datetime) -> list[Any]:
@@ -104,6 +117,10 @@ def decide_into(scratch: Execution, command: Command, now: datetime) -> list[Any
             _start(scratch, command, now, emit)
     elif isinstance(command, StepResult):
         _result(scratch, command, now, emit)
+    elif isinstance(command, Undeliverable):
+        if scratch.version == 0:
+            raise DecisionError("not_found", f"execution {scratch.id} does not exist")
+        _undeliverable(scratch, command, now, emit)
     else:
         if scratch.version == 0:
             raise DecisionError("not_found", f"execution {scratch.id} does not exist")
@@ -169,6 +186,22 @@ def _result(s: Execution, r: StepResult, now: datetime, emit: Emit) -> None:
             _dead_letter(s, r.step_id, r.item, r.attempt, etype, emsg, why, now, emit)
             return
     _advance(s, now, emit)
+
+
+def _undeliverable(s: Execution, c: Undeliverable, now: datetime, emit: Emit) -> None:
+    step = s.steps.get(c.step_id)
+    task = step.tasks.get(c.item) if step is not None else None
+    # Only the attempt still waited for: anything else is a copy of a decision already taken
+    # (the relay or a consumer met the same message again after a crash), so nothing happens.
+    if task is None or s.status in FINISHED or c.attempt != task.attempt or task.status != "scheduled":
+        return
+    emit(
+        ev.StepFailed(
+            at=now, step_id=c.step_id, item=c.item, attempt=c.attempt, error_type=c.error_type,
+            error_message=c.reason, retryable=False,
+        )
+    )
+    _dead_letter(s, c.step_id, c.item, c.attempt, c.error_type, c.reason, "non-retryable: undeliverable message", now, emit)
 
 
 def _dead_letter(

@@ -5,6 +5,13 @@ a StepReady for each StepScheduled, with the deterministic message id
 `<execution>:<step>[#item]:<attempt>`. The position is saved only after the
 broker acked the publishes; a crash in between republishes, and the broker's
 dedup (or the orchestrator's, beyond the broker's window) drops the copies.
+
+A record that can never be published (its command is over the broker's size
+limit, or cannot be built from the record) must not hold up every record behind
+it: its step is failed through the execution service (`Undeliverable`, which
+dead-letters the step and fails the execution) and the relay goes on past it.
+Any other failure (the broker or the database away) is waited out, with
+backoff, from the last saved position.
 """
 
 from __future__ import annotations
@@ -12,13 +19,17 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import orjson
 
 from contracts.subjects import step_subject
-from services.broker import OutMessage, Transport
+from services.broker import MessageRejected, OutMessage, Transport
 from services.faults import crash_point
-from services.retrying import Backoff, sleep_or_stop
+from services.orchestrator.decide import Undeliverable
+from services.orchestrator.executions import Executions, NotFound
+from services.retrying import Backoff, Throttled, sleep_or_stop
 from services.store import EventStore, StoredRecord
 
 log = logging.getLogger("weft.relay")
@@ -55,14 +66,27 @@ def to_message(rec: StoredRecord) -> OutMessage:
     return OutMessage(subject=step_subject(e["step_type"]), data=orjson.dumps(ready), msg_id=f"{key}:{e['attempt']}")
 
 
+@dataclass(slots=True)
+class _Batch:
+    """Records being published together; `scanned` is the log position to save once they are."""
+
+    scanned: int
+    records: list[StoredRecord]
+    messages: list[OutMessage]
+    task: asyncio.Task[None]
+
+
 class Relay:
     def __init__(
         self, store: EventStore, transport: Transport, *, name: str = "relay", batch: int = 512,
-        poll_interval: float = 0.05, in_flight: int = 4,
+        poll_interval: float = 0.05, in_flight: int = 4, executions: Executions | None = None,
     ):
         self.store, self.transport, self.name = store, transport, name
         self.batch, self.poll_interval, self.in_flight = batch, poll_interval, in_flight
+        self.executions = executions if executions is not None else Executions(store)
         self.published = 0
+        self.undeliverable = 0
+        self._throttled = Throttled(log)
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -79,37 +103,47 @@ class Relay:
         position = tracked
         # Up to `in_flight` batches are being published at once; positions are
         # saved strictly in order, only for batches whose publishes were all acked.
-        pending: deque[tuple[int, int, asyncio.Task[None]]] = deque()
+        pending: deque[_Batch] = deque()
         backoff = Backoff(first=self.poll_interval)
         while not stop.is_set():
             try:
                 done_to = tracked
-                while pending and pending[0][2].done():
-                    pos, count, task = pending.popleft()
-                    task.result()  # a failed publish raises here: start again from `tracked`
-                    done_to = pos
-                    self.published += count
+                while pending and pending[0].task.done():
+                    head = pending.popleft()
+                    try:
+                        head.task.result()
+                    except MessageRejected:
+                        # Some record of this batch can never be published. The batches after it
+                        # wait: positions are saved in order. Publish this one bit by bit.
+                        for later in pending:
+                            later.task.cancel()
+                        pending.clear()
+                        await self._publish_apart(head.records, head.messages)
+                        position = head.scanned
+                    done_to = head.scanned
+                    self.published += len(head.records)
+                    backoff.reset()  # only a confirmed publish says the broker is fine again
                 if done_to != tracked:
                     crash_point("relay.after_publish")
                     await asyncio.to_thread(self.store.track, self.name, done_to)
                     tracked = done_to
                 if len(pending) >= self.in_flight:
-                    await asyncio.wait({pending[0][2]})
+                    await asyncio.wait({pending[0].task})
                     continue
                 records, scanned = await asyncio.to_thread(self.store.follow, position, self.batch, ["StepScheduled"])
                 if records:
-                    task = asyncio.ensure_future(self.transport.publish_many([to_message(r) for r in records]))
-                    pending.append((scanned, len(records), task))
+                    records, messages = await self._messages(records)
+                    task = asyncio.ensure_future(self.transport.publish_many(messages))
+                    pending.append(_Batch(scanned, records, messages, task))
                     position = scanned
-                    backoff.reset()
                     continue
                 position = scanned  # past the other events: the next poll does not walk them again
                 if pending:
-                    await asyncio.wait({pending[0][2]}, timeout=self.poll_interval)
+                    await asyncio.wait({pending[0].task}, timeout=self.poll_interval)
                     continue
             except Exception:  # the broker or the database is away: wait, then go on
-                for _, _, task in pending:
-                    task.cancel()
+                for batch in pending:
+                    batch.task.cancel()
                 pending.clear()
                 await backoff.failed(stop, log, "relay: a publish")
                 tracked = await _position_or(self.store, self.name, tracked)
@@ -117,8 +151,54 @@ class Relay:
                 continue
             self._wake.clear()
             await sleep_or_stop(stop, self.poll_interval, wake=self._wake)
-        for _, _, task in pending:
-            task.cancel()
+        for batch in pending:
+            batch.task.cancel()
+
+    async def _messages(self, records: list[StoredRecord]) -> tuple[list[StoredRecord], list[OutMessage]]:
+        """The commands of `records`; a record none can be built from fails its step instead."""
+        kept, messages = [], []
+        for rec in records:
+            try:
+                messages.append(to_message(rec))
+            except Exception as exc:  # noqa: BLE001 - a stored record we cannot read: never any better later
+                await self._give_up(rec, "UndeliverableStep", f"no command can be built from it: {type(exc).__name__}: {exc}")
+                continue
+            kept.append(rec)
+        return kept, messages
+
+    async def _publish_apart(self, records: Sequence[StoredRecord], messages: Sequence[OutMessage]) -> None:
+        """Publish a batch holding a message the broker will never take: halves that are refused
+        are split again, so the good ones go in a few calls and each bad one is found alone."""
+        try:
+            await self.transport.publish_many(messages)
+            return
+        except MessageRejected as exc:
+            if len(messages) == 1:
+                await self._give_up(records[0], type(exc).__name__, f"its StepReady cannot be published: {exc}")
+                return
+        half = len(messages) // 2
+        await self._publish_apart(records[:half], messages[:half])
+        await self._publish_apart(records[half:], messages[half:])
+
+    async def _give_up(self, rec: StoredRecord, error_type: str, reason: str) -> None:
+        """Fail the step of a record that can never be published (through the execution service, the
+        one writer of executions), so its execution ends and the relay can go on past it."""
+        self.undeliverable += 1
+        self._throttled.failure(f"undeliverable:{error_type}", "relay: a step cannot be sent to workers, so it "
+                                "is failed and dead-lettered (execution %s, position %d): %s",
+                                rec.stream_id, rec.position, reason)
+        try:
+            e = orjson.loads(rec.data)
+            command = Undeliverable(str(e["step_id"]), e.get("item"), int(e["attempt"]), error_type, reason)
+        except Exception as exc:  # noqa: BLE001 - not even the step can be told: nothing to fail
+            self._throttled.failure("unreadable", "relay: record at position %d is unreadable, skipped: %s",
+                                    rec.position, exc)
+            return
+        try:
+            await asyncio.to_thread(self.executions.command, str(rec.stream_id), command)
+        except NotFound:
+            self._throttled.failure("no-execution", "relay: record at position %d names no execution, skipped",
+                                    rec.position)
 
 
 async def _position_or(store: EventStore, name: str, fallback: int) -> int:

@@ -11,7 +11,11 @@ into acked duplicates. Nothing is dropped:
     workflows start; that one is recorded in the trigger log and dead-lettered
     as `trigger_invalid` naming the workflow and the field;
   - the store away for longer than the redelivery budget: dead-lettered as
-    `trigger_failed` on the last delivery, rather than dropped by the broker.
+    `trigger_failed` on the last delivery, rather than dropped by the broker;
+  - an event whose handling kills the process (services.broker.redelivery):
+    after `poison_deliveries` unexplained deliveries, dead-lettered as
+    `trigger_failed` without being handled again. Redelivered events are
+    handled alone, so an innocent one is not blamed with it.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from contracts.deadletters import REPROCESSED_FROM_HEADER, message_key
 from contracts.subjects import TRIGGERS_STREAM, trigger_subject
 from contracts.triggers import CloudEvent
 from services.broker import Consumer, DeadLetter, Delivery, Transport
+from services.broker.redelivery import CrashGuard, poison_reason
 from services.faults import crash_point
 from services.retrying import Backoff
 from services.triggers.ingest import Ingestor, Outcome, Trigger
@@ -66,10 +71,12 @@ def decode(msg: Delivery) -> CloudEvent:
 class TriggerConsumer:
     def __init__(
         self, ingestor: Ingestor, transport: Transport, *, batch: int = 500, ack_wait: float = 30.0,
-        max_deliver: int = 20, durable: str = DURABLE,
+        max_deliver: int = 20, durable: str = DURABLE, poison_deliveries: int = 5,
     ):
         self.ingestor, self.transport = ingestor, transport
         self.batch, self.ack_wait, self.max_deliver, self.durable = batch, ack_wait, max_deliver, durable
+        self.poison_deliveries = poison_deliveries
+        self.guard = CrashGuard(poison_deliveries, careful_for=2 * ack_wait)
         self.consumer: Consumer | None = None
         self.received = self.handled = self.invalid = self.unroutable = self.failed = 0  # handled: acked
 
@@ -78,10 +85,12 @@ class TriggerConsumer:
             TRIGGERS_STREAM, self.durable, ack_wait=self.ack_wait, max_deliver=self.max_deliver,
             max_ack_pending=self.batch * 8,
         )
+        guard = self.guard = CrashGuard(self.poison_deliveries, careful_for=2 * self.ack_wait,
+                                        unacked_at_start=getattr(self.consumer, "unacked_at_start", 1))
         backoff = Backoff()
         while not stop.is_set():
             try:
-                msgs = await self.consumer.fetch(self.batch, timeout=0.5)
+                msgs = await self.consumer.fetch(1 if guard.careful else self.batch, timeout=0.5)
             except Exception:
                 await backoff.failed(stop, log, "triggers: a fetch")
                 continue
@@ -91,11 +100,41 @@ class TriggerConsumer:
                 await self.handle(msgs)
                 backoff.reset()
             except Exception as exc:  # store or broker away: nothing acked, so all comes back
+                for msg in msgs:  # ... and this process lived through it: not a crash
+                    guard.survived(msg)
                 await self._give_up_on_last_tries(msgs, exc, backoff.delay)
                 await backoff.failed(stop, log, f"triggers: a batch of {len(msgs)}")
         await self.consumer.close()
 
     async def handle(self, msgs: list[Delivery]) -> None:
+        """First deliveries in one batch; redelivered ones each alone, after them; poison not at all."""
+        fresh: list[Delivery] = []
+        suspects: list[Delivery] = []
+        poison: list[Delivery] = []
+        for msg in msgs:
+            if self.guard.poisoned(msg):
+                poison.append(msg)
+            elif self.guard.suspect(msg):
+                suspects.append(msg)
+            else:
+                fresh.append(msg)
+        if poison:  # keyed like _give_up_on_last_tries' letters: one dead letter per message
+            letters = [DeadLetter.of(msg, "trigger_failed", poison_reason(msg.delivered, "trigger consumer"),
+                                     message_key(TRIGGERS_STREAM, msg.stream_seq)) for msg in poison]
+            self.received += len(poison)
+            self.failed += len(poison)
+            await self.transport.dead_letter_many(letters)
+            _log_letters(letters)
+            for msg in poison:
+                await msg.ack()
+                self.guard.done(msg)
+            self.handled += len(poison)
+        if fresh:
+            await self._handle(fresh)
+        for msg in suspects:
+            await self._handle([msg])
+
+    async def _handle(self, msgs: list[Delivery]) -> None:
         self.received += len(msgs)
         good: list[tuple[Delivery, Trigger]] = []
         letters: list[DeadLetter] = []
@@ -106,6 +145,8 @@ class TriggerConsumer:
                 self.invalid += 1
                 letters.append(DeadLetter.of(msg, "trigger_invalid", str(exc), message_key(TRIGGERS_STREAM, msg.stream_seq)))
         if good:
+            for _, trigger in good:
+                crash_point("triggers.handle", trigger.event.id)
             outcomes = await asyncio.to_thread(self.ingestor.ingest, [t for _, t in good])
             crash_point("triggers.after_append")
             for (msg, trigger), outcome in zip(good, outcomes):
@@ -118,6 +159,7 @@ class TriggerConsumer:
             _log_letters(letters)
         for msg in msgs:
             await msg.ack()
+            self.guard.done(msg)
         self.handled += len(msgs)
 
     def _settle(self, msg: Delivery, trigger: Trigger, outcome: Outcome) -> list[DeadLetter]:

@@ -77,3 +77,8 @@ def echo_secret(input: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
 def fail_with_secret(input: dict[str, Any], ctx: StepContext) -> None:
     token = input["token"]  # a local in the traceback's frame, and in the message
     raise NonRetryableError(f"login refused for token {token!r}")
+
+
+def big(input: dict[str, Any], ctx: StepContext) -> str:
+    """An output of input["size"] bytes (tests of results over the broker's size limit)."""
+    return "x" * int(input["size"])
