@@ -12,13 +12,9 @@ over the server's max_payload is ever sent: it is refused with PayloadTooLarge.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import logging
 import re
-import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import nats.errors
@@ -34,8 +30,14 @@ from contracts.deadletters import MSG_ID_HEADER as DLQ_MSG_ID_HEADER
 from contracts.deadletters import REASON_HEADER as DLQ_REASON_HEADER
 from contracts.deadletters import SOURCE_SUBJECT_HEADER as DLQ_SOURCE_SUBJECT_HEADER
 from services.broker.nats_client import Client, wire_size
-from services.broker.oversize import BlobSink, fit
-from services.broker.ports import BrokerError, DeadLetter, MessageRejected, OutMessage, PayloadTooLarge
+from services.broker.oversize import BlobSink
+from services.broker.nats_delivery import NatsConsumer, NatsDelivery
+from services.broker.nats_errors import (
+    _CLIENT_ERRORS, _ERR_MESSAGE_TOO_BIG, _ERR_STREAM_NAME_IN_USE, _NO_STREAM_RETRY_FOR, _describe, _is_transient,
+)
+from services.broker.nats_publish import MSG_ID_HEADER, Publishing
+from services.broker.nats_stored import StoredMessage, StoredMessages
+from services.broker.ports import BrokerError, MessageRejected, OutMessage, PayloadTooLarge
 
 __all__ = [
     "DLQ_DELIVERED_HEADER",
@@ -52,28 +54,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-MSG_ID_HEADER = "Nats-Msg-Id"
-_DLQ_REASON_MAX = 4096  # headers share max_payload with the body; a traceback must not crowd it out
 
 DUPLICATE_WINDOW = 120.0
 TRIGGERS_MAX_AGE = 7 * 24 * 3600.0
-
-# JetStream accepts at most 1,000 messages in one atomic batch.
-ATOMIC_BATCH_MAX = 500
-# Below this many messages a batch goes pipelined instead. Measured on nats-server 2.15 with
-# `sync_interval: always` (2-core VM), server CPU: an atomic batch about 1.2 ms per batch plus
-# 8 us per message, pipelined 85-110 us per message; they break even at about 16.
-ATOMIC_BATCH_MIN = 16
-
-
-def _one_stream(messages: Sequence[OutMessage]) -> bool:
-    # Weft's streams are told apart by the first two subject tokens (weft.steps, weft.results, ...).
-    first = messages[0].subject.split(".", 2)[:2]
-    return all(m.subject.split(".", 2)[:2] == first for m in messages)
-
-
-# After the first message of a fetch, how long to wait for more to fill the batch.
-_TOP_UP_WAIT = 0.0005
 
 # logical stream -> (retention, max_age seconds or None for forever)
 _RETENTION: dict[str, tuple[api.RetentionPolicy, float | None]] = {
@@ -85,168 +68,12 @@ _RETENTION: dict[str, tuple[api.RetentionPolicy, float | None]] = {
 
 # Lower case only: stream names carry it upper-cased, so "ab" and "AB" would share streams.
 _NAMESPACE_RE = re.compile(r"[a-z0-9_-]{1,32}")
-_ERR_STREAM_NAME_IN_USE = 10058  # "stream name already in use with a different configuration"
-_ERR_MSG_DELETE_FAILED = 10057
-_ERR_SEQUENCE_NOT_FOUND = 10043
-_ERR_MESSAGE_TOO_BIG = 10054  # over the stream's max_msg_size
-
-# Errors after which the same call may well succeed: the broker is restarting,
-# a leader election is running, the reply got lost in a reconnect.
-_TRANSIENT: tuple[type[BaseException], ...] = (
-    asyncio.TimeoutError,  # nats.errors.TimeoutError derives from it
-    nats.errors.ConnectionReconnectingError,
-    nats.errors.OutboundBufferLimitError,
-    nats.errors.StaleConnectionError,
-    nats.errors.NoRespondersError,
-    nats.js.errors.NoStreamResponseError,
-    nats.js.errors.ServiceUnavailableError,
-    OSError,
-)
-_CLIENT_ERRORS: tuple[type[BaseException], ...] = (nats.errors.Error, asyncio.TimeoutError, OSError)
-# With no stream behind a subject, waiting rarely helps (ensure_streams was not
-# run); retry only long enough to ride out a clustered leader election.
-_NO_STREAM_RETRY_FOR = 5.0
+T = TypeVar("T")
 
 T = TypeVar("T")
 
 
-def _is_transient(exc: BaseException) -> bool:
-    return isinstance(exc, _TRANSIENT) and not isinstance(exc, nats.errors.ConnectionClosedError)
-
-
-@dataclass(slots=True, eq=False)
-class NatsDelivery:
-    """One delivered message. Ack, nak and term are fire-and-forget, like the server's ack protocol."""
-
-    subject: str
-    data: bytes
-    headers: dict[str, str]
-    msg_id: str | None
-    delivered: int
-    stream_seq: int
-    _msg: Msg = field(repr=False)
-
-    async def ack(self) -> None:
-        await self._reply("ack", self._msg.ack())
-
-    async def nak(self, delay: float | None = None) -> None:
-        """Redeliver, after `delay` seconds when given (even when delay > ack_wait)."""
-        if delay is not None and delay <= 0:
-            delay = None
-        await self._reply("nak", self._msg.nak(delay=delay))
-
-    async def in_progress(self) -> None:
-        """Reset the ack_wait timer: the work is still going on."""
-        await self._reply("in_progress", self._msg.in_progress())
-
-    async def term(self) -> None:
-        """Never redeliver (the message stays in a limits stream, and is removed from a work queue)."""
-        await self._reply("term", self._msg.term())
-
-    async def _reply(self, operation: str, call: Awaitable[None]) -> None:
-        try:
-            await call
-        except nats.errors.MsgAlreadyAckdError:
-            # A second terminal reply is a no-op: the server would ignore it too.
-            return
-        except _CLIENT_ERRORS as exc:
-            raise BrokerError(
-                f"{operation} failed",
-                operation=operation,
-                subject=self.subject,
-                retryable=_is_transient(exc),
-            ) from exc
-
-
-class NatsConsumer:
-    """A durable pull consumer bound by one subscription; fetches are serialised per object."""
-
-    def __init__(self, transport: NatsTransport, sub: JetStreamContext.PullSubscription, stream: str, durable: str):
-        self._transport = transport
-        self._sub = sub
-        self.stream = stream
-        self.durable = durable
-        self._lock = asyncio.Lock()
-        self._closed = False
-        self._generation = transport._generation  # which client `_sub` belongs to
-        # Messages of the durable delivered and not yet acked when we bound to it: left by a
-        # process that died, maybe (services.broker.redelivery), or in flight in another.
-        self.unacked_at_start = 0
-
-    async def fetch(self, max_messages: int, timeout: float) -> list[NatsDelivery]:
-        if max_messages < 1:
-            raise ValueError("max_messages must be >= 1")
-        if self._closed:
-            raise BrokerError("consumer is closed", operation="fetch", stream=self.stream)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + max(float(timeout), 0.0)
-        transport = self._transport
-        async with self._lock:
-            # While disconnected, pull requests would only pile up in the
-            # client's buffer and all fire at once on reconnect.
-            if not await transport._wait_connected(deadline):
-                return []
-            if self._generation != transport._generation:
-                await self._rebind()
-            remaining = deadline - loop.time()
-            if remaining < 0.01:
-                remaining = 0.01
-            try:
-                # nats-py's fetch(batch=N) lingers until N messages arrived or the
-                # timeout passed, holding what it already has. Instead: wait for the
-                # first message, then take what is there at once (a short probe).
-                msgs = await self._sub.fetch(1, timeout=remaining)
-                if max_messages > 1:
-                    try:
-                        msgs += await self._sub.fetch(max_messages - 1, timeout=_TOP_UP_WAIT)
-                    except asyncio.TimeoutError:
-                        pass
-            except asyncio.TimeoutError:  # also FetchTimeoutError and nats.errors.TimeoutError
-                return []
-            except _CLIENT_ERRORS as exc:
-                raise BrokerError(
-                    "fetch failed",
-                    operation="fetch",
-                    stream=self.stream,
-                    retryable=_is_transient(exc),
-                ) from exc
-        return [transport._delivery(m) for m in msgs]
-
-    async def _rebind(self) -> None:
-        """The transport has a new client (the server closed the old one): bind to the durable through it."""
-        generation = self._transport._generation
-        try:
-            self._sub = await self._transport._js.pull_subscribe_bind(durable=self.durable, stream=self.stream)
-        except _CLIENT_ERRORS as exc:
-            raise BrokerError("cannot bind consumer again", operation="fetch", stream=self.stream,
-                              retryable=True) from exc
-        self._generation = generation
-
-    async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._transport._consumers.discard(self)
-        if self._transport._nc.is_closed:
-            return
-        try:
-            await self._sub.unsubscribe()
-        except _CLIENT_ERRORS as exc:
-            log.debug("unsubscribe of consumer %s/%s failed: %s", self.stream, self.durable, exc)
-
-
-@dataclass(slots=True, frozen=True)
-class StoredMessage:
-    """A message read from a stream by its sequence (`NatsTransport.get_message`)."""
-
-    subject: str  # logical subject (namespace stripped)
-    data: bytes
-    headers: dict[str, str]  # the publisher's headers; the dedup id is in msg_id, not here
-    msg_id: str | None
-    stream_seq: int
-
-
-class NatsTransport:
+class NatsTransport(Publishing, StoredMessages):
     """The broker port on NATS JetStream. Build it with `await NatsTransport.connect(url)`."""
 
     def __init__(
@@ -441,199 +268,6 @@ class NatsTransport:
                 raise
             await self._retrying("update_stream", "", lambda _t: self._js.update_stream(config), stream=config.name)
 
-    # ---- stored messages, by sequence -------------------------------------
-
-    async def get_message(self, stream: str, seq: int) -> StoredMessage | None:
-        """The message at sequence `seq` of `stream` (a logical name), delivered or not;
-        None when the stream holds none there (deleted, or acked off a work queue)."""
-        if seq < 1:
-            raise ValueError("seq must be >= 1")
-        physical = self.stream_name(stream)
-
-        async def get(_timeout: float) -> Any:
-            try:
-                return await self._js.get_msg(physical, seq=seq)
-            except nats.js.errors.NotFoundError:
-                return None
-
-        raw = await self._retrying("get_message", "", get, stream=physical)
-        if raw is None:
-            return None
-        headers = dict(raw.headers) if raw.headers else {}
-        msg_id = headers.pop(MSG_ID_HEADER, None)
-        return StoredMessage(
-            subject=self.logical_subject(raw.subject or ""), data=raw.data or b"", headers=headers, msg_id=msg_id,
-            stream_seq=seq,
-        )
-
-    async def delete_message(self, stream: str, seq: int) -> bool:
-        """Remove the message at sequence `seq` from `stream` (a logical name), so no consumer
-        gets it again. False when it was not there (already deleted, or acked off a work queue)."""
-        physical = self.stream_name(stream)
-
-        async def delete(_timeout: float) -> bool:
-            try:
-                return bool(await self._js.delete_msg(physical, seq))
-            except nats.js.errors.APIError as exc:
-                if _no_such_message(exc):
-                    return False
-                raise
-
-        return await self._retrying("delete_message", "", delete, stream=physical)
-
-    # ---- publishing -----------------------------------------------------
-
-    def _headers(self, message: OutMessage) -> dict[str, str] | None:
-        if not message.headers and not message.msg_id:
-            return None
-        headers = dict(message.headers) if message.headers else {}
-        if message.msg_id:
-            headers[MSG_ID_HEADER] = message.msg_id
-        return headers
-
-    async def publish(self, message: OutMessage) -> bool:
-        subject = self.subject(message.subject)
-        headers = self._headers(message)
-        self._check_size(message, headers)
-        ack = await self._retrying(
-            "publish",
-            message.subject,
-            lambda timeout: self._js.publish(subject, message.data, timeout=timeout, headers=headers),
-        )
-        return not ack.duplicate
-
-    async def publish_many(self, messages: Sequence[OutMessage]) -> None:
-        """Publish many messages, returning when all are stored.
-
-        Messages bound for one stream go as JetStream atomic batches: the server
-        stores a batch in one write, which with `sync_interval: always` is one
-        fsync instead of one per message (several times the throughput). An
-        atomic batch is refused whole if it holds a message id the stream has
-        already seen (a relay republishing after a crash, say); such a batch,
-        or one that fails for any other reason, is sent again message by
-        message, where the broker drops each duplicate on its own.
-        """
-        if not messages:
-            return
-        for message in messages:  # one too large fails the call before any is sent
-            self._check_size(message, self._headers(message), operation="publish_many")
-        if len(messages) >= ATOMIC_BATCH_MIN and self._atomic and _one_stream(messages):
-            for start in range(0, len(messages), ATOMIC_BATCH_MAX):
-                chunk = messages[start : start + ATOMIC_BATCH_MAX]
-                if len(chunk) < ATOMIC_BATCH_MIN:
-                    await self._publish_pipelined(chunk)
-                    continue
-                try:
-                    await self._publish_atomic(chunk)
-                    continue
-                except (BrokerError, asyncio.TimeoutError, *_CLIENT_ERRORS) as exc:
-                    log.debug("atomic batch of %d not stored (%s): sending one by one", len(chunk), exc)
-                await self._publish_pipelined(chunk)
-            return
-        await self._publish_pipelined(messages)
-
-    async def _publish_atomic(self, messages: Sequence[OutMessage]) -> None:
-        batch_id = uuid.uuid4().hex
-        last = len(messages)
-        batch: list[tuple[OutMessage, dict[str, str]]] = []
-        for i, message in enumerate(messages, 1):
-            headers = self._headers(message) or {}
-            headers["Nats-Batch-Id"] = batch_id
-            headers["Nats-Batch-Sequence"] = str(i)
-            if i == last:
-                headers["Nats-Batch-Commit"] = "1"
-            # The batch headers may tip one over: then nothing of the batch is sent (it goes one by one).
-            self._check_size(message, headers, operation="publish_many")
-            batch.append((message, headers))
-        for i, (message, headers) in enumerate(batch, 1):
-            subject = self.subject(message.subject)
-            if i < last:
-                await self._nc.publish(subject, message.data, headers=headers)
-                continue
-            reply = await self._nc.request(subject, message.data, headers=headers, timeout=self._request_timeout)
-            ack = json.loads(reply.data or b"{}")
-            if "error" in ack or ack.get("count") != last:
-                error = ack.get("error") or {}
-                raise BrokerError(
-                    f"atomic batch refused: {error.get('description') or ack}", operation="publish_many",
-                    subject=message.subject, retryable=False,
-                )
-
-    async def _publish_pipelined(self, messages: Sequence[OutMessage]) -> None:
-        """Pipelined publish; messages that failed transiently are resent (same msg id) until the deadline.
-
-        Without msg ids a resend may store a message twice (at-least-once).
-        """
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._publish_retry_for
-        todo = list(range(len(messages)))
-        delay = 0.05
-        while True:
-            failures = await self._pipeline(messages, todo)
-            if not failures:
-                return
-            fatal = [(i, e) for i, e in failures if not self._transient(e)]
-            if fatal or loop.time() + delay >= deadline:
-                index, exc = (fatal or failures)[0]
-                if isinstance(exc, nats.js.errors.APIError) and exc.err_code == _ERR_MESSAGE_TOO_BIG:
-                    raise MessageRejected(f"publish refused: {exc.description}", operation="publish_many",
-                                          subject=messages[index].subject) from exc
-                raise BrokerError(
-                    f"{len(failures)} of {len(messages)} messages were not stored "
-                    f"(first: #{index}, {type(exc).__name__})",
-                    operation="publish_many",
-                    subject=messages[index].subject,
-                    retryable=not fatal,
-                ) from exc
-            self._reopen_if_closed()
-            todo = sorted(i for i, _ in failures)
-            log.info("publish_many: resending %d unacked messages", len(todo))
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 1.0)
-
-    async def _pipeline(self, messages: Sequence[OutMessage], indexes: list[int]) -> list[tuple[int, BaseException]]:
-        loop = asyncio.get_running_loop()
-        window = asyncio.Semaphore(self._publish_window)
-        inflight: list[tuple[int, asyncio.Future[Any]]] = []
-        failures: list[tuple[int, BaseException]] = []
-        timeout = self._request_timeout
-        for index in indexes:
-            message = messages[index]
-            # Every slot is given back by an ack, an error, or the ack timer below.
-            await window.acquire()
-            try:
-                # wait_stall=None: the context's own cap is larger than the window,
-                # so this never waits, and without a timeout it does not yield to
-                # the loop either: the flusher then writes many messages per send.
-                future = await self._js.publish_async(
-                    self.subject(message.subject),
-                    message.data,
-                    headers=self._headers(message),
-                    wait_stall=None,
-                )
-            except _CLIENT_ERRORS as exc:
-                window.release()
-                failures.append((index, exc))
-                continue
-            # nats-py's ack futures never time out by themselves: an ack lost in
-            # a reconnect would hold its slot forever.
-            timer = loop.call_later(timeout, future.cancel)
-
-            def _done(_f: asyncio.Future[Any], timer: asyncio.TimerHandle = timer) -> None:
-                timer.cancel()
-                window.release()
-
-            future.add_done_callback(_done)
-            inflight.append((index, future))
-        if inflight:
-            await asyncio.wait([f for _, f in inflight])
-        for index, future in inflight:
-            if future.cancelled():
-                failures.append((index, asyncio.TimeoutError(f"no ack within {timeout:g}s")))
-            elif (exc := future.exception()) is not None:
-                failures.append((index, exc))
-        return failures
-
     # ---- consuming --------------------------------------------------------
 
     async def consumer(
@@ -688,51 +322,6 @@ class NatsTransport:
             stream_seq=meta.sequence.stream,
             _msg=msg,
         )
-
-    # ---- dead letters -----------------------------------------------------
-
-    async def dead_letter(
-        self,
-        kind: str,
-        payload: bytes,
-        *,
-        reason: str,
-        headers: Mapping[str, str] | None = None,
-        source_subject: str = "",
-        delivered: int = 0,
-        msg_id: str | None = None,
-    ) -> None:
-        """Store a dead letter. Pass the source message's identity (contracts.deadletters.message_key,
-        or another stable id) as msg_id: it is the dead letter's dedup id, else one is derived from
-        kind, source subject and payload."""
-        [letter] = await fit([DeadLetter(
-            kind, payload, reason, headers=headers, source_subject=source_subject, delivered=delivered, msg_id=msg_id,
-        )], self.blob_sink)
-        await self.publish(self._dead_letter_message(letter))
-
-    async def dead_letter_many(self, letters: Sequence[DeadLetter]) -> None:
-        """Store many dead letters in one atomic batch (one stored write); a batch holding one the
-        stream has seen already (a redelivered poison message) goes message by message instead,
-        and the broker drops that one as a duplicate."""
-        fitted = await fit(letters, self.blob_sink)
-        await self.publish_many([self._dead_letter_message(letter) for letter in fitted])
-
-    @staticmethod
-    def _dead_letter_message(letter: DeadLetter) -> OutMessage:
-        # Nats-* headers are the server's (an Nats-Expected-Stream copied over would be rejected).
-        out = {k: v for k, v in (letter.headers or {}).items() if not k.lower().startswith("nats-")}
-        out[DLQ_REASON_HEADER] = letter.reason[:_DLQ_REASON_MAX]
-        out[DLQ_SOURCE_SUBJECT_HEADER] = letter.source_subject
-        out[DLQ_DELIVERED_HEADER] = str(letter.delivered)
-        out[DLQ_KIND_HEADER] = letter.kind
-        if letter.msg_id:
-            # The source message's identity is the dedup id as it is: whoever dead-letters that
-            # message again (its redelivery, the MaxDeliver capture) stores nothing new.
-            out[DLQ_MSG_ID_HEADER] = dedup = letter.msg_id
-        else:
-            digest = hashlib.sha256(letter.source_subject.encode() + b"\0" + letter.payload).hexdigest()[:32]
-            dedup = f"dlq:{letter.kind}:sha256:{digest}"
-        return OutMessage(subject=contract_subjects.dlq_subject(letter.kind), data=letter.payload, msg_id=dedup, headers=out)
 
     # ---- lifecycle --------------------------------------------------------
 
@@ -868,21 +457,6 @@ def _credentials(user: str | None, password: str | None) -> dict[str, Any]:
     from services.broker.nats_auth import inbox_prefix
 
     return {"user": user, "password": password or "", "inbox_prefix": inbox_prefix(user)}
-
-
-def _no_such_message(exc: nats.js.errors.APIError) -> bool:
-    # STREAM.MSG.DELETE of a missing sequence: 10057 "no message found" (or 10043, or a 404).
-    if isinstance(exc, nats.js.errors.NotFoundError) or exc.err_code == _ERR_SEQUENCE_NOT_FOUND:
-        return True
-    return exc.err_code == _ERR_MSG_DELETE_FAILED and "no message found" in (exc.description or "")
-
-
-def _describe(operation: str, exc: BaseException) -> str:
-    if isinstance(exc, (nats.js.errors.NoStreamResponseError, nats.errors.NoRespondersError)):
-        return f"{operation} failed: no stream captures this subject (has ensure_streams() run?)"
-    if isinstance(exc, asyncio.TimeoutError):
-        return f"{operation} timed out"
-    return f"{operation} failed"
 
 
 def _check_namespace(namespace: str) -> None:

@@ -22,7 +22,6 @@ from contracts.subjects import (
 )
 from services.broker import Consumer, Delivery, Transport
 from services.broker.nats import (
-    ATOMIC_BATCH_MIN,
     DLQ_DELIVERED_HEADER,
     DLQ_KIND_HEADER,
     DLQ_MSG_ID_HEADER,
@@ -30,6 +29,7 @@ from services.broker.nats import (
     DLQ_SOURCE_SUBJECT_HEADER,
     NatsTransport,
 )
+from services.broker.nats_publish import ATOMIC_BATCH_MIN
 from services.broker.nats_server import NatsServer, NatsServerError
 from services.broker.ports import BrokerError, DeadLetter, OutMessage
 from tests.fixtures_nats import delete_namespace_streams, start_nats_server, unique_namespace, wait_until
