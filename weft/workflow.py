@@ -106,8 +106,11 @@ def _schema_of(model: Any) -> dict[str, Any] | None:
 
 
 def _adapter(annotation: Any) -> Any:
-    """A TypeAdapter for an annotation that says something, None for none, Any, or a bare dict."""
+    """A TypeAdapter for an annotation that says something; None for none, Any, or a plain JSON object
+    (`dict`, `dict[str, Any]`): those are passed through as they are, with no schema recorded."""
     if annotation in (inspect.Parameter.empty, Any, dict, None, type(None), object):
+        return None
+    if typing.get_origin(annotation) is dict and typing.get_args(annotation) == (str, Any):
         return None
     from pydantic import TypeAdapter
 
