@@ -22,7 +22,7 @@ class OrderIn(BaseModel):
 
 class ReserveIn(BaseModel):
     order: str
-    items: list[str]
+    items: list[str] | None = None  # `${{ input.items }}` is null when the order has none
 
 
 class Reservation(BaseModel):
@@ -45,7 +45,8 @@ orders = Workflow("orders", input_schema=OrderIn, on=["order.placed"])
 def reserve(input: ReserveIn, ctx: StepContext) -> Reservation:
     if not input.order.strip():
         raise NonRetryableError("order must not be blank")
-    return Reservation(ok=bool(input.items), order=input.order, items=input.items,
+    items = input.items or []
+    return Reservation(ok=bool(items), order=input.order, items=items,
                        reservation=f"R-{ctx.idempotency_key[-12:]}")
 
 
@@ -71,8 +72,8 @@ def main() -> None:
 
     import weft
 
-    url = os.environ.get("WEFT_URL") or sys.argv[1] if len(sys.argv) > 1 else os.environ.get("WEFT_URL", "")
-    with weft.Client(url or None, api_key=os.environ.get("WEFT_API_KEY")) as client:
+    # The gateway: argv[1], else WEFT_URL, else the one `weft up` wrote into .weft/stack.json.
+    with weft.Client(sys.argv[1] if len(sys.argv) > 1 else None, api_key=os.environ.get("WEFT_API_KEY")) as client:
         client.publish_workflow(orders)
         run = client.start("orders", input={"order_id": "A-1", "items": ["book", "lamp"]}, idempotency_key="A-1")
         result = run.wait(timeout=60)
