@@ -228,6 +228,9 @@ def _plain(value: Any) -> Any:
 
 def _callable_path(fn: Callable[..., Any]) -> str:
     module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
+    if module == "__main__":  # `python -m pkg.mod`: the name the worker imports it by
+        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+        module = getattr(spec, "name", None) or module
     if module in (None, "__main__"):
         raise ValueError(f"step {qualname!r} is defined in __main__: define steps in an importable module "
                          "(the worker imports them by `module:function`)")
