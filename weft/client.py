@@ -324,8 +324,9 @@ class Client:
     def wait(self, execution_id: str, timeout: float | None = None) -> ExecutionOut:
         """Follow the execution's events until it has finished; then its summary. WaitTimeout after `timeout` s."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        after = 0
-        while True:
+        state = self.get(execution_id)
+        after = state.events  # follow from here: a long history is not streamed again
+        while state.status not in FINISHED:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise WaitTimeout(408, "timeout", f"execution {execution_id} did not finish within {timeout}s")
@@ -335,8 +336,9 @@ class Client:
                 finished = False  # a broken or silent stream: look at the deadline, then reconnect
             if finished:
                 state = self.get(execution_id)
-                if state.status in FINISHED:
-                    return state
+            elif deadline is None or time.monotonic() < deadline:
+                time.sleep(0.2)  # a stream that closed early: do not reconnect in a tight loop
+        return state
 
     def _follow(self, execution_id: str, after: int, remaining: float | None) -> tuple[bool, int]:
         read = min(remaining, 30.0) if remaining is not None else 30.0
@@ -504,8 +506,9 @@ class AsyncClient:
             raise WaitTimeout(408, "timeout", f"execution {execution_id} did not finish within {timeout}s") from None
 
     async def _wait(self, execution_id: str) -> ExecutionOut:
-        after = 0
-        while True:
+        state = await self.get(execution_id)
+        after = state.events
+        while state.status not in FINISHED:
             try:
                 finished = False
                 headers = {"Accept": "text/event-stream", "Last-Event-ID": str(after)}
@@ -525,12 +528,12 @@ class AsyncClient:
                             finished = True
                             break
             except (httpx.TimeoutException, httpx.TransportError):
-                await asyncio.sleep(0.2)  # a broken or silent stream: reconnect after the last event seen
-                continue
+                finished = False  # a broken or silent stream: reconnect after the last event seen
             if finished:
                 state = await self.get(execution_id)
-                if state.status in FINISHED:
-                    return state
+            else:
+                await asyncio.sleep(0.2)
+        return state
 
     async def publish(self, type: str, data: Any = None, *, id: str | None = None, source: str | None = None,
                       **attributes: Any) -> TriggerOut:
