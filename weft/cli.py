@@ -218,7 +218,8 @@ def worker(
 
 @app.command()
 def run(
-    file: Path = typer.Argument(..., help="Workflow definition (YAML or JSON)."),
+    file: str = typer.Argument(..., metavar="FILE|MODULE:WORKFLOW",
+                               help="Workflow definition (YAML or JSON), or a code-first weft.Workflow."),
     input: str = typer.Option("{}", "--input", "-i", help="Execution input as JSON, or @file.json."),
     idempotency_key: Optional[str] = typer.Option(None, "--idempotency-key"),
     timeout: float = typer.Option(0, help="Stop following after this many seconds (0: never)."),
@@ -235,7 +236,7 @@ def run(
 
     from contracts.payloads import PayloadError, measure
 
-    wf = _definition(file, home)
+    wf = _code_first(file, home) if _is_code_first(file) else _definition(Path(file), home)
     settings = _settings(home)
     data = _json_arg("--input", input, most=settings.payload_max)
     try:  # over the payload maximum: refused before anything is stored

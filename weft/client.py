@@ -10,7 +10,9 @@ Responses are the gateway's own pydantic models (services.gateway.models), so
 the client and the server share one copy of the schemas. Every error answer
 becomes a `WeftError` subclass carrying the API's `code`, `message`,
 `problems` and `status`. A 503 (store or broker unreachable) is retried with
-exponential backoff, honouring `Retry-After`, up to `max_retries` times.
+exponential backoff, honouring `Retry-After`, up to `max_retries` times. The
+default timeout (60 s) is longer than the gateway's own broker retries (30 s),
+so a broker outage reaches the caller as a 503, not as a client timeout.
 `wait` follows the execution's Server-Sent Events (`/v1/executions/{id}/events`),
 reconnecting with `Last-Event-ID` if the stream breaks, until it finishes or
 the timeout is over (`WaitTimeout`).
@@ -217,7 +219,7 @@ class Run:
 
 
 class Client:
-    def __init__(self, url: str | None = None, *, api_key: str | None = None, timeout: float = 30.0,
+    def __init__(self, url: str | None = None, *, api_key: str | None = None, timeout: float = 60.0,
                  max_retries: int = 4, backoff: float = 0.2, max_backoff: float = 10.0,
                  transport: httpx.BaseTransport | None = None):
         self.url = _default_url(url)
@@ -417,7 +419,7 @@ class AsyncRun:
 class AsyncClient:
     """The same calls as `Client`, awaited."""
 
-    def __init__(self, url: str | None = None, *, api_key: str | None = None, timeout: float = 30.0,
+    def __init__(self, url: str | None = None, *, api_key: str | None = None, timeout: float = 60.0,
                  max_retries: int = 4, backoff: float = 0.2, max_backoff: float = 10.0,
                  transport: httpx.AsyncBaseTransport | None = None):
         self.url = _default_url(url)

@@ -53,6 +53,9 @@ def test_code_first_order_through_weft_up_with_the_client(tmp_path: Path) -> Non
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.startswith("completed {'order': 'A-1'")
+        ran = json.loads(weft_cli(up.home, "run", "examples.orders:orders", "--input", '{"order_id": "R-1"}',
+                                  "--json", check=True).stdout)
+        assert ran["status"] == "completed" and ran["output"] == {"order": "R-1", "summary": None}
         # a step function outside --steps is not run: refused by the allowlist, the order fails
         typed = weft_cli(up.home, "workflows", "publish", "tests.unit.test_sdk_workflow:typed_wf", "--json")
         assert typed.returncode == 0 and "outside this stack's step modules" in typed.stderr

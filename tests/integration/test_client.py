@@ -15,6 +15,7 @@ import pytest
 import weft
 from examples.orders import orders
 from services.gateway.keys import Keys
+from tests.pg_cluster import pg_cluster  # noqa: F401 - the fixture
 from tests.support import Running, stack_up
 from weft.client import (AsyncClient, Client, Conflict, Forbidden, InvalidRequest, NotFound, TooLarge,
                          Unauthorized, Unavailable, WaitTimeout)
@@ -192,3 +193,34 @@ async def test_503_is_retried_with_backoff_then_raised(world: World) -> None:
     assert down.value.status == 503 and down.value.code == "unavailable" and down.value.message
     assert counting.calls == 3  # the first try and two retries
     assert took >= (0.3 + 0.6) / 2  # the backoff waited (with jitter: at least half of each delay)
+
+
+async def test_503_while_the_store_is_down_honours_retry_after_and_recovers(
+    tmp_path: Path, nats_url: str, pg_cluster: Any  # noqa: F811
+) -> None:
+    # The gateway answers 503 with Retry-After: 1 while its PostgreSQL is stopped (our own cluster).
+    async with stack_up(tmp_path, pg_cluster.url, nats_url, parts=["gateway", "projector"]) as running:
+        token, _ = await asyncio.to_thread(Keys(running.stack.store).create, ["admin"])
+        url = running.stack.gateway.url
+        async with AsyncClient(url, api_key=token) as c:
+            assert (await c.list()).items == []
+        await asyncio.to_thread(pg_cluster.stop)
+        counting = Counting()
+        async with AsyncClient(url, api_key=token, max_retries=1, transport=counting) as c:
+            began = time.monotonic()
+            with pytest.raises(Unavailable) as down:
+                await c.list()
+            took = time.monotonic() - began
+        assert down.value.status == 503 and down.value.code == "unavailable" and down.value.retry_after == 1.0
+        assert counting.calls == 2 and took >= 1.0  # it waited the Retry-After second before its retry
+
+        async def back_soon() -> None:
+            await asyncio.sleep(1.5)
+            await asyncio.to_thread(pg_cluster.start)
+
+        restart = asyncio.create_task(back_soon())
+        counting = Counting()
+        async with AsyncClient(url, api_key=token, max_retries=30, transport=counting) as c:
+            page = await c.list()  # 503s while it is down, then the answer
+        await restart
+        assert page.items == [] and counting.calls >= 2
