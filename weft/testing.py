@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -147,22 +148,30 @@ async def arun(workflow: Any, input: Any = None, *, mocks: Mapping[str, Any] | N
         state, _ = executions.start(version, {} if input is None else input)
         eid, seen, calls = state.id, 0, []
         pending: dict[tuple[str, int | None], Any] = {}  # the latest StepScheduled of each task not yet run
-        for _ in range(max_tasks):
-            history = executions.history(eid)
-            for e in history[seen:]:
-                if isinstance(e, ev.StepScheduled):
+        stream, finished = uuid.UUID(eid), False
+        while True:
+            for rec in store.load(stream, after_version=seen):  # only what was appended since
+                seen = rec.version
+                finished = finished or rec.type in ev.FINISHING
+                if rec.type == "StepScheduled":
+                    e = ev.decode(rec.type, rec.data)
                     pending[(e.step_id, e.item)] = e
-            seen = len(history)
-            state = executions.load(eid)
-            if state.status != "running" or not pending:
+            if finished or not pending:
                 break
-            task = min(pending.values(), key=lambda e: (e.not_before or clock.now(), e.at))
-            if task.not_before is not None:
-                clock.advance_to(task.not_before)  # the backoff passes at once
-            del pending[(task.step_id, task.item)]
-            calls.append((task.step_id, task.item, task.attempt))
-            result = await _execute(eid, wf, task, mocks.get(task.step_id, _UNMOCKED), handlers, clock)
-            executions.apply_results([result])
+            due = min(e.not_before or clock.now() for e in pending.values())
+            clock.advance_to(due)  # a backoff passes at once
+            # Every task due now runs, in the order it was scheduled, and their results are applied
+            # in one batch: the orchestrator's own batch path (Executions.apply_results).
+            ready = [e for e in pending.values() if e.not_before is None or e.not_before <= clock.now()]
+            if len(calls) + len(ready) > max_tasks:
+                raise HarnessError(f"stopped after {len(calls)} tasks (max_tasks={max_tasks}): the execution "
+                                   "is still running")
+            results = []
+            for task in ready:
+                del pending[(task.step_id, task.item)]
+                calls.append((task.step_id, task.item, task.attempt))
+                results.append(await _execute(eid, wf, task, mocks.get(task.step_id, _UNMOCKED), handlers, clock))
+            executions.apply_results(results)
         history = executions.history(eid)
         state = executions.load(eid)
         rows = [{"seq": i + 1, **e.model_dump(mode="json")} for i, e in enumerate(history)]

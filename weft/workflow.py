@@ -173,13 +173,13 @@ class Workflow:
     def as_dict(self) -> dict[str, Any]:
         """The definition as YAML would spell it (only the fields that were given)."""
         steps = []
-        for spec in self._steps:
+        for i, spec in enumerate(self._steps):
             step = {k: v for k, v in spec.items() if v not in (None, [], {})}
             if spec["with"]:
                 step["with"] = spec["with"]
             if isinstance(step.get("retry"), Mapping):
                 step["retry"] = dict(step["retry"])
-            steps.append(_plain(step))
+            steps.append(_plain(step, f"steps[{i}]"))
         out: dict[str, Any] = {"name": self.name}
         if self.description:
             out["description"] = self.description
@@ -190,7 +190,7 @@ class Workflow:
             out["input_schema"] = schema
         out["steps"] = steps
         if self.output is not None:
-            out["output"] = _plain(self.output)
+            out["output"] = _plain(self.output, "output")
         return out
 
     def definition(self) -> Any:
@@ -215,14 +215,21 @@ class Workflow:
         return f"Workflow({self.name!r}, steps={[s['id'] for s in self._steps]})"
 
 
-def _plain(value: Any) -> Any:
-    """Expr and other str subclasses as plain str: what is hashed is plain JSON."""
+def _plain(value: Any, path: str = "", depth: int = 0) -> Any:
+    """Expr and other str subclasses as plain str: what is hashed is plain JSON. Bounded in depth
+    (as parse_definition bounds YAML) so a hostile template is a DefinitionError, not a RecursionError."""
+    from contracts.values import MAX_DEPTH
+
+    if depth > MAX_DEPTH:
+        from contracts.definitions import DefinitionError, Problem
+
+        raise DefinitionError([Problem(path=path or "<document>", message=f"nested deeper than {MAX_DEPTH} levels")])
     if isinstance(value, str):
         return str.__str__(value)
     if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): _plain(v, path, depth + 1) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [_plain(v, path, depth + 1) for v in value]
     return value
 
 

@@ -99,3 +99,15 @@ def test_the_history_is_what_the_store_holds() -> None:
     assert types[0] == "ExecutionStarted" and types[-1] == "ExecutionCompleted"
     assert result.history[0]["workflow"] == "flow"
     assert all(isinstance(e["seq"], int) and "at" in e for e in result.history)
+
+
+def test_a_runaway_is_stopped_with_a_clear_error() -> None:
+    many = """
+name: many
+steps:
+  - {id: a, type: noop, map: "${{ input.items }}"}
+"""
+    with pytest.raises(testing.HarnessError, match="max_tasks"):
+        testing.run(many, {"items": list(range(50))}, max_tasks=10)
+    result = testing.run(many, {"items": list(range(2000))})
+    assert result.status == "completed" and len(result.calls) == 2000

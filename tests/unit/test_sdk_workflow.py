@@ -188,3 +188,23 @@ def test_the_public_module_stays_light() -> None:
             "print(sorted(m for m in ('typer', 'fastapi', 'weft.cli', 'uvicorn') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_hostile_templates_are_refused_as_yaml_would_refuse_them() -> None:
+    deep: Any = "${{ input.x }}"
+    for _ in range(10_000):
+        deep = [deep]
+    bad = Workflow("deep")
+    bad.add("a", "noop", input=deep)
+    with pytest.raises(DefinitionError, match="deeper"):
+        bad.definition()
+    huge = Workflow("huge")
+    huge.add("a", "noop", input=list(range(300_000)))
+    with pytest.raises(DefinitionError, match="200000|elements|values"):
+        huge.definition()
+    with pytest.raises(KeyError, match="plain field name"):
+        input_["a } }} ${{ secrets.X"]
+    lone = Workflow("lone")
+    lone.add("a", "noop", input={"x": "\ud800"})
+    with pytest.raises(DefinitionError, match=r"steps\[0\]\.input"):
+        lone.definition()
