@@ -164,6 +164,20 @@ def _control_body(why: str | None) -> dict[str, Any]:
     return {"why": why} if why is not None else {}
 
 
+def _start_body(workflow: Any, input: Any, version: int | None) -> dict[str, Any]:
+    """A workflow name or a weft.Workflow; an input that may be a pydantic model."""
+    name = workflow if isinstance(workflow, str) else getattr(workflow, "name", None)
+    if not isinstance(name, str):
+        raise TypeError(f"workflow must be a name or a weft.Workflow, not {type(workflow).__name__}")
+    return _drop_none(workflow=name, version=version, input=_json(input))
+
+
+def _json(value: Any) -> Any:
+    if value is None:
+        return {}
+    return value.model_dump(mode="json") if hasattr(value, "model_dump") else value
+
+
 def _drop_none(**values: Any) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None}
 
@@ -263,9 +277,9 @@ class Client:
 
     # ---- executions ---------------------------------------------------------------------------
 
-    def start(self, workflow: str, input: Any = None, *, version: int | None = None,
+    def start(self, workflow: Any, input: Any = None, *, version: int | None = None,
               idempotency_key: str | None = None) -> Run:
-        body = _drop_none(workflow=workflow, version=version, input={} if input is None else input)
+        body = _start_body(workflow, input, version)
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         r = self.request("POST", "/v1/executions", json=body, headers=headers)
         return Run(self, ExecutionOut.model_validate_json(r.content))
@@ -369,7 +383,8 @@ class Client:
     def publish(self, type: str, data: Any = None, *, id: str | None = None, source: str | None = None,
                 **attributes: Any) -> TriggerOut:
         """Publish a trigger event (a CloudEvent): the same (source, id) twice is published once."""
-        body = _drop_none(type=type, data=data, id=id, source=source, **attributes)
+        body = _drop_none(type=type, data=_json(data) if data is not None else None, id=id, source=source,
+                          **attributes)
         return TriggerOut.model_validate_json(self.request("POST", "/v1/triggers", json=body).content)
 
     # ---- dead letters -------------------------------------------------------------------------
@@ -451,9 +466,9 @@ class AsyncClient:
         r = await self.request("POST", "/v1/workflows", content=body, headers={"Content-Type": media})
         return WorkflowVersionOut.model_validate_json(r.content)
 
-    async def start(self, workflow: str, input: Any = None, *, version: int | None = None,
+    async def start(self, workflow: Any, input: Any = None, *, version: int | None = None,
                     idempotency_key: str | None = None) -> AsyncRun:
-        body = _drop_none(workflow=workflow, version=version, input={} if input is None else input)
+        body = _start_body(workflow, input, version)
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         r = await self.request("POST", "/v1/executions", json=body, headers=headers)
         return AsyncRun(self, ExecutionOut.model_validate_json(r.content))
@@ -539,7 +554,8 @@ class AsyncClient:
 
     async def publish(self, type: str, data: Any = None, *, id: str | None = None, source: str | None = None,
                       **attributes: Any) -> TriggerOut:
-        body = _drop_none(type=type, data=data, id=id, source=source, **attributes)
+        body = _drop_none(type=type, data=_json(data) if data is not None else None, id=id, source=source,
+                          **attributes)
         return TriggerOut.model_validate_json((await self.request("POST", "/v1/triggers", json=body)).content)
 
     async def dead_letters(self, *, limit: int = 100, offset: int = 0, **filters: Any) -> DeadLetterPage:

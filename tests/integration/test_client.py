@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 import weft
-from examples.orders import orders
+from examples.orders import OrderIn, orders
 from services.gateway.keys import Keys
 from tests.pg_cluster import pg_cluster  # noqa: F401 - the fixture
 from tests.support import Running, stack_up
@@ -87,7 +87,8 @@ async def test_sync_client_start_wait_list_pages_and_control(world: World) -> No
         with weft.Client(world.url, api_key=world.tokens["admin"]) as c:
             c.publish_workflow(SLOW)
             c.publish_workflow(orders)
-            ids = [c.start("orders", {"order_id": f"B-{i}"}).id for i in range(3)]
+            ids = [c.start("orders", {"order_id": f"B-{i}"}).id for i in range(2)]
+            ids.append(c.start(orders, OrderIn(order_id="B-2", items=["x"])).id)  # a Workflow and a model
             for eid in ids:
                 assert c.wait(eid, timeout=30).status == "completed"
             listed = list(c.iter_executions(workflow="orders", limit=2))  # two pages
