@@ -22,9 +22,11 @@ Mocks, per step id (a map step's mock is used for each item):
   * `attempts(v1, v2, ...)`: one per attempt (the last repeats), each of the above;
   * `takes(seconds, mock)`: the step takes that long on the clock; over its timeout it fails as
     the worker fails it (`StepTimeout`).
-Unmocked `python`, `transform` and `noop` steps run their real handlers (the
-workflow's own modules are allowed); `sleep` moves the clock; other types
-(`http`) need a mock: a test must not reach the network by accident.
+Unmocked `python`, `transform` and `noop` steps run their real handlers;
+`sleep` moves the clock; other types (`http`) need a mock: a test must not
+reach the network by accident. As on a worker, a `python` step runs only code
+from allowed modules: those of a `weft.Workflow`'s decorated step functions,
+plus `step_modules=[...]` (a YAML definition names code; it never chooses it).
 
 The clock starts at `Clock.START` and moves only when the harness waits out a
 retry's backoff or a `takes`/`sleep`, so retries and timeouts cost no time.
@@ -35,7 +37,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -117,17 +119,18 @@ class Result:
 
 
 def run(workflow: Any, input: Any = None, *, mocks: Mapping[str, Any] | None = None, clock: Clock | None = None,
-        max_tasks: int = 10_000) -> Result:
+        max_tasks: int = 10_000, step_modules: Iterable[str] = ()) -> Result:
     """Run `workflow` (a weft.Workflow, a WorkflowDef, or YAML/JSON text) to its end. See the module's doc."""
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return asyncio.run(arun(workflow, input, mocks=mocks, clock=clock, max_tasks=max_tasks))
+        return asyncio.run(arun(workflow, input, mocks=mocks, clock=clock, max_tasks=max_tasks,
+                                step_modules=step_modules))
     raise HarnessError("testing.run() was called inside a running event loop: use `await testing.arun(...)`")
 
 
 async def arun(workflow: Any, input: Any = None, *, mocks: Mapping[str, Any] | None = None,
-               clock: Clock | None = None, max_tasks: int = 10_000) -> Result:
+               clock: Clock | None = None, max_tasks: int = 10_000, step_modules: Iterable[str] = ()) -> Result:
     from contracts import events as ev
     from services.orchestrator.executions import Executions
     from services.orchestrator.registry import Registry
@@ -140,7 +143,7 @@ async def arun(workflow: Any, input: Any = None, *, mocks: Mapping[str, Any] | N
     if unknown:
         raise HarnessError(f"mocks name no step of {wf.name!r}: {unknown} (steps: {sorted(wf.steps_by_id)})")
     clock = clock or Clock()
-    handlers = _handlers(wf)
+    handlers = _handlers(_own_modules(workflow) + tuple(step_modules))
     store = open_store("sqlite:///:memory:")
     try:
         executions = Executions(store, clock=clock.now)
@@ -198,12 +201,21 @@ def _definition(workflow: Any) -> Any:
     raise TypeError(f"testing.run needs a weft.Workflow, a WorkflowDef or definition text, not {type(workflow).__name__}")
 
 
-def _handlers(wf: Any) -> Any:
-    """The real step handlers, allowed to call the workflow's own `python` steps (and only those modules)."""
+def _own_modules(workflow: Any) -> tuple[str, ...]:
+    """The modules of a weft.Workflow's decorated step functions: code its author registered."""
+    functions = getattr(workflow, "functions", None)
+    if not isinstance(functions, dict):
+        return ()
+    from weft.workflow import _callable_path
+
+    return tuple(sorted({_callable_path(fn).partition(":")[0] for fn in functions.values()}))
+
+
+def _handlers(modules: tuple[str, ...]) -> Any:
+    """The real step handlers; `python` steps may call only into `modules` (as a worker's allowlist)."""
     from services.worker.steps import StepModules, default_registry
 
-    modules = {str(s.with_.get("callable", "")).partition(":")[0] for s in wf.steps if s.type == "python"}
-    return default_registry(step_modules=StepModules(tuple(sorted(m for m in modules if m))))
+    return default_registry(step_modules=StepModules(modules))
 
 
 async def _execute(eid: str, wf: Any, task: Any, mock: Any, handlers: Any, clock: Clock) -> Any:

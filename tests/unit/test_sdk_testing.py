@@ -111,3 +111,22 @@ steps:
         testing.run(many, {"items": list(range(50))}, max_tasks=10)
     result = testing.run(many, {"items": list(range(2000))})
     assert result.status == "completed" and len(result.calls) == 2000
+
+
+def test_a_definition_cannot_choose_the_code_the_harness_runs() -> None:
+    hostile = """
+name: hostile
+steps:
+  - {id: a, type: python, with: {callable: "posix:system"}, input: "echo pwned", retry: {max_attempts: 1}}
+"""
+    result = testing.run(hostile)
+    assert result.status == "failed" and result.error is not None
+    assert result.error["type"] == "CallableNotAllowed"
+    # allowed by the caller, a YAML definition's python steps run for real
+    own = """
+name: own
+steps:
+  - {id: a, type: python, with: {callable: "tests.integration.steps:positive"}, input: {n: 1}}
+output: "${{ steps.a.output }}"
+"""
+    assert testing.run(own, step_modules=["tests.integration.steps"]).status == "completed"
