@@ -27,6 +27,7 @@ import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import orjson
@@ -178,6 +179,14 @@ def _json(value: Any) -> Any:
     return value.model_dump(mode="json") if hasattr(value, "model_dump") else value
 
 
+def _seg(value: Any) -> str:
+    """One path segment: an id from elsewhere must not walk to another route (`x/../../keys`)."""
+    text = str(value)
+    if text in ("", ".", "..") or len(text) > 512:
+        raise ValueError(f"not an id: {text[:80]!r}")
+    return quote(text, safe="")
+
+
 def _drop_none(**values: Any) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None}
 
@@ -272,7 +281,7 @@ class Client:
         return WorkflowList.model_validate_json(self.request("GET", "/v1/workflows").content)
 
     def workflow(self, name: str, version: int | None = None) -> WorkflowVersionOut:
-        path = f"/v1/workflows/{name}" + (f"/versions/{version}" if version is not None else "")
+        path = f"/v1/workflows/{_seg(name)}" + (f"/versions/{int(version)}" if version is not None else "")
         return WorkflowVersionOut.model_validate_json(self.request("GET", path).content)
 
     # ---- executions ---------------------------------------------------------------------------
@@ -285,7 +294,7 @@ class Client:
         return Run(self, ExecutionOut.model_validate_json(r.content))
 
     def get(self, execution_id: str) -> ExecutionOut:
-        return ExecutionOut.model_validate_json(self.request("GET", f"/v1/executions/{execution_id}").content)
+        return ExecutionOut.model_validate_json(self.request("GET", f"/v1/executions/{_seg(execution_id)}").content)
 
     def list(self, *, workflow: str | None = None, status: str | None = None, since: str | None = None,
              until: str | None = None, limit: int = 50, cursor: str | None = None) -> ExecutionPage:
@@ -315,13 +324,13 @@ class Client:
         return self._control(execution_id, "retry", why)
 
     def _control(self, execution_id: str, command: str, why: str | None) -> ExecutionOut:
-        r = self.request("POST", f"/v1/executions/{execution_id}/{command}", json=_control_body(why))
+        r = self.request("POST", f"/v1/executions/{_seg(execution_id)}/{command}", json=_control_body(why))
         return ExecutionOut.model_validate_json(r.content)
 
     def history(self, execution_id: str, *, after: int = 0) -> list[HistoryEvent]:
         items: list[HistoryEvent] = []
         while True:
-            r = self.request("GET", f"/v1/executions/{execution_id}/history", params={"after": after})
+            r = self.request("GET", f"/v1/executions/{_seg(execution_id)}/history", params={"after": after})
             batch = orjson.loads(r.content)["items"]
             if not batch:
                 return items
@@ -334,7 +343,7 @@ class Client:
         """Replay as a new execution (its `execution_id` in the answer); `from_step` keeps what ran before it."""
         body = _drop_none(from_step=from_step, input_patch=input_patch, version=version, dry_run=dry_run)
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-        r = self.request("POST", f"/v1/executions/{execution_id}/replay", json=body, headers=headers)
+        r = self.request("POST", f"/v1/executions/{_seg(execution_id)}/replay", json=body, headers=headers)
         return orjson.loads(r.content)
 
     def wait(self, execution_id: str, timeout: float | None = None) -> ExecutionOut:
@@ -360,7 +369,7 @@ class Client:
         read = min(remaining, 30.0) if remaining is not None else 30.0
         timeout = httpx.Timeout(self.http.timeout.connect, read=read)
         headers = {"Accept": "text/event-stream", "Last-Event-ID": str(after)}
-        with self.http.stream("GET", f"/v1/executions/{execution_id}/events", headers=headers,
+        with self.http.stream("GET", f"/v1/executions/{_seg(execution_id)}/events", headers=headers,
                               timeout=timeout) as response:
             if response.status_code >= 400:
                 response.read()
@@ -395,7 +404,7 @@ class Client:
         return DeadLetterPage.model_validate_json(self.request("GET", "/v1/deadletters", params=params).content)
 
     def dead_letter(self, dead_letter_id: str) -> DeadLetterDetail:
-        return DeadLetterDetail.model_validate_json(self.request("GET", f"/v1/deadletters/{dead_letter_id}").content)
+        return DeadLetterDetail.model_validate_json(self.request("GET", f"/v1/deadletters/{_seg(dead_letter_id)}").content)
 
     def dead_letter_stats(self) -> DeadLetterStats:
         return DeadLetterStats.model_validate_json(self.request("GET", "/v1/deadletters/stats").content)
@@ -474,7 +483,7 @@ class AsyncClient:
         return AsyncRun(self, ExecutionOut.model_validate_json(r.content))
 
     async def get(self, execution_id: str) -> ExecutionOut:
-        r = await self.request("GET", f"/v1/executions/{execution_id}")
+        r = await self.request("GET", f"/v1/executions/{_seg(execution_id)}")
         return ExecutionOut.model_validate_json(r.content)
 
     async def list(self, *, workflow: str | None = None, status: str | None = None, since: str | None = None,
@@ -505,7 +514,7 @@ class AsyncClient:
         return await self._control(execution_id, "retry", why)
 
     async def _control(self, execution_id: str, command: str, why: str | None) -> ExecutionOut:
-        r = await self.request("POST", f"/v1/executions/{execution_id}/{command}", json=_control_body(why))
+        r = await self.request("POST", f"/v1/executions/{_seg(execution_id)}/{command}", json=_control_body(why))
         return ExecutionOut.model_validate_json(r.content)
 
     async def replay(self, execution_id: str, *, from_step: str | None = None,
@@ -513,7 +522,7 @@ class AsyncClient:
                      dry_run: bool = False, idempotency_key: str | None = None) -> dict[str, Any]:
         body = _drop_none(from_step=from_step, input_patch=input_patch, version=version, dry_run=dry_run)
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-        r = await self.request("POST", f"/v1/executions/{execution_id}/replay", json=body, headers=headers)
+        r = await self.request("POST", f"/v1/executions/{_seg(execution_id)}/replay", json=body, headers=headers)
         return orjson.loads(r.content)
 
     async def wait(self, execution_id: str, timeout: float | None = None) -> ExecutionOut:
@@ -529,7 +538,7 @@ class AsyncClient:
             try:
                 finished = False
                 headers = {"Accept": "text/event-stream", "Last-Event-ID": str(after)}
-                async with self.http.stream("GET", f"/v1/executions/{execution_id}/events", headers=headers,
+                async with self.http.stream("GET", f"/v1/executions/{_seg(execution_id)}/events", headers=headers,
                                             timeout=httpx.Timeout(self.http.timeout.connect, read=30.0)) as response:
                     if response.status_code >= 400:
                         await response.aread()
@@ -563,7 +572,7 @@ class AsyncClient:
         return DeadLetterPage.model_validate_json((await self.request("GET", "/v1/deadletters", params=params)).content)
 
     async def dead_letter(self, dead_letter_id: str) -> DeadLetterDetail:
-        r = await self.request("GET", f"/v1/deadletters/{dead_letter_id}")
+        r = await self.request("GET", f"/v1/deadletters/{_seg(dead_letter_id)}")
         return DeadLetterDetail.model_validate_json(r.content)
 
     async def reprocess(self, ids: list[str] | None = None, *, filter: Mapping[str, Any] | None = None,

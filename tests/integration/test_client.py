@@ -140,6 +140,10 @@ async def test_typed_errors_carry_code_message_and_problems(world: World) -> Non
         with pytest.raises(NotFound) as nf:
             await admin.get(str(uuid.uuid4()))
         assert nf.value.status == 404 and nf.value.code == "not_found"
+        with pytest.raises(NotFound):  # an id cannot walk to another route
+            await admin.get("x/../../keys")
+        with pytest.raises(ValueError, match="not an id"):
+            await admin.get("..")
         with pytest.raises(InvalidRequest) as bad:
             await admin.start("orders", {"items": ["x"]})
         assert bad.value.status == 422 and bad.value.code == "invalid"
