@@ -48,7 +48,7 @@ class RetryableError(Exception):
 
 _LAZY = {"Workflow": "weft.workflow", "Expr": "weft.workflow", "input_": "weft.workflow", "output_of": "weft.workflow",
          "item": "weft.workflow", "Client": "weft.client", "AsyncClient": "weft.client", "Run": "weft.client",
-         "AsyncRun": "weft.client", "WeftError": "weft.client"}
+         "AsyncRun": "weft.client", "WeftError": "weft.errors"}
 
 
 def __getattr__(name: str) -> object:

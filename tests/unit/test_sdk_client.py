@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import httpx
 
-from weft.client import (Conflict, ServerError, TooLarge, Unavailable, _backoff, _retry_after, _Sse, error_of)
+from weft.client import _backoff, _Sse
+from weft.errors import Conflict, ServerError, TooLarge, Unavailable, error_of
+from weft.errors import retry_after as _retry_after
 
 
 def test_retry_after_wins_over_the_backoff_and_is_capped() -> None:
