@@ -405,6 +405,26 @@ class AsyncClient:
         r = await self.request("POST", "/v1/workflows", content=body, headers={"Content-Type": media})
         return WorkflowVersionOut.model_validate_json(r.content)
 
+    async def workflows(self) -> WorkflowList:
+        return WorkflowList.model_validate_json((await self.request("GET", "/v1/workflows")).content)
+
+    async def workflow(self, name: str, version: int | None = None) -> WorkflowVersionOut:
+        path = f"/v1/workflows/{_seg(name)}" + (f"/versions/{int(version)}" if version is not None else "")
+        return WorkflowVersionOut.model_validate_json((await self.request("GET", path)).content)
+
+    async def history(self, execution_id: str, *, after: int = 0) -> list[HistoryEvent]:
+        items: list[HistoryEvent] = []
+        while True:
+            r = await self.request("GET", f"/v1/executions/{_seg(execution_id)}/history", params={"after": after})
+            batch = orjson.loads(r.content)["items"]
+            if not batch:
+                return items
+            items.extend(HistoryEvent.model_validate(e) for e in batch)
+            after = batch[-1]["seq"]
+
+    async def dead_letter_stats(self) -> DeadLetterStats:
+        return DeadLetterStats.model_validate_json((await self.request("GET", "/v1/deadletters/stats")).content)
+
     async def start(self, workflow: Any, input: Any = None, *, version: int | None = None,
                     idempotency_key: str | None = None) -> AsyncRun:
         body = _start_body(workflow, input, version)

@@ -123,6 +123,14 @@ async def test_retry_replay_trigger_and_dead_letters(world: World) -> None:
         done = await c.reprocess([items[0].id], patch={"fixed": True}, why="fixed the input")
         assert done.ok and done.outcomes[0].outcome == "reprocessed"
         assert (await run.wait(timeout=30)).status == "completed"
+        assert [e.type for e in await c.history(run.id)][-1] == "ExecutionCompleted"
+
+        async def reprocessed_counted() -> bool:
+            return (await c.dead_letter_stats()).by_status.get("reprocessed", 0) >= 1
+
+        await wait_until(reprocessed_counted, timeout=20, what="the reprocessed dead letter in the stats")
+        assert (await c.workflow("broken-client")).version == 1
+        assert "broken-client" in {w.workflow for w in (await c.workflows()).items}
 
         replayed = await c.replay(run.id, input_patch={"fixed": True}, idempotency_key="r1")
         assert replayed["execution_id"] != run.id
