@@ -225,7 +225,8 @@ def worker(
 
 @app.command()
 def run(
-    file: Path = typer.Argument(..., help="Workflow definition (YAML or JSON)."),
+    file: str = typer.Argument(..., metavar="FILE|MODULE:WORKFLOW",
+                               help="Workflow definition (YAML or JSON), or a code-first weft.Workflow."),
     input: str = typer.Option("{}", "--input", "-i", help="Execution input as JSON, or @file.json."),
     idempotency_key: Optional[str] = typer.Option(None, "--idempotency-key"),
     timeout: float = typer.Option(0, help="Stop following after this many seconds (0: never)."),
@@ -242,7 +243,7 @@ def run(
 
     from contracts.payloads import PayloadError, measure
 
-    wf = _definition(file, home)
+    wf = _code_first(file, home) if _is_code_first(file) else _definition(Path(file), home)
     settings = _settings(home)
     data = _json_arg("--input", input, most=settings.payload_max)
     try:  # over the payload maximum: refused before anything is stored
@@ -409,12 +410,35 @@ def executions_list(
 # ---- workflows ------------------------------------------------------------------------------
 
 
+def _code_first(target: str, home: Optional[Path] = None):
+    """`package.module:workflow` (a weft.Workflow) -> its checked WorkflowDef."""
+    from contracts.definitions import DefinitionError
+    from weft.workflow import load
+
+    try:
+        wf = load(target).definition()
+    except DefinitionError as exc:
+        out.fail(2, f"{target}: {exc}")
+    except (ImportError, ValueError, TypeError) as exc:
+        out.fail(2, f"{target}: {type(exc).__name__}: {exc}")
+    _warn_refused_callables(wf, home)
+    return wf
+
+
+def _is_code_first(target: str) -> bool:
+    return ":" in target and not Path(target).exists()
+
+
 @workflows_app.command("publish")
-def workflows_publish(file: Path, as_json: bool = JsonOpt, home: Optional[Path] = HomeOpt) -> None:
+def workflows_publish(
+    file: str = typer.Argument(..., metavar="FILE|MODULE:WORKFLOW",
+                               help="A YAML/JSON definition, or a code-first weft.Workflow (examples.orders:orders)."),
+    as_json: bool = JsonOpt, home: Optional[Path] = HomeOpt,
+) -> None:
     """Register a version: immutable, content-hashed; identical content is a no-op."""
     from services.orchestrator.registry import Registry
 
-    wf = _definition(file, home)
+    wf = _code_first(file, home) if _is_code_first(file) else _definition(Path(file), home)
     with _store(home) as store:
         v = Registry(store).publish(wf)
     out.emit({"id": f"{v.name}@{v.version}", "workflow": v.name, "version": v.version,
@@ -437,10 +461,21 @@ def workflows_list(as_json: bool = JsonOpt, home: Optional[Path] = HomeOpt) -> N
 
 
 @workflows_app.command("show")
-def workflows_show(name: str, version: Optional[int] = typer.Option(None, "--version"), as_json: bool = JsonOpt,
+def workflows_show(name: str = typer.Argument(..., metavar="NAME|MODULE:WORKFLOW"), version: Optional[int] = typer.Option(None, "--version"), as_json: bool = JsonOpt,
                    home: Optional[Path] = HomeOpt) -> None:
-    """One version's definition."""
+    """One version's definition; for MODULE:WORKFLOW, the YAML a code-first workflow compiles to (no stack)."""
     from services.orchestrator.registry import Registry, UnknownWorkflow
+
+    if _is_code_first(name):
+        wf = _code_first(name, home)
+        if as_json:
+            out.emit({"workflow": wf.name, "content_hash": wf.content_hash(), "definition": wf.canonical()}, True)
+        else:
+            import yaml
+
+            sys.stdout.write(f"# {wf.name}  {wf.content_hash()}\n")
+            sys.stdout.write(yaml.safe_dump(wf.canonical(), sort_keys=False, allow_unicode=True))
+        return
 
     with _store(home) as store:
         try:
