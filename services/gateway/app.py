@@ -68,6 +68,7 @@ def create_app(ctx: Context, *, max_body: int = DEFAULT_MAX_BODY) -> FastAPI:
     app.include_router(routes_triggers.router)
     app.include_router(routes_replay.router)
     app.include_router(routes_deadletters.router)
+    _observe(app)
 
     @app.get("/healthz", response_model=Health, tags=["health"])
     async def healthz() -> dict[str, Any]:
@@ -101,3 +102,13 @@ def create_app(ctx: Context, *, max_body: int = DEFAULT_MAX_BODY) -> FastAPI:
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+def _observe(app: FastAPI) -> None:
+    """Request metrics and /metrics (Prometheus, for every service in this process); server spans."""
+    from services.telemetry import tracing
+    from services.telemetry.http import RequestMetrics, metrics_response
+
+    app.add_middleware(RequestMetrics)
+    app.add_api_route("/metrics", metrics_response, methods=["GET"], tags=["health"], include_in_schema=False)
+    tracing.instrument_app(app)

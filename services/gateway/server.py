@@ -27,6 +27,7 @@ from services.gateway.keys import Keys
 from services.projections import ExecutionsView, prepare
 from services.triggers.consumer import TriggerConsumer
 from services.triggers.cron import Scheduler
+from services.telemetry.observed import ObservedIngestor
 from services.triggers.ingest import Ingestor
 from services.triggers.routing import Catalog
 
@@ -109,7 +110,7 @@ async def front_door(stack: Any, parts: set[str], stop: asyncio.Event) -> list[A
         for listener in stack.executions.listeners:
             listener()
 
-    ingestor = Ingestor(stack.store, catalog, notify=notify)
+    ingestor = ObservedIngestor(stack.store, catalog, notify=notify)
     runs: list[Awaitable[Any]] = []
     if "triggers" in parts:
         stack.triggers = TriggerConsumer(ingestor, stack.transport, batch=settings.trigger_batch,

@@ -20,6 +20,7 @@ from services.broker import OutMessage, Transport
 from services.faults import crash_point
 from services.retrying import Backoff, sleep_or_stop
 from services.store import EventStore, StoredRecord
+from services.telemetry.hops import step_headers, traced_publish
 
 log = logging.getLogger("weft.relay")
 
@@ -38,7 +39,7 @@ def to_message(rec: StoredRecord) -> OutMessage:
     ready = {
         "schema_version": 1,
         "execution_id": execution_id,
-        "workflow": "",
+        "workflow": e.get("workflow") or "",
         "step_id": e["step_id"],
         "item": item,
         "attempt": e["attempt"],
@@ -49,10 +50,11 @@ def to_message(rec: StoredRecord) -> OutMessage:
         "timeout": e.get("timeout"),
         "not_before": e.get("not_before"),
         "scheduled_at": e["at"],
-        "trace_id": None,
+        "trace_id": e.get("trace_id"),
         "secrets": e.get("secrets") or {},
     }
-    return OutMessage(subject=step_subject(e["step_type"]), data=orjson.dumps(ready), msg_id=f"{key}:{e['attempt']}")
+    return OutMessage(subject=step_subject(e["step_type"]), data=orjson.dumps(ready), msg_id=f"{key}:{e['attempt']}",
+                      headers=step_headers(e))
 
 
 class Relay:
@@ -98,7 +100,8 @@ class Relay:
                     continue
                 records, scanned = await asyncio.to_thread(self.store.follow, position, self.batch, ["StepScheduled"])
                 if records:
-                    task = asyncio.ensure_future(self.transport.publish_many([to_message(r) for r in records]))
+                    messages = [to_message(r) for r in records]
+                    task = asyncio.ensure_future(traced_publish(self.transport.publish_many, messages))
                     pending.append((scanned, len(records), task))
                     position = scanned
                     backoff.reset()

@@ -26,6 +26,7 @@ from services.broker.batching import Batcher
 from services.broker.shelving import Shelf
 from services.faults import crash_point
 from services.retrying import Backoff
+from services.telemetry.hops import result_headers
 from services.worker.secrets import Resolved, SecretSource
 from services.worker.steps import StepRegistry
 
@@ -141,7 +142,8 @@ class Worker:
             result = result.model_copy(update={"status": "failed", "output": None, "error": _error(exc)})
             data = result.encode()
         await self._results.publish(
-            OutMessage(subject=result_subject(ready.execution_id), data=data, msg_id=result.message_id)
+            OutMessage(subject=result_subject(ready.execution_id), data=data, msg_id=result.message_id,
+                       headers=result_headers())
         )
         crash_point("worker.after_publish")
         await msg.ack()
