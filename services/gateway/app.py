@@ -110,5 +110,6 @@ def _observe(app: FastAPI) -> None:
     from services.telemetry.http import RequestMetrics, metrics_response
 
     app.add_middleware(RequestMetrics)
-    app.add_api_route("/metrics", metrics_response, methods=["GET"], tags=["health"], include_in_schema=False)
+    app.add_api_route("/metrics", metrics_response, methods=["GET"], tags=["health"], include_in_schema=False,
+                      response_model=None)
     tracing.instrument_app(app)

@@ -56,7 +56,7 @@ class RequestMetrics:
                 time.perf_counter() - began)
 
 
-async def metrics_response(_: Request | None = None) -> Response:
+async def metrics_response() -> Response:
     # Collectors read the store: off the event loop.
     body, content_type = await asyncio.to_thread(metrics.exposition)
     return Response(body, media_type=content_type)
@@ -81,6 +81,9 @@ def service_app(state: dict[str, Any]) -> Starlette:
     /readyz says not ready (the service is still waiting for its store or broker).
     """
 
+    async def metrics_(_: Request) -> Response:
+        return await metrics_response()
+
     async def healthz(_: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
@@ -90,7 +93,7 @@ def service_app(state: dict[str, Any]) -> Starlette:
         ready, checks = await readiness(state["store"], state["transport"])
         return JSONResponse({"status": "ready" if ready else "not ready", **checks}, status_code=200 if ready else 503)
 
-    return Starlette(routes=[Route("/metrics", metrics_response), Route("/healthz", healthz),
+    return Starlette(routes=[Route("/metrics", metrics_), Route("/healthz", healthz),
                              Route("/readyz", readyz)])
 
 
