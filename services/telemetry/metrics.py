@@ -30,6 +30,7 @@ from services.store import EventStore
 log = logging.getLogger("weft.telemetry")
 
 # Seconds: a step is usually milliseconds, a slow one minutes.
+LAG_CAP = 10_000  # a scrape counts at most this many waiting events
 _DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
 EXECUTIONS_STARTED = Counter("weft_executions_started", "Executions started, by workflow", ["workflow"])
@@ -63,12 +64,16 @@ class StoreCollector(Collector):
     """Lags and open dead letters, read from the store when Prometheus scrapes.
 
     `followers` are the tracked names whose lag this process reports (the relay's, the
-    projections'); a process reports only the parts it runs, so a deployment's numbers
-    are not repeated by every service. A scrape that cannot read the store reports nothing
+    projections'), each with the event types it waits for: for the relay, StepScheduled
+    events past its saved position (the commands not yet published; it saves its position
+    only after publishing, so the other events past it are no lag), counted up to LAG_CAP;
+    for a projection (types None), every event past its position. A process reports only
+    the parts it runs, so a deployment's numbers are not repeated by every service. A scrape that cannot read the store reports nothing
     for these (and says so in the log) rather than failing the whole scrape.
     """
 
-    def __init__(self, store: EventStore, followers: Sequence[str] = (), *, dead_letters: bool = False):
+    def __init__(self, store: EventStore, followers: Sequence[tuple[str, Sequence[str] | None]] = (), *,
+                 dead_letters: bool = False):
         self.store, self.followers, self.dead_letters = store, list(followers), dead_letters
         self._known: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
@@ -85,8 +90,12 @@ class StoreCollector(Collector):
                                     labels=["follower"])
             try:
                 head = self.store.head()
-                for name in self.followers:
-                    lag.add_metric([name], max(head - self.store.position(name), 0))
+                for name, types in self.followers:
+                    position = self.store.position(name)
+                    if types is None:
+                        lag.add_metric([name], max(head - position, 0))
+                    else:
+                        lag.add_metric([name], len(self.store.read(position, LAG_CAP, list(types))))
             except Exception:  # noqa: BLE001 - a metric must never take a scrape (or a service) down
                 log.warning("metrics: cannot read the log's positions", exc_info=True)
             else:

@@ -51,11 +51,11 @@ async def begin(settings: Any, parts: set[str], stop: asyncio.Event, exits: Asyn
 def watch(stack: Any, parts: set[str], stop: asyncio.Event, exits: AsyncExitStack, seen: Seen) -> list[Awaitable[Any]]:
     stack.metrics_server = seen.server
     seen.state.update(store=stack.store, transport=stack.transport)
-    followers: list[str] = []
+    followers: list[tuple[str, list[str] | None]] = []
     if stack.relay is not None:
-        followers.append(stack.relay.name)
+        followers.append((stack.relay.name, ["StepScheduled"]))
     if stack.projector is not None:
-        followers.extend(v.name for v in stack.projector.views)
+        followers.extend((v.name, None) for v in stack.projector.views)
     collector = metrics.StoreCollector(stack.store, followers, dead_letters="deadletters" in parts)
     if followers or collector.dead_letters:
         REGISTRY.register(collector)
