@@ -64,7 +64,15 @@ class JsonFormatter(logging.Formatter):
             out["exception"] = self.formatException(record.exc_info)
         if record.stack_info:
             out["stack"] = self.formatStack(record.stack_info)
-        return orjson.dumps(out, default=repr).decode()
+        try:
+            return orjson.dumps(out, default=repr).decode()
+        except TypeError:  # a lone surrogate (undecodable bytes from a file name, say): written escaped
+            clean = {k: _text(v) if isinstance(v, str) else v for k, v in out.items()}
+            return orjson.dumps(clean, default=lambda v: _text(repr(v))).decode()
+
+
+def _text(value: str) -> str:
+    return value.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def configure(level: str = "INFO", fmt: str | None = None) -> None:
