@@ -237,3 +237,20 @@ def test_a_cloudevents_traceparent_is_joined(store: Any, traced: bool, monkeypat
     else:
         assert joined == TP and other is None  # recorded as given; a malformed one is not
     provider.shutdown()
+
+
+def test_the_grafana_dashboard_asks_only_for_metrics_weft_serves() -> None:
+    import json
+    import re
+    from pathlib import Path
+
+    from prometheus_client import REGISTRY
+
+    import services.telemetry.metrics  # noqa: F401 - registers them
+
+    served = {s for m in REGISTRY.collect() if m.name.startswith("weft_")
+              for s in (m.name, f"{m.name}_total", f"{m.name}_bucket", f"{m.name}_count", f"{m.name}_sum")}
+    served |= {"weft_log_lag_events", "weft_dlq_open"}  # read from the store at scrape time (StoreCollector)
+    dashboard = json.loads((Path(__file__).parents[2] / "infra" / "grafana" / "weft-dashboard.json").read_text())
+    asked = {name for p in dashboard["panels"] for t in p["targets"] for name in re.findall(r"weft_\w+", t["expr"])}
+    assert asked and asked <= served, asked - served
