@@ -56,6 +56,28 @@ BROKER_PENDING = Gauge("weft_broker_pending", "Messages waiting on the broker fo
                        ["stream", "consumer"])
 
 
+class StepMetrics:
+    """One step type's children of the step metrics, looked up once: `labels()` takes a lock and
+    builds a tuple each call, a few microseconds that every step would pay."""
+
+    __slots__ = ("dispatch", "duration", "attempts")
+
+    def __init__(self, step_type: str):
+        self.dispatch = DISPATCH_LATENCY.labels(step_type)
+        self.duration = STEP_DURATION.labels(step_type)
+        self.attempts = {o: STEP_ATTEMPTS.labels(step_type, o) for o in ("succeeded", "failed")}
+
+
+_step_metrics: dict[str, StepMetrics] = {}
+
+
+def step_metrics(step_type: str) -> StepMetrics:
+    found = _step_metrics.get(step_type)
+    if found is None:
+        found = _step_metrics[step_type] = StepMetrics(step_type)
+    return found
+
+
 def exposition(registry: Any = REGISTRY) -> tuple[bytes, str]:
     return generate_latest(registry), CONTENT_TYPE_LATEST
 

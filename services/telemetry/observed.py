@@ -33,8 +33,8 @@ class ObservedWorker(Worker):
     async def execute(self, ready: Any, msg: Delivery | None = None) -> Any:
         began = time.monotonic()
         start = max(ready.scheduled_at, ready.not_before) if ready.not_before else ready.scheduled_at
-        metrics.DISPATCH_LATENCY.labels(ready.step_type).observe(
-            max((datetime.now(timezone.utc) - start).total_seconds(), 0.0))
+        m = metrics.step_metrics(ready.step_type)
+        m.dispatch.observe(max((datetime.now(timezone.utc) - start).total_seconds(), 0.0))
         headers = msg.headers if msg is not None else {}
         token = logs.bind(execution_id=ready.execution_id, step_id=ready.step_id, item=ready.item,
                           attempt=ready.attempt, trace_id=ready.trace_id)
@@ -45,8 +45,8 @@ class ObservedWorker(Worker):
                 result = await super().execute(ready, msg)
         finally:
             logs.unbind(token)
-        metrics.STEP_ATTEMPTS.labels(ready.step_type, result.status).inc()
-        metrics.STEP_DURATION.labels(ready.step_type).observe(time.monotonic() - began)
+        m.attempts[result.status].inc()
+        m.duration.observe(time.monotonic() - began)
         return result
 
     async def _traced(self, ready: Any, headers: dict[str, str]) -> Any:
@@ -152,8 +152,9 @@ class ObservedExecutions(Executions):
             elif s.status == "failed":
                 metrics.EXECUTIONS_FAILED.labels(s.workflow).inc()
             finished[eid] = s.status
+        counted: dict[str, int] = {}
         for o in outcomes:
-            metrics.RESULTS_APPLIED.labels(o.status).inc()
+            counted[o.status] = counted.get(o.status, 0) + 1
             r = by_id.get(o.message_id)
             if r is None or o.status != "applied" or r.status != "failed":
                 continue
@@ -162,6 +163,8 @@ class ObservedExecutions(Executions):
                 metrics.STEP_RETRIES.labels(self._workflow(r.execution_id)).inc()
             elif what == "dead_lettered":
                 metrics.STEPS_DEAD_LETTERED.labels(self._workflow(r.execution_id)).inc()
+        for status, n in counted.items():
+            metrics.RESULTS_APPLIED.labels(status).inc(n)
         parents = _batch_parents.get()
         if parents is not None:
             self._decision_spans(results, outcomes, parents, finished, began)
