@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from services.telemetry import metrics
+from services.telemetry import metrics, tracing
 
 log = logging.getLogger("weft.telemetry")
 
@@ -40,6 +40,11 @@ class RequestMetrics:
             return
         began = time.perf_counter()
         status = 500
+        if not tracing.enabled():
+            for name, value in scope.get("headers") or ():
+                if name == b"traceparent":
+                    tracing.incoming.set(tracing.valid(value.decode("latin-1")))
+                    break
 
         async def sending(message: Message) -> None:
             nonlocal status

@@ -40,7 +40,7 @@ class ObservedWorker(Worker):
                           attempt=ready.attempt, trace_id=ready.trace_id)
         try:
             if tracing.enabled():
-                result = await self._traced(ready, headers)
+                result = await self._traced(ready, msg, headers)
             else:
                 result = await super().execute(ready, msg)
         finally:
@@ -49,7 +49,7 @@ class ObservedWorker(Worker):
         m.duration.observe(time.monotonic() - began)
         return result
 
-    async def _traced(self, ready: Any, headers: dict[str, str]) -> Any:
+    async def _traced(self, ready: Any, msg: Delivery | None, headers: dict[str, str]) -> Any:
         parent = tracing.first_parent(headers.get(tracing.TRACEPARENT), ready.trace_id)
         workflow = headers.get(WORKFLOW_HEADER) or ready.workflow
         attributes: dict[str, Any] = {
@@ -64,7 +64,7 @@ class ObservedWorker(Worker):
                                                     attributes=attributes) as span:
             tp = tracing.traceparent_of(span)
             logs.bind(trace_id=tp)
-            result = await super().execute(ready, None)
+            result = await super().execute(ready, msg)  # msg: its lease is kept alive while it runs
             span.set_attribute("weft.outcome", result.status)
             if result.error is not None:
                 span.set_status(Status(StatusCode.ERROR, f"{result.error.type}: {result.error.message}"[:500]))
@@ -99,7 +99,9 @@ class ObservedExecutions(Executions):
 
     def start(self, version: Any, input: Any, **kw: Any) -> Any:
         span = None
-        if tracing.enabled() and kw.get("trace_id") is None:
+        if kw.get("trace_id") is None and not tracing.enabled():
+            kw["trace_id"] = tracing.incoming.get()  # the caller's, recorded as given (the gateway's middleware)
+        elif tracing.enabled() and kw.get("trace_id") is None:
             links: list[trace.Link] = []
             if kw.get("replay_of"):  # a replay's trace links to the original's
                 try:

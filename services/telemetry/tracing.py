@@ -20,6 +20,7 @@ ExecutionStarted (and on each StepScheduled of a traced execution), and in the
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import re
@@ -138,6 +139,11 @@ def instrument_app(app: Any) -> None:
     from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 
     FastAPIInstrumentor.instrument_app(app, excluded_urls="healthz,readyz,metrics")
+
+
+# With tracing off, the gateway still notes a request's `traceparent` here, so the execution it
+# starts records the caller's context for whoever traces downstream (services/telemetry/http.py).
+incoming: contextvars.ContextVar[str | None] = contextvars.ContextVar("weft_incoming_traceparent", default=None)
 
 
 def tracer() -> trace.Tracer:

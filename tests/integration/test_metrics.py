@@ -50,14 +50,19 @@ async def test_metrics_move_under_load(tmp_path: Path, pg_url: str, nats_url: st
         async with httpx.AsyncClient(timeout=10) as client:
             before = _parse((await client.get(f"{base}/metrics")).text)
             ids = []
+            caller = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
             for i in range(LOAD):
-                r = await client.post(f"{base}/v1/executions", json={"workflow": name, "input": {"i": i}})
+                # Tracing is off here: a caller's traceparent is still recorded as given (a bad one is not).
+                headers = {"traceparent": caller if i == 0 else "00-bad"}
+                r = await client.post(f"{base}/v1/executions", json={"workflow": name, "input": {"i": i}},
+                                      headers=headers)
                 assert r.status_code == 201, r.text
                 ids.append(r.json()["id"])
             bad = await client.post(f"{base}/v1/executions", json={"workflow": "needs-positive", "input": {"n": -1}})
             assert bad.status_code == 201, bad.text
             for eid in ids:
                 assert (await s.finished(eid)).status == "completed"
+            assert [(await s.history(eid))[0].trace_id for eid in ids[:2]] == [caller, None]
             failed = await s.finished(bad.json()["id"])
             assert failed.status == "failed"
 
