@@ -7,6 +7,7 @@ HTTP, one of which fails and is dead-lettered), and the numbers must move.
 
 from __future__ import annotations
 
+import os
 import uuid
 from pathlib import Path
 
@@ -78,6 +79,9 @@ async def test_metrics_move_under_load(tmp_path: Path, pg_url: str, nats_url: st
             except AssertionError:
                 print((await client.get(f"{base}/metrics")).text)
                 raise
+            out = os.environ.get("WEFT_METRICS_DUMP")  # for the README: a real scrape
+            if out:
+                Path(out).write_text((await client.get(f"{base}/metrics")).text)
 
         def moved(metric: str, **labels: str) -> float:
             return _get(after, metric, **labels) - _get(before, metric, **labels)

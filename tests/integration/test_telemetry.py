@@ -12,6 +12,7 @@ spans from all four processes, joined to the caller's span.
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
 import socket
 import threading
@@ -97,6 +98,7 @@ class Receiver:
                         "service": service, "name": s.name, "trace_id": s.trace_id.hex(), "span_id": s.span_id.hex(),
                         "parent": s.parent_span_id.hex(), "attributes": {a.key: _value(a.value) for a in s.attributes},
                         "events": [e.name for e in s.events], "status": s.status.code, "kind": s.kind,
+                        "start": s.start_time_unix_nano, "end": s.end_time_unix_nano,
                     })
         with self.lock:
             self.spans.extend(out)
@@ -108,6 +110,25 @@ class Receiver:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def waterfall(spans: list[dict[str, Any]], root: str) -> str:
+    """The spans of a trace as an indented tree, children in start order, with durations."""
+    children: dict[str, list[dict[str, Any]]] = {}
+    for s in spans:
+        children.setdefault(s["parent"], []).append(s)
+    t0 = min(s["start"] for s in spans)
+    lines: list[str] = []
+
+    def walk(parent: str, depth: int) -> None:
+        for s in sorted(children.get(parent, []), key=lambda x: x["start"]):
+            events = f"  [{', '.join(s['events'])}]" if s["events"] else ""
+            lines.append(f"{(s['start'] - t0) / 1e6:8.1f} ms {(s['end'] - s['start']) / 1e6:7.1f} ms  "
+                         f"{s['service']:5} {'  ' * depth}{s['name']}{events}")
+            walk(s["span_id"], depth + 1)
+
+    walk(root, 0)
+    return "\n".join(lines) + "\n"
 
 
 def _value(v: Any) -> Any:
@@ -216,6 +237,10 @@ async def test_one_execution_started_over_http_is_one_trace_across_the_processes
             assert client_spans, [(s["name"], s["kind"]) for s in spans if s["service"] == "wrk"]
             got = [s for s in receiver.spans if s["service"] == "receiver"]
             assert got and got[-1]["traceparent"].split("-")[1] == caller_trace
+
+            out = os.environ.get("WEFT_TRACE_WATERFALL")  # for the README: the trace as text
+            if out:
+                Path(out).write_text(waterfall(receiver.trace(caller_trace), caller_span))
 
             # The standalone worker serves /metrics, /healthz and /readyz on WEFT_METRICS_PORT.
             text = (await client.get(f"http://127.0.0.1:{worker_metrics}/metrics")).text
