@@ -25,8 +25,8 @@ from services.retrying import Backoff, away
 from services.settings import Settings
 from services.store import EventStore, open_store
 from services.telemetry import observe
-from services.worker.runtime import Worker
 from services.telemetry.observed import ObservedExecutions, ObservedResultConsumer, ObservedWorker
+from services.worker.runtime import Worker
 from services.worker.steps import HttpPolicy, StepModules, default_registry
 from services.worker.steps.allowlist import SETTING as STEP_MODULES_SETTING
 

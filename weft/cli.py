@@ -7,7 +7,6 @@ Every command that reports takes --json and then prints JSON only.
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import sys
 from pathlib import Path

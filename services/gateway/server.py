@@ -25,9 +25,9 @@ from services.gateway.app import Context, create_app
 from services.gateway.auth import Authenticator, is_loopback
 from services.gateway.keys import Keys
 from services.projections import ExecutionsView, prepare
+from services.telemetry.observed import ObservedIngestor
 from services.triggers.consumer import TriggerConsumer
 from services.triggers.cron import Scheduler
-from services.telemetry.observed import ObservedIngestor
 from services.triggers.ingest import Ingestor
 from services.triggers.routing import Catalog
 
