@@ -274,3 +274,26 @@ async def test_without_otel_variables_nothing_is_traced_and_no_trace_id_is_recor
         assert history[0].trace_id is None
         assert all(getattr(e, "trace_id", None) is None for e in history)
     assert uuid.UUID(eid)
+
+
+async def test_a_service_waiting_for_its_broker_is_alive_but_not_ready(tmp_path: Path, pg_url: str) -> None:
+    port, nowhere = _free_port(), _free_port()  # nothing listens on `nowhere`: the broker is away
+    env = service_env(tmp_path, pg_url, f"nats://127.0.0.1:{nowhere}", prefix="o")
+    svc = Services(env, tmp_path / "logs")
+    try:
+        svc.start("orchestrator", WEFT_METRICS_PORT=str(port))
+        async with httpx.AsyncClient(timeout=5) as client:
+            async def health() -> httpx.Response | None:
+                try:
+                    return await client.get(f"http://127.0.0.1:{port}/healthz")
+                except httpx.TransportError:
+                    return None
+
+            assert (await wait_until(health, timeout=30, what="/healthz")).json() == {"status": "ok"}
+            r = await client.get(f"http://127.0.0.1:{port}/readyz")
+            assert r.status_code == 503 and r.json() == {"status": "not ready", "service": "starting"}
+            assert (await client.get(f"http://127.0.0.1:{port}/metrics")).status_code == 200
+            assert (await client.get(f"http://127.0.0.1:{port}/elsewhere")).status_code == 404
+    finally:
+        svc.stop_all()
+    assert all(p.returncode == 0 for p in svc.procs.values()), [p.returncode for p in svc.procs.values()]
