@@ -7,7 +7,6 @@ Every command that reports takes --json and then prints JSON only.
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import sys
 from pathlib import Path
@@ -159,10 +158,19 @@ def up(
     """Run the whole stack on embedded defaults: NATS + SQLite + all services."""
     from weft.up import run_up
 
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _logging(log_level)
     settings = _settings(home, nats_port=nats_port or None, worker_concurrency=concurrency, no_worker=no_worker,
                          step_modules=steps)
     raise typer.Exit(run_up(settings))
+
+
+def _logging(level: str) -> None:
+    from services.telemetry.logs import configure  # WEFT_LOG_FORMAT=json: one JSON object per line
+
+    try:
+        configure(level)
+    except ValueError as exc:
+        out.fail(2, str(exc))
 
 
 def _service(parts: tuple[str, ...], home: Optional[Path], log_level: str, *, settings: Any = None,
@@ -170,7 +178,7 @@ def _service(parts: tuple[str, ...], home: Optional[Path], log_level: str, *, se
     """Run some services in this process until SIGINT/SIGTERM (`weft orchestrator`, `weft worker`, ...)."""
     from services.stack import install_signal_handlers, run_services
 
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _logging(log_level)
     if settings is None:
         from services.broker.nats_auth import role_for
 

@@ -734,6 +734,13 @@ class NatsTransport:
             dedup = f"dlq:{letter.kind}:sha256:{digest}"
         return OutMessage(subject=contract_subjects.dlq_subject(letter.kind), data=letter.payload, msg_id=dedup, headers=out)
 
+    # ---- observing (services/telemetry/metrics.py) ---------------------------
+
+    async def backlog(self, stream: str, durable: str) -> int:
+        """Messages the durable has not acked yet: waiting to be delivered, or delivered and unacked."""
+        info = await self._js.consumer_info(self.stream_name(stream), durable, timeout=2.0)
+        return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+
     # ---- lifecycle --------------------------------------------------------
 
     async def close(self) -> None:
