@@ -58,6 +58,12 @@ class StepScheduled(_Event):
     # JSON pointer (/config/..., /input/...) -> the `${{ secrets.NAME }}` template the worker puts there.
     # References only: values never reach an event (contracts/secrets.py).
     secrets: dict[str, str] = {}
+    # A traced execution's W3C traceparent, and what its step spans are labelled with: the relay
+    # puts them on the StepReady it publishes. Left out of the stored JSON when unset, so an
+    # untraced execution's events stay as small as before.
+    trace_id: str | None = Field(None, exclude_if=lambda v: v is None)
+    workflow: str | None = Field(None, exclude_if=lambda v: v is None)
+    workflow_version: int | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class StepSucceeded(_Event):

@@ -76,6 +76,10 @@ class Settings(BaseModel):
     secrets_dir: Path | None = None  # one file per secret, named after it (Docker/Kubernetes secrets)
     # Hosts (or host:port) `http` steps may reach although they resolve to private addresses.
     http_allowed_hosts: str = ""
+    # A standalone service serves /metrics, /healthz and /readyz on this port (0: a free one;
+    # unset: none). `weft up` and `weft gateway` serve /metrics on the gateway as well.
+    metrics_port: int | None = Field(None, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"  # 0.0.0.0 in a container, for Prometheus and the healthcheck
 
     @field_validator("step_modules")
     @classmethod

@@ -26,6 +26,8 @@ from services.retrying import Backoff, away
 from services.settings import Settings
 from services.store import EventStore, open_store
 from services.store.blobs import SqlBlobStore
+from services.telemetry import observe
+from services.telemetry.observed import ObservedExecutions, ObservedResultConsumer, ObservedWorker
 from services.worker.runtime import Worker
 from services.worker.steps import HttpPolicy, StepModules, default_registry
 from services.worker.steps.allowlist import SETTING as STEP_MODULES_SETTING
@@ -39,7 +41,7 @@ class Stack:
 
     def __init__(self, settings: Settings, store: EventStore, transport: Transport):
         self.settings, self.store, self.transport = settings, store, transport
-        self.executions = Executions(store, limits=settings.payload_limits())
+        self.executions: Executions = ObservedExecutions(store, limits=settings.payload_limits())
         self.relay: Relay | None = None
         self.consumer: ResultConsumer | None = None
         self.worker: Worker | None = None
@@ -49,6 +51,7 @@ class Stack:
         self.scheduler: Any = None  # services.triggers.cron.Scheduler
         self.gateway: Any = None  # services.gateway.server.GatewayServer (.url)
         self.step_modules: StepModules | None = None  # what this process's worker may call, if it runs one
+        self.metrics_server: Any = None  # services.telemetry.http.MetricsServer (WEFT_METRICS_PORT), if any
 
 
 async def run_services(
@@ -57,10 +60,14 @@ async def run_services(
 ) -> None:
     parts = set(parts)
     async with AsyncExitStack() as exits:
+        # Traces, metrics and /healthz come first: a supervisor sees the process alive (not ready)
+        # while it waits for its store or broker.
+        seen = await observe.begin(settings, parts, stop, exits)
         built = await _build_when_up(settings, parts, stop, exits)
         if built is None:
             return  # asked to stop before the store and the broker could be reached
         stack, runs = built
+        runs.extend(observe.watch(stack, parts, stop, exits, seen))
         if on_ready is not None:
             maybe = on_ready(stack)
             if maybe is not None:
@@ -134,7 +141,7 @@ async def _build(
         stack.executions.listeners.append(stack.relay.poke)
         runs.append(stack.relay.run(stop))
     if "orchestrator" in parts:
-        stack.consumer = ResultConsumer(
+        stack.consumer = ObservedResultConsumer(
             stack.executions, transport, batch=settings.result_batch, ack_wait=settings.ack_wait,
             max_deliver=settings.max_deliver, poison_deliveries=settings.poison_deliveries,
         )
@@ -148,7 +155,7 @@ async def _build(
         policy = HttpPolicy(allow_private=settings.http_allow_private,
                             allowed_hosts=frozenset(filter(None, settings.http_allowed_hosts.split(","))))
         registry = default_registry(policy, stack.step_modules)
-        stack.worker = Worker(
+        stack.worker = ObservedWorker(
             transport, registry, concurrency=settings.worker_concurrency, worker_id=settings.worker_id,
             ack_wait=settings.ack_wait, max_deliver=settings.max_deliver, drain_grace=settings.drain_grace,
             secrets=worker_secrets(settings), claims=stack.executions.claims,

@@ -7,7 +7,6 @@ Every command that reports takes --json and then prints JSON only.
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import sys
 from pathlib import Path
@@ -159,10 +158,19 @@ def up(
     """Run the whole stack on embedded defaults: NATS + SQLite + all services."""
     from weft.up import run_up
 
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _logging(log_level)
     settings = _settings(home, nats_port=nats_port or None, worker_concurrency=concurrency, no_worker=no_worker,
                          step_modules=steps)
     raise typer.Exit(run_up(settings))
+
+
+def _logging(level: str) -> None:
+    from services.telemetry.logs import configure  # WEFT_LOG_FORMAT=json: one JSON object per line
+
+    try:
+        configure(level)
+    except ValueError as exc:
+        out.fail(2, str(exc))
 
 
 def _service(parts: tuple[str, ...], home: Optional[Path], log_level: str, *, settings: Any = None,
@@ -170,7 +178,7 @@ def _service(parts: tuple[str, ...], home: Optional[Path], log_level: str, *, se
     """Run some services in this process until SIGINT/SIGTERM (`weft orchestrator`, `weft worker`, ...)."""
     from services.stack import install_signal_handlers, run_services
 
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _logging(log_level)
     if settings is None:
         from services.broker.nats_auth import role_for
 
@@ -225,7 +233,8 @@ def worker(
 
 @app.command()
 def run(
-    file: Path = typer.Argument(..., help="Workflow definition (YAML or JSON)."),
+    file: str = typer.Argument(..., metavar="FILE|MODULE:WORKFLOW",
+                               help="Workflow definition (YAML or JSON), or a code-first weft.Workflow."),
     input: str = typer.Option("{}", "--input", "-i", help="Execution input as JSON, or @file.json."),
     idempotency_key: Optional[str] = typer.Option(None, "--idempotency-key"),
     timeout: float = typer.Option(0, help="Stop following after this many seconds (0: never)."),
@@ -242,7 +251,7 @@ def run(
 
     from contracts.payloads import PayloadError, measure
 
-    wf = _definition(file, home)
+    wf = _code_first(file, home) if _is_code_first(file) else _definition(Path(file), home)
     settings = _settings(home)
     data = _json_arg("--input", input, most=settings.payload_max)
     try:  # over the payload maximum: refused before anything is stored
@@ -409,12 +418,35 @@ def executions_list(
 # ---- workflows ------------------------------------------------------------------------------
 
 
+def _code_first(target: str, home: Optional[Path] = None):
+    """`package.module:workflow` (a weft.Workflow) -> its checked WorkflowDef."""
+    from contracts.definitions import DefinitionError
+    from weft.workflow import load
+
+    try:
+        wf = load(target).definition()
+    except DefinitionError as exc:
+        out.fail(2, f"{target}: {exc}")
+    except (ImportError, ValueError, TypeError) as exc:
+        out.fail(2, f"{target}: {type(exc).__name__}: {exc}")
+    _warn_refused_callables(wf, home)
+    return wf
+
+
+def _is_code_first(target: str) -> bool:
+    return ":" in target and not Path(target).exists()
+
+
 @workflows_app.command("publish")
-def workflows_publish(file: Path, as_json: bool = JsonOpt, home: Optional[Path] = HomeOpt) -> None:
+def workflows_publish(
+    file: str = typer.Argument(..., metavar="FILE|MODULE:WORKFLOW",
+                               help="A YAML/JSON definition, or a code-first weft.Workflow (examples.orders:orders)."),
+    as_json: bool = JsonOpt, home: Optional[Path] = HomeOpt,
+) -> None:
     """Register a version: immutable, content-hashed; identical content is a no-op."""
     from services.orchestrator.registry import Registry
 
-    wf = _definition(file, home)
+    wf = _code_first(file, home) if _is_code_first(file) else _definition(Path(file), home)
     with _store(home) as store:
         v = Registry(store).publish(wf)
     out.emit({"id": f"{v.name}@{v.version}", "workflow": v.name, "version": v.version,
@@ -437,10 +469,21 @@ def workflows_list(as_json: bool = JsonOpt, home: Optional[Path] = HomeOpt) -> N
 
 
 @workflows_app.command("show")
-def workflows_show(name: str, version: Optional[int] = typer.Option(None, "--version"), as_json: bool = JsonOpt,
+def workflows_show(name: str = typer.Argument(..., metavar="NAME|MODULE:WORKFLOW"), version: Optional[int] = typer.Option(None, "--version"), as_json: bool = JsonOpt,
                    home: Optional[Path] = HomeOpt) -> None:
-    """One version's definition."""
+    """One version's definition; for MODULE:WORKFLOW, the YAML a code-first workflow compiles to (no stack)."""
     from services.orchestrator.registry import Registry, UnknownWorkflow
+
+    if _is_code_first(name):
+        wf = _code_first(name, home)
+        if as_json:
+            out.emit({"workflow": wf.name, "content_hash": wf.content_hash(), "definition": wf.canonical()}, True)
+        else:
+            import yaml
+
+            sys.stdout.write(f"# {wf.name}  {wf.content_hash()}\n")
+            sys.stdout.write(yaml.safe_dump(wf.canonical(), sort_keys=False, allow_unicode=True))
+        return
 
     with _store(home) as store:
         try:

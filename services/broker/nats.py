@@ -323,6 +323,13 @@ class NatsTransport(Publishing, StoredMessages):
             _msg=msg,
         )
 
+    # ---- observing (services/telemetry/metrics.py) ---------------------------
+
+    async def backlog(self, stream: str, durable: str) -> int:
+        """Messages the durable has not acked yet: waiting to be delivered, or delivered and unacked."""
+        info = await self._js.consumer_info(self.stream_name(stream), durable, timeout=2.0)
+        return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+
     # ---- lifecycle --------------------------------------------------------
 
     async def close(self) -> None:

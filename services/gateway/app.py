@@ -6,9 +6,9 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, Request
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from contracts.payloads import PayloadLimits
 from services.broker import Transport
@@ -78,6 +78,7 @@ def create_app(ctx: Context, *, max_body: int = DEFAULT_MAX_BODY, max_payload_bo
     app.include_router(routes_triggers.router)
     app.include_router(routes_replay.router)
     app.include_router(routes_deadletters.router)
+    _observe(app)
 
     @app.get("/healthz", response_model=Health, tags=["health"])
     async def healthz() -> dict[str, Any]:
@@ -111,3 +112,23 @@ def create_app(ctx: Context, *, max_body: int = DEFAULT_MAX_BODY, max_payload_bo
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+def _observe(app: FastAPI) -> None:
+    """Request metrics and /metrics (Prometheus, for every service in this process); server spans."""
+    from services.gateway.errors import ApiError
+    from services.telemetry import tracing
+    from services.telemetry.http import RequestMetrics, metrics_response
+
+    async def metrics(request: Request) -> Response:
+        # Workflow names and counts of every workflow: a `read` key bound to none in particular
+        # (Prometheus sends it as `authorization: {credentials: ...}`), or no key when auth is off.
+        key = await request.app.state.ctx.auth.require(request, "read")
+        if key.workflows is not None:
+            raise ApiError(403, "/metrics covers every workflow: a key bound to some workflows may not read it")
+        return await metrics_response()
+
+    app.add_middleware(RequestMetrics)
+    app.add_api_route("/metrics", metrics, methods=["GET"], tags=["health"], include_in_schema=False,
+                      response_model=None)
+    tracing.instrument_app(app)

@@ -69,6 +69,7 @@ def replay(
         return replay_execution(
             request.app.state.ctx.store, execution_id, from_step=body.from_step, input_patch=body.input_patch,
             version=body.version, dry_run=body.dry_run, idempotency_key=idempotency_key,
+            executions=request.app.state.ctx.executions,  # the stack's: traced, counted, wakes the relay
         )
     except ReplayError as exc:
         raise _replay_error(exc) from None

@@ -25,6 +25,7 @@ from services.gateway.app import Context, create_app
 from services.gateway.auth import Authenticator, is_loopback
 from services.gateway.keys import Keys
 from services.projections import ExecutionsView, prepare
+from services.telemetry.observed import ObservedIngestor
 from services.triggers.consumer import TriggerConsumer
 from services.triggers.cron import Scheduler
 from services.triggers.ingest import Ingestor
@@ -110,7 +111,7 @@ async def front_door(stack: Any, parts: set[str], stop: asyncio.Event) -> list[A
         for listener in stack.executions.listeners:
             listener()
 
-    ingestor = Ingestor(stack.store, catalog, notify=notify, claims=stack.executions.claims)
+    ingestor = ObservedIngestor(stack.store, catalog, notify=notify, claims=stack.executions.claims)
     runs: list[Awaitable[Any]] = []
     if "triggers" in parts:
         stack.triggers = TriggerConsumer(ingestor, stack.transport, batch=settings.trigger_batch,

@@ -363,8 +363,16 @@ def _schedule(
             config=step_def.with_ if config is None else config, input=data,
             idempotency_key=task_key(s.id, step_def.id, item),
             timeout=step_def.timeout, not_before=not_before, reason=reason, secrets=step_def.secret_refs,
+            **_traced(s),
         )
     )
+
+
+def _traced(s: Execution) -> dict[str, Any]:
+    """A traced execution's steps carry its trace context and labels (for the spans of the hops)."""
+    if s.trace_id is None:
+        return {}
+    return {"trace_id": s.trace_id, "workflow": s.workflow, "workflow_version": s.workflow_version}
 
 
 def _reschedule(s: Execution, wf: WorkflowDef, now: datetime, emit: Emit) -> None:

@@ -31,6 +31,7 @@ from services.orchestrator.decide import Undeliverable
 from services.orchestrator.executions import Executions, NotFound
 from services.retrying import Backoff, Throttled, sleep_or_stop
 from services.store import EventStore, StoredRecord
+from services.telemetry.hops import step_headers, traced_publish
 
 log = logging.getLogger("weft.relay")
 
@@ -49,7 +50,7 @@ def to_message(rec: StoredRecord) -> OutMessage:
     ready = {
         "schema_version": 1,
         "execution_id": execution_id,
-        "workflow": "",
+        "workflow": e.get("workflow") or "",
         "step_id": e["step_id"],
         "item": item,
         "attempt": e["attempt"],
@@ -60,10 +61,11 @@ def to_message(rec: StoredRecord) -> OutMessage:
         "timeout": e.get("timeout"),
         "not_before": e.get("not_before"),
         "scheduled_at": e["at"],
-        "trace_id": None,
+        "trace_id": e.get("trace_id"),
         "secrets": e.get("secrets") or {},
     }
-    return OutMessage(subject=step_subject(e["step_type"]), data=orjson.dumps(ready), msg_id=f"{key}:{e['attempt']}")
+    return OutMessage(subject=step_subject(e["step_type"]), data=orjson.dumps(ready), msg_id=f"{key}:{e['attempt']}",
+                      headers=step_headers(e))
 
 
 @dataclass(slots=True)
@@ -133,7 +135,7 @@ class Relay:
                 records, scanned = await asyncio.to_thread(self.store.follow, position, self.batch, ["StepScheduled"])
                 if records:
                     records, messages = await self._messages(records)
-                    task = asyncio.ensure_future(self.transport.publish_many(messages))
+                    task = asyncio.ensure_future(traced_publish(self.transport.publish_many, messages))
                     pending.append(_Batch(scanned, records, messages, task))
                     position = scanned
                     continue

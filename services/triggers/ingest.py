@@ -55,6 +55,7 @@ class Trigger:
     via: str = "topic"
     routes: list[Route] | None = None
     filtered: list[str] = field(default_factory=list)
+    trace_id: str | None = None  # the traceparent its executions record (services/telemetry/observed.py)
     raw: dict[str, Any] = field(init=False)  # the event as JSON: what filters read and the trigger log keeps
     stream: uuid.UUID = field(init=False)  # its trigger-log stream, named by (source, id)
 
@@ -170,7 +171,7 @@ class Ingestor:
                 continue
             eid = trigger_execution_id(v.name, e.source, e.id)
             cmd = Start(definition=v.definition, version=v.version, content_hash=v.content_hash, input=data,
-                        trigger=about, idempotency_key=trigger_key(e.source, e.id))
+                        trigger=about, idempotency_key=trigger_key(e.source, e.id), trace_id=t.trace_id)
             try:
                 decided = decide(Execution(id=eid), cmd, now)
             except Exception as exc:  # noqa: BLE001 - one bad route must not sink the batch

@@ -36,6 +36,7 @@ from services.broker.shelving import Shelf
 from services.faults import crash_point
 from services.payloads import Claims
 from services.retrying import Backoff, Throttled
+from services.telemetry.hops import result_headers
 from services.worker.secrets import Resolved, SecretSource
 from services.worker.steps import StepRegistry
 
@@ -201,7 +202,8 @@ class Worker:
             data = result.encode()
         try:
             await self._results.publish(
-                OutMessage(subject=result_subject(ready.execution_id), data=data, msg_id=result.message_id)
+                OutMessage(subject=result_subject(ready.execution_id), data=data, msg_id=result.message_id,
+                           headers=result_headers())
             )
         except MessageRejected as exc:
             # The broker will never take this result (too large, say): sent again it would only come

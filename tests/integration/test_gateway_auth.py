@@ -119,6 +119,7 @@ ROUTES: list[tuple[str, str, Any, str | None]] = [
     ("GET", "/v1/keys", None, "admin"),
     ("POST", "/v1/keys", {"scopes": ["read"], "name": "matrix"}, "admin"),
     ("DELETE", "/v1/keys/deadbeef", None, "admin"),
+    ("GET", "/metrics", None, "read"),
     ("GET", "/healthz", None, None),
     ("GET", "/readyz", None, None),
     ("GET", "/v1/openapi.json", None, None),
@@ -161,6 +162,7 @@ async def test_a_bound_key_cannot_reach_another_workflows_resources(world: World
                              ("GET", "/v1/workflows/beta/versions")):
             assert (await c.request(method, path)).status_code == 404, (method, path)
         assert (await c.post("/v1/executions", json={"workflow": "beta", "input": {}})).status_code == 403
+        assert (await c.get("/metrics")).status_code == 403  # it counts every workflow
         r = await c.post("/v1/workflows", content=wf("beta", "{event: x.y}"), headers={"content-type": "application/yaml"})
         assert r.status_code == 403
         assert [w["workflow"] for w in (await c.get("/v1/workflows")).json()["items"]] == ["alpha"]

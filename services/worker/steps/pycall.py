@@ -98,7 +98,8 @@ class PythonStep:
         self._cache: dict[str, Callable[..., Any]] = {}
 
     def validate_config(self, config: Mapping[str, Any]) -> None:
-        check_keys(TYPE, config, ("callable",))
+        # The schemas a code-first step (weft.Workflow) records: its wrapper parses with them.
+        check_keys(TYPE, config, ("callable", "input_schema", "output_schema"))
         if "callable" not in config:
             raise config_error(TYPE, "callable", "required, e.g. 'package.module:function'")
         path = config["callable"]
