@@ -15,12 +15,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 from typing import Any, Awaitable, Iterator
 
 import uvicorn
 from fastapi import FastAPI
 
+from services.listener import listen
 from services.gateway.app import Context, create_app
 from services.gateway.auth import Authenticator, is_loopback
 from services.gateway.keys import Keys
@@ -43,16 +43,7 @@ class _Server(uvicorn.Server):
 class GatewayServer:
     def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0):
         self.app, self.host = app, host
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            self.sock.bind((host, port))
-        except OSError as exc:
-            self.sock.close()
-            raise RuntimeError(f"gateway: cannot listen on {host}:{port}: {exc.strerror}") from exc
-        self.sock.listen(2048)
-        self.sock.setblocking(False)
+        self.sock = listen(host, port, "gateway", backlog=2048)
         self.port: int = self.sock.getsockname()[1]
         self.server: _Server | None = None
 

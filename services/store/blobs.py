@@ -43,32 +43,6 @@ class BlobStore(Protocol):
     def get(self, digest: str) -> bytes:
         """The bytes stored under `digest`, checked against it. BlobNotFound if none."""
 
-    def _pg_put(self, digest: str, data: bytes) -> None:
-        # A binary parameter (%b): bytea sent as text would be escaped, twice the bytes and the time.
-        from psycopg.sql import SQL, Identifier
-
-        store: Any = self.store
-        table = Identifier(store.schema)
-        with (store._errors("blobs.put"), store._datastore.get_connection() as conn,  # noqa: SLF001
-              conn.transaction(), conn.cursor() as curs):
-            curs.execute(SQL("SELECT 1 FROM {0}.blobs WHERE sha256 = %s").format(table), (digest,))
-            if curs.fetchone() is None:
-                curs.execute(SQL("INSERT INTO {0}.blobs (sha256, size, data) VALUES (%s, %s, %b) "
-                                 "ON CONFLICT (sha256) DO NOTHING").format(table), (digest, len(data), data))
-
-    def _pg_get(self, digest: str) -> tuple[bytes] | None:
-        # A binary result: bytea as text (hex) costs three times as long to fetch and decode.
-        from psycopg.sql import SQL, Identifier
-
-        store: Any = self.store
-        query = SQL("SELECT data FROM {0}.blobs WHERE sha256 = %s").format(Identifier(store.schema))
-        with store._errors("blobs.get"), store._datastore.get_connection() as conn, conn.cursor() as curs:  # noqa: SLF001
-            curs.execute(query, (digest,), binary=True)
-            row = curs.fetchone()
-        if row is None:
-            return None
-        return (row["data"] if isinstance(row, dict) else row[0],)
-
     def has(self, digests: Sequence[str]) -> set[str]:
         """Which of these digests are stored."""
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -19,6 +18,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from services.listener import listen
 from services.telemetry import metrics, tracing
 
 log = logging.getLogger("weft.telemetry")
@@ -112,16 +112,7 @@ class MetricsServer:
     """Binds at once (port 0 = a free one, known at `.port`), serves until `stop`."""
 
     def __init__(self, app: ASGIApp, host: str, port: int):
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            self.sock.bind((host, port))
-        except OSError as exc:
-            self.sock.close()
-            raise RuntimeError(f"metrics: cannot listen on {host}:{port} (WEFT_METRICS_PORT): {exc.strerror}") from exc
-        self.sock.listen(128)
-        self.sock.setblocking(False)
+        self.sock = listen(host, port, "metrics (WEFT_METRICS_PORT)")
         self.app, self.host, self.port = app, host, self.sock.getsockname()[1]
 
     async def run(self, stop: asyncio.Event) -> None:
