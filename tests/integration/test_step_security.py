@@ -250,7 +250,10 @@ async def _every_stream_message(url: str, namespace: str) -> str:
     out: list[str] = []
     try:
         js = nc.jetstream()
-        mine = [i for i in await js.streams_info() if i.config.name.endswith(f"_{namespace.upper()}")]
+        every: list[Any] = []
+        while page := await js.streams_info(offset=len(every)):  # the server lists 256 at a time
+            every.extend(page)
+        mine = [i for i in every if i.config.name.endswith(f"_{namespace.upper()}")]
         assert len(mine) >= 4, [i.config.name for i in mine]
         for info in mine:
             state = info.state
