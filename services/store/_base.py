@@ -147,8 +147,12 @@ class BaseStore:
             with self._errors(operation):
                 return call()
         except StoreUnavailableError:
+            self._before_retry()
             with self._errors(operation):
                 return call()
+
+    def _before_retry(self) -> None:
+        """Backend hook: what to wait for before a read is tried again (PostgreSQL: a probe)."""
 
     def _create_tables(self) -> None:
         # Two processes opening a fresh database at once can race on CREATE/initial

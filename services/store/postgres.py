@@ -257,10 +257,14 @@ class PostgresStore(BaseStore):
                     pass
                 if attempt == 2:
                     raise
+                self._datastore.before_retry()
                 continue
             with scope:
                 yield _PostgresViewTx(curs, self._recorder)
             return
+
+    def _before_retry(self) -> None:
+        self._datastore.before_retry()
 
     def _close(self) -> None:
         self._datastore.close()

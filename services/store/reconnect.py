@@ -88,6 +88,7 @@ class ReconnectingDatastore(PostgresDatastore):
         self._conninfo: dict[str, Any] = dict(self.pool.kwargs) if isinstance(self.pool.kwargs, dict) else {}
         self.outage = Outage(f"postgresql {self._conninfo.get('host')}:{self._conninfo.get('port')}")
         self._swap = threading.Lock()
+        self._probing = threading.Lock()
         self._closed = False
 
     @contextmanager
@@ -108,6 +109,16 @@ class ReconnectingDatastore(PostgresDatastore):
                 self._lost(exc)
             raise
 
+    def before_retry(self) -> None:
+        """Before a call is tried again: wait until a probe is due, so the retry does probe. Without
+        this, a call made just after the server came back (and just after another caller's probe
+        found it still starting) would fail fast once more."""
+        if self.outage.down_since is None:
+            return
+        wait = PROBE_INTERVAL_S - (time.monotonic() - self.outage.last_probe)
+        if wait > 0:
+            time.sleep(wait)
+
     def _lost(self, exc: BaseException) -> None:
         if self.outage.opened(_one_line(exc)):
             self.outage.last_probe = 0.0  # probe now: maybe only our connections died
@@ -118,10 +129,15 @@ class ReconnectingDatastore(PostgresDatastore):
             self.outage.opened(_one_line(exc))
 
     def _recover_or_fail(self, raise_if_down: bool = True) -> None:
-        if self.outage.probe_due() and self._probe():
-            self._renew_pool()
-            self.outage.closed()
-            return
+        # One probe at a time: a caller that waited here learns the verdict of the probe that was
+        # under way (the server may be back), instead of failing because it was not its turn.
+        with self._probing:
+            if self.outage.down_since is None:
+                return
+            if self.outage.probe_due() and self._probe():
+                self._renew_pool()
+                self.outage.closed()
+                return
         if raise_if_down:
             self.outage.failures += 1
             raise OperationalError(f"{self.outage.name} is unreachable (outage in progress)")
