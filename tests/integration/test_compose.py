@@ -38,6 +38,7 @@ import yaml
 from services.orchestrator.executions import Executions
 from services.settings import Settings
 from services.store import open_store
+from tests.pg_cluster import pg_cluster  # noqa: F401 - the fixture
 from tests.support import assert_applied_once, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -228,8 +229,11 @@ output: "${{ steps.b.output }}"
 
 
 async def test_the_compose_services_run_a_workflow_through_kills(
-    compose: dict[str, Any], tmp_path: Path, pg_url: str
+    compose: dict[str, Any], tmp_path: Path, pg_cluster: Any  # noqa: F811
 ) -> None:
+    # A PostgreSQL of its own: ten service processes hold a pool of connections each, more than
+    # a default server's 100 leaves beside the rest of the suite.
+    pg_url = pg_cluster.url
     deployment = Deployment(compose, tmp_path, pg_url)
     try:
         for name in ONE_SHOT:  # depends_on: service_completed_successfully
