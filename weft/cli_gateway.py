@@ -171,6 +171,24 @@ def keys_create(
                      "  shown once: store it now (only its hash is kept)", highlight=False)
 
 
+def _key_from(path: Optional[Path]) -> str:
+    """The key a bootstrap secret file holds ("" for none or an empty file); exit 2 naming the
+    file for anything that cannot be a key (a Weft key is 57 characters)."""
+    if path is None or not path.is_file():
+        return ""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(4097)
+    except OSError as exc:
+        out.fail(2, f"--key-file {path}: {exc.strerror}")
+    if len(raw) > 4096:
+        out.fail(2, f"--key-file {path}: over 4096 bytes; it should hold one key (weft_<8 hex>_<43 base64url>)")
+    try:
+        return raw.decode().strip()
+    except UnicodeDecodeError:
+        out.fail(2, f"--key-file {path}: not UTF-8 text; it should hold one key (weft_<8 hex>_<43 base64url>)")
+
+
 @keys_app.command("bootstrap")
 def keys_bootstrap(
     key_file: Optional[Path] = typer.Option(None, "--key-file", help="A file holding the first admin key "
@@ -189,7 +207,7 @@ def keys_bootstrap(
             if as_json:
                 out.emit({"created": False}, True)
             return
-        token = key_file.read_text().strip() if key_file is not None and key_file.is_file() else ""
+        token = _key_from(key_file)
         try:
             made, key = Keys(store).create(["admin"], name="bootstrap", by=_user(), token=token or None)
         except KeyProblem as exc:

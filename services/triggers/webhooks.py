@@ -118,13 +118,29 @@ def secret_for(secret_env: str | None, environ: Mapping[str, str] | None = None)
     value = env.get(secret_env)
     if not value and env.get(f"{secret_env}_FILE"):
         # Docker's convention for secrets mounted as files (compose `secrets:`, /run/secrets/NAME).
-        try:
-            value = Path(env[f"{secret_env}_FILE"]).read_text().strip()
-        except OSError:
-            value = None
+        value = _read_secret_file(Path(env[f"{secret_env}_FILE"]))
     if not value:
         raise KeyError(secret_env)
     return value
+
+
+SECRET_FILE_MAX = 64 * 1024
+
+
+def _read_secret_file(path: Path) -> str | None:
+    """A secret mounted as a file: None (not configured, logged as such by the caller) when it is
+    missing, larger than SECRET_FILE_MAX or not UTF-8, never an exception on a request's path."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(SECRET_FILE_MAX + 1)
+    except OSError:
+        return None
+    if len(raw) > SECRET_FILE_MAX:
+        return None
+    try:
+        return raw.decode().strip() or None
+    except UnicodeDecodeError:
+        return None
 
 
 def delivery_id(headers: Mapping[str, str]) -> tuple[str, bool]:

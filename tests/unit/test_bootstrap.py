@@ -57,3 +57,25 @@ def test_a_webhook_secret_can_come_from_a_file(tmp_path: Path) -> None:
     assert secret_for("ORDERS_SECRET", {"ORDERS_SECRET": "env", "ORDERS_SECRET_FILE": "/nope"}) == "env"
     with pytest.raises(KeyError):
         secret_for("ORDERS_SECRET", {"ORDERS_SECRET_FILE": str(tmp_path / "missing")})
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe not utf-8", b"weft_" + b"a" * 10_000, b"[[[[" * 5000])
+def test_a_bootstrap_key_file_that_cannot_be_a_key_is_refused_naming_it(tmp_path: Path, content: bytes) -> None:
+    url = f"sqlite:///{tmp_path / 'weft.db'}"
+    open_store(url).close()
+    (tmp_path / "admin_key").write_bytes(content)
+    result = CliRunner().invoke(app, ["keys", "bootstrap", "--key-file", str(tmp_path / "admin_key")],
+                                env={"WEFT_DATABASE_URL": url})
+    assert result.exit_code == 2 and "admin_key" in result.output, result.output
+    store = open_store(url)
+    try:
+        assert Keys(store).list() == []  # nothing half-stored
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe", b"x" * (64 * 1024 + 1), b""])
+def test_a_webhook_secret_file_that_cannot_be_one_counts_as_not_set(tmp_path: Path, content: bytes) -> None:
+    (tmp_path / "orders").write_bytes(content)
+    with pytest.raises(KeyError):
+        secret_for("ORDERS_SECRET", {"ORDERS_SECRET_FILE": str(tmp_path / "orders")})
