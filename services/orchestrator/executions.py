@@ -86,6 +86,10 @@ class Executions:
     def history(self, execution_id: str) -> list[Any]:
         return [ev.decode(r.type, r.data) for r in self.store.load(uuid.UUID(execution_id))]
 
+    def cached(self, execution_id: str) -> Execution | None:
+        """The cached state, without a read (may trail the store; only for a cheap first look)."""
+        return self._get(execution_id)
+
     def _get(self, execution_id: str) -> Execution | None:
         with self._lock:
             return self._cache.get(execution_id)
@@ -282,7 +286,10 @@ class Executions:
             i = g.members[0]
             if solo and isinstance(changes[i].command, Start):
                 state = self.load(changes[i].execution_id, fresh=True)
-                out[i] = Applied(changes[i], "exists", state=state)
+                if state.version:
+                    out[i] = Applied(changes[i], "exists", state=state)
+                else:  # the store named no streams: this one was not what collided
+                    pending.append(i)
             elif solo and len(streams) > 0:
                 pending.append(i)  # a lone command: decided again on a fresh load
             else:
@@ -290,6 +297,24 @@ class Executions:
                     out[j] = Applied(changes[j], "conflict", collided=frozenset(streams & bad if bad else streams),
                                      reason="a concurrent write to the same streams")
         return pending
+
+    def _append(self, state: Execution, events: list[Any], inbox: Sequence[str] = ()) -> Execution:
+        """The result consumer's one-at-a-time fallback: one execution's events and the result's inbox id."""
+        if not events and not inbox:
+            return state
+        encoded, _ = self.claims.offload(events)
+        new = [_record(state.id, state.version + i + 1, e, b) for i, (e, b) in enumerate(encoded)]
+        try:
+            self.store.append(new, inbox=inbox)
+        except ConcurrencyError:
+            self._forget(state.id)
+            raise
+        after = state.copy()
+        for e, _b in encoded:  # as stored: references where payloads were moved
+            evolve(after, e)
+        self._remember(after)
+        self._notify()
+        return after
 
     def _notify(self) -> None:
         for listener in self.listeners:

@@ -29,7 +29,7 @@ from contracts.definitions import validate_input
 from contracts.payloads import PayloadError, is_ref, ref_digest
 from contracts.triggers import CloudEvent, TriggerAccepted, trigger_stream
 from services.orchestrator.decide import Start
-from services.orchestrator.executions import Applied, Change, Executions, execution_id_for, utcnow
+from services.orchestrator.executions import Applied, Change, Executions, execution_id_for
 from services.store import ConcurrencyError, NewEvent, StoreError
 from services.triggers.routing import Catalog, Route
 
