@@ -45,6 +45,7 @@ class Context:
     webhook_tolerance: float = 300.0  # seconds a signed webhook's timestamp may be off (settings.webhook_tolerance)
     sse_heartbeat: float = 15.0
     step_modules: Any = None  # the allowlist of a worker in this process (weft up), for publish warnings
+    starts: Any = None  # the group commit of starts (routes_starts), made on first use in the serving loop
 
     def __post_init__(self) -> None:
         self.registry = Registry(self.store)
@@ -55,7 +56,8 @@ def create_app(ctx: Context, *, max_body: int = DEFAULT_MAX_BODY, max_payload_bo
     """`max_payload_body`: the body limit of requests that carry a payload (errors.carries_payload);
     by default the payload maximum plus room for the request around it and for whitespace
     (the payload itself is measured as compact JSON in the route, and 413 names that limit)."""
-    from services.gateway import routes_deadletters, routes_executions, routes_replay, routes_triggers, routes_workflows
+    from services.gateway import (routes_deadletters, routes_executions, routes_replay, routes_starts, routes_triggers,
+                                  routes_workflows)
 
     app = FastAPI(
         dependencies=[Depends(checked_request)],  # one check of every JSON body and query string
@@ -74,6 +76,7 @@ def create_app(ctx: Context, *, max_body: int = DEFAULT_MAX_BODY, max_payload_bo
         max_payload_body = most + max(1024 * 1024, most // 4)
     app.add_middleware(errors.BodyLimit, limit=max_body, large=max_payload_body)
     app.include_router(routes_workflows.router)
+    app.include_router(routes_starts.router)  # before /{execution_id}: ":batch" is not an id
     app.include_router(routes_executions.router)
     app.include_router(routes_triggers.router)
     app.include_router(routes_replay.router)
