@@ -74,6 +74,9 @@ def create_app(ctx: Context, *, max_body: int = DEFAULT_MAX_BODY, max_payload_bo
     if max_payload_body is None:  # (no ctx: an app built only for its OpenAPI document)
         most = ctx.executions.claims.limits.maximum if ctx is not None else PayloadLimits().maximum
         max_payload_body = most + max(1024 * 1024, most // 4)
+    from services.gateway.fast_starts import FastStarts
+
+    app.add_middleware(FastStarts)  # added first, so it runs inside BodyLimit: the body is already bounded
     app.add_middleware(errors.BodyLimit, limit=max_body, large=max_payload_body)
     app.include_router(routes_workflows.router)
     app.include_router(routes_starts.router)  # before /{execution_id}: ":batch" is not an id

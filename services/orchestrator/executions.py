@@ -229,7 +229,8 @@ class Executions:
                 g.applied[i] = Applied(c, "not_found", reason=f"no execution {eid}")
                 continue
             version = state.version
-            before = state.copy()
+            # What to go back to if the core raises halfway (it may have folded some events in).
+            before = Execution(id=eid) if not version else state.copy()
             try:
                 if isinstance(c.command, Reprocess) and c.command.patch is not None:
                     _patchable(state, c.command)
@@ -242,8 +243,11 @@ class Executions:
             if events:
                 encoded, moved = self.claims.offload(events)
                 g.records.extend(_record(eid, version + n + 1, e, b) for n, (e, b) in enumerate(encoded))
-                if moved:
+                if moved:  # the state as stored holds references where payloads were moved
                     g.moved.add(eid)
+                    for e, _b in encoded:
+                        evolve(before, e)
+                    states[eid] = g.applied[i].state = before
         for g in groups.values():
             for i in g.members:
                 riders = changes[i].riders
@@ -268,7 +272,7 @@ class Executions:
             if eid in moved:  # the working copy holds payloads the store has as references
                 self._forget(eid)
             else:
-                self._remember(state.copy())
+                self._remember(state)  # ours alone from here: the caller only reads it
 
     def _contended(self, changes: Sequence[Change], staged: list[_Group], exc: ConcurrencyError,
                    out: list[Applied | None], fresh: set[str]) -> list[int]:

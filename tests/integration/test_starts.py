@@ -67,6 +67,28 @@ async def test_concurrent_single_starts_are_group_committed_and_all_run(api: Any
         assert (await finished(client, r.json()["id"]))["output"] == r.json()["input"]["msg"]
 
 
+async def test_the_fast_path_answers_as_the_route_does(api: Any) -> None:
+    """services/gateway/fast_starts.py answers plain starts below FastAPI; what it hands over
+    (a query string here) the route answers. Both bodies must be the same document."""
+    running, client = api
+    fast = await client.post("/v1/executions", json={"workflow": "echo", "input": {"msg": "f"}},
+                             headers={"Idempotency-Key": "fast-1"})
+    routed = await client.post("/v1/executions?via=route", json={"workflow": "echo", "input": {"msg": "f"}},
+                               headers={"Idempotency-Key": "fast-1"})
+    assert (fast.status_code, routed.status_code) == (201, 200)
+    a, b = fast.json(), routed.json()
+    assert (a.pop("created"), b.pop("created")) == (True, False)
+    a.pop("status"), b.pop("status"), a.pop("events"), b.pop("events"), a.pop("steps"), b.pop("steps")
+    a.pop("duration_ms", None), b.pop("duration_ms", None), a.pop("finished_at"), b.pop("finished_at")
+    a.pop("output"), b.pop("output")
+    assert a == b
+    bad = await client.post("/v1/executions", json={"workflow": "echo", "input": {"msg": 1}})
+    assert bad.status_code == 422 and bad.json()["error"]["problems"][0]["field"] == "body.input.msg"
+    assert (await client.post("/v1/executions", json={"workflow": "echo", "input": {"msg": "x"}, "extra": 1})
+            ).json()["error"]["problems"][0]["field"] == "body.extra"
+    assert (await client.post("/v1/executions", json={"workflow": "nope"})).status_code == 404
+
+
 async def test_concurrent_identical_keys_start_one_execution(api: Any) -> None:
     running, client = api
     same = {"workflow": "echo", "input": {"msg": "x"}}
