@@ -160,7 +160,7 @@ class Executions:
 
     # ---- the one writer ------------------------------------------------------------------
 
-    def apply(self, changes: Sequence[Change], *, attempts: int = 20) -> list[Applied]:
+    def apply(self, changes: Sequence[Change], *, attempts: int = 20, cache: bool = True) -> list[Applied]:
         """Turn commands into events and store them: THE way execution events get into the store.
 
         All changes are decided and appended in one transaction, with their riders
@@ -171,6 +171,10 @@ class Executions:
         a fresh load; a change with riders, or in a group, is reported `conflict`
         for its caller, which knows what its riders mean) and the rest are tried
         together again. One wake-up of the relay per stored batch.
+
+        `cache=False`: do not keep the new states (trigger ingestion: thousands of starts a
+        second whose states this process may never read again would only feed the cache and
+        the garbage collector's walks; measured in bench/triggers.py).
         """
         out: list[Applied | None] = [None] * len(changes)
         pending = list(range(len(changes)))
@@ -181,7 +185,7 @@ class Executions:
             staged = self._decide(changes, pending, out, fresh)
             records = [r for s in staged for r in s.records]
             if not records:
-                self._settle(staged, out)
+                self._settle(staged, out, cache)
                 pending = []
                 break
             try:
@@ -189,7 +193,7 @@ class Executions:
             except ConcurrencyError as exc:
                 pending = self._contended(changes, staged, exc, out, fresh)
                 continue
-            self._settle(staged, out)
+            self._settle(staged, out, cache)
             self._notify()
             pending = []
         for i in pending:  # still contended after every attempt
@@ -230,13 +234,13 @@ class Executions:
                 continue
             version = state.version
             # What to go back to if the core raises halfway (it may have folded some events in).
-            before = Execution(id=eid) if not version else state.copy()
+            before = state.copy() if version else None  # a start goes back to nothing
             try:
                 if isinstance(c.command, Reprocess) and c.command.patch is not None:
                     _patchable(state, c.command)
                 events = decide_into(state, c.command, now)
             except Exception as exc:  # noqa: BLE001 - one bad command must not sink the batch
-                states[eid] = before
+                states[eid] = before if before is not None else Execution(id=eid)
                 g.applied[i] = Applied(c, "failed", reason=str(exc), error=exc)
                 continue
             g.applied[i] = Applied(c, "applied" if events else "unchanged", events=events, state=state)
@@ -245,9 +249,10 @@ class Executions:
                 g.records.extend(_record(eid, version + n + 1, e, b) for n, (e, b) in enumerate(encoded))
                 if moved:  # the state as stored holds references where payloads were moved
                     g.moved.add(eid)
+                    stored = before if before is not None else Execution(id=eid)
                     for e, _b in encoded:
-                        evolve(before, e)
-                    states[eid] = g.applied[i].state = before
+                        evolve(stored, e)
+                    states[eid] = g.applied[i].state = stored
         for g in groups.values():
             for i in g.members:
                 riders = changes[i].riders
@@ -258,7 +263,7 @@ class Executions:
                     g.riders.update(r.stream_id for r in riders)
         return list(groups.values())
 
-    def _settle(self, staged: list[_Group], out: list[Applied | None]) -> None:
+    def _settle(self, staged: list[_Group], out: list[Applied | None], cache: bool = True) -> None:
         finals: dict[str, Execution] = {}
         moved: set[str] = set()
         for g in staged:
@@ -269,7 +274,9 @@ class Executions:
                     finals[a.state.id] = a.state
             moved |= g.moved
         for eid, state in finals.items():
-            if eid in moved:  # the working copy holds payloads the store has as references
+            if not cache:
+                self._forget(eid)  # what the cache held of it is now behind
+            elif eid in moved:  # the working copy holds payloads the store has as references
                 self._forget(eid)
             else:
                 self._remember(state)  # ours alone from here: the caller only reads it

@@ -206,7 +206,7 @@ class Ingestor:
         """One `apply` for the whole batch; a trigger whose streams collided is settled on its own."""
         out: dict[int, Outcome] = {}
         changes = [c for i, p in plans for c in p.changes(i)]
-        applied = self.executions.apply(changes)
+        applied = self.executions.apply(changes, cache=False)
         collided: dict[int, frozenset[uuid.UUID]] = {}
         for a in applied:
             if a.status == "conflict":
@@ -231,7 +231,7 @@ class Ingestor:
             # The trigger is new but an execution id is taken: someone started that
             # execution with the same key by hand. It stands for this trigger's; keep it.
             skip |= {s for s in collided if s != plan.trigger.stream and self.store.load(s, upto_version=1)}
-            applied = self.executions.apply(plan.changes(group, skip))
+            applied = self.executions.apply(plan.changes(group, skip), cache=False)
             conflict = [a for a in applied if a.status == "conflict"]
             if not conflict:
                 return self._accepted(plan)
