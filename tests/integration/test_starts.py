@@ -175,3 +175,18 @@ async def test_the_client_starts_many(api: Any) -> None:
     async with AsyncClient(url, api_key=running.token) as ac:
         again = await ac.start_many([{"workflow": "echo", "input": {"msg": "1"}, "idempotency_key": "c-1"}])
     assert again.items[0].status == 200 and again.items[0].execution_id == out.items[0].execution_id
+
+
+async def test_a_step_knows_its_workflow_name_and_version(api: Any) -> None:
+    """The relay builds StepReady from the contract: StepContext.workflow and workflow_version are set."""
+    _, client = api
+    text = "name: who\nsteps: [{id: me, type: python, with: {callable: 'tests.integration.steps:whoami'}}]\n"
+    for _ in range(2):  # version 2: a changed definition
+        r = await client.post("/v1/workflows", content=text, headers={"content-type": "application/yaml"})
+        assert r.status_code == 201, r.text
+        text = text.replace("[{id: me", "[{id: me2, type: noop}, {id: me")
+    started = await client.post("/v1/executions", json={"workflow": "who", "input": {}})
+    done = await finished(client, started.json()["id"])
+    assert done["status"] == "completed", done
+    me = next(s for s in done["steps"] if s["step_id"] == "me")
+    assert me["output"] == {"workflow": "who", "workflow_version": 2, "step_id": "me"}
