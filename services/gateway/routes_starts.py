@@ -51,11 +51,11 @@ async def start(
     if not caller(request).can_use(body.workflow):
         raise ApiError(403, f"this key may not use workflow {body.workflow!r}")
     item = StartItem(body.workflow, body.input, body.version, idempotency_key, tracing.incoming.get())
-    if tracing.enabled():  # a span per start, made by ObservedExecutions.start
+    if tracing.enabled():  # a span per start, made (and counted) by ObservedExecutions.start
         [out] = await asyncio.to_thread(_traced_start, request, item)
     else:
         [out] = await group_commit(request).submit([item])
-    _count([out])
+        _count([out])
     if out.status >= 300:
         problems = [dict(p) for p in out.problems]
         raise ApiError(out.status, out.message, code=out.code if out.status != 422 else None, problems=problems)
