@@ -86,9 +86,10 @@ def start_batch(executions: Executions, registry: Registry, items: Sequence[Star
             continue
         eid = (execution_id_for(version.name, item.idempotency_key) if item.idempotency_key
                else str(uuid.uuid4()))
-        known = executions.cached(eid) if item.idempotency_key else None
-        if known is not None and known.version:  # a repeat we know: answered without a refused write
-            out[i] = _repeat(executions, eid, known, item.input, version.name)
+        if item.idempotency_key and executions.cached(eid) is not None:
+            # A repeat we know of: answered without a refused write, with its state topped up
+            # from the store (another process may have moved it on since we cached it).
+            out[i] = _repeat(executions, eid, executions.load(eid), item.input, version.name)
             continue
         changes.append(Change(eid, start_command(version, item.input, idempotency_key=item.idempotency_key,
                                                  trace_id=item.trace_id)))
