@@ -20,7 +20,7 @@ from contracts import events as ev
 from contracts.definitions import Problem, validate_input
 from contracts.messages import StepResult
 from contracts.payloads import PayloadError, PayloadLimits, is_ref
-from services.orchestrator.decide import Command, DecisionError, Reprocess, Start, UnknownTask, decide, decide_into
+from services.orchestrator.decide import Command, DecisionError, Reprocess, Start, UnknownTask, decide_into
 from services.orchestrator.registry import Version
 from services.orchestrator.state import Execution, evolve
 from services.payloads import Claims
@@ -184,12 +184,13 @@ class Executions:
                 break
             staged = self._decide(changes, pending, out, fresh)
             records = [r for s in staged for r in s.records]
-            if not records:
+            inbox = [m for s in staged for m in s.inbox]
+            if not records and not inbox:
                 self._settle(staged, out, cache)
                 pending = []
                 break
             try:
-                self.store.append(records)
+                self.store.append(records, inbox=inbox)
             except ConcurrencyError as exc:
                 pending = self._contended(changes, staged, exc, out, fresh)
                 continue
@@ -261,6 +262,8 @@ class Executions:
                 if g.applied[i].status == "applied" and riders:
                     g.records.extend(riders)
                     g.riders.update(r.stream_id for r in riders)
+                if g.applied[i].status in ("applied", "unchanged"):
+                    g.inbox.extend(changes[i].inbox)
         return list(groups.values())
 
     def _settle(self, staged: list[_Group], out: list[Applied | None], cache: bool = True) -> None:
@@ -284,6 +287,8 @@ class Executions:
     def _contended(self, changes: Sequence[Change], staged: list[_Group], exc: ConcurrencyError,
                    out: list[Applied | None], fresh: set[str]) -> list[int]:
         bad = set(exc.stream_ids)
+        if exc.kind == "inbox":  # the streams are not at fault: a message was recorded meanwhile
+            bad = set()
         pending: list[int] = []
         for g in staged:
             streams = {r.stream_id for r in g.records}
@@ -308,24 +313,6 @@ class Executions:
                     out[j] = Applied(changes[j], "conflict", collided=frozenset(streams & bad if bad else streams),
                                      reason="a concurrent write to the same streams")
         return pending
-
-    def _append(self, state: Execution, events: list[Any], inbox: Sequence[str] = ()) -> Execution:
-        """The result consumer's one-at-a-time fallback: one execution's events and the result's inbox id."""
-        if not events and not inbox:
-            return state
-        encoded, _ = self.claims.offload(events)
-        new = [_record(state.id, state.version + i + 1, e, b) for i, (e, b) in enumerate(encoded)]
-        try:
-            self.store.append(new, inbox=inbox)
-        except ConcurrencyError:
-            self._forget(state.id)
-            raise
-        after = state.copy()
-        for e, _b in encoded:  # as stored: references where payloads were moved
-            evolve(after, e)
-        self._remember(after)
-        self._notify()
-        return after
 
     def _notify(self) -> None:
         for listener in self.listeners:
@@ -414,32 +401,28 @@ class Executions:
                 self._remember(state)
 
     def _apply_one_by_one(self, results: Sequence[StepResult]) -> list[Outcome]:
+        """The batch was refused: each result through `apply`, the one writer, with its inbox id."""
         outcomes = []
         for r in results:
             for _ in range(20):
                 if self.store.seen([r.message_id]):
                     outcomes.append(Outcome(r.message_id, "duplicate", r.execution_id))
                     break
-                try:
-                    state = self.load(r.execution_id)
-                except ValueError:
-                    outcomes.append(Outcome(r.message_id, "unknown", r.execution_id, "execution id is not a UUID"))
-                    break
-                if not state.version:
-                    outcomes.append(Outcome(r.message_id, "unknown", r.execution_id, "no such execution"))
-                    break
-                try:
-                    events = decide(state, r, self.clock())
-                    self._append(state, events, inbox=[r.message_id])
-                except UnknownTask as exc:
-                    outcomes.append(Outcome(r.message_id, "unknown", r.execution_id, str(exc)))
-                    break
-                except ConcurrencyError:
-                    continue
-                outcomes.append(Outcome(r.message_id, "applied", r.execution_id))
+                [a] = self.apply([Change(r.execution_id, r, inbox=[r.message_id])], attempts=1)
+                if a.status in ("applied", "unchanged"):
+                    outcomes.append(Outcome(r.message_id, "applied", r.execution_id))
+                elif a.status == "not_found":
+                    why = a.reason if "UUID" in a.reason else "no such execution"
+                    outcomes.append(Outcome(r.message_id, "unknown", r.execution_id, why))
+                elif isinstance(a.error, UnknownTask):
+                    outcomes.append(Outcome(r.message_id, "unknown", r.execution_id, str(a.error)))
+                elif a.status == "failed" and a.error is not None:
+                    raise a.error  # the whole batch is abandoned: nothing acked, all redelivered
+                else:
+                    continue  # written meanwhile: seen, or decided again on a fresh load
                 break
             else:
-                raise ConcurrencyError(f"execution {r.execution_id}: too much contention")
+                raise ConcurrencyError(f"execution {r.execution_id}: too much contention", kind="version")
         return outcomes
 
 
@@ -457,6 +440,7 @@ class Change:
     command: Any  # a decide.Command (Start, Cancel, Reprocess, ...) or None: riders only
     riders: Sequence[NewEvent] | Callable[[Sequence[Applied]], Sequence[NewEvent]] = ()
     group: Any = None
+    inbox: Sequence[str] = ()  # message ids recorded with it (a step result's), even when nothing is decided
 
 
 @dataclass(slots=True)
@@ -481,6 +465,7 @@ class _Group:
     records: list[NewEvent] = field(default_factory=list)
     riders: set[uuid.UUID] = field(default_factory=set)
     moved: set[str] = field(default_factory=set)
+    inbox: list[str] = field(default_factory=list)
 
 
 @dataclass(slots=True)

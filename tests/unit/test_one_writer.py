@@ -156,3 +156,24 @@ def test_a_dead_letter_reprocess_goes_through_the_writer(store: Any) -> None:
     assert [r.type for r in store.load(uuid.UUID(row_id))] == ["DeadLetterReprocessed"]
     [again] = Actions(store, executions=executions).reprocess_steps([row], None, "ann", None)
     assert again.outcome == "already_reprocessed" and woken == [1]
+
+
+def test_results_refused_as_a_batch_are_applied_one_by_one_through_the_writer(store: Any) -> None:
+    version = Registry(store).publish(parse_definition(DEF))
+    one, woken = _executions(store)
+    two = Executions(store)  # another orchestrator: its writes make one's cache stale
+    state, _ = one.start(version, {})
+    two.command(state.id, Pause())
+    two.command(state.id, Cancel())  # `one` still thinks it is running
+    ok = StepResult(execution_id=state.id, step_id="a", attempt=1, status="succeeded", output=1)
+    unknown = StepResult(execution_id=state.id, step_id="zz", attempt=1, status="succeeded")
+    nobody = StepResult(execution_id=str(uuid.uuid4()), step_id="a", attempt=1, status="succeeded")
+    woken.clear()
+    out = one.apply_results([ok, unknown, nobody])
+    assert [(o.status, o.reason) for o in out] == [
+        ("applied", ""), ("unknown", out[1].reason), ("unknown", "no such execution")]
+    assert "zz" in out[1].reason and woken
+    # the result was recorded (as ignored: the execution was cancelled) with its inbox id
+    assert store.seen([ok.message_id]) == {ok.message_id}
+    assert [r.type for r in store.load(uuid.UUID(state.id))][-1] == "StepResultIgnored"
+    assert [o.status for o in one.apply_results([ok])] == ["duplicate"]
