@@ -219,13 +219,13 @@ def _handlers(modules: tuple[str, ...]) -> Any:
 
 
 async def _execute(eid: str, wf: Any, task: Any, mock: Any, handlers: Any, clock: Clock) -> Any:
-    import weft
     from contracts.messages import StepError, StepResult
     from services.worker.runtime import _error
+    from weft.steps import StepContext
 
-    ctx = weft.StepContext(execution_id=eid, step_id=task.step_id, attempt=task.attempt,
-                           idempotency_key=task.idempotency_key, item=task.item, workflow=wf.name,
-                           worker_id="weft.testing")
+    ctx = StepContext(execution_id=eid, step_id=task.step_id, attempt=task.attempt,
+                      idempotency_key=task.idempotency_key, item=task.item, workflow=wf.name,
+                      worker_id="weft.testing")
     started = clock.now()
     if isinstance(mock, _Attempts):
         mock = mock.mocks[min(task.attempt, len(mock.mocks)) - 1]

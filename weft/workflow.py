@@ -33,7 +33,7 @@ import typing
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from weft import NonRetryableError
+from weft.steps import NonRetryableError
 
 __all__ = ["Workflow", "Expr", "input_", "output_of", "item", "StepInputInvalid", "StepOutputInvalid"]
 

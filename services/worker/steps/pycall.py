@@ -26,7 +26,7 @@ import orjson
 
 from services.worker.steps.allowlist import CallableNotAllowed, StepModules
 from services.worker.steps.registry import check_keys, config_error, is_template
-from weft import NonRetryableError, StepContext
+from weft.steps import NonRetryableError, StepContext
 
 __all__ = ["PythonStep", "CallableImportError", "CallableNotAllowed", "OutputNotJSONError", "CALLABLE_PATH"]
 
