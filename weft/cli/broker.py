@@ -13,7 +13,7 @@ from typing import Optional
 
 import typer
 
-from weft import output as out
+from weft.cli import output as out
 from weft.cli import HomeOpt, _settings, app
 
 broker_app = typer.Typer(no_args_is_help=True, help="The broker: streams and users.")

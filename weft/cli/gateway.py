@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 import typer
 
-from weft import output as out
+from weft.cli import output as out
 from weft.cli import HomeOpt, JsonOpt, _json_arg, _service, _settings, _store, _user, app
 
 keys_app = typer.Typer(no_args_is_help=True, help="API keys for the HTTP gateway.")

@@ -27,9 +27,9 @@ import orjson
 import typer
 
 from contracts import deadletters as dl
-from weft import output as out
+from weft.cli import output as out
 from weft.cli import HomeOpt, JsonOpt, _json_arg, _service, _settings, _store, _user, app
-from weft.cli_dlq_render import (
+from weft.cli.dlq_render import (
     progress_bar,
     render_groups,
     render_list,

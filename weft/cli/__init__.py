@@ -15,7 +15,7 @@ from typing import Any, Optional
 import orjson
 import typer
 
-from weft import output as out
+from weft.cli import output as out
 
 app = typer.Typer(no_args_is_help=True, add_completion=True, help="Weft: event-sourced workflow orchestration.")
 
@@ -156,7 +156,7 @@ def up(
     log_level: str = typer.Option("WARNING", envvar="WEFT_LOG_LEVEL"),
 ) -> None:
     """Run the whole stack on embedded defaults: NATS + SQLite + all services."""
-    from weft.up import run_up
+    from weft.cli.up import run_up
 
     _logging(log_level)
     settings = _settings(home, nats_port=nats_port or None, worker_concurrency=concurrency, no_worker=no_worker,
@@ -494,11 +494,11 @@ def workflows_show(name: str = typer.Argument(..., metavar="NAME|MODULE:WORKFLOW
               "content_hash": v.content_hash, "definition": v.definition.canonical()}, as_json)
 
 
-from weft import cli_dlq as _cli_dlq  # noqa: E402,F401
-from weft import cli_history as _cli_history  # noqa: E402
-from weft import cli_gateway as _cli_gateway  # noqa: E402,F401
+from weft.cli import dlq as _cli_dlq  # noqa: E402,F401
+_cli_history = __import__("importlib").import_module("weft.cli.history")  # `history` is also a command here
+from weft.cli import gateway as _cli_gateway  # noqa: E402,F401
 
 
 def main() -> None:
     app()
-from weft import cli_broker as _cli_broker  # noqa: E402,F401
+from weft.cli import broker as _cli_broker  # noqa: E402,F401

@@ -1,6 +1,6 @@
 """CLI: projections (status, rebuild), replay (one or bulk), backfill, and `history --at`.
 
-Registered by one import at the end of weft/cli.py. Reporting commands take
+Registered by one import at the end of weft/cli/__init__.py. Reporting commands take
 --json (then JSON only); long-running ones show a Rich progress bar on stderr
 unless --json. Exit codes: 0 ok, 1 the operation failed (or was cancelled),
 2 bad input.
@@ -20,7 +20,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from weft import output as out
+from weft.cli import output as out
 from weft.cli import HomeOpt, JsonOpt, _check_id, _json_arg, _store, app, executions_app, workflows_app
 
 projections_app = typer.Typer(no_args_is_help=True, help="Status views: position, lag, rebuild.")
