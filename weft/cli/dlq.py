@@ -28,7 +28,7 @@ import typer
 
 from contracts import deadletters as dl
 from weft.cli import output as out
-from weft.cli import HomeOpt, JsonOpt, _json_arg, _service, _settings, _store, _user, app
+from weft.cli.common import HomeOpt, JsonOpt, acting_user, app, json_arg, run_service, settings_for, store_for
 from weft.cli.dlq_render import (
     progress_bar,
     render_groups,
@@ -54,7 +54,7 @@ FILTER_KEYS = ("workflow", "step", "kind", "since", "until", "error-contains")
 @app.command()
 def deadletters(home: Optional[Path] = HomeOpt, log_level: str = typer.Option("INFO", envvar="WEFT_LOG_LEVEL")) -> None:
     """Run the dead-letter service: DLQ ingester, MaxDeliver capture, dead-letter view."""
-    _service(("deadletters",), home, log_level)
+    run_service(("deadletters",), home, log_level)
 
 
 # ---- helpers --------------------------------------------------------------------------------------
@@ -93,7 +93,7 @@ def _open(home: Optional[Path]) -> Iterator[Any]:
     """The store, with the dead-letter view brought up to date (so a list right after a failure shows it)."""
     from services.deadletters.view import refresh
 
-    with _store(home) as store:
+    with store_for(home) as store:
         refresh(store)
         yield store
 
@@ -233,7 +233,7 @@ class _Broker:
     """The broker connection for republishing, opened inside the bulk run's event loop."""
 
     def __init__(self, home: Optional[Path], actions: Any):
-        settings = _settings(home)
+        settings = settings_for(home)
         if not settings.nats_url:
             out.fail(1, "republishing needs the broker, and no NATS url is known: run `weft up`, or set WEFT_NATS_URL")
         self.settings, self.actions = settings, actions
@@ -271,7 +271,7 @@ def dlq_reprocess(
     from services.deadletters import Actions, PatchError
     from services.deadletters.bulk import batches
 
-    patch_value = _json_arg("--patch", patch) if patch is not None else None
+    patch_value = json_arg("--patch", patch) if patch is not None else None
     with _open(home) as store:
         rows = _selection(store, list(refs or []), select_all, filter_pairs, workflow=workflow, step=step, kind=kind,
                           since=since, until=until, error_contains=error_contains)
@@ -281,7 +281,7 @@ def dlq_reprocess(
                 actions.patched(row, patch_value)
             except PatchError as exc:
                 out.fail(2, f"--patch for {row['id'][:8]}: {exc}")
-        by = _user()
+        by = acting_user()
         needs_broker = not dry_run and any(r["source"] == "message" and r["status"] == "open" for r in rows)
 
         async def act(chunk: list[dict[str, Any]]) -> Any:
@@ -314,7 +314,7 @@ def dlq_discard(
         rows = _selection(store, list(refs or []), select_all, filter_pairs, workflow=workflow, step=step, kind=kind,
                           since=since, until=until, error_contains=error_contains)
         actions = Actions(store)
-        by = _user()
+        by = acting_user()
 
         async def act(chunk: list[dict[str, Any]]) -> Any:
             return await asyncio.to_thread(actions.discard_many, chunk, by=by, why=reason.strip(), dry_run=dry_run)
