@@ -49,6 +49,7 @@ SinceOpt = typer.Option(None, "--since", help="Seen at or after: ISO time, or an
 UntilOpt = typer.Option(None, "--until", help="Seen before: ISO time, or an age like 30m, 2h, 7d.")
 ErrorOpt = typer.Option(None, "--error-contains", help="Error type or message contains this (any case).")
 FILTER_KEYS = ("workflow", "step", "kind", "since", "until", "error-contains")
+FILTER_HELP = f"Select open ones: {', '.join(FILTER_KEYS)}."
 
 
 @app.command()
@@ -258,7 +259,7 @@ class _Broker:
 def dlq_reprocess(
     refs: Optional[list[str]] = typer.Argument(None, metavar="[ID]...", help="Dead letter ids (or unique prefixes)."),
     select_all: bool = typer.Option(False, "--all", help="Every open dead letter (narrow it with filters)."),
-    filter_pairs: list[str] = typer.Option([], "--filter", metavar="KEY=VALUE", help=f"Select open ones: {', '.join(FILTER_KEYS)}."),
+    filter_pairs: list[str] = typer.Option([], "--filter", metavar="KEY=VALUE", help=FILTER_HELP),
     workflow: Optional[str] = WorkflowOpt, step: Optional[str] = StepOpt, kind: Optional[str] = KindOpt,
     since: Optional[str] = SinceOpt, until: Optional[str] = UntilOpt, error_contains: Optional[str] = ErrorOpt,
     patch: Optional[str] = typer.Option(None, "--patch", help="RFC 7386 merge patch (JSON or @file) for the step's input, "
@@ -298,7 +299,7 @@ def dlq_discard(
     refs: Optional[list[str]] = typer.Argument(None, metavar="[ID]...", help="Dead letter ids (or unique prefixes)."),
     reason: Optional[str] = typer.Option(None, "--reason", help="Why (required; recorded with who did it)."),
     select_all: bool = typer.Option(False, "--all", help="Every open dead letter (narrow it with filters)."),
-    filter_pairs: list[str] = typer.Option([], "--filter", metavar="KEY=VALUE", help=f"Select open ones: {', '.join(FILTER_KEYS)}."),
+    filter_pairs: list[str] = typer.Option([], "--filter", metavar="KEY=VALUE", help=FILTER_HELP),
     workflow: Optional[str] = WorkflowOpt, step: Optional[str] = StepOpt, kind: Optional[str] = KindOpt,
     since: Optional[str] = SinceOpt, until: Optional[str] = UntilOpt, error_contains: Optional[str] = ErrorOpt,
     dry_run: bool = typer.Option(False, "--dry-run", help="Show what would happen; change nothing."),

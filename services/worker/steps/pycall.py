@@ -79,7 +79,7 @@ def _load(path: str, modules: StepModules) -> Callable[..., Any]:
 
 
 def _is_async(fn: Any) -> bool:
-    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))
+    return inspect.iscoroutinefunction(fn) or callable(fn) and inspect.iscoroutinefunction(fn.__call__)
 
 
 def _json_normalised(path: str, value: Any) -> Any:
