@@ -149,7 +149,8 @@ async def arun(workflow: Any, input: Any = None, *, mocks: Mapping[str, Any] | N
         executions = Executions(store, clock=clock.now)
         version = Registry(store, clock=clock.now).publish(wf)
         state, _ = executions.start(version, {} if input is None else input)
-        eid, seen, calls = state.id, 0, []
+        eid, seen = state.id, 0
+        calls: list[tuple[str, int | None, int]] = []  # (step, item, attempt) in run order
         pending: dict[tuple[str, int | None], Any] = {}  # the latest StepScheduled of each task not yet run
         stream, finished = uuid.UUID(eid), False
         while True:

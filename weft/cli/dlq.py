@@ -217,7 +217,7 @@ def _run_bulk(chunks: list[list[dict[str, Any]]], act: Any, as_json: bool, verb:
             if progress:
                 stack.enter_context(progress)
             return await run_batches(chunks, act, cancelled=cancelled,
-                                     progress=lambda n: progress.advance(task, n) if progress else None)
+                                     progress=lambda n: progress.advance(task, n) if progress and task is not None else None)
 
     return asyncio.run(main())
 

@@ -263,6 +263,7 @@ def replay(
                 out.fail(exc.exit_code, str(exc))
             out.emit(report, as_json, render=_render_bulk)
             raise typer.Exit(1 if report["failed"] or report["cancelled"] else 0)
+        assert execution_id is not None  # checked above: an id or a filter, and there is no filter
         try:
             result = replay_execution(store, execution_id, from_step=from_step, input_patch=patch,
                                       version=version, dry_run=dry_run)

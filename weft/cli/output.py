@@ -56,7 +56,7 @@ def follow(executions: Any, execution_id: str, *, timeout: float = 0, quiet: boo
             time.sleep(delay)
             delay = min(delay * 1.5, 0.25)
             state = executions.load(execution_id)
-            if progress is not None:
+            if progress is not None and task is not None:
                 done = sum(1 for s in state.steps.values() if s.status in ("succeeded", "skipped"))
                 running = [k for k, s in state.steps.items() if s.status == "scheduled"]
                 desc = f"{state.workflow} {state.id[:8]} {state.status}" + (f" · {', '.join(running[:3])}" if running else "")
