@@ -21,7 +21,7 @@ from services.broker.nats_server import NatsServer
 from services.settings import Settings, read_stack, stack_file, write_stack
 from services.gateway.auth import is_loopback
 from services.stack import ALL, Stack, install_signal_handlers, run_services
-from weft.output import alive
+from weft.cli.output import alive
 
 console = Console(stderr=True, soft_wrap=True)  # never wrap a URL or a path: they must stay copyable
 
