@@ -170,6 +170,10 @@ class Catalog:
     def subscribers(self, event_type: str) -> list[Route]:
         return list(self._by_type.get(event_type, ()))
 
+    def types(self) -> dict[str, list[Route]]:
+        """Every subscribed event type and its routes (latest version of each workflow)."""
+        return {t: list(routes) for t, routes in self._by_type.items()}
+
     def route(self, event: dict[str, Any]) -> Routing:
         """The workflows this CloudEvent (as JSON) starts: one route per workflow at most."""
         subs = self._by_type.get(event.get("type", ""), [])
