@@ -74,10 +74,9 @@ def decode_one(mode: str, headers: list[tuple[bytes, bytes]], body: bytes, limit
                                    f"in binary mode (ce-* headers) or structured mode ({STRUCTURED})")
     raw = load_json(body, "body", limits=limits)
     if isinstance(raw, dict):
-        raw = {"specversion": "1.0", **raw}
-        raw["id"] = raw.get("id") or str(uuid.uuid4())
-        raw["source"] = raw.get("source") or "weft:api"
-        raw["time"] = raw.get("time") or datetime.now(timezone.utc).isoformat()
+        defaults = {"id": str(uuid.uuid4()), "source": "weft:api", "time": datetime.now(timezone.utc).isoformat()}
+        # null or absent takes the default ("" stays, and is refused); specversion only absent, as TriggerIn says
+        raw = {"specversion": "1.0", **raw, **{k: v for k, v in defaults.items() if raw.get(k) is None}}
     return from_dict(raw, "body", limits=limits)
 
 
