@@ -67,7 +67,7 @@ async def trigger_types(request: Request) -> Any:
     version) it starts, with the JSON Schema their input (the event's data) must meet and any
     filter. A key bound to workflows sees only those, and the types they subscribe to."""
     ctx = request.app.state.ctx
-    await asyncio.to_thread(ctx.catalog.refresh)
+    await asyncio.to_thread(ctx.catalog.refresh, force=True)  # a producer asks after publishing a workflow
     return {"items": events_in.types(ctx.catalog, caller(request).workflows)}
 
 
