@@ -1,4 +1,4 @@
-"""CloudEvents over HTTP for `POST /v1/triggers` and `GET /v1/triggers/types`: which content
+"""CloudEvents over HTTP for `POST /v1/triggers`: which content
 mode a request is in, decoding it (contracts.cloudevents), who may publish what, and a batch
 published event by event with an answer per event.
 
@@ -32,7 +32,6 @@ from services.triggers.publish import publish
 
 if TYPE_CHECKING:
     from services.gateway.app import Context
-    from services.triggers.routing import Catalog
 
 PUBLISH_CONCURRENCY = 64  # publishes of one batch in flight at once (each waits for the broker's ack)
 
@@ -155,27 +154,3 @@ async def publish_batch(ctx: Context, key: ApiKey, body: bytes, limits: BindingL
         raise ApiError(status, f"none of the {len(items)} events was accepted: "
                        + "; ".join(f"{p['field']}: {p['message']}" for p in problems[:20]), problems=problems)
     return JSONResponse(answer, status_code=207)
-
-
-def types(catalog: Catalog, workflows: frozenset[str] | None) -> list[dict[str, Any]]:
-    """Every subscribed CloudEvent type with the workflows (latest versions) it starts; for a key
-    bound to `workflows`, only those workflows and the types they subscribe to."""
-    out = []
-    for event_type, routes in sorted(catalog.types().items()):
-        seen: dict[str, dict[str, Any]] = {}
-        for route in routes:
-            v = route.version
-            if workflows is not None and v.name not in workflows:
-                continue
-            entry = seen.setdefault(v.name, {"name": v.name, "version": v.version,
-                                             "input_schema": v.definition.input_schema, "filters": []})
-            if route.spec.filter is None:
-                entry["unfiltered"] = True  # two `on:` entries for one type: this one lets every event in
-            else:
-                entry["filters"].append(route.spec.filter)
-        for entry in seen.values():
-            if entry.pop("unfiltered", False):
-                entry["filters"] = []
-        if seen:
-            out.append({"type": event_type, "topic": trigger_subject(event_type), "workflows": list(seen.values())})
-    return out

@@ -17,6 +17,7 @@ from services.gateway.keys import KeyProblem
 from services.gateway.models import KeyCreate, KeyList, KeyOut, TriggerBatchOut, TriggerOut, TriggerTypeList, WebhookOut
 from services.triggers.ingest import Trigger
 from services.triggers.publish import dead_letter_rejected, encode, publish
+from services.triggers.routing import subscribed_types
 from services.triggers.webhooks import (
     WebhookError, claim_signature, delivery_id, secret_for, signature, verify, webhook_event,
 )
@@ -68,7 +69,7 @@ async def trigger_types(request: Request) -> Any:
     filter. A key bound to workflows sees only those, and the types they subscribe to."""
     ctx = request.app.state.ctx
     await asyncio.to_thread(ctx.catalog.refresh, force=True)  # a producer asks after publishing a workflow
-    return {"items": events_in.types(ctx.catalog, caller(request).workflows)}
+    return {"items": subscribed_types(ctx.catalog, caller(request).workflows)}
 
 
 @router.post(

@@ -238,3 +238,33 @@ async def test_trigger_types_lists_subscribed_types_with_workflows_and_schemas(a
         ("audit.done", ["audit"]), ("echo.requested", ["audit"])]
     async with httpx.AsyncClient(base_url=api.running.stack.gateway.url) as anonymous:
         assert (await anonymous.get("/v1/triggers/types")).status_code == 401
+
+
+async def test_the_client_and_the_cli_list_trigger_types(api: Api) -> None:
+    import subprocess
+    import sys
+
+    import weft
+
+    token, _ = await asyncio.to_thread(Keys(api.store).create, ["read"])
+    async with weft.AsyncClient(api.running.stack.gateway.url, api_key=token) as client:
+        listed = await client.trigger_types()
+    [echo] = listed.items
+    assert echo.type == "echo.requested" and [(w.name, w.version) for w in echo.workflows] == [("echo", 1)]
+    assert echo.workflows[0].input_schema is not None and echo.workflows[0].input_schema["required"] == ["msg"]
+
+    def with_the_sync_client() -> Any:
+        with weft.Client(api.running.stack.gateway.url, api_key=token) as sync_client:
+            return sync_client.trigger_types()
+
+    sync = await asyncio.to_thread(with_the_sync_client)
+    assert sync == listed
+    env = {"PATH": "/usr/bin:/bin", "WEFT_DATABASE_URL": api.running.stack.settings.database_url}
+    done = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "weft", "trigger-types", "--json"],
+                                   capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    [row] = orjson.loads(done.stdout)
+    assert row["id"] == row["type"] == "echo.requested" and row["workflows"][0]["input_schema"]["required"] == ["msg"]
+    human = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "weft", "trigger-types"],
+                                    capture_output=True, text=True, env={**env, "COLUMNS": "200"}, timeout=60)
+    assert human.returncode == 0 and "echo@1" in human.stdout and "msg" in human.stdout, human.stdout + human.stderr
