@@ -20,7 +20,14 @@ from typing import TYPE_CHECKING, Any
 from fastapi.responses import JSONResponse
 
 from contracts.cloudevents import (
-    BATCH, STRUCTURED, BindingError, BindingLimits, from_batch, from_dict, from_http, load_json,
+    BATCH,
+    STRUCTURED,
+    BindingError,
+    BindingLimits,
+    from_batch,
+    from_dict,
+    from_http,
+    load_json,
 )
 from contracts.payloads import MIB, PayloadError, PayloadTooLarge
 from contracts.subjects import trigger_subject

@@ -7,6 +7,8 @@ and unroutable events in the dead-letter store, and `GET /v1/triggers/types`."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -16,6 +18,7 @@ import pytest
 from cloudevents.core.bindings import http as sdk_http
 from cloudevents.core.v1.event import CloudEvent as SdkEvent
 
+import weft
 from contracts.subjects import trigger_subject
 from contracts.triggers import trigger_stream
 from services.broker import OutMessage
@@ -64,10 +67,10 @@ class Api:
 
         return (await wait_until(done, timeout=20, what=f"{workflow} for {source}:{event_id}"))["output"]
 
-    async def executions(self, workflow: str) -> list[Any]:
+    async def executions(self, workflow: str) -> Any:
         return (await self.client.get("/v1/executions", params={"workflow": workflow})).json()["items"]
 
-    async def letters(self, n: int, kind: str) -> list[Any]:
+    async def letters(self, n: int, kind: str) -> Any:
         async def enough() -> Any:
             items = (await self.client.get("/v1/deadletters", params={"kind": kind})).json()["items"]
             return items if len(items) >= n else None
@@ -103,7 +106,7 @@ def event(event_id: str, data: Any = None, **attrs: Any) -> SdkEvent:
                     data if data is not None else {"msg": f"hello {event_id}"})
 
 
-def structured(e: SdkEvent) -> dict[str, Any]:
+def structured(e: SdkEvent) -> Any:
     """One event as an item of a batch: the SDK's structured JSON of it."""
     return orjson.loads(sdk_http.to_structured_event(e).body)
 
@@ -241,11 +244,6 @@ async def test_trigger_types_lists_subscribed_types_with_workflows_and_schemas(a
 
 
 async def test_the_client_and_the_cli_list_trigger_types(api: Api) -> None:
-    import subprocess
-    import sys
-
-    import weft
-
     token, _ = await asyncio.to_thread(Keys(api.store).create, ["read"])
     async with weft.AsyncClient(api.running.stack.gateway.url, api_key=token) as client:
         listed = await client.trigger_types()
@@ -260,11 +258,13 @@ async def test_the_client_and_the_cli_list_trigger_types(api: Api) -> None:
     sync = await asyncio.to_thread(with_the_sync_client)
     assert sync == listed
     env = {"PATH": "/usr/bin:/bin", "WEFT_DATABASE_URL": api.running.stack.settings.database_url}
-    done = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "weft", "trigger-types", "--json"],
-                                   capture_output=True, text=True, env=env, timeout=60)
+    done = await asyncio.to_thread(_weft, env, "trigger-types", "--json")
     assert done.returncode == 0, done.stderr
     [row] = orjson.loads(done.stdout)
     assert row["id"] == row["type"] == "echo.requested" and row["workflows"][0]["input_schema"]["required"] == ["msg"]
-    human = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "weft", "trigger-types"],
-                                    capture_output=True, text=True, env={**env, "COLUMNS": "200"}, timeout=60)
+    human = await asyncio.to_thread(_weft, {**env, "COLUMNS": "200"}, "trigger-types")
     assert human.returncode == 0 and "echo@1" in human.stdout and "msg" in human.stdout, human.stdout + human.stderr
+
+
+def _weft(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "weft", *args], capture_output=True, text=True, env=env, timeout=60)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from typing import Any
 
 import orjson
 import pytest
@@ -12,14 +13,24 @@ from cloudevents.core.bindings import kafka as sdk_kafka
 from cloudevents.core.v1.event import CloudEvent as SdkEvent
 
 from contracts.cloudevents import (
-    BATCH, LIMITS, STRUCTURED, BindingError, BindingLimits, from_batch, from_binary, from_http, from_kafka,
-    from_nats, from_structured, http_mode,
+    BATCH,
+    LIMITS,
+    STRUCTURED,
+    BindingError,
+    BindingLimits,
+    from_batch,
+    from_binary,
+    from_http,
+    from_kafka,
+    from_nats,
+    from_structured,
+    http_mode,
 )
 
 T = datetime(2026, 5, 1, 12, 0, tzinfo=timezone.utc)
 
 
-def sdk_event(data: object = None, **attrs: object) -> SdkEvent:
+def sdk_event(data: dict[str, Any] | str | None = None, **attrs: object) -> SdkEvent:
     base: dict[str, object] = {"type": "order.created", "source": "https://shop.example/orders", "id": "o-1",
                                "time": T, "subject": "orders/1"}
     return SdkEvent({**base, **attrs}, data if data is not None else {"order_id": 7})
