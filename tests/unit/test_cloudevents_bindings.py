@@ -225,3 +225,13 @@ def test_kafka_binary_and_structured_from_the_sdk() -> None:
     assert "not a CloudEvent" in refused(from_kafka, [], None, b"{}").message
     tombstone = from_kafka(headers, None, None)
     assert tombstone.data is None
+
+
+def test_binary_data_at_the_depth_limit_is_named_as_the_body_it_came_in() -> None:
+    headers = {"ce-specversion": "1.0", "ce-id": "1", "ce-source": "s", "ce-type": "t"}
+    at_limit = b"[" * 100 + b"]" * 100  # 100 levels: the most a body may hold
+    assert from_http(headers, at_limit).data is not None
+    over = refused(from_http, headers, b"[" + at_limit + b"]")
+    assert over.field.startswith("body[0]") and "nested deeper than 100 levels" in over.message
+    long_name = "ce-" + "x" * 30  # over the spec's advice of 20, which producers do not all follow
+    assert from_http({**headers, long_name: "v"}, b"").model_extra == {"x" * 30: "v"}
