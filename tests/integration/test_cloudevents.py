@@ -167,11 +167,23 @@ async def test_a_batch_is_answered_per_event_and_refused_whole_over_the_limit(ap
     none_valid = await api.batch([missing_source, wrong_version])
     assert none_valid.status_code == 422, none_valid.text
     assert [p["field"] for p in none_valid.json()["error"]["problems"]] == ["body[0].source", "body[1].specversion"]
-    await wait_until(lambda: _at_least(api, "echo", 5), timeout=20, what="5 executions")
+    # A key bound to `audit` may publish its types only; data over the payload maximum is refused per event.
+    token, _ = await asyncio.to_thread(Keys(api.store).create, ["trigger"], workflows=["audit"])
+    audit = structured(event("a-1", type="audit.done"))
+    big = structured(event("big-1", {"msg": "x" * (4 * 1024 * 1024)}))
+    mixed = await api.client.post("/v1/triggers", content=orjson.dumps([audit, structured(event("nope-1")), big]),
+                                  headers={"content-type": "application/cloudevents-batch+json",
+                                           "Authorization": f"Bearer {token}"})
+    assert mixed.status_code == 207 and [i["status"] for i in mixed.json()["items"]] == [202, 403, 403], mixed.text
+    sized = await api.batch([big, structured(event("small-1"))])
+    assert [i["status"] for i in sized.json()["items"]] == [413, 202], sized.text
+    assert "over the limit of 4194304 bytes" in sized.json()["items"][0]["error"]["message"]
+    await wait_until(lambda: _at_least(api, "echo", 6), timeout=20, what="6 executions")
     await asyncio.sleep(1.0)  # time for anything wrongly published to be ingested
     for n in (0, 500, 1000):
         assert await asyncio.to_thread(api.store.load, trigger_stream("sdk-tests", f"over-{n}")) == []
-    assert len(await api.executions("echo")) == 5
+    assert len(await api.executions("echo")) == 6
+    assert await asyncio.to_thread(api.store.load, trigger_stream("sdk-tests", "big-1")) == []
 
 
 async def _at_least(api: Api, workflow: str, n: int) -> bool:
