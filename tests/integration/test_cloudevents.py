@@ -125,6 +125,11 @@ async def test_structured_and_binary_mode_from_the_sdk_start_executions(api: Api
     [record] = await asyncio.to_thread(api.store.load, trigger_stream("sdk-tests", "b-1"))
     kept = orjson.loads(record.data)["event"]
     assert kept["subject"] == "orders/1" and kept["tenant"] == "acme" and kept["data"] == {"msg": "hello b-1"}
+    # A type nobody subscribes to is accepted (its topic is open) and lands in the dead-letter store.
+    nobody = await api.send(sdk_http.to_binary_event(event("u-1", type="nobody.listens")))
+    assert nobody.status_code == 202, nobody.text
+    [letter] = await api.letters(1, "trigger_unroutable")
+    assert "no workflow subscribes to event type 'nobody.listens'" in letter["reason"]
 
 
 async def test_the_same_source_and_id_in_every_mode_starts_one_execution(api_on_both: Api) -> None:
