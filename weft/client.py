@@ -35,7 +35,7 @@ import orjson
 
 from services.gateway.models import (
     DeadLetterActions, DeadLetterDetail, DeadLetterPage, DeadLetterStats, ExecutionOut, ExecutionPage, HistoryEvent,
-    TriggerOut, WorkflowList, WorkflowVersionOut,
+    TriggerOut, TriggerTypeList, WorkflowList, WorkflowVersionOut,
 )
 from weft.errors import (
     Conflict, Forbidden, InvalidRequest, NotFound, ServerError, TooLarge, Unauthorized, Unavailable, WaitTimeout,
@@ -329,6 +329,10 @@ class Client:
                           **attributes)
         return TriggerOut.model_validate_json(self.request("POST", "/v1/triggers", json=body).content)
 
+    def trigger_types(self) -> TriggerTypeList:
+        """The subscribed CloudEvent types, each with its workflows and their `input_schema`."""
+        return TriggerTypeList.model_validate_json(self.request("GET", "/v1/triggers/types").content)
+
     # ---- dead letters -------------------------------------------------------------------------
 
     def dead_letters(self, *, limit: int = 100, offset: int = 0, **filters: Any) -> DeadLetterPage:
@@ -519,6 +523,9 @@ class AsyncClient:
         body = _drop_none(type=type, data=_json(data) if data is not None else None, id=id, source=source,
                           **attributes)
         return TriggerOut.model_validate_json((await self.request("POST", "/v1/triggers", json=body)).content)
+
+    async def trigger_types(self) -> TriggerTypeList:
+        return TriggerTypeList.model_validate_json((await self.request("GET", "/v1/triggers/types")).content)
 
     async def dead_letters(self, *, limit: int = 100, offset: int = 0, **filters: Any) -> DeadLetterPage:
         params = _drop_none(limit=limit, offset=offset, **filters)

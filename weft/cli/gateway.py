@@ -88,6 +88,25 @@ def publish(
     out.errors.print(f"published {event.type} from {event.source} on {result['topic']}{note}", highlight=False)
 
 
+@app.command("trigger-types")
+def trigger_types(as_json: bool = JsonOpt, home: Optional[Path] = HomeOpt) -> None:
+    """The CloudEvent types workflows subscribe to, each with its workflows and their input schema
+    (as `GET /v1/triggers/types`): what a producer may send."""
+    from services.triggers.routing import Catalog, subscribed_types
+
+    with _store(home) as store:
+        catalog = Catalog(store)
+        catalog.refresh(force=True)
+        types = subscribed_types(catalog)
+    if as_json:
+        out.emit([{"id": t["type"], **t} for t in types], True)
+        return
+    out.render_table([{"type": t["type"], "workflows": ", ".join(
+        f"{w['name']}@{w['version']}" + (" (filtered)" if w["filters"] else "") for w in t["workflows"]),
+        "input requires": ", ".join(sorted({f for w in t["workflows"] for f in (w["input_schema"] or {}).get(
+            "required", [])})) or "-"} for t in types])
+
+
 # ---- services ---------------------------------------------------------------------------------------
 
 
