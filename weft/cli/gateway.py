@@ -94,7 +94,7 @@ def trigger_types(as_json: bool = JsonOpt, home: Optional[Path] = HomeOpt) -> No
     (as `GET /v1/triggers/types`): what a producer may send."""
     from services.triggers.routing import Catalog, subscribed_types
 
-    with _store(home) as store:
+    with store_for(home) as store:
         catalog = Catalog(store)
         catalog.refresh(force=True)
         types = subscribed_types(catalog)
