@@ -1,0 +1,154 @@
+"""The console in a real browser (chromium via Playwright) against `weft up` with API keys required."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Iterator
+
+import httpx
+import pytest
+
+from tests.e2e.console_support import Browser, Stack, browser_fixture, need_chromium
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
+
+SLOW = """
+name: slow-then-done
+input_schema: {type: object, properties: {n: {type: integer}}}
+steps:
+  - {id: wait, type: sleep, with: {seconds: 1.5}}
+  - {id: done, type: transform, needs: [wait], with: {expression: "{ok: `true`}"}}
+output: "${{ steps.done.output }}"
+"""
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: Any) -> Iterator[Browser]:
+    yield from browser_fixture(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: Any) -> Iterator[Stack]:
+    need_chromium()  # no stack to start when the browser test would skip
+    home = tmp_path_factory.mktemp("console")
+    up = Stack(home / "home", WEFT_GATEWAY_AUTH="true")
+    try:
+        up.publish(home / "slow.yaml", SLOW)
+        yield up
+    finally:
+        up.stop()
+
+
+@pytest.fixture(scope="module")
+def admin(stack: Stack) -> str:
+    return stack.key("admin", "--name", "ops")
+
+
+@pytest.fixture(scope="module")
+def reader(stack: Stack) -> str:
+    return stack.key("read", "--name", "viewer")
+
+
+def test_sign_in_then_start_an_execution_and_watch_it_complete_live(stack: Stack, browser: Browser, admin: str) -> None:
+    page = browser.page()
+    response = page.goto(f"{stack.url}/ui/")
+    assert response is not None
+    headers = response.headers
+    assert headers["x-frame-options"] == "DENY"
+    assert "frame-ancestors 'none'" in headers["content-security-policy"]
+    assert "script-src 'self'" in headers["content-security-policy"]
+    # Keys required: the console asks for one before showing anything.
+    page.wait_for_selector("#signin:not([hidden])")
+    assert page.locator("#main").is_hidden()
+    page.fill("#signin-key", "weft_00000000_" + "A" * 43)
+    page.click("#signin-form button")
+    page.wait_for_selector("#signin-error:has-text('401')")
+    page.fill("#signin-key", admin)
+    page.click("#signin-form button")
+    page.wait_for_selector("#who:has-text('ops')")
+    assert page.locator("#auth-off").count() == 0
+    page.wait_for_selector("#live.on")  # subscribed to /v1/changes
+
+    # Start from the UI: the row appears at once and turns completed without a reload.
+    page.click("#start summary")
+    page.select_option("#s-workflow", "slow-then-done")
+    page.fill("#s-input", '{"n": 1}')
+    page.click("#s-submit")
+    link = page.wait_for_selector("#started-link")
+    eid = link.inner_text()
+    row = f"#executions tr[data-id='{eid}']"
+    page.wait_for_selector(f"{row} .badge:has-text('running')")
+    browser.shot(page, "executions-running")
+    page.wait_for_selector(f"{row} .badge:has-text('completed')", timeout=30_000)
+
+    # One started elsewhere (another client) shows up live too.
+    other = httpx.post(f"{stack.url}/v1/executions", json={"workflow": "slow-then-done", "input": {"n": 2}},
+                       headers={"Authorization": f"Bearer {admin}"})
+    assert other.status_code == 201, other.text
+    page.wait_for_selector(f"#executions tr[data-id='{other.json()['id']}']")
+    page.wait_for_function("() => document.querySelectorAll('#executions tbody tr[data-id]').length >= 2")
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('#executions tbody tr[data-id] .badge')].every(b => b.textContent === 'completed')",
+        timeout=30_000)
+    browser.shot(page, "executions")
+
+    # Filters: status and an id prefix, with cursor paging.
+    page.select_option("#f-status", "failed")
+    page.click("#filters button")
+    page.wait_for_selector("#executions td.empty")
+    page.select_option("#f-status", "")
+    page.fill("#f-id", eid[:8])
+    page.click("#filters button")
+    page.wait_for_function("() => document.querySelectorAll('#executions tbody tr[data-id]').length === 1")
+    assert page.locator(row).count() == 1
+    assert not browser.errors, browser.errors
+
+
+def test_a_read_only_key_sees_no_controls(stack: Stack, browser: Browser, reader: str) -> None:
+    page = browser.page(key=reader)
+    page.goto(f"{stack.url}/ui/executions")
+    page.wait_for_selector("#who:has-text('viewer')")
+    page.wait_for_selector("#executions tbody tr")
+    assert page.locator("#start").count() == 0  # no trigger scope: no start form
+    # And the API refuses anyway.
+    status = page.evaluate("""async () => { try { await Weft.api('POST', '/v1/executions', {workflow: 'slow-then-done'}); }
+                               catch (e) { return e.status; } return 200; }""")
+    assert status == 403
+    assert not browser.errors, browser.errors
+
+
+def test_cross_site_posts_and_framing_are_refused(stack: Stack, admin: str) -> None:
+    forged = httpx.post(f"{stack.url}/v1/executions", json={"workflow": "slow-then-done"},
+                        headers={"Origin": "https://evil.example", "Authorization": f"Bearer {admin}"})
+    assert forged.status_code == 403 and "cross-site" in forged.text
+    docs = httpx.get(f"{stack.url}/v1/docs")
+    assert docs.status_code == 200 and "/v1/docs/assets/swagger-ui-bundle.js" in docs.text
+    assert "cdn" not in docs.text.lower()
+    assert re.search(r"frame-ancestors 'none'", docs.headers["content-security-policy"])
+    assert httpx.get(f"{stack.url}/v1/docs/assets/swagger-ui-bundle.js").status_code == 200
+
+
+def test_swagger_ui_renders_offline(stack: Stack, browser: Browser) -> None:
+    page = browser.page()
+    page.goto(f"{stack.url}/v1/docs")
+    page.wait_for_selector(".swagger-ui .info .title:has-text('Weft')")
+    page.wait_for_selector(".opblock-summary-path:has-text('/v1/executions')")
+
+
+@pytest.fixture(scope="module")
+def open_stack(tmp_path_factory: Any) -> Iterator[Stack]:
+    need_chromium()
+    up = Stack(tmp_path_factory.mktemp("console-open") / "home")
+    try:
+        yield up
+    finally:
+        up.stop()
+
+
+def test_auth_off_on_loopback_says_so(open_stack: Stack, browser: Browser) -> None:
+    page = browser.page()
+    page.goto(f"{open_stack.url}/ui/executions")
+    page.wait_for_selector("#auth-off")
+    page.wait_for_selector("#who:has-text('auth off')")
+    assert page.locator("#signin").is_hidden()
+    assert page.locator("#start").count() == 1  # auth off: every caller is an unbound admin
