@@ -34,6 +34,7 @@ def stack(tmp_path_factory: Any) -> Iterator[Stack]:
     up = Stack(home / "home", WEFT_GATEWAY_AUTH="true")
     try:
         up.publish(home / "slow.yaml", SLOW)
+        up.weft("workflows", "publish", "examples/order.yaml")
         yield up
     finally:
         up.stop()
@@ -42,6 +43,13 @@ def stack(tmp_path_factory: Any) -> Iterator[Stack]:
 @pytest.fixture(scope="module")
 def admin(stack: Stack) -> str:
     return stack.key("admin", "--name", "ops")
+
+
+def start(stack: Stack, key: str, workflow: str, data: Any) -> str:
+    res = httpx.post(f"{stack.url}/v1/executions", json={"workflow": workflow, "input": data},
+                     headers={"Authorization": f"Bearer {key}"})
+    assert res.status_code == 201, res.text
+    return str(res.json()["id"])
 
 
 @pytest.fixture(scope="module")
@@ -152,3 +160,85 @@ def test_auth_off_on_loopback_says_so(open_stack: Stack, browser: Browser) -> No
     page.wait_for_selector("#who:has-text('auth off')")
     assert page.locator("#signin").is_hidden()
     assert page.locator("#start").count() == 1  # auth off: every caller is an unbound admin
+
+
+def test_one_execution_dag_timeline_and_time_travel(stack: Stack, browser: Browser, admin: str) -> None:
+    eid = start(stack, admin, "order-fulfilment", {"order_id": "A-1", "items": ["apple", "pear"]})
+    page = browser.page(key=admin)
+    page.goto(f"{stack.url}/ui/executions/{eid}")
+    page.wait_for_selector("#x-status:has-text('completed')", timeout=30_000)
+    # The DAG left to right, coloured by status; the map step shows its item count.
+    page.wait_for_selector("#dag g.node[data-step='ship_each'][data-status='succeeded']:has-text('2 items')")
+    xs = [page.eval_on_selector(f"#dag g.node[data-step='{s}']", "g => g.transform.baseVal[0].matrix.e")
+          for s in ("reserve", "ship_each", "summary")]
+    assert xs == sorted(xs) and len(set(xs)) == 3
+    # The Gantt has a row per attempt: one per map item, and the retry of item 1 after its back-off.
+    assert page.locator("#gantt g.attempt[data-step='ship_each']").count() == 3
+    assert page.locator("#gantt g.attempt[data-step='ship_each'][data-status='failed']").count() == 1
+    assert page.locator("#gantt g.attempt[data-step='ship_each'] rect.f-backoff").count() == 1
+    page.click("#dag g.node[data-step='reserve']")
+    page.wait_for_selector("#step-detail pre.output:has-text('apple')")
+    page.wait_for_selector("#step-detail pre.input:has-text('A-1')")
+    browser.shot(page, "execution")
+
+    # Time travel to event 2: only the first step has been scheduled; later events are dimmed.
+    page.locator("#travel").fill("2")
+    page.wait_for_selector("#as-of:has-text('as of event 2')")
+    page.wait_for_selector("#x-status:has-text('running')")
+    page.wait_for_selector("#dag g.node[data-step='reserve'][data-status='scheduled']")
+    page.wait_for_selector("#dag g.node[data-step='summary'][data-status='pending']")
+    assert page.locator("#history tr.future").count() > 0
+    assert page.locator("[data-control='cancel']").is_disabled()
+    browser.shot(page, "execution-time-travel")
+    page.click("#travel-live")
+    page.wait_for_selector("#x-status:has-text('completed')")
+    assert page.locator("#history tr.future").count() == 0
+    assert not browser.errors, browser.errors
+
+
+def test_pause_and_resume_live(stack: Stack, browser: Browser, admin: str) -> None:
+    eid = start(stack, admin, "slow-then-done", {"n": 3})
+    page = browser.page(key=admin)
+    page.goto(f"{stack.url}/ui/executions/{eid}")
+    page.wait_for_selector("#x-status:has-text('running')")
+    page.click("[data-control='pause']")
+    page.wait_for_selector("#x-status:has-text('paused')")
+    page.wait_for_selector("#dag g.node[data-step='wait'][data-status='succeeded']", timeout=30_000)
+    page.wait_for_selector("[data-control='resume']:not([disabled])")
+    page.click("[data-control='resume']")
+    page.wait_for_selector("#x-status:has-text('completed')", timeout=30_000)
+    page.wait_for_selector("#history td:has-text('ExecutionResumed')")
+
+
+def test_replay_with_a_checked_input_patch_and_a_dry_run(stack: Stack, browser: Browser, admin: str) -> None:
+    eid = start(stack, admin, "order-fulfilment", {"order_id": "B-2", "items": ["fig"]})
+    page = browser.page(key=admin)
+    page.goto(f"{stack.url}/ui/executions/{eid}")
+    page.wait_for_selector("#x-status:has-text('completed')", timeout=30_000)
+    page.select_option("#r-from", "ship_each")
+    page.click("#r-dry")
+    page.wait_for_selector("#r-preview:has-text('re-runs: ship_each, summary')")
+    page.wait_for_selector("#r-preview:has-text('reuses: reserve')")
+    # A patch the input schema refuses is refused before anything is stored.
+    page.select_option("#r-from", "")
+    page.fill("#r-patch", '{"order_id": 5}')
+    page.click("#r-go")
+    page.wait_for_selector("#r-error:has-text('order_id')")
+    page.fill("#r-patch", '{"order_id": "B-3"}')
+    page.click("#r-go")
+    link = page.wait_for_selector("#r-link")
+    link.click()
+    page.wait_for_selector("#x-status:has-text('completed')", timeout=30_000)
+    page.wait_for_selector(f"#x-meta:has-text('replay of {eid}')")
+
+
+def test_read_only_key_sees_no_execution_controls(stack: Stack, browser: Browser, admin: str, reader: str) -> None:
+    eid = start(stack, admin, "slow-then-done", {"n": 4})
+    page = browser.page(key=reader)
+    page.goto(f"{stack.url}/ui/executions/{eid}")
+    page.wait_for_selector("#dag g.node")
+    assert page.locator("[data-control]").count() == 0
+    assert page.locator("#replay-form").count() == 0
+    status = page.evaluate(f"async () => {{ try {{ await Weft.api('POST', '/v1/executions/{eid}/cancel', {{}}); }}"
+                           " catch (e) { return e.status; } return 200; }")
+    assert status == 403
