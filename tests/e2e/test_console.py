@@ -242,3 +242,82 @@ def test_read_only_key_sees_no_execution_controls(stack: Stack, browser: Browser
     status = page.evaluate(f"async () => {{ try {{ await Weft.api('POST', '/v1/executions/{eid}/cancel', {{}}); }}"
                            " catch (e) { return e.status; } return 200; }")
     assert status == 403
+
+
+FLAKY = """
+name: flaky-backend
+steps:
+  - id: call
+    type: python
+    with: {callable: "tests.integration.steps:flaky"}
+    input: {order: "${{ input.order }}", log: "${{ input.log }}", flag: "${{ input.flag }}"}
+    retry: {max_attempts: 1}
+  - {id: after, type: transform, needs: [call], with: {expression: "{done: `true`}"}}
+output: "${{ steps.after.output }}"
+"""
+
+
+def test_dead_letter_fix_the_cause_and_reprocess_from_the_ui(stack: Stack, browser: Browser, admin: str,
+                                                             tmp_path: Any) -> None:
+    stack.publish(tmp_path / "flaky.yaml", FLAKY)
+    flag = tmp_path / "backend-up"
+    data = {"order": "C-1", "log": str(tmp_path / "calls.log"), "flag": str(flag)}
+    eid = start(stack, admin, "flaky-backend", data)
+    other = start(stack, admin, "flaky-backend", data | {"log": str(tmp_path / "other.log")})
+    page = browser.page(key=admin)
+    page.goto(f"{stack.url}/ui/executions/{eid}")
+    page.wait_for_selector("#x-status:has-text('failed')", timeout=30_000)
+    page.wait_for_selector("#dag g.node[data-step='call'][data-status='dead_lettered']")
+    page.wait_for_selector("#dag g.node[data-step='after'][data-status='pending']")
+
+    # The list, and the clusters by error.
+    page.goto(f"{stack.url}/ui/deadletters?workflow=flaky-backend")
+    page.wait_for_function("() => document.querySelectorAll('#deadletters tbody tr[data-id]').length === 2")
+    page.select_option("#f-view", "clusters")
+    page.click("#filters button")
+    page.wait_for_selector("#clusters tbody tr:has-text('ConnectionError') td:first-child:text-is('2')")
+    page.select_option("#f-view", "rows")
+    page.click("#filters button")
+
+    # The detail: error, traceback, payload, history around the failure.
+    page.click(f"#deadletters tbody tr:has(a[href='/ui/executions/{eid}']) td a.mono >> nth=0")
+    page.wait_for_selector("#dl-error pre.traceback:has-text('backend unreachable')")
+    page.wait_for_selector("#history td:has-text('StepDeadLettered')")
+    page.wait_for_selector("#dl-payload pre:has-text('backend-up')")
+    page.click("#a-dry")
+    page.wait_for_selector("#outcome-list li")
+    assert page.locator("#outcomes h3").inner_text().startswith("Dry run")
+    browser.shot(page, "dead-letter")
+
+    # Fix the cause, reprocess from the UI, and the execution completes.
+    flag.write_text("up")
+    page.fill("#a-reason", "backend is back")
+    page.click("#a-reprocess")
+    page.wait_for_selector("#outcome-list li[data-outcome='reprocessed']")
+    page.wait_for_selector("#dl-status:has-text('reprocessed')")
+    page.click("#dl-execution")
+    page.wait_for_selector("#x-status:has-text('completed')", timeout=30_000)
+    page.wait_for_selector("#history td:has-text('StepReprocessRequested')")
+
+    # The other one: discard by filter, which asks for a reason; one outcome per item.
+    page.goto(f"{stack.url}/ui/deadletters?workflow=flaky-backend")
+    page.wait_for_function("() => document.querySelectorAll('#deadletters tbody tr[data-id]').length === 1")
+    page.select_option("#a-target", "filter")
+    page.uncheck("#a-dry")
+    page.click("#a-discard")
+    page.wait_for_selector("#act-error:has-text('reason')")
+    page.fill("#a-reason", "test data")
+    page.click("#a-discard")
+    page.wait_for_selector("#outcome-list li[data-outcome='discarded']")
+    assert page.locator("#outcome-list li").count() == 1
+    page.wait_for_selector("#deadletters td.empty")
+    del other
+    assert not browser.errors, browser.errors
+
+
+def test_read_only_key_sees_no_dead_letter_actions(stack: Stack, browser: Browser, reader: str) -> None:
+    page = browser.page(key=reader)
+    page.goto(f"{stack.url}/ui/deadletters")
+    page.wait_for_selector("#deadletters tbody tr")
+    assert page.locator("#actions").count() == 0
+    assert page.locator("#deadletters .pick").count() == 0

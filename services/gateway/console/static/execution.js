@@ -159,7 +159,7 @@
       if (f.traceback) out.push(...block("Traceback", f.traceback, "traceback"));
     }
     const dead = evs.filter((e) => e.type === "StepDeadLettered");
-    if (dead.length) out.push(h("p", {}, "Dead-lettered: " + dead[dead.length - 1].reason + " ", h("a", {href: "/ui/deadletters?execution=" + id}, "dead letters")));
+    if (dead.length) out.push(h("p", {}, "Dead-lettered: " + dead[dead.length - 1].reason + " ", h("a", {href: `/ui/deadletters?workflow=${encodeURIComponent(current.workflow)}&step=${encodeURIComponent(selected)}`, id: "dead-letters-link"}, "its dead letters")));
     box.replaceChildren(...out);
   }
 
