@@ -143,3 +143,48 @@ def projections(request: Request) -> Any:
 
     return {"items": projection_status(request.app.state.ctx.store, default_views())}
 
+
+
+_REBUILDS: dict[str, asyncio.Task[Any]] = {}  # name -> the running rebuild (kept so it is not collected)
+
+
+@router.post("/projections/{name}/rebuild", status_code=202, responses=errors(404, 409), openapi_extra=scoped("admin"))
+async def rebuild_projection(request: Request, name: str = Path(max_length=64, pattern=r"^[a-z_:]+$")) -> Any:
+    """Rebuild a view from position 0 beside the live one, then swap it in; answers at once (202).
+    Its progress shows in `GET /v1/projections` (`rebuilding`: position of head), and `last` here."""
+    from services.projections import RebuildBusy, rebuild, view_named
+
+    key = caller(request)
+    if key.workflows is not None:
+        raise ApiError(403, "a view covers every workflow: a key bound to some workflows may not rebuild it")
+    try:
+        view = view_named(name)
+    except KeyError as exc:
+        raise ApiError(404, str(exc.args[0])) from None
+    running = _REBUILDS.get(view.name)
+    if running is not None and not running.done():
+        raise ApiError(409, f"{view.name} is being rebuilt already", code="busy")
+    store = request.app.state.ctx.store
+
+    async def run() -> Any:
+        try:
+            return (await asyncio.to_thread(rebuild, store, view)).as_dict()
+        except RebuildBusy as exc:
+            return {"error": str(exc)}
+
+    _REBUILDS[view.name] = asyncio.ensure_future(run())
+    return {"name": view.name, "started": True}
+
+
+@router.get("/projections/{name}/rebuild", responses=errors(404), openapi_extra=scoped("read"))
+def rebuild_state(name: str = Path(max_length=64, pattern=r"^[a-z_:]+$")) -> Any:
+    """The last rebuild this gateway started of a view: running, or its result."""
+    wanted = name if name.startswith("view:") else f"view:{name}"
+    task = _REBUILDS.get(wanted)
+    if task is None:
+        raise ApiError(404, f"no rebuild of {wanted} started here")
+    if not task.done():
+        return {"name": wanted, "running": True}
+    exc = task.exception()
+    return {"name": wanted, "running": False, "result": None if exc else task.result(),
+            "error": f"{type(exc).__name__}: {exc}" if exc else None}

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any, Iterator
 
 import httpx
 import pytest
 
-from tests.e2e.console_support import Browser, Stack, browser_fixture, need_chromium
+from tests.e2e.console_support import ROOT, Browser, Stack, browser_fixture, need_chromium
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -321,3 +322,40 @@ def test_read_only_key_sees_no_dead_letter_actions(stack: Stack, browser: Browse
     page.wait_for_selector("#deadletters tbody tr")
     assert page.locator("#actions").count() == 0
     assert page.locator("#deadletters .pick").count() == 0
+
+
+def test_workflows_versions_diff_stats_and_a_backfill_with_progress(stack: Stack, browser: Browser, admin: str,
+                                                                    tmp_path: Any) -> None:
+    v2 = (Path(ROOT) / "examples/order.yaml").read_text().replace("initial_delay: 0.1}", "initial_delay: 0.15}")
+    stack.publish(tmp_path / "order-v2.yaml", v2)
+    stack.weft("publish", "order.created", "--data", '{"order_id": "T-1", "items": ["kiwi"]}', "--id", "evt-console-1")
+    page = browser.page(key=admin)
+    page.goto(f"{stack.url}/ui/workflows")
+    page.wait_for_selector("#workflows tr[data-workflow='order-fulfilment']")
+    page.click("#workflows a:text-is('order-fulfilment')")
+    page.wait_for_selector("#stats-line:has-text('p95')")
+    assert page.locator("#versions tbody tr").count() == 2
+    page.click("#diff-form button")
+    page.wait_for_selector("#diff-summary:has-text('changed lines (1 → 2)')")
+    page.wait_for_selector("#diff pre.add:has-text('0.15')")
+    page.wait_for_selector("#diff pre.del:has-text('initial_delay')")
+
+    page.click("#b-dry")
+    page.wait_for_selector("#b-summary:has-text('Dry run')")
+    page.wait_for_selector("#b-result li[data-outcome='would_start']")
+    page.click("#b-go")
+    page.wait_for_selector("#b-summary:has-text('Backfill')")
+    started = page.locator("#b-result li[data-outcome='started']").count()
+    assert started >= 1, page.inner_text("#b-result")
+    page.wait_for_selector(f"#b-progress:has-text('{started} of {started} finished')", timeout=30_000)
+    browser.shot(page, "workflow")
+    assert not browser.errors, browser.errors
+
+
+def test_projections_position_lag_and_rebuild(stack: Stack, browser: Browser, admin: str) -> None:
+    page = browser.page(key=admin)
+    page.goto(f"{stack.url}/ui/projections")
+    page.wait_for_selector("#projections tr[data-view='executions'] td.position")
+    page.click("#projections tr[data-view='timeline'] button[data-rebuild]")
+    page.wait_for_selector("#projections tr[data-view='timeline'] td.rebuilt:has-text('gen')", timeout=30_000)
+    assert not browser.errors, browser.errors
