@@ -359,3 +359,23 @@ def test_projections_position_lag_and_rebuild(stack: Stack, browser: Browser, ad
     page.click("#projections tr[data-view='timeline'] button[data-rebuild]")
     page.wait_for_selector("#projections tr[data-view='timeline'] td.rebuilt:has-text('gen')", timeout=30_000)
     assert not browser.errors, browser.errors
+
+
+def test_a_key_bound_to_one_workflow_is_offered_that_workflow_only(stack: Stack, browser: Browser, admin: str) -> None:
+    start(stack, admin, "order-fulfilment", {"order_id": "Z-9", "items": []})
+    start(stack, admin, "slow-then-done", {"n": 9})
+    bound = stack.key("trigger,read", "--workflows", "slow-then-done", "--name", "bound")
+    page = browser.page(key=bound)
+    page.goto(f"{stack.url}/ui/executions")
+    page.wait_for_selector("#who:has-text('workflows: slow-then-done')")
+    page.wait_for_selector("#executions tbody tr[data-id]")
+    workflows = page.eval_on_selector_all("#executions tbody tr[data-id] td:nth-child(2)", "tds => tds.map(t => t.textContent)")
+    assert workflows and all(w.startswith("slow-then-done@") for w in workflows)
+    offered = page.eval_on_selector_all("#s-workflow option", "os => os.map(o => o.value)")
+    assert offered == ["slow-then-done"]
+    page.goto(f"{stack.url}/ui/workflows")
+    page.wait_for_selector("#workflows tbody tr")
+    assert page.eval_on_selector_all("#workflows tbody tr", "rs => rs.map(r => r.dataset.workflow)") == ["slow-then-done"]
+    page.goto(f"{stack.url}/ui/projections")
+    page.wait_for_selector("#projections tbody tr")
+    assert page.locator("button[data-rebuild]").count() == 0
