@@ -223,9 +223,11 @@ def test_replay_with_a_checked_input_patch_and_a_dry_run(stack: Stack, browser: 
     # A patch the input schema refuses is refused before anything is stored.
     page.select_option("#r-from", "")
     page.fill("#r-patch", '{"order_id": 5}')
+    page.wait_for_selector("#r-error:has-text('order_id')")  # checked as typed (a dry run)
     page.click("#r-go")
     page.wait_for_selector("#r-error:has-text('order_id')")
     page.fill("#r-patch", '{"order_id": "B-3"}')
+    page.wait_for_selector("#r-preview")
     page.click("#r-go")
     link = page.wait_for_selector("#r-link")
     link.click()

@@ -254,6 +254,7 @@
   function setupReplay() {
     const form = document.getElementById("replay-form");
     if (!form) return;
+    let typing = null;
     document.getElementById("r-from").append(...(definition().steps || []).map((s) => h("option", {value: s.id}, s.id)));
     async function send(dry) {
       const box = document.getElementById("r-result");
@@ -277,7 +278,12 @@
       } catch (e) { box.replaceChildren(h("p", {class: "error", id: "r-error"}, e.message)); }
     }
     document.getElementById("r-dry").addEventListener("click", () => send(true));
-    form.addEventListener("submit", (ev) => { ev.preventDefault(); send(false); });
+    // Check the patch as it is typed: a dry run validates it against the input schema and stores nothing.
+    document.getElementById("r-patch").addEventListener("input", () => {
+      clearTimeout(typing);
+      typing = setTimeout(() => send(true), 700);
+    });
+    form.addEventListener("submit", (ev) => { ev.preventDefault(); clearTimeout(typing); send(false); });
   }
 
   Weft.ready(async () => {
