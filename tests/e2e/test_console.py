@@ -101,7 +101,18 @@ def test_sign_in_then_start_an_execution_and_watch_it_complete_live(stack: Stack
         timeout=30_000)
     browser.shot(page, "executions")
 
-    # Filters: status and an id prefix, with cursor paging.
+    # Cursor paging: one row a page, newest first.
+    page.goto(f"{stack.url}/ui/executions?limit=1")
+    page.wait_for_selector("#executions tbody tr[data-id]")
+    first = page.get_attribute("#executions tbody tr[data-id]", "data-id")
+    page.click("#next")
+    page.wait_for_selector("#count:has-text('page 2')")
+    second = page.get_attribute("#executions tbody tr[data-id]", "data-id")
+    assert first != second and {first, second} == {eid, other.json()["id"]}
+    page.click("#first")
+    page.wait_for_selector(f"#executions tbody tr[data-id='{first}']")
+
+    # Filters: status and an id prefix.
     page.select_option("#f-status", "failed")
     page.click("#filters button")
     page.wait_for_selector("#executions td.empty")
@@ -381,3 +392,24 @@ def test_a_key_bound_to_one_workflow_is_offered_that_workflow_only(stack: Stack,
     page.goto(f"{stack.url}/ui/projections")
     page.wait_for_selector("#projections tbody tr")
     assert page.locator("button[data-rebuild]").count() == 0
+
+
+SKIPPING = """
+name: skipping
+steps:
+  - {id: a, type: noop}
+  - {id: b, type: noop, needs: [a], when: "${{ input.go }}"}
+  - {id: c, type: noop, needs: [b]}
+"""
+
+
+def test_skipped_branches_are_greyed(stack: Stack, browser: Browser, admin: str, tmp_path: Any) -> None:
+    stack.publish(tmp_path / "skipping.yaml", SKIPPING)
+    eid = start(stack, admin, "skipping", {"go": False})
+    page = browser.page(key=admin)
+    page.goto(f"{stack.url}/ui/executions/{eid}")
+    page.wait_for_selector("#x-status:has-text('completed')", timeout=30_000)
+    page.wait_for_selector("#dag g.node.n-skipped[data-step='b']")
+    page.wait_for_selector("#dag g.node.n-skipped[data-step='c']")
+    assert page.locator("#dag path.edge.off").count() == 2
+    assert page.eval_on_selector("#dag g.node[data-step='c']", "g => getComputedStyle(g).opacity") == "0.55"

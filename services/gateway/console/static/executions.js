@@ -6,6 +6,8 @@
   const cursors = [];  // the cursor of each page shown so far (null: the first)
   let next = null;
   let filters = {};
+  // Rows per page: 25, or ?limit=N (1..100) in the address.
+  const size = Math.min(100, Math.max(1, Number(new URLSearchParams(location.search).get("limit")) || 25));
 
   function utc(local) { return local ? new Date(local).toISOString() : null; }
 
@@ -32,7 +34,7 @@
   }
 
   async function load(cursor) {
-    const q = new URLSearchParams(Object.assign({limit: "25"}, filters));
+    const q = new URLSearchParams(Object.assign({limit: String(size)}, filters));
     if (cursor) q.set("cursor", cursor);
     const page = await api("GET", "/v1/executions?" + q);
     tbody.replaceChildren(...page.items.map(row));
@@ -70,7 +72,7 @@
         if (empty) empty.parentElement.remove();
         const r = row(x); r.classList.add("flash-row");
         tbody.prepend(r);
-        while (tbody.children.length > 25) tbody.lastElementChild.remove();
+        while (tbody.children.length > size) tbody.lastElementChild.remove();
       } catch (e) { /* not visible to this key */ }
     }
   }
