@@ -59,6 +59,7 @@ def reader(stack: Stack) -> str:
 
 
 def test_sign_in_then_start_an_execution_and_watch_it_complete_live(stack: Stack, browser: Browser, admin: str) -> None:
+    assert f"console         {stack.url}/ui" in stack.log.read_text()  # `weft up` prints the address
     page = browser.page()
     response = page.goto(f"{stack.url}/ui/")
     assert response is not None
