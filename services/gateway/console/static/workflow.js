@@ -31,8 +31,14 @@
     const box = document.getElementById("diff");
     if (d === null) { box.replaceChildren(h("p", {}, "Too large to compare here.")); return; }
     const changed = d.filter(([k]) => k !== " ").length;
-    box.replaceChildren(h("p", {class: "meta", id: "diff-summary"}, changed ? `${changed} changed lines (${va} → ${vb})` : "identical"),
-      ...d.map(([k, text]) => h("pre", {class: k === "+" ? "add" : k === "-" ? "del" : ""}, `${k} ${text}`)));
+    // Three lines of context around each change; the rest folds into "…".
+    const near = d.map((_, i) => d.slice(Math.max(0, i - 3), i + 4).some(([k]) => k !== " "));
+    const rows = [];
+    d.forEach(([k, text], i) => {
+      if (near[i] || !changed) rows.push(h("pre", {class: k === "+" ? "add" : k === "-" ? "del" : ""}, `${k} ${text}`));
+      else if (i === 0 || near[i - 1]) rows.push(h("pre", {class: "meta"}, "  …"));
+    });
+    box.replaceChildren(h("p", {class: "meta", id: "diff-summary"}, changed ? `${changed} changed lines (${va} → ${vb})` : "identical"), ...rows);
   }
 
   async function stats() {
