@@ -190,3 +190,32 @@ async def test_a_step_knows_its_workflow_name_and_version(api: Any) -> None:
     assert done["status"] == "completed", done
     me = next(s for s in done["steps"] if s["step_id"] == "me")
     assert me["output"] == {"workflow": "who", "workflow_version": 2, "step_id": "me"}
+
+
+async def test_concurrent_batches_and_single_starts_with_overlapping_keys_start_each_key_once(api: Any) -> None:
+    running, client = api
+    keys = [f"o-{n}" for n in range(30)]
+
+    async def batch(offset: int) -> Any:
+        items = [{"workflow": "echo", "input": {"msg": k}, "idempotency_key": k} for k in keys[offset:] + keys[:offset]]
+        return await client.post("/v1/executions:batch", json={"items": items})
+
+    async def single(k: str) -> Any:
+        return await client.post("/v1/executions", json={"workflow": "echo", "input": {"msg": k}},
+                                 headers={"Idempotency-Key": k})
+
+    answers = await asyncio.gather(*(batch(o) for o in (0, 7, 19)), *(single(k) for k in keys[::3]))
+    ids: dict[str, set[str]] = {}
+    created = 0
+    for r in answers[:3]:
+        assert r.status_code == 200, r.text
+        for item in r.json()["items"]:
+            assert item["status"] in (200, 201), item
+            ids.setdefault(item["idempotency_key"], set()).add(item["execution_id"])
+            created += item["status"] == 201
+    for k, r in zip(keys[::3], answers[3:]):
+        assert r.status_code in (200, 201), r.text
+        ids[k].add(r.json()["id"])
+        created += r.status_code == 201
+    assert all(len(v) == 1 for v in ids.values()) and len(ids) == 30
+    assert created == 30 and executions_stored(running) == 30
