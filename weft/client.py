@@ -34,6 +34,7 @@ import httpx
 import orjson
 
 from services.gateway.models import (
+    BatchStartOut,
     DeadLetterActions, DeadLetterDetail, DeadLetterPage, DeadLetterStats, ExecutionOut, ExecutionPage, HistoryEvent,
     TriggerOut, TriggerTypeList, WorkflowList, WorkflowVersionOut,
 )
@@ -102,6 +103,18 @@ def _start_body(workflow: Any, input: Any, version: int | None) -> dict[str, Any
     if not isinstance(name, str):
         raise TypeError(f"workflow must be a name or a weft.Workflow, not {type(workflow).__name__}")
     return _drop_none(workflow=name, version=version, input=_json(input))
+
+
+def _batch_body(items: Any) -> dict[str, Any]:
+    """Items as mappings with `workflow` (a name or a weft.Workflow), `input`, and optionally
+    `version` and `idempotency_key`."""
+    out = []
+    for item in items:
+        body = _start_body(item["workflow"], item.get("input"), item.get("version"))
+        if item.get("idempotency_key") is not None:
+            body["idempotency_key"] = item["idempotency_key"]
+        out.append(body)
+    return {"items": out}
 
 
 def _json(value: Any) -> Any:
@@ -225,6 +238,13 @@ class Client:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         r = self.request("POST", "/v1/executions", json=body, headers=headers)
         return Run(self, ExecutionOut.model_validate_json(r.content))
+
+    def start_many(self, items: Any) -> BatchStartOut:
+        """Start many executions in one request (at most services.gateway.models.MAX_BATCH).
+        Each item gets its own outcome in `.items[i]` (`status` 201, 200 for its key's
+        existing execution, or an error); a refused request raises and starts nothing."""
+        r = self.request("POST", "/v1/executions:batch", json=_batch_body(items))
+        return BatchStartOut.model_validate_json(r.content)
 
     def get(self, execution_id: str) -> ExecutionOut:
         return ExecutionOut.model_validate_json(self.request("GET", f"/v1/executions/{_seg(execution_id)}").content)
@@ -438,6 +458,11 @@ class AsyncClient:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         r = await self.request("POST", "/v1/executions", json=body, headers=headers)
         return AsyncRun(self, ExecutionOut.model_validate_json(r.content))
+
+    async def start_many(self, items: Any) -> BatchStartOut:
+        """Client.start_many, awaited."""
+        r = await self.request("POST", "/v1/executions:batch", json=_batch_body(items))
+        return BatchStartOut.model_validate_json(r.content)
 
     async def get(self, execution_id: str) -> ExecutionOut:
         r = await self.request("GET", f"/v1/executions/{_seg(execution_id)}")

@@ -371,10 +371,12 @@ def _schedule(
 
 
 def _traced(s: Execution) -> dict[str, Any]:
-    """A traced execution's steps carry its trace context and labels (for the spans of the hops)."""
-    if s.trace_id is None:
-        return {}
-    return {"trace_id": s.trace_id, "workflow": s.workflow, "workflow_version": s.workflow_version}
+    """Every step carries its workflow's name and version (the worker's StepContext tells the
+    handler, and the hops' spans are labelled with them); a traced execution's, its trace context."""
+    out: dict[str, Any] = {"workflow": s.workflow, "workflow_version": s.workflow_version}
+    if s.trace_id is not None:
+        out["trace_id"] = s.trace_id
+    return out
 
 
 def _reschedule(s: Execution, wf: WorkflowDef, now: datetime, emit: Emit) -> None:

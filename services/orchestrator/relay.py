@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import orjson
 
+from contracts import events as ev
+from contracts.messages import ready_from_scheduled
 from contracts.subjects import step_subject
 from services.broker import MessageRejected, OutMessage, Transport
 from services.faults import crash_point
@@ -37,35 +39,12 @@ log = logging.getLogger("weft.relay")
 
 
 def to_message(rec: StoredRecord) -> OutMessage:
-    """StoredRecord of a StepScheduled -> the StepReady command for it.
-
-    Built straight from the stored JSON: this runs for every step, and the
-    event was validated when it was decided. tests/unit/test_relay.py checks the
-    result against the StepReady model.
-    """
-    e = orjson.loads(rec.data)
-    execution_id = str(rec.stream_id)
-    item = e.get("item")
-    key = f"{execution_id}:{e['step_id']}" if item is None else f"{execution_id}:{e['step_id']}#{item}"
-    ready = {
-        "schema_version": 1,
-        "execution_id": execution_id,
-        "workflow": e.get("workflow") or "",
-        "step_id": e["step_id"],
-        "item": item,
-        "attempt": e["attempt"],
-        "step_type": e["step_type"],
-        "config": e.get("config") or {},
-        "input": e.get("input"),
-        "idempotency_key": e["idempotency_key"],
-        "timeout": e.get("timeout"),
-        "not_before": e.get("not_before"),
-        "scheduled_at": e["at"],
-        "trace_id": e.get("trace_id"),
-        "secrets": e.get("secrets") or {},
-    }
-    return OutMessage(subject=step_subject(e["step_type"]), data=orjson.dumps(ready), msg_id=f"{key}:{e['attempt']}",
-                      headers=step_headers(e))
+    """StoredRecord of a StepScheduled -> the StepReady command for it, made by the contract
+    (`contracts.messages.ready_from_scheduled`), so no field is dropped on the way."""
+    scheduled = ev.decode(rec.type, rec.data)
+    ready = ready_from_scheduled(str(rec.stream_id), scheduled)
+    return OutMessage(subject=step_subject(ready.step_type), data=ready.encode(), msg_id=ready.message_id,
+                      headers=step_headers(scheduled))
 
 
 @dataclass(slots=True)

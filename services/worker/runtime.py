@@ -253,7 +253,7 @@ class Worker:
         ctx = StepContext(
             execution_id=ready.execution_id, step_id=ready.step_id, attempt=ready.attempt,
             idempotency_key=ready.idempotency_key, item=ready.item, workflow=ready.workflow,
-            worker_id=self.worker_id,
+            workflow_version=ready.workflow_version, worker_id=self.worker_id,
         )
         if msg is not None:
             self._in_flight[id(msg)] = (msg, asyncio.get_running_loop().time())
