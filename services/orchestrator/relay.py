@@ -65,7 +65,7 @@ def to_message(rec: StoredRecord) -> OutMessage:
         "secrets": e.get("secrets") or {},
     }
     return OutMessage(subject=step_subject(e["step_type"]), data=orjson.dumps(ready), msg_id=f"{key}:{e['attempt']}",
-                      headers=step_headers(e))
+                      headers=step_headers(e), key=str(execution_id))
 
 
 @dataclass(slots=True)
