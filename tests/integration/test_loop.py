@@ -20,8 +20,8 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-async def stack(tmp_path: Path, db_url: str, nats_url: str):
-    async with stack_up(tmp_path, db_url, nats_url) as running:
+async def stack(tmp_path: Path, db_url: str, broker_url: str):
+    async with stack_up(tmp_path, db_url, broker_url) as running:
         yield running
 
 
@@ -101,7 +101,13 @@ steps:
     version = stack.publish(text)
     eid = await stack.start(version)
     await asyncio.to_thread(stack.stack.executions.command, eid, Pause())
-    await asyncio.sleep(1.2)  # a finishes while paused; b must not be scheduled
+    # a finishes while paused (on Kafka, after the consumer groups formed); b must not be scheduled
+    async def a_done() -> object:
+        s = await asyncio.to_thread(stack.reader.load, eid, fresh=True)
+        return s if s.steps["a"].status == "succeeded" else None
+
+    await wait_until(a_done, timeout=15)
+    await asyncio.sleep(0.3)  # time in which b would have been scheduled, were pausing broken
     state = await asyncio.to_thread(stack.reader.load, eid, fresh=True)
     assert state.status == "paused"
     assert state.steps["a"].status == "succeeded" and state.steps["b"].status == "pending"
@@ -143,10 +149,10 @@ async def test_poison_messages_are_dead_lettered_and_loop_survives(stack: Runnin
     await consumer.close()
 
 
-async def test_two_orchestrators_share_the_results(tmp_path: Path, db_url: str, nats_url: str) -> None:
-    one = await up_stack(tmp_path / "one", db_url, nats_url)
+async def test_two_orchestrators_share_the_results(tmp_path: Path, db_url: str, broker_url: str) -> None:
+    one = await up_stack(tmp_path / "one", db_url, broker_url)
     ns = one.stack.settings.namespace
-    two = await up_stack(tmp_path / "two", db_url, nats_url, parts=("orchestrator",), namespace=ns)
+    two = await up_stack(tmp_path / "two", db_url, broker_url, parts=("orchestrator",), namespace=ns)
     try:
         version = one.publish((ROOT / "examples/linear5.yaml").read_text())
         ids = [await one.start(version) for _ in range(40)]
