@@ -64,11 +64,17 @@ def parse_url(url: str) -> list[str]:
     return servers
 
 
+def topic_subject(stream: str) -> str:
+    """The subject a record gets when its producer did not name one (any Kafka client, writing to
+    the topic with the CloudEvents Kafka binding, say): the stream's root, `weft.triggers`."""
+    return contract_subjects.STREAMS[stream][0].removesuffix(".>")
+
+
 def stream_of(subject: str) -> str:
-    """The logical stream that captures `subject` (contracts.subjects.STREAMS)."""
+    """The logical stream that captures `subject` (contracts.subjects.STREAMS), or whose root it is."""
     for stream, captured in contract_subjects.STREAMS.items():
         for pattern in captured:
-            if subject_matches(pattern, subject):
+            if subject_matches(pattern, subject) or subject == topic_subject(stream):
                 return stream
     raise MessageRejected(f"subject {subject[:200]!r} belongs to no stream", operation="publish", subject=subject[:200])
 

@@ -38,6 +38,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("services.broker.kafka")
 
+# A foreign record's key, kept among its headers (the CloudEvents Kafka binding maps it to `partitionkey`).
+PARTITION_KEY_HEADER = "weft-kafka-key"
 PARTITION_SHIFT = 48  # stream_seq = partition << 48 | (offset + 1): unique per topic, offset + 1 on partition 0
 
 
@@ -269,15 +271,19 @@ class KafkaConsumer:
                     self._dirty.set()
 
     def _add(self, tp: TopicPartition, part: _Partition, r: Any) -> None:
-        from services.broker.kafka import MSG_ID_HEADER, SUBJECT_HEADER
+        from services.broker.kafka import MSG_ID_HEADER, SUBJECT_HEADER, topic_subject
 
         headers = {k: (v or b"").decode("utf-8", "replace") for k, v in (r.headers or ())}
-        subject = headers.pop(SUBJECT_HEADER, "")
+        subject = headers.pop(SUBJECT_HEADER, None)
+        if subject is None:  # a producer that is not Weft: it addressed the topic, nothing finer
+            subject = topic_subject(self.stream)
+            if r.key is not None and PARTITION_KEY_HEADER not in headers:
+                headers[PARTITION_KEY_HEADER] = r.key.decode("utf-8", "replace")
         msg_id = headers.pop(MSG_ID_HEADER, None)
         record = _Record(tp, r.offset, subject, r.value or b"", headers, msg_id,
                          (tp.partition << PARTITION_SHIFT) | (r.offset + 1))
         part.records.append(record)
-        if not self._matches(subject):
+        if not self._matches(subject) and subject != topic_subject(self.stream):
             record.done = True  # not this durable's: passed over, as a filtered NATS consumer does
             return
         self._unsettled += 1
