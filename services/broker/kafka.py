@@ -97,13 +97,17 @@ class KafkaTransport:
 
     def __init__(self, servers: list[str], *, namespace: str = "", partitions: int = 8,
                  request_timeout: float = 10.0, publish_retry_for: float = 30.0,
-                 session_timeout: float = 6.0, max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
+                 session_timeout: float = 6.0, max_message_bytes: int = MAX_MESSAGE_BYTES,
+                 fetch_wait: float = 0.01) -> None:
         self.servers, self.namespace = servers, namespace
         self.partitions = partitions
         self._suffix = f"_{namespace.upper()}" if namespace else ""
         self._request_timeout, self._publish_retry_for = request_timeout, publish_retry_for
         self.session_timeout = session_timeout
         self.max_message_bytes = max_message_bytes
+        # How long the broker may hold an empty fetch. Kafka answers as soon as a record comes;
+        # a broker that waits the whole time (Tansu) adds half of it to every dispatch on average.
+        self.fetch_wait_ms = max(1, int(fetch_wait * 1000))
         self._producer: AIOKafkaProducer | None = None
         self._consumers: set[KafkaConsumer] = set()
         self._recent: OrderedDict[str, float] = OrderedDict()

@@ -127,7 +127,7 @@ class KafkaConsumer:
             self.topic, bootstrap_servers=transport.servers, group_id=transport.group_id(stream, durable),
             enable_auto_commit=False, auto_offset_reset="earliest", session_timeout_ms=session,
             heartbeat_interval_ms=max(100, session // 6), rebalance_timeout_ms=max(session, 10_000),
-            max_poll_interval_ms=300_000, max_poll_records=500, fetch_max_wait_ms=100,
+            max_poll_interval_ms=300_000, max_poll_records=500, fetch_max_wait_ms=transport.fetch_wait_ms,
             client_id=f"weft-{durable}",
         )
 
