@@ -94,6 +94,7 @@ class KafkaTransport:
     """The broker port on Kafka. Build it with `await KafkaTransport.connect(url)`."""
 
     captures_max_deliver = True  # its consumers dead-letter what exceeds max_deliver themselves
+    cloudevents_binding = "kafka"  # trigger records follow the CloudEvents Kafka binding (ce_* headers)
 
     def __init__(self, servers: list[str], *, namespace: str = "", partitions: int = 8,
                  request_timeout: float = 10.0, publish_retry_for: float = 30.0,
