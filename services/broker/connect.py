@@ -7,7 +7,7 @@ client of the broker it runs on.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from services.broker.ports import BrokerError, Transport
 
@@ -30,10 +30,14 @@ async def connect_transport(settings: Settings, *, connect_timeout: float = 10.0
         except ImportError as exc:  # pragma: no cover - the kafka extra is not installed
             raise BrokerError("kafka:// needs aiokafka: pip install 'weft[kafka]'", operation="connect") from exc
         kw.pop("replicas", None)
-        return await KafkaTransport.connect(url, namespace=settings.namespace, connect_timeout=connect_timeout,
-                                            partitions=settings.kafka_partitions, **kw)
+        # cast: each adapter's consumer() returns its own consumer, whose fetch() returns a list of
+        # its own deliveries, and lists are invariant to mypy; the contract suite proves the shape.
+        return cast(Transport, await KafkaTransport.connect(url, namespace=settings.namespace,
+                                                            connect_timeout=connect_timeout,
+                                                            partitions=settings.kafka_partitions, **kw))
     from services.broker.nats import NatsTransport
 
     kw.setdefault("replicas", settings.nats_replicas)
-    return await NatsTransport.connect(url, namespace=settings.namespace, connect_timeout=connect_timeout,
-                                       **settings.nats_credentials(), **kw)
+    credentials: dict[str, Any] = dict(settings.nats_credentials())
+    return cast(Transport, await NatsTransport.connect(url, namespace=settings.namespace,
+                                                       connect_timeout=connect_timeout, **credentials, **kw))
