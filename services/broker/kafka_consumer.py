@@ -116,6 +116,7 @@ class KafkaConsumer:
         self._parts: dict[TopicPartition, _Partition] = {}
         self._ready: asyncio.Queue[_Record] = asyncio.Queue()
         self._unsettled = 0
+        self._out: set[_Record] = set()  # handed out and not settled: what the ack-wait watchdog looks at
         self._dirty = asyncio.Event()
         self._closed = False
         self._tasks: list[asyncio.Task[None]] = []
@@ -164,6 +165,7 @@ class KafkaConsumer:
                 return record
 
     def _hand_out(self, record: _Record) -> KafkaDelivery:
+        self._out.add(record)
         record.delivered += 1
         record.deadline = asyncio.get_running_loop().time() + self.ack_wait
         record.current = KafkaDelivery(record.subject, record.data, record.headers, record.msg_id, record.delivered,
@@ -201,6 +203,9 @@ class KafkaConsumer:
         record.done, record.current, record.deadline = True, None, math.inf
         if record.timer is not None:
             record.timer.cancel()
+        self._out.discard(record)
+        # Only its offset matters now; a record stuck before it (a long nak delay) may keep it a while.
+        record.data, record.headers = b"", {}
         self._unsettled -= 1
         part = self._parts.get(record.tp)
         if part is not None and part.advance():
@@ -211,9 +216,11 @@ class KafkaConsumer:
         if record.done or record.revoked:
             return
         record.current, record.deadline = None, math.inf
+        self._out.discard(record)
         if 0 < self.max_deliver <= record.delivered:
-            record.deadline = math.inf
-            self._tasks.append(asyncio.ensure_future(self._max_delivered(record)))
+            task = asyncio.ensure_future(self._max_delivered(record))
+            self._tasks.append(task)
+            task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
             return
         if delay > 0:
             record.timer = asyncio.get_running_loop().call_later(delay, self._ready.put_nowait, record)
@@ -296,10 +303,8 @@ class KafkaConsumer:
         while not self._closed:
             await asyncio.sleep(tick)
             now = loop.time()
-            for part in list(self._parts.values()):
-                for record in list(part.records):
-                    if record.current is not None and record.deadline < now:
-                        self._again(record, 0.0)
+            for record in [r for r in self._out if r.deadline < now]:
+                self._again(record, 0.0)
 
     async def _commits(self) -> None:
         while not self._closed:
@@ -334,6 +339,7 @@ class KafkaConsumer:
             for record in part.records:
                 if not record.done:
                     self._unsettled -= 1
+                self._out.discard(record)
                 record.revoked = True  # its new owner delivers it again; an ack from here is moot
                 if record.timer is not None:
                     record.timer.cancel()
