@@ -4,6 +4,8 @@ trigger -> event store -> relay -> worker -> orchestrator -> projections."""
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
 import uuid
 from pathlib import Path
 
@@ -187,3 +189,25 @@ async def test_broker_restart_mid_flight(tmp_path: Path, db_url: str) -> None:
         running.stop.set()
         await asyncio.wait_for(running.task, timeout=30)
         server.stop()
+
+
+async def test_kafka_restart_mid_flight(tmp_path: Path, db_url: str) -> None:
+    """The same on Kafka. Tansu keeps its data in memory, so this needs a real Kafka that survives a
+    restart: WEFT_TEST_KAFKA_URL, and WEFT_TEST_KAFKA_RESTART, a shell command that restarts it and
+    returns once it is back (e.g. `docker restart kafka`)."""
+    url, restart = os.environ.get("WEFT_TEST_KAFKA_URL"), os.environ.get("WEFT_TEST_KAFKA_RESTART")
+    if not (url and restart):
+        pytest.skip("needs a durable Kafka that can be restarted: set WEFT_TEST_KAFKA_URL and WEFT_TEST_KAFKA_RESTART")
+    running = await up_stack(tmp_path, db_url, url, ack_wait=3.0)
+    try:
+        version = running.publish((ROOT / "examples/linear5.yaml").read_text())
+        ids = [await running.start(version) for _ in range(20)]
+        await asyncio.sleep(0.3)
+        await asyncio.to_thread(subprocess.run, restart, shell=True, check=True, timeout=120)
+        more = [await running.start(version) for _ in range(5)]
+        for eid in ids + more:
+            assert (await running.finished(eid, timeout=180)).status == "completed"
+            assert_applied_once(await running.history(eid))
+    finally:
+        running.stop.set()
+        await asyncio.wait_for(running.task, timeout=30)
