@@ -23,7 +23,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections import deque
+import time
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +41,8 @@ log = logging.getLogger("services.broker.kafka")
 
 # A foreign record's key, kept among its headers (the CloudEvents Kafka binding maps it to `partitionkey`).
 PARTITION_KEY_HEADER = "weft-kafka-key"
-PARTITION_SHIFT = 48  # stream_seq = partition << 48 | (offset + 1): unique per topic, offset + 1 on partition 0
+PARTITION_SHIFT = 48
+RECENT_IDS, RECENT_FOR = 50_000, 120.0  # msg ids settled here that a copy is dropped for (NATS's window)  # stream_seq = partition << 48 | (offset + 1): unique per topic, offset + 1 on partition 0
 
 
 @dataclass(slots=True, eq=False)
@@ -117,6 +119,13 @@ class KafkaConsumer:
         self._ready: asyncio.Queue[_Record] = asyncio.Queue()
         self._unsettled = 0
         self._out: set[_Record] = set()  # handed out and not settled: what the ack-wait watchdog looks at
+        # Dedup by msg id on receipt: a copy of a message this process holds or settled recently (a
+        # relay that crashed before saving its position publishes again) is passed over, as
+        # JetStream's duplicate window would have dropped it. Same key, same partition: the copy
+        # comes to the process that has the first one.
+        self._holding: dict[str, _Record] = {}
+        self._settled_ids: OrderedDict[str, float] = OrderedDict()
+        self.duplicates = 0
         self._dirty = asyncio.Event()
         self._closed = False
         self._tasks: list[asyncio.Task[None]] = []
@@ -204,6 +213,9 @@ class KafkaConsumer:
         if record.timer is not None:
             record.timer.cancel()
         self._out.discard(record)
+        if record.msg_id:
+            self._holding.pop(record.msg_id, None)
+            self._remember(record.msg_id)
         # Only its offset matters now; a record stuck before it (a long nak delay) may keep it a while.
         record.data, record.headers = b"", {}
         self._unsettled -= 1
@@ -247,6 +259,14 @@ class KafkaConsumer:
             log.warning("kafka: message %s#%d exceeded max_deliver on %s; dead-lettered",
                         self.stream, record.stream_seq, self.durable)
             self._settle(record)
+
+    def _remember(self, msg_id: str) -> None:
+        now = time.monotonic()
+        ids = self._settled_ids
+        ids[msg_id] = now
+        ids.move_to_end(msg_id)
+        while ids and (len(ids) > RECENT_IDS or next(iter(ids.values())) < now - RECENT_FOR):
+            ids.popitem(last=False)
 
     # ---- background -------------------------------------------------------
 
@@ -293,6 +313,12 @@ class KafkaConsumer:
         if not self._matches(subject) and subject != topic_subject(self.stream):
             record.done = True  # not this durable's: passed over, as a filtered NATS consumer does
             return
+        if msg_id and (msg_id in self._holding or msg_id in self._settled_ids):
+            record.done = True
+            self.duplicates += 1
+            return
+        if msg_id:
+            self._holding[msg_id] = record
         self._unsettled += 1
         self._ready.put_nowait(record)
 
@@ -340,6 +366,8 @@ class KafkaConsumer:
                 if not record.done:
                     self._unsettled -= 1
                 self._out.discard(record)
+                if record.msg_id and self._holding.get(record.msg_id) is record:
+                    del self._holding[record.msg_id]
                 record.revoked = True  # its new owner delivers it again; an ack from here is moot
                 if record.timer is not None:
                     record.timer.cancel()
