@@ -341,6 +341,8 @@ def target_subject(row: dict[str, Any], data: bytes) -> str | None:
     subject = row.get("source_subject") or ""
     if subject.startswith((STEPS_PREFIX + ".", RESULTS_PREFIX + ".", TRIGGERS_PREFIX + ".")):
         return subject
+    if subject == TRIGGERS_PREFIX:  # the triggers topic itself: where a Kafka client that is not Weft wrote it
+        return subject
     if row["kind"].startswith("trigger_"):
         try:
             event = orjson.loads(data)

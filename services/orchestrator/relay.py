@@ -44,7 +44,7 @@ def to_message(rec: StoredRecord) -> OutMessage:
     scheduled = ev.decode(rec.type, rec.data)
     ready = ready_from_scheduled(str(rec.stream_id), scheduled)
     return OutMessage(subject=step_subject(ready.step_type), data=ready.encode(), msg_id=ready.message_id,
-                      headers=step_headers(scheduled))
+                      headers=step_headers(scheduled), key=str(rec.stream_id))
 
 
 @dataclass(slots=True)

@@ -74,9 +74,11 @@ class Up:
         return self.proc.wait(timeout=30)
 
 
-@pytest.fixture
-def up(tmp_path: Path):
-    stack = Up(tmp_path / "home")
+@pytest.fixture(params=["nats", "kafka"])
+def up(tmp_path: Path, request: pytest.FixtureRequest):
+    """`weft up` on its embedded NATS, then on the session's Kafka (`--broker kafka://...`)."""
+    flags = ("--broker", request.getfixturevalue("kafka_url")) if request.param == "kafka" else ()
+    stack = Up(tmp_path / "home", *flags)
     yield stack
     stack.stop()
 
@@ -86,6 +88,8 @@ def _json(proc: subprocess.CompletedProcess[str]) -> Any:
 
 
 def test_run_example_and_read_it_back(up: Up) -> None:
+    broker = json.loads((up.home / "stack.json").read_text())["broker_url"]  # where every other command goes
+    assert broker.startswith(("nats://", "kafka://"))
     proc = weft(up.home, "run", "examples/order.yaml", "--input", '{"order_id": "A-1", "items": ["apple", "pear"]}', "--json")
     assert proc.returncode == 0, proc.stderr
     result = _json(proc)

@@ -31,8 +31,8 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-async def stack(tmp_path: Path, db_url: str, nats_url: str):
-    async with stack_up(tmp_path, db_url, nats_url) as running:
+async def stack(tmp_path: Path, db_url: str, broker_url: str):
+    async with stack_up(tmp_path, db_url, broker_url) as running:
         yield running
 
 
@@ -43,7 +43,7 @@ class Cli:
         s = running.stack.settings
         self.env = {
             **os.environ, "WEFT_HOME": str(home), "WEFT_DATABASE_URL": s.database_url or "",
-            "WEFT_NATS_URL": s.nats_url or "", "WEFT_NAMESPACE": s.namespace, "WEFT_USER": "tester",
+            "WEFT_BROKER_URL": s.broker() or "", "WEFT_NAMESPACE": s.namespace, "WEFT_USER": "tester",
             "PYTHONPATH": str(ROOT), "COLUMNS": "160",
         }
         self.env.pop("WEFT_CRASH_AT", None)

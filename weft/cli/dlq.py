@@ -235,17 +235,16 @@ class _Broker:
 
     def __init__(self, home: Optional[Path], actions: Any):
         settings = settings_for(home)
-        if not settings.nats_url:
-            out.fail(1, "republishing needs the broker, and no NATS url is known: run `weft up`, or set WEFT_NATS_URL")
+        if not settings.broker():
+            out.fail(1, "republishing needs the broker, and none is known: run `weft up`, or set WEFT_BROKER_URL")
         self.settings, self.actions = settings, actions
 
     async def __aenter__(self) -> Any:
-        from services.broker import BrokerError, NatsTransport
+        from services.broker import BrokerError
+        from services.broker.connect import connect_transport
 
         try:
-            self.actions.transport = await NatsTransport.connect(
-                self.settings.nats_url, namespace=self.settings.namespace, connect_timeout=5,
-                **self.settings.nats_credentials())
+            self.actions.transport = await connect_transport(self.settings, connect_timeout=5)
         except BrokerError as exc:
             out.fail(1, f"cannot republish: {exc}")
         return self.actions.transport

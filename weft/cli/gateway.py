@@ -34,7 +34,8 @@ def publish(
     from pydantic import ValidationError
 
     from contracts.subjects import trigger_subject
-    from services.broker import BrokerError, NatsTransport
+    from services.broker import BrokerError
+    from services.broker.connect import connect_transport
     from services.triggers.consumer import describe
     from services.triggers.publish import new_event
     from services.triggers.publish import publish as publish_event
@@ -45,8 +46,8 @@ def publish(
     except ValidationError as exc:
         out.fail(2, describe(exc).replace("type:", "TYPE:"))
     settings = settings_for(home)
-    if not settings.nats_url:
-        out.fail(1, f"no broker: start `weft up` (home {settings.home}) or set WEFT_NATS_URL")
+    if not settings.broker():
+        out.fail(1, f"no broker: start `weft up` (home {settings.home}) or set WEFT_BROKER_URL")
 
     from contracts.payloads import PayloadError, measure
 
@@ -61,8 +62,7 @@ def publish(
         claims = Claims.on(store_for(home, settings), settings.payload_limits())
 
     async def send() -> bool:
-        transport = await NatsTransport.connect(settings.nats_url, namespace=settings.namespace, connect_timeout=5,
-                                                publish_retry_for=10, **settings.nats_credentials())
+        transport = await connect_transport(settings, connect_timeout=5, publish_retry_for=10)
         try:
             if settings.nats_user in (None, "admin"):  # a `publisher` may not make streams: it finds them made
                 await transport.ensure_streams()

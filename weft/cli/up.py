@@ -26,7 +26,8 @@ from weft.cli.output import alive
 console = Console(stderr=True, soft_wrap=True)  # never wrap a URL or a path: they must stay copyable
 
 
-def run_up(settings: Settings) -> int:
+def run_up(settings: Settings, broker: str | None = None) -> int:
+    """`broker`: an existing broker to run on (kafka://...); None: an embedded NATS server."""
     home = settings.home.resolve()
     home.mkdir(parents=True, exist_ok=True)
     previous = read_stack(home)
@@ -35,15 +36,24 @@ def run_up(settings: Settings) -> int:
         return 1
     # One password per broker role, made on the first start and kept (0600) under home/nats/auth;
     # the server requires them. This process runs as admin; `weft worker --home` etc. take their role's.
-    password_files = ensure_passwords(home / "nats" / "auth")
-    server = NatsServer(store_dir=home / "nats", port=settings.nats_port or previous.get("nats_port") or 0,
-                        passwords={role: read_password(path) for role, path in password_files.items()},
-                        namespace=settings.namespace)
-    server.start()
-    settings = settings.model_copy(update={
-        "home": home, "nats_url": server.url, "nats_user": ADMIN, "nats_password": None,
-        "nats_password_file": password_files[ADMIN],
-    })
+    server: NatsServer | None = None
+    password_files: dict[str, Path] = {}
+    if broker and not broker.startswith(("nats://", "tls://")):
+        # An existing broker (Kafka): nothing to start, its own access control applies.
+        settings = settings.model_copy(update={"home": home, "broker_url": broker, "nats_url": None,
+                                               "nats_user": None, "nats_password": None, "nats_password_file": None})
+        broker_url = broker
+    else:
+        password_files = ensure_passwords(home / "nats" / "auth")
+        server = NatsServer(store_dir=home / "nats", port=settings.nats_port or previous.get("nats_port") or 0,
+                            passwords={role: read_password(path) for role, path in password_files.items()},
+                            namespace=settings.namespace)
+        server.start()
+        broker_url = server.url
+        settings = settings.model_copy(update={
+            "home": home, "broker_url": server.url, "nats_url": server.url, "nats_user": ADMIN, "nats_password": None,
+            "nats_password_file": password_files[ADMIN],
+        })
     if "gateway_auth" not in settings.model_fields_set and is_loopback(settings.gateway_host):
         settings = settings.model_copy(update={"gateway_auth": False})  # loopback only; said so when ready
     parts = tuple(p for p in ALL if not (settings.no_worker and p == "worker"))
@@ -55,7 +65,8 @@ def run_up(settings: Settings) -> int:
 
     def ready(stack: Stack) -> None:
         write_stack(home, {
-            "pid": os.getpid(), "home": str(home), "nats_url": server.url, "nats_port": server.port,
+            "pid": os.getpid(), "home": str(home), "broker_url": broker_url,
+            "nats_url": server.url if server else None, "nats_port": server.port if server else None,
             "database_url": settings.database_url, "services": list(parts),
             # Where each broker role's password is (files readable by this user only), not the passwords.
             "nats_users": {role: str(path) for role, path in password_files.items()},
@@ -65,8 +76,11 @@ def run_up(settings: Settings) -> int:
             "started_at": datetime.now(timezone.utc).isoformat(),
         })
         console.print(f"[bold]weft up[/bold] · home {home}")
-        console.print(f"  NATS JetStream  {server.url}  (data in {home / 'nats'}; credentials required, "
-                      f"one user per role, passwords in {home / 'nats' / 'auth'})")
+        if server is not None:
+            console.print(f"  NATS JetStream  {server.url}  (data in {home / 'nats'}; credentials required, "
+                          f"one user per role, passwords in {home / 'nats' / 'auth'})")
+        else:
+            console.print(f"  Kafka           {broker_url}")
         console.print(f"  event store     {settings.database_url}")
         console.print(f"  services        {', '.join(parts)}"
                       + (f" (worker concurrency {settings.worker_concurrency})" if not settings.no_worker else ""))
@@ -93,7 +107,8 @@ def run_up(settings: Settings) -> int:
     try:
         asyncio.run(main())
     finally:
-        server.stop()
+        if server is not None:
+            server.stop()
         if read_stack(home).get("pid") == os.getpid():
             stack_file(home).unlink(missing_ok=True)
         console.print("weft up: stopped")
