@@ -75,20 +75,37 @@ class Executions:
 
     def load(self, execution_id: str, *, fresh: bool = False) -> Execution:
         """State of an execution, from the cache topped up with newer events."""
-        cached = None if fresh else self._get(execution_id)
-        state = cached.copy() if cached is not None else Execution(id=execution_id)
+        cached = None if fresh else self._copy(execution_id)
+        state = cached if cached is not None else Execution(id=execution_id)
+        before = state.version
         for rec in self.store.load(uuid.UUID(execution_id), after_version=state.version):
             evolve(state, ev.decode(rec.type, rec.data))
-        if state.version:
-            self._remember(state)
+        if state.version != before:
+            # A copy of its own goes into the cache: the result consumer changes cached states
+            # in place (`_take`), and the caller's must not change under it.
+            self._remember(state.copy())
         return state
 
     def history(self, execution_id: str) -> list[Any]:
         return [ev.decode(r.type, r.data) for r in self.store.load(uuid.UUID(execution_id))]
 
     def _get(self, execution_id: str) -> Execution | None:
+        """The cached state itself, to read (in the result consumer's thread) and never change."""
         with self._lock:
             return self._cache.get(execution_id)
+
+    def _copy(self, execution_id: str) -> Execution | None:
+        # Copied under the lock: the result consumer takes a state out (`_take`) before it
+        # changes it in place, so no copy is ever made of a state being changed.
+        with self._lock:
+            cached = self._cache.get(execution_id)
+            return cached.copy() if cached is not None else None
+
+    def _take(self, execution_id: str) -> Execution | None:
+        """The cached state, out of the cache: the caller changes it in place and puts it back
+        with `_remember` once what it decided is stored (or drops it)."""
+        with self._lock:
+            return self._cache.pop(execution_id, None)
 
     def _forget(self, execution_id: str) -> None:
         with self._lock:
@@ -96,6 +113,9 @@ class Executions:
 
     def _remember(self, state: Execution) -> None:
         with self._lock:
+            cached = self._cache.get(state.id)
+            if cached is not None and cached.version > state.version:
+                return  # a reader that loaded before a batch's commit must not put back an older state
             self._cache[state.id] = state
             self._cache.move_to_end(state.id)
             while len(self._cache) > self._cache_size:
@@ -192,7 +212,7 @@ class Executions:
             evolve(after, e)
         self._remember(after)
         self._notify()
-        return after
+        return after.copy()  # the caller's own: the result consumer changes the cached one in place
 
     def _notify(self) -> None:
         for listener in self.listeners:
@@ -211,6 +231,8 @@ class Executions:
         outcomes: list[Outcome] = []
         recheck: list[StepResult] = []
         staged: dict[str, _Staged] = {}
+        # An error out of here leaves the states taken out of the cache out of it: half-decided,
+        # they are loaded again next time.
         for r in results:
             mid = r.message_id
             if mid in seen:
@@ -221,8 +243,11 @@ class Executions:
             if entry is None:
                 # Trust the cache: if another writer moved this execution on, the
                 # append below fails on its version and we fall back to fresh loads.
-                base = self._get(r.execution_id) or Execution(id=r.execution_id)
-                entry = staged[r.execution_id] = _Staged(base.version, base.copy())
+                # The cached state is worked on in place, not copied (a copy is O(tasks):
+                # per batch, that made a map of 10,000 items quadratic); it is out of the
+                # cache until the append succeeds, and dropped if it fails.
+                base = self._take(r.execution_id) or Execution(id=r.execution_id)
+                entry = staged[r.execution_id] = _Staged(base.version, base)
             if not entry.state.version:
                 recheck.append(r)
                 continue
@@ -237,6 +262,9 @@ class Executions:
             entry.inbox.append(mid)
             outcomes.append(Outcome(mid, "applied", r.execution_id))
         batch = [s for s in staged.values() if s.inbox]
+        for s in staged.values():
+            if not s.inbox and s.state.version:  # untouched (its results were unknown tasks): back in
+                self._remember(s.state)
         if batch:
             records = []
             for s in batch:
