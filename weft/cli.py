@@ -151,7 +151,11 @@ def up(
     home: Optional[Path] = HomeOpt,
     nats_port: int = typer.Option(0, help="NATS port (0: a free one)."),
     concurrency: Optional[int] = typer.Option(None, help="Worker concurrency (default 16, or WEFT_WORKER_CONCURRENCY)."),
-    no_worker: Optional[bool] = typer.Option(None, "--no-worker", help="Run no worker in this process."),
+    no_worker: Optional[bool] = typer.Option(None, "--no-worker", help="Run no worker (in this process or beside it)."),
+    workers: Optional[int] = typer.Option(
+        None, "--workers", min=0, max=64,
+        help="Worker processes beside this one (0: the worker runs in this process). "
+             "Default: WEFT_WORKER_PROCESSES, or one per core beyond the first."),
     steps: Optional[str] = StepsOpt,
     log_level: str = typer.Option("WARNING", envvar="WEFT_LOG_LEVEL"),
 ) -> None:
@@ -160,8 +164,8 @@ def up(
 
     _logging(log_level)
     settings = _settings(home, nats_port=nats_port or None, worker_concurrency=concurrency, no_worker=no_worker,
-                         step_modules=steps)
-    raise typer.Exit(run_up(settings))
+                         step_modules=steps, worker_processes=workers)
+    raise typer.Exit(run_up(settings, log_level=log_level))
 
 
 def _logging(level: str) -> None:
@@ -225,6 +229,9 @@ def worker(
     log_level: str = typer.Option("INFO", envvar="WEFT_LOG_LEVEL"),
 ) -> None:
     """Run a stateless worker."""
+    from weft.workers import die_with_parent
+
+    die_with_parent()  # started by `weft up --workers N`: goes when it goes
     _service(("worker",), home, log_level, worker_concurrency=concurrency, step_modules=steps)
 
 
