@@ -177,6 +177,7 @@ def weft_up(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
 class Api:
     def __init__(self, url: str, timeout: float):
         assert url.startswith(("http://127.0.0.1", "http://localhost")), url
+        self.retried = 0  # starts sent again after a broken connection
         self.http = httpx.AsyncClient(base_url=url + "/v1", timeout=timeout,
                                       limits=httpx.Limits(max_connections=256, max_keepalive_connections=256))
 
@@ -185,7 +186,17 @@ class Api:
         r.raise_for_status()
 
     async def start(self, workflow: str, input: Any) -> str:
-        r = await self.http.post("/executions", json={"workflow": workflow, "input": input})
+        # With an idempotency key, a request whose connection broke can be sent again safely.
+        key = uuid.uuid4().hex
+        for attempt in range(3):
+            try:
+                r = await self.http.post("/executions", json={"workflow": workflow, "input": input},
+                                         headers={"Idempotency-Key": key})
+                break
+            except httpx.TransportError:
+                if attempt == 2:
+                    raise
+                self.retried += 1
         r.raise_for_status()
         return r.json()["execution_id"]
 
@@ -351,12 +362,19 @@ async def _run_one(api: Api, wf: str, input: Any, args: argparse.Namespace) -> t
 
 
 async def case_map(api: Api, args: argparse.Namespace) -> dict[str, Any]:
+    """A map over `--items`, and over a twentieth of them first: the big one's steps/s against the small one's."""
     wf = f"e2e-map-{uuid.uuid4().hex[:6]}"
     await api.publish(mapped(wf))
+    small_items = max(100, args.items // 20)
+    doc, small = await _run_one(api, wf, {"n": small_items, "x": 0}, args)
+    assert doc["status"] == "completed", doc["status"]
     doc, seconds = await _run_one(api, wf, {"n": args.items, "x": 0}, args)
     assert doc["status"] == "completed", doc["status"]
-    return {"case": "map", "items": args.items, "seconds": round(seconds, 2),
-            "steps_per_s": round((args.items + 1) / seconds, 1), "load": load()}
+    small_rate = (small_items + 1) / small
+    rate = (args.items + 1) / seconds
+    return {"case": "map", "items": args.items, "seconds": round(seconds, 2), "steps_per_s": round(rate, 1),
+            "small_items": small_items, "small_steps_per_s": round(small_rate, 1),
+            "relative_rate": round(rate / small_rate, 2), "load": load()}
 
 
 async def case_history(api: Api, args: argparse.Namespace) -> dict[str, Any]:
@@ -437,17 +455,19 @@ def rss_mb(pid: int) -> float:
 
 
 async def case_memory(api: Api, stack: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """RSS of `weft up` and its children with `--memory-executions` in flight, and after they are
+    done, for two rounds: what the second round leaves beyond the first is what is kept per execution."""
     pid = stack["pid"]
     wf = f"e2e-mem-{uuid.uuid4().hex[:6]}"
     await api.publish(napping(wf))
-    before = rss_mb(pid)
-    # Steps that sleep long enough for all of them to be in flight at once.
-    await _start_many(api, wf, args.memory_executions, args.in_flight, lambda i: {"s": args.nap})
-    during = rss_mb(pid)
-    await _until_count(api, wf, args.memory_executions, time.monotonic() + args.timeout)
-    after = rss_mb(pid)
-    return {"case": "memory", "in_flight": args.memory_executions, "rss_before_mb": before,
-            "rss_in_flight_mb": during, "rss_after_mb": after, "load": load()}
+    out: dict[str, Any] = {"case": "memory", "in_flight": args.memory_executions, "rss_idle_mb": rss_mb(pid)}
+    for round_ in (1, 2):
+        await _start_many(api, wf, args.memory_executions, args.in_flight, lambda i: {"s": args.nap})
+        out[f"round{round_}_rss_in_flight_mb"] = rss_mb(pid)
+        await _until_count(api, wf, args.memory_executions * round_, time.monotonic() + args.timeout)
+        out[f"round{round_}_rss_done_mb"] = rss_mb(pid)
+    out["load"] = load()
+    return out
 
 
 CASES = ("throughput", "latency", "dispatch", "map", "history", "scale", "memory")
@@ -497,7 +517,7 @@ def main() -> None:
     p.add_argument("--scale", type=int, default=100_000)
     p.add_argument("--scale-probe", type=int, default=300, help="starts timed at each scale point")
     p.add_argument("--memory-executions", type=int, default=5000)
-    p.add_argument("--nap", type=float, default=20.0, help="seconds each memory-case step sleeps")
+    p.add_argument("--nap", type=float, default=0.02, help="seconds each memory-case step sleeps")
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--keep", action="store_true", help="keep the temporary home (its up.log)")
     args = p.parse_args()

@@ -70,6 +70,8 @@ class Executions:
         self._cache_size = cache_size
         self._lock = threading.Lock()  # the consumer thread and request threads share the cache
         self.listeners: list[Callable[[], None]] = []  # told after every append (wakes the relay)
+        # The executions the last apply_results finished, which it no longer caches (for its metrics).
+        self.finished_in_batch: dict[str, Execution] = {}
 
     # ---- reading -------------------------------------------------------------------------
 
@@ -93,6 +95,10 @@ class Executions:
         """The cached state itself, to read (in the result consumer's thread) and never change."""
         with self._lock:
             return self._cache.get(execution_id)
+
+    def _peek(self, execution_id: str) -> Execution | None:
+        """`_get`, or the state of an execution the last result batch finished (no longer cached)."""
+        return self._get(execution_id) or self.finished_in_batch.get(execution_id)
 
     def _copy(self, execution_id: str) -> Execution | None:
         # Copied under the lock: the result consumer takes a state out (`_take`) before it
@@ -226,6 +232,7 @@ class Executions:
         If any execution in the batch was changed by someone else meanwhile, the
         whole transaction is refused; we then fall back to one execution at a time.
         """
+        self.finished_in_batch = {}
         seen = self.store.seen([r.message_id for r in results])
         self._warm([r.execution_id for r in results])
         outcomes: list[Outcome] = []
@@ -280,8 +287,12 @@ class Executions:
                 recheck = [r for r in results if r.message_id in batch_ids] + recheck
             else:
                 for s in batch:
-                    if s.moved:  # the working copy holds payloads the store has as references
+                    # Not kept: a state whose working copy holds payloads the store has as references,
+                    # and a finished execution (results for it are rare now), so that what the cache
+                    # holds follows the executions in flight, not the last `cache_size` ever run.
+                    if s.moved or s.state.finished:
                         self._forget(s.state.id)
+                        self.finished_in_batch[s.state.id] = s.state
                     else:
                         self._remember(s.state)
                 self._notify()

@@ -118,3 +118,20 @@ def test_the_result_consumer_works_on_the_cached_state_in_place(tmp_path: Path) 
         assert executions._get(eid).version == old.version + 1
     finally:
         store.close()
+
+
+def test_the_result_consumer_keeps_no_finished_execution_cached(tmp_path: Path) -> None:
+    """What is cached per execution follows the executions in flight: one that finishes is dropped."""
+    store = open_store(f"sqlite:///{tmp_path / 'weft.db'}")
+    try:
+        version = Registry(store).publish(parse_definition({"name": "one", "steps": [{"id": "a", "type": "noop"}]}))
+        executions = Executions(store)
+        ids = [executions.start(version, None)[0].id for _ in range(20)]
+        assert all(executions._get(eid) is not None for eid in ids)
+        outcomes = executions.apply_results([
+            StepResult(execution_id=eid, step_id="a", attempt=1, status="succeeded") for eid in ids])
+        assert {o.status for o in outcomes} == {"applied"}
+        assert all(executions._get(eid) is None for eid in ids)
+        assert executions.load(ids[0]).status == "completed"  # read back from the store
+    finally:
+        store.close()
