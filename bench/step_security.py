@@ -15,8 +15,10 @@ with_secrets = plain.model_copy(update={"config": {"url": "https://a.example/x",
 src = SecretSource(environ={"WEFT_SECRET_T": "tok-abcdef123456", "WEFT_SECRET_U": "u-secret-98765"})
 output = {"status": 200, "headers": {f"h{i}": "v" * 40 for i in range(20)}, "body": {"items": [{"id": i, "name": "x" * 20} for i in range(100)]}}
 def bench(name, fn, n=20000):
-    fn(); t = time.perf_counter()
-    for _ in range(n): fn()
+    fn()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
     print(f"{name}: {(time.perf_counter() - t) / n * 1e6:.1f} µs")
 bench("resolve, no secrets (every step)", lambda: src.resolve(plain))
 bench("resolve, 2 secrets", lambda: src.resolve(with_secrets))

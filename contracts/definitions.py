@@ -407,7 +407,7 @@ def _check_yaml_depth(text: str) -> None:
             if event.anchor is not None:
                 sizes[event.anchor] = (1, 0)
         elif isinstance(event, yaml.AliasEvent):
-            elements, depth = sizes.get(event.anchor, (1, 0))
+            elements, depth = sizes.get(event.anchor, (1, 0)) if event.anchor is not None else (1, 0)
         else:
             continue
         parent = open_[-1]

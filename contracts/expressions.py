@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jmespath.exceptions
 import orjson
@@ -32,6 +32,9 @@ from jmespath import functions, lexer, parser, visitor
 
 from contracts.secrets import holds_secrets
 from contracts.values import MAX_DEPTH, ValueProblem, check_value
+
+if TYPE_CHECKING:  # a parsed expression's node: a plain dict at run time, typed by types-jmespath
+    from jmespath.visitor import _TreeNode as Node
 
 MAX_EXPRESSION_CHARS = 2_000
 MAX_NESTING = 32  # brackets, braces and parentheses inside one another
@@ -175,7 +178,7 @@ class BoundedInterpreter(visitor.TreeInterpreter):
         self.expression = expression
         self.budget = budget
 
-    def visit(self, node: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+    def visit(self, node: Node, *args: Any, **kwargs: Any) -> Any:
         budget = self.budget
         budget.used_steps += 1
         if budget.used_steps > budget.steps:
@@ -188,28 +191,28 @@ class BoundedInterpreter(visitor.TreeInterpreter):
             self.budget.charge(self.expression, value)
         return value
 
-    def visit_multi_select_list(self, node: dict[str, Any], value: Any) -> Any:
+    def visit_multi_select_list(self, node: Node, value: Any) -> Any:
         return self._made(super().visit_multi_select_list(node, value))
 
-    def visit_multi_select_dict(self, node: dict[str, Any], value: Any) -> Any:
+    def visit_multi_select_dict(self, node: Node, value: Any) -> Any:
         return self._made(super().visit_multi_select_dict(node, value))
 
-    def visit_projection(self, node: dict[str, Any], value: Any) -> Any:
+    def visit_projection(self, node: Node, value: Any) -> Any:
         return self._made(super().visit_projection(node, value))
 
-    def visit_value_projection(self, node: dict[str, Any], value: Any) -> Any:
+    def visit_value_projection(self, node: Node, value: Any) -> Any:
         return self._made(super().visit_value_projection(node, value))
 
-    def visit_filter_projection(self, node: dict[str, Any], value: Any) -> Any:
+    def visit_filter_projection(self, node: Node, value: Any) -> Any:
         return self._made(super().visit_filter_projection(node, value))
 
-    def visit_flatten(self, node: dict[str, Any], value: Any) -> Any:
+    def visit_flatten(self, node: Node, value: Any) -> Any:
         return self._made(super().visit_flatten(node, value))
 
-    def visit_slice(self, node: dict[str, Any], value: Any) -> Any:
+    def visit_slice(self, node: Node, value: Any) -> Any:
         return self._made(super().visit_slice(node, value))
 
-    def visit_function_expression(self, node: dict[str, Any], value: Any) -> Any:
+    def visit_function_expression(self, node: Node, value: Any) -> Any:
         result = super().visit_function_expression(node, value)
         if isinstance(result, str) and node["value"] in ("join", "to_string"):
             self.budget.used_bytes += len(result)  # built from what was charged or read already
@@ -254,7 +257,7 @@ def _check_nesting(expr: str) -> None:
             raise ExpressionError(expr, f"nested deeper than {MAX_NESTING} levels (brackets, parentheses, '!', '&')")
 
 
-def _check_tree(expression: str, tree: dict[str, Any]) -> None:
+def _check_tree(expression: str, tree: Node) -> None:
     todo: list[tuple[Any, int]] = [(tree, 1)]
     while todo:
         node, depth = todo.pop()
@@ -302,9 +305,9 @@ def check_template(template: Any, path: str = "") -> None:
         item, where = todo.pop()
         if isinstance(item, str):
             if "${{" in _PART.sub("", item):
-                exc = ExpressionError(item, "unterminated '${{'")
-                exc.path = where
-                raise exc
+                open_error = ExpressionError(item, "unterminated '${{'")
+                open_error.path = where
+                raise open_error
         elif isinstance(item, dict):
             todo.extend((v, f"{where}.{k}" if where else str(k)) for k, v in item.items())
         elif isinstance(item, list):

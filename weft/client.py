@@ -21,6 +21,7 @@ the timeout is over (`WaitTimeout`).
 from __future__ import annotations
 
 import asyncio
+import builtins  # the clients have a `list` method: inside them, `list[...]` is builtins.list
 import os
 import random
 import time
@@ -34,7 +35,7 @@ import orjson
 
 from services.gateway.models import (
     DeadLetterActions, DeadLetterDetail, DeadLetterPage, DeadLetterStats, ExecutionOut, ExecutionPage, HistoryEvent,
-    TriggerOut, WorkflowList, WorkflowVersionOut,
+    TriggerOut, TriggerTypeList, WorkflowList, WorkflowVersionOut,
 )
 from weft.errors import (
     Conflict, Forbidden, InvalidRequest, NotFound, ServerError, TooLarge, Unauthorized, Unavailable, WaitTimeout,
@@ -125,7 +126,9 @@ class _Sse:
     """A minimal Server-Sent Events reader: fields of one event until a blank line."""
 
     def __init__(self) -> None:
-        self.event, self.id, self.data = "message", None, []
+        self.event: str = "message"
+        self.id: str | None = None
+        self.data: list[str] = []
 
     def feed(self, line: str) -> tuple[str, str | None, str] | None:
         if not line:
@@ -257,7 +260,7 @@ class Client:
         r = self.request("POST", f"/v1/executions/{_seg(execution_id)}/{command}", json=_control_body(why))
         return ExecutionOut.model_validate_json(r.content)
 
-    def history(self, execution_id: str, *, after: int = 0) -> list[HistoryEvent]:
+    def history(self, execution_id: str, *, after: int = 0) -> builtins.list[HistoryEvent]:
         items: list[HistoryEvent] = []
         while True:
             r = self.request("GET", f"/v1/executions/{_seg(execution_id)}/history", params={"after": after})
@@ -326,6 +329,10 @@ class Client:
                           **attributes)
         return TriggerOut.model_validate_json(self.request("POST", "/v1/triggers", json=body).content)
 
+    def trigger_types(self) -> TriggerTypeList:
+        """The subscribed CloudEvent types, each with its workflows and their `input_schema`."""
+        return TriggerTypeList.model_validate_json(self.request("GET", "/v1/triggers/types").content)
+
     # ---- dead letters -------------------------------------------------------------------------
 
     def dead_letters(self, *, limit: int = 100, offset: int = 0, **filters: Any) -> DeadLetterPage:
@@ -339,13 +346,13 @@ class Client:
     def dead_letter_stats(self) -> DeadLetterStats:
         return DeadLetterStats.model_validate_json(self.request("GET", "/v1/deadletters/stats").content)
 
-    def reprocess(self, ids: list[str] | None = None, *, filter: Mapping[str, Any] | None = None,
+    def reprocess(self, ids: builtins.list[str] | None = None, *, filter: Mapping[str, Any] | None = None,
                   patch: Mapping[str, Any] | None = None, why: str | None = None,
                   dry_run: bool = False) -> DeadLetterActions:
         body = _drop_none(ids=ids, filter=filter, patch=patch, why=why, dry_run=dry_run)
         return DeadLetterActions.model_validate_json(self.request("POST", "/v1/deadletters/reprocess", json=body).content)
 
-    def discard(self, ids: list[str] | None = None, *, reason: str, filter: Mapping[str, Any] | None = None,
+    def discard(self, ids: builtins.list[str] | None = None, *, reason: str, filter: Mapping[str, Any] | None = None,
                 dry_run: bool = False) -> DeadLetterActions:
         body = _drop_none(ids=ids, filter=filter, reason=reason, dry_run=dry_run)
         return DeadLetterActions.model_validate_json(self.request("POST", "/v1/deadletters/discard", json=body).content)
@@ -517,6 +524,9 @@ class AsyncClient:
                           **attributes)
         return TriggerOut.model_validate_json((await self.request("POST", "/v1/triggers", json=body)).content)
 
+    async def trigger_types(self) -> TriggerTypeList:
+        return TriggerTypeList.model_validate_json((await self.request("GET", "/v1/triggers/types")).content)
+
     async def dead_letters(self, *, limit: int = 100, offset: int = 0, **filters: Any) -> DeadLetterPage:
         params = _drop_none(limit=limit, offset=offset, **filters)
         return DeadLetterPage.model_validate_json((await self.request("GET", "/v1/deadletters", params=params)).content)
@@ -525,14 +535,14 @@ class AsyncClient:
         r = await self.request("GET", f"/v1/deadletters/{_seg(dead_letter_id)}")
         return DeadLetterDetail.model_validate_json(r.content)
 
-    async def reprocess(self, ids: list[str] | None = None, *, filter: Mapping[str, Any] | None = None,
+    async def reprocess(self, ids: builtins.list[str] | None = None, *, filter: Mapping[str, Any] | None = None,
                         patch: Mapping[str, Any] | None = None, why: str | None = None,
                         dry_run: bool = False) -> DeadLetterActions:
         body = _drop_none(ids=ids, filter=filter, patch=patch, why=why, dry_run=dry_run)
         r = await self.request("POST", "/v1/deadletters/reprocess", json=body)
         return DeadLetterActions.model_validate_json(r.content)
 
-    async def discard(self, ids: list[str] | None = None, *, reason: str, filter: Mapping[str, Any] | None = None,
+    async def discard(self, ids: builtins.list[str] | None = None, *, reason: str, filter: Mapping[str, Any] | None = None,
                       dry_run: bool = False) -> DeadLetterActions:
         body = _drop_none(ids=ids, filter=filter, reason=reason, dry_run=dry_run)
         r = await self.request("POST", "/v1/deadletters/discard", json=body)

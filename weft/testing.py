@@ -149,7 +149,8 @@ async def arun(workflow: Any, input: Any = None, *, mocks: Mapping[str, Any] | N
         executions = Executions(store, clock=clock.now)
         version = Registry(store, clock=clock.now).publish(wf)
         state, _ = executions.start(version, {} if input is None else input)
-        eid, seen, calls = state.id, 0, []
+        eid, seen = state.id, 0
+        calls: list[tuple[str, int | None, int]] = []  # (step, item, attempt) in run order
         pending: dict[tuple[str, int | None], Any] = {}  # the latest StepScheduled of each task not yet run
         stream, finished = uuid.UUID(eid), False
         while True:
@@ -219,13 +220,13 @@ def _handlers(modules: tuple[str, ...]) -> Any:
 
 
 async def _execute(eid: str, wf: Any, task: Any, mock: Any, handlers: Any, clock: Clock) -> Any:
-    import weft
     from contracts.messages import StepError, StepResult
     from services.worker.runtime import _error
+    from weft.steps import StepContext
 
-    ctx = weft.StepContext(execution_id=eid, step_id=task.step_id, attempt=task.attempt,
-                           idempotency_key=task.idempotency_key, item=task.item, workflow=wf.name,
-                           worker_id="weft.testing")
+    ctx = StepContext(execution_id=eid, step_id=task.step_id, attempt=task.attempt,
+                      idempotency_key=task.idempotency_key, item=task.item, workflow=wf.name,
+                      worker_id="weft.testing")
     started = clock.now()
     if isinstance(mock, _Attempts):
         mock = mock.mocks[min(task.attempt, len(mock.mocks)) - 1]

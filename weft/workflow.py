@@ -33,7 +33,7 @@ import typing
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from weft import NonRetryableError
+from weft.steps import NonRetryableError
 
 __all__ = ["Workflow", "Expr", "input_", "output_of", "item", "StepInputInvalid", "StepOutputInvalid"]
 
@@ -298,9 +298,9 @@ def _wrap(fn: Callable[..., Any], step_id: str) -> tuple[Callable[..., Any], dic
             return serialize(fn(*args))
 
     run.__weft_step__ = step_id  # type: ignore[attr-defined]
-    run.__signature__ = inspect.Signature([inspect.Parameter("input", inspect.Parameter.POSITIONAL_OR_KEYWORD),
-                                           inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                                                             default=None)])  # type: ignore[attr-defined]
+    signature = inspect.Signature([inspect.Parameter("input", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+                                   inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None)])
+    run.__signature__ = signature  # type: ignore[attr-defined]
     return run, schemas
 
 

@@ -15,6 +15,8 @@ Who may import it: services (orchestrator, relay, worker, gateway) and the CLI.
 Never `contracts` or the pure core: they must not know a broker exists.
 """
 
+from typing import TYPE_CHECKING
+
 from services.broker.ports import (
     BrokerError,
     Consumer,
@@ -25,6 +27,10 @@ from services.broker.ports import (
     PayloadTooLarge,
     Transport,
 )
+
+if TYPE_CHECKING:  # what __getattr__ below returns, for type checkers (at run time they load on first use)
+    from services.broker.nats import NatsTransport
+    from services.broker.nats_server import NatsServer, NatsServerError
 
 __all__ = [
     "BrokerError",

@@ -5,10 +5,17 @@ What lives here:
   routes_workflows.py    /v1/workflows: publish, list, get (versions are immutable, content-hashed)
   routes_executions.py   /v1/executions: start (Idempotency-Key), get, list, cancel/pause/resume/retry,
                          history, live events (Server-Sent Events)
-  routes_triggers.py     /v1/triggers (publish a CloudEvent), /v1/webhooks/{path}, /v1/keys
+  routes_triggers.py     /v1/triggers (publish CloudEvents), /v1/triggers/types, /v1/webhooks/{path}, /v1/keys
+  events_in.py           CloudEvents over HTTP: content modes (structured, binary, batch, JSON shorthand),
+                         who may publish what, a batch published event by event (contracts/cloudevents.py decodes)
   routes_replay.py       /v1/executions/{id}/replay, /v1/replays (bulk), /v1/backfills (over services.replay)
   routes_deadletters.py  /v1/deadletters: list (or clusters), show, reprocess, discard, stats
                          (over services.deadletters, as `weft dlq` is)
+  routes_views.py        /v1/whoami, /v1/executions/{id}/at/{n} (state as of event N), /v1/changes (a live
+                         feed of status changes for lists), /v1/stats/workflows, /v1/projections (+ rebuild)
+  console/               the operator's console at /ui (Jinja2 pages + plain JS over /v1), /v1/docs offline
+                         (Swagger UI from the fastapi-offline package), and the guard: CSP, no framing,
+                         cross-site unsafe requests refused
   auth.py                API-key authentication and per-route scopes
   keys.py                API keys as events in the store (hashed; prefix in clear)
   errors.py              the error model, handlers, and the body-size limit

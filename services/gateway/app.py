@@ -51,15 +51,19 @@ class Context:
         self.dead_letters = FreshView(self.store)
 
 
-def create_app(ctx: Context, *, max_body: int = DEFAULT_MAX_BODY, max_payload_body: int | None = None) -> FastAPI:
+def create_app(ctx: Context, *, max_body: int = DEFAULT_MAX_BODY, max_payload_body: int | None = None,
+               loopback_hosts_only: bool = False) -> FastAPI:
     """`max_payload_body`: the body limit of requests that carry a payload (errors.carries_payload);
     by default the payload maximum plus room for the request around it and for whitespace
-    (the payload itself is measured as compact JSON in the route, and 413 names that limit)."""
-    from services.gateway import routes_deadletters, routes_executions, routes_replay, routes_triggers, routes_workflows
+    (the payload itself is measured as compact JSON in the route, and 413 names that limit).
+    `loopback_hosts_only`: answer only requests whose Host is a loopback name (auth off: DNS rebinding)."""
+    from services.gateway import (
+        console, routes_deadletters, routes_executions, routes_replay, routes_triggers, routes_views, routes_workflows,
+    )
 
     app = FastAPI(
         dependencies=[Depends(checked_request)],  # one check of every JSON body and query string
-        title="Weft", version="1", openapi_url="/v1/openapi.json", docs_url="/v1/docs", redoc_url=None,
+        title="Weft", version="1", openapi_url="/v1/openapi.json", docs_url=None, redoc_url=None,
         description=(
             "Event-sourced workflow orchestration. Authenticate with `Authorization: Bearer <key>` "
             "(`weft keys create`). Scopes: `read` (GET), `trigger` (start executions, publish triggers), "
@@ -73,11 +77,13 @@ def create_app(ctx: Context, *, max_body: int = DEFAULT_MAX_BODY, max_payload_bo
         most = ctx.executions.claims.limits.maximum if ctx is not None else PayloadLimits().maximum
         max_payload_body = most + max(1024 * 1024, most // 4)
     app.add_middleware(errors.BodyLimit, limit=max_body, large=max_payload_body)
+    app.include_router(routes_views.router)  # before executions: /v1/executions/{id}/at/{n}
     app.include_router(routes_workflows.router)
     app.include_router(routes_executions.router)
     app.include_router(routes_triggers.router)
     app.include_router(routes_replay.router)
     app.include_router(routes_deadletters.router)
+    console.install(app, loopback_hosts_only=loopback_hosts_only)  # /ui, /v1/docs (offline), security headers
     _observe(app)
 
     @app.get("/healthz", response_model=Health, tags=["health"])

@@ -37,7 +37,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Callable, Iterable, Literal
+from typing import Any, Callable, Iterable, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict
@@ -104,7 +104,7 @@ class ApiKey:
             return True
         return any(event_matches(p, name) for p in self.events or ())
 
-    def public(self) -> dict[str, object]:
+    def public(self) -> dict[str, Any]:
         return {
             "id": self.key_id, "prefix": f"weft_{self.key_id}", "scopes": sorted(self.scopes),
             "workflows": sorted(self.workflows) if self.workflows is not None else None, "name": self.name,

@@ -148,6 +148,46 @@ class TriggerOut(BaseModel):
     duplicate: bool  # the broker already had this (source, id): nothing new was published
 
 
+class TriggerItemOut(BaseModel):
+    """One event of a batch: `status` is what a request holding only it would have got."""
+
+    index: int  # its position in the batch
+    status: int  # 202 accepted | 403 the key may not publish its type | 413 data too large | 422 invalid
+    id: str | None = None
+    source: str | None = None
+    type: str | None = None
+    topic: str | None = None
+    duplicate: bool | None = None  # the broker already had this (source, id)
+    error: ErrorDetail | None = None
+
+
+class TriggerBatchOut(BaseModel):
+    """The answer to a batch (`application/cloudevents-batch+json`): 202 when every event was
+    accepted, 207 when some were not (each item says why)."""
+
+    accepted: int
+    rejected: int
+    items: list[TriggerItemOut]
+
+
+class TriggerTypeWorkflow(BaseModel):
+    name: str
+    version: int
+    input_schema: dict[str, Any] | None = None  # JSON Schema of the data an event of this type must carry
+    # An event starts the workflow only if it matches one of these (services/triggers/routing.py); none: every event
+    filters: list[dict[str, Any]] = []
+
+
+class TriggerType(BaseModel):
+    type: str  # the CloudEvent `type`
+    topic: str  # where it is published (weft.triggers.<type>)
+    workflows: list[TriggerTypeWorkflow]
+
+
+class TriggerTypeList(BaseModel):
+    items: list[TriggerType]
+
+
 class WebhookOut(BaseModel):
     id: str
     source: str

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import re
 import time
 import uuid
 from datetime import datetime, timezone
@@ -27,6 +28,7 @@ from services.projections.executions import list_executions
 
 router = APIRouter(prefix="/v1/executions", tags=["executions"], route_class=ScopedRoute)
 IdPath = Path(description="execution id (a UUID)", max_length=64)
+_ID_PREFIX = re.compile(r"[0-9a-fA-F-]{1,36}")
 _REOPENING = frozenset({"ExecutionRetried", "StepReprocessRequested", "ExecutionResumed"})
 
 
@@ -122,9 +124,12 @@ def list_(
     until: str | None = Query(None, max_length=64, description="started before (RFC 3339 time)"),
     limit: int = Query(50, ge=1, le=500),
     cursor: str | None = Query(None, max_length=512, description="next_cursor of the previous page"),
+    id: str | None = Query(None, max_length=36, description="execution ids that start with this (hex digits, dashes)"),
 ) -> Any:
     """Executions, newest first, from the executions view (which trails the log by a moment)."""
     ctx = request.app.state.ctx
+    if id is not None and not _ID_PREFIX.fullmatch(id):
+        raise invalid("query.id", "the start of an execution id: hex digits and dashes, at most 36")
     key = caller(request)
     bound = sorted(key.workflows) if key.workflows is not None else None
     if workflow is not None and bound is not None and workflow not in bound:
@@ -132,7 +137,7 @@ def list_(
     with ctx.store.reader() as tx:  # not the writer: on SQLite a list never waits for ingestion
         rows = list_executions(
             tx, workflow=workflow, status=status, limit=limit + 1, workflows=bound, after=_cursor(cursor),
-            since=_time("since", since), until=_time("until", until),
+            since=_time("since", since), until=_time("until", until), id_prefix=id,
         )
     more = len(rows) > limit
     rows = rows[:limit]

@@ -9,16 +9,15 @@ from datetime import datetime, timezone
 from typing import Any
 
 from fastapi import APIRouter, Header, Path, Request
-from pydantic import ValidationError
-
-from contracts.subjects import trigger_subject
+from contracts.cloudevents import BindingError, http_mode
+from services.gateway import events_in
 from services.gateway.auth import ScopedRoute, caller, scoped, who
 from services.gateway.errors import ApiError, errors
 from services.gateway.keys import KeyProblem
-from services.gateway.models import KeyCreate, KeyList, KeyOut, TriggerIn, TriggerOut, WebhookOut
-from services.triggers.consumer import describe
+from services.gateway.models import KeyCreate, KeyList, KeyOut, TriggerBatchOut, TriggerOut, TriggerTypeList, WebhookOut
 from services.triggers.ingest import Trigger
-from services.triggers.publish import dead_letter_rejected, encode, new_event, publish
+from services.triggers.publish import dead_letter_rejected, encode, publish
+from services.triggers.routing import subscribed_types
 from services.triggers.webhooks import (
     WebhookError, claim_signature, delivery_id, secret_for, signature, verify, webhook_event,
 )
@@ -33,31 +32,44 @@ _NOT_ACCEPTED = (401, "unauthorized", "no webhook accepts this request: sign it 
                  "'trigger' scope")
 
 
-@router.post("/triggers", status_code=202, response_model=TriggerOut, responses=errors(), tags=["triggers"],
-             openapi_extra=scoped("trigger"))
-async def publish_trigger(request: Request, body: TriggerIn) -> Any:
-    """Publish a CloudEvent onto its topic (`weft.triggers.<type>`). Every workflow subscribed to
-    its type (and whose filter matches) starts once per (source, id), however often it is published."""
+@router.post("/triggers", status_code=202, response_model=TriggerOut | TriggerBatchOut, tags=["triggers"],
+             responses={**errors(), 207: {"model": TriggerBatchOut, "description": "A batch in which some events "
+                                          "were not accepted: each item has its own status and error"}},
+             openapi_extra={**scoped("trigger"), "requestBody": events_in.REQUEST_BODY})
+async def publish_trigger(request: Request) -> Any:
+    """Publish CloudEvents onto their topics (`weft.triggers.<type>`), in any HTTP content mode:
+    structured (`application/cloudevents+json`), binary (`ce-*` headers, the body is the data),
+    batch (`application/cloudevents-batch+json`, at most 1,000 events, answered per event), or
+    Weft's shorthand (`application/json`, `id` and `source` optional: a fresh id and `weft:api`).
+    Every workflow subscribed to an event's type (and whose filter matches) starts once per
+    (source, id), however often it is published."""
     ctx = request.app.state.ctx
-    key = caller(request)
-    if key.workflows is not None:
-        # A bound key must not start workflows outside its binding through a shared topic.
-        await asyncio.to_thread(ctx.catalog.refresh)
-        names = {r.version.name for r in ctx.catalog.subscribers(body.type)}
-        outside = sorted(names - key.workflows)
-        if outside or not names:
-            why = f"it would also start {outside}" if outside else "none of its workflows subscribes to it"
-            raise ApiError(403, f"this key may not publish events of type {body.type!r}: {why}")
-    extras = dict(body.model_extra or {})
+    body = await request.body()
+    limits = events_in.limits_of(ctx)
+    headers = request.headers.raw
+    mode = http_mode(headers)
+    if mode == "batch":
+        return await events_in.publish_batch(ctx, caller(request), body, limits)
     try:
-        event = new_event(body.type, body.data, id=body.id, source=body.source or "weft:api", subject=body.subject,
-                          time=body.time, datacontenttype=body.datacontenttype, **extras)
-    except ValidationError as exc:
-        problems = [{"field": "body." + ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in exc.errors()]
-        raise ApiError(422, describe(exc), problems=problems) from None
+        event = events_in.decode_one(mode, headers, body, limits)
+    except BindingError as exc:
+        raise events_in.refusal(exc) from None
+    why = await events_in.forbidden(ctx, caller(request), event.type)
+    if why:
+        raise ApiError(403, why)
     stored = await publish(ctx.transport, event, ctx.executions.claims)  # big data goes by reference
-    return {"id": event.id, "source": event.source, "type": event.type, "topic": trigger_subject(event.type),
-            "duplicate": not stored}
+    return events_in.accepted(event, stored)
+
+
+@router.get("/triggers/types", response_model=TriggerTypeList, responses=errors(), tags=["triggers"],
+            openapi_extra=scoped("read"))
+async def trigger_types(request: Request) -> Any:
+    """The CloudEvent types workflows subscribe to: for each, its topic and the workflows (latest
+    version) it starts, with the JSON Schema their input (the event's data) must meet and any
+    filter. A key bound to workflows sees only those, and the types they subscribe to."""
+    ctx = request.app.state.ctx
+    await asyncio.to_thread(ctx.catalog.refresh, force=True)  # a producer asks after publishing a workflow
+    return {"items": subscribed_types(ctx.catalog, caller(request).workflows)}
 
 
 @router.post(

@@ -335,7 +335,9 @@ def _schedule_step(s: Execution, step_def: Any, now: datetime, emit: Emit) -> No
 
 def _config(step_def: Any, ctx: dict[str, Any], budget: Budget) -> dict[str, Any]:
     # `with:` may use expressions too (`url: "${{ input.url }}"`); secrets stay references.
-    return render(step_def.with_, ctx, budget) if _has_expressions(step_def.with_) else step_def.with_
+    # A mapping template renders to a mapping of the same keys.
+    config: dict[str, Any] = render(step_def.with_, ctx, budget) if _has_expressions(step_def.with_) else step_def.with_
+    return config
 
 
 def _has_expressions(value: Any) -> bool:

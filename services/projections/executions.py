@@ -163,7 +163,7 @@ def list_executions(
     tx: ViewTransaction, *, workflow: str | None = None, status: str | None = None, limit: int = 100,
     offset: int = 0, since: str | None = None, until: str | None = None, replay_of: str | None = None,
     version: int | None = None, oldest_first: bool = False, after: tuple[str, str] | None = None,
-    table: str = "weft_executions", workflows: Sequence[str] | None = None,
+    table: str = "weft_executions", workflows: Sequence[str] | None = None, id_prefix: str | None = None,
 ) -> list[dict[str, Any]]:
     """Executions from the view, newest first (or oldest first), filtered.
 
@@ -175,6 +175,9 @@ def list_executions(
         if value is not None:
             where.append(f"{column} = ?")
             params.append(value)
+    if id_prefix:  # hex digits and dashes only (the caller checks): nothing for LIKE to interpret
+        where.append("id LIKE ?")
+        params.append(id_prefix.lower() + "%")
     if since:
         where.append("started_at >= ?")
         params.append(norm_time(since))

@@ -45,7 +45,9 @@ _META_DDL = (
 
 class Projection(Protocol):
     name: str
-    types: Sequence[str]
+
+    @property  # read-only, so a view may declare its event types as a tuple
+    def types(self) -> Sequence[str]: ...
 
     def create(self, tx: ViewTransaction) -> None: ...
     def apply(self, tx: ViewTransaction, records: Sequence[StoredRecord]) -> None: ...

@@ -11,7 +11,7 @@ What lives here:
   timetravel.py  state_at: an execution as of event N or of a time
 
 These are plain blocking functions over an EventStore, for the CLI
-(weft/cli_history.py) and the HTTP API alike; they start executions only
+(weft/cli/history.py) and the HTTP API alike; they start executions only
 through `Executions.start`. Imports: contracts, services.orchestrator,
 services.store, services.projections (to select from the executions view) and
 services.triggers.routing (the filter semantics). Nothing imports this package

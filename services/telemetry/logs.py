@@ -16,6 +16,7 @@ import logging
 import os
 from collections.abc import Mapping
 from datetime import datetime, timezone
+from types import MappingProxyType
 from typing import Any
 
 import orjson
@@ -24,7 +25,9 @@ from services.telemetry import tracing
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 FORMATS = ("text", "json")
-_context: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar("weft_log_context", default={})
+# The default is read-only: every context shares it, and bind() makes a new mapping rather than changing it.
+_context: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar("weft_log_context",
+                                                                          default=MappingProxyType({}))
 
 
 def bind(**fields: Any) -> contextvars.Token[Mapping[str, Any]]:

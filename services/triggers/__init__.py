@@ -3,12 +3,14 @@
 What lives here:
   routing.py    the catalog of published workflows (latest version of each) kept
                 fresh from the event store, and the routing rules: `on: [{event}]`
-                subscriptions with their `filter`, webhook paths, cron specs
+                subscriptions with their `filter`, webhook paths, cron specs; the
+                subscribed types a producer may send (`subscribed_types`)
   ingest.py     the one write path every trigger takes: a batch of CloudEvents in,
                 their `TriggerAccepted` records and the executions they start
                 appended in ONE store transaction; duplicates detected by the store
   consumer.py   the trigger consumer: pulls CloudEvents from the WEFT_TRIGGERS
-                stream (`weft.triggers.<type>`), dead-letters invalid and
+                stream (`weft.triggers.<type>`) in either mode of the NATS binding
+                (contracts/cloudevents.py), dead-letters invalid and
                 unroutable ones, ingests the rest, acks after the commit
   publish.py    building and publishing a CloudEvent onto its topic (CLI, gateway)
   cron.py       the cron scheduler: one execution per tick, however many run

@@ -1,6 +1,7 @@
 """The trigger consumer: CloudEvents from the WEFT_TRIGGERS stream to started executions.
 
-Pulls a batch, validates each message as a CloudEvent, ingests the valid ones
+Pulls a batch, decodes each message as a CloudEvent (structured or binary mode of the
+NATS binding, contracts/cloudevents.py), ingests the valid ones
 in one store transaction (services.triggers.ingest) and acks only after that
 commit: a crash before the ack means redelivery, which the trigger log turns
 into acked duplicates. Nothing is dropped:
@@ -23,9 +24,9 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import orjson
 from pydantic import ValidationError
 
+from contracts.cloudevents import BindingError, from_nats, has_prefix
 from contracts.deadletters import REPROCESSED_FROM_HEADER, message_key
 from contracts.subjects import TRIGGERS_STREAM, trigger_subject
 from contracts.triggers import CloudEvent
@@ -50,17 +51,14 @@ def describe(exc: ValidationError) -> str:
 
 
 def decode(msg: Delivery) -> CloudEvent:
-    """The CloudEvent in a message, or ValueError saying what is wrong with it."""
+    """The CloudEvent in a message, in either mode of the CloudEvents NATS binding (structured:
+    the body is the event; binary: `ce-*` headers, the body is the data), or ValueError saying
+    what is wrong with it (contracts.cloudevents names the field and the limit)."""
     try:
-        raw = orjson.loads(msg.data)
-    except orjson.JSONDecodeError as exc:
-        raise ValueError(f"not JSON: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ValueError("a CloudEvent must be a JSON object")
-    try:
-        event = CloudEvent.model_validate(raw)
-    except ValidationError as exc:
-        raise ValueError(f"not a valid CloudEvent: {describe(exc)}") from None
+        event = from_nats(msg.headers, msg.data)
+    except BindingError as exc:
+        mode = "binary" if has_prefix(msg.headers.items(), "ce-") else "structured"
+        raise ValueError(f"not a valid CloudEvent ({mode} mode): {exc}") from None
     expected = trigger_subject(event.type)
     if msg.subject != expected:
         # Subject-level broker permissions would mean nothing if the body could name another type.

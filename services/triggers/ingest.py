@@ -24,7 +24,6 @@ from typing import Any, Callable, Sequence
 
 import orjson
 
-from contracts import events as ev
 from contracts.definitions import validate_input
 from contracts.payloads import PayloadError, is_ref, ref_digest
 from contracts.triggers import CloudEvent, TriggerAccepted, trigger_stream

@@ -33,6 +33,7 @@ from typing import Any, Iterable
 import orjson
 
 from contracts.definitions import TriggerSpec
+from contracts.subjects import trigger_subject
 from services.orchestrator.registry import Version, version_of
 from services.store import EventStore
 
@@ -170,6 +171,10 @@ class Catalog:
     def subscribers(self, event_type: str) -> list[Route]:
         return list(self._by_type.get(event_type, ()))
 
+    def types(self) -> dict[str, list[Route]]:
+        """Every subscribed event type and its routes (latest version of each workflow)."""
+        return {t: list(routes) for t, routes in self._by_type.items()}
+
     def route(self, event: dict[str, Any]) -> Routing:
         """The workflows this CloudEvent (as JSON) starts: one route per workflow at most."""
         subs = self._by_type.get(event.get("type", ""), [])
@@ -206,3 +211,29 @@ def _add(latest: dict[str, Version], raw: dict[str, Any]) -> bool:
 def normalise_path(path: str) -> str:
     """`orders`, `/orders` and `/orders/` name one webhook."""
     return "/" + path.strip("/")
+
+
+def subscribed_types(catalog: Catalog, workflows: frozenset[str] | None = None) -> list[dict[str, Any]]:
+    """Every subscribed CloudEvent type, its topic, and the workflows (latest versions) it starts
+    with their `input_schema` and filters: what a producer needs to know to send it (`GET
+    /v1/triggers/types`, `weft trigger-types`). With `workflows` (a bound key's), only those
+    workflows and the types they subscribe to."""
+    out = []
+    for event_type, routes in sorted(catalog.types().items()):
+        seen: dict[str, dict[str, Any]] = {}
+        for route in routes:
+            v = route.version
+            if workflows is not None and v.name not in workflows:
+                continue
+            entry = seen.setdefault(v.name, {"name": v.name, "version": v.version,
+                                             "input_schema": v.definition.input_schema, "filters": []})
+            if route.spec.filter is None:
+                entry["unfiltered"] = True  # two `on:` entries for one type: this one lets every event in
+            else:
+                entry["filters"].append(route.spec.filter)
+        for entry in seen.values():
+            if entry.pop("unfiltered", False):
+                entry["filters"] = []
+        if seen:
+            out.append({"type": event_type, "topic": trigger_subject(event_type), "workflows": list(seen.values())})
+    return out

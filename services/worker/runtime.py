@@ -24,8 +24,6 @@ from collections.abc import Awaitable
 from datetime import datetime, timezone
 from typing import Any
 
-
-import weft
 from contracts.messages import MessageError, StepError, StepReady, StepResult, decode_ready, task_of
 from contracts.payloads import MARKER, PayloadError, PayloadTooLarge, encode
 from contracts.subjects import STEPS_STREAM, result_subject
@@ -39,6 +37,7 @@ from services.retrying import Backoff, Throttled
 from services.telemetry.hops import result_headers
 from services.worker.secrets import Resolved, SecretSource
 from services.worker.steps import StepRegistry
+from weft.steps import NonRetryableError, StepContext
 
 log = logging.getLogger("weft.worker")
 DURABLE = "workers"
@@ -251,7 +250,7 @@ class Worker:
 
     async def execute(self, ready: StepReady, msg: Delivery | None = None) -> StepResult:
         started = datetime.now(timezone.utc)
-        ctx = weft.StepContext(
+        ctx = StepContext(
             execution_id=ready.execution_id, step_id=ready.step_id, attempt=ready.attempt,
             idempotency_key=ready.idempotency_key, item=ready.item, workflow=ready.workflow,
             worker_id=self.worker_id,
@@ -327,7 +326,7 @@ def _backoff_left(ready: StepReady) -> float:
 
 
 def _error(exc: BaseException) -> StepError:
-    non_retryable = bool(getattr(exc, "non_retryable", False)) or isinstance(exc, weft.NonRetryableError)
+    non_retryable = bool(getattr(exc, "non_retryable", False)) or isinstance(exc, NonRetryableError)
     delay: Any = getattr(exc, "next_retry_delay", None)
     tb = "".join(traceback.format_exception(exc))[-MAX_TRACEBACK:]
     return StepError(

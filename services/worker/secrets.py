@@ -28,7 +28,7 @@ import orjson
 
 from contracts import secrets as refs
 from contracts.messages import StepError, StepReady
-from weft import NonRetryableError
+from weft.steps import NonRetryableError
 
 __all__ = ["Secret", "SecretSource", "MissingSecret", "Resolved", "ENV_PREFIX", "REDACTED", "MAX_SECRET_BYTES"]
 

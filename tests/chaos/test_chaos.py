@@ -28,7 +28,6 @@ import signal
 import statistics
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 

@@ -26,7 +26,6 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit

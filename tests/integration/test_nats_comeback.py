@@ -161,7 +161,7 @@ async def test_a_client_closed_without_its_callback_is_replaced_all_the_same(tra
     assert [d.data for d in got] == [b"1"]  # type: ignore[union-attr]
 
 
-async def test_a_worker_with_credentials_comes_back_with_them(auth_server: _AuthServer) -> None:
+async def test_a_worker_with_credentials_comes_back_with_them(auth_server: _AuthServer) -> None:  # noqa: F811 - the fixture
     """The new client is made with the closed one's options: its user, password and inbox prefix."""
     admin = await auth_server.connect(nats_auth.ADMIN)
     worker = await auth_server.connect(nats_auth.WORKER)

@@ -107,7 +107,7 @@ def _check(executions: Executions, poison: str, ids: list[str], restarts: int, w
     assert failed.step_id == "a" and failed.error_type == "PoisonMessage" and failed.retryable is False
     assert f"delivered {LIMIT + 1} times without being acknowledged" in failed.error_message
     assert who in failed.error_message
-    for i, eid in enumerate(ids):
+    for eid in ids:
         history = executions.history(eid)
         assert_applied_once(history)
         assert history[-1].type == "ExecutionCompleted", (eid, [e.type for e in history][-4:])

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from weft import NonRetryableError
+from weft.steps import NonRetryableError
 
 __all__ = ["StepModules", "CallableNotAllowed", "discover", "entry_point_modules", "parse_modules", "SETTING",
            "refused_callables"]

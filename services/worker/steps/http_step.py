@@ -51,7 +51,7 @@ from services.worker.steps.ssrf import (
     parse_url,
     safe_url,
 )
-from weft import NonRetryableError, RetryableError, StepContext
+from weft.steps import NonRetryableError, RetryableError, StepContext
 
 __all__ = [
     "HttpStep",

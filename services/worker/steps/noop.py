@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from services.worker.steps.registry import check_keys
-from weft import StepContext
+from weft.steps import StepContext
 
 __all__ = ["NoopStep"]
 

@@ -26,7 +26,7 @@ import orjson
 
 from services.worker.steps.allowlist import CallableNotAllowed, StepModules
 from services.worker.steps.registry import check_keys, config_error, is_template
-from weft import NonRetryableError, StepContext
+from weft.steps import NonRetryableError, StepContext
 
 __all__ = ["PythonStep", "CallableImportError", "CallableNotAllowed", "OutputNotJSONError", "CALLABLE_PATH"]
 
@@ -79,7 +79,7 @@ def _load(path: str, modules: StepModules) -> Callable[..., Any]:
 
 
 def _is_async(fn: Any) -> bool:
-    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))
+    return inspect.iscoroutinefunction(fn) or callable(fn) and inspect.iscoroutinefunction(fn.__call__)
 
 
 def _json_normalised(path: str, value: Any) -> Any:

@@ -6,7 +6,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
-from weft import NonRetryableError, StepContext
+from weft.steps import NonRetryableError, StepContext
 
 __all__ = [
     "StepHandler",

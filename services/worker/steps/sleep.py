@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from services.worker.steps.registry import StepInputError, check_keys, config_error, is_template
-from weft import StepContext
+from weft.steps import StepContext
 
 __all__ = ["SleepStep", "MAX_SLEEP_SECONDS"]
 

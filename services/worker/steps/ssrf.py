@@ -36,7 +36,7 @@ from typing import Any
 import httpcore
 import httpx
 
-from weft import NonRetryableError, RetryableError
+from weft.steps import NonRetryableError, RetryableError
 
 __all__ = [
     "HttpPolicy",

@@ -17,7 +17,7 @@ from typing import Any
 
 from contracts.expressions import ExpressionError, compile_expression, evaluate
 from services.worker.steps.registry import check_keys, config_error, is_template
-from weft import NonRetryableError, StepContext
+from weft.steps import NonRetryableError, StepContext
 
 __all__ = ["TransformStep", "TransformError"]
 

@@ -56,7 +56,7 @@ def follow(executions: Any, execution_id: str, *, timeout: float = 0, quiet: boo
             time.sleep(delay)
             delay = min(delay * 1.5, 0.25)
             state = executions.load(execution_id)
-            if progress is not None:
+            if progress is not None and task is not None:
                 done = sum(1 for s in state.steps.values() if s.status in ("succeeded", "skipped"))
                 running = [k for k, s in state.steps.items() if s.status == "scheduled"]
                 desc = f"{state.workflow} {state.id[:8]} {state.status}" + (f" · {', '.join(running[:3])}" if running else "")
@@ -88,12 +88,13 @@ _COLOURS = {"completed": "green", "succeeded": "green", "failed": "red", "dead_l
             "paused": "yellow", "skipped": "dim", "running": "cyan", "scheduled": "cyan", "pending": "dim"}
 
 
-def _status(text: str) -> str:
+def status_markup(text: str) -> str:
+    """A status in its colour (Rich markup), the same in every table."""
     return f"[{_COLOURS.get(text, 'white')}]{text}[/]"
 
 
 def render_result(r: dict[str, Any]) -> None:
-    console.print(f"execution [bold]{r['execution_id']}[/bold] {_status(r['status'])}"
+    console.print(f"execution [bold]{r['execution_id']}[/bold] {status_markup(r['status'])}"
                   + (f" in {r['duration_ms']} ms" if r.get("duration_ms") is not None else ""))
     if r.get("error"):
         e = r["error"]
@@ -102,7 +103,7 @@ def render_result(r: dict[str, Any]) -> None:
 
 
 def render_status(r: dict[str, Any]) -> None:
-    head = f"{r['workflow']}@{r['version']} · execution {r['execution_id']} · {_status(r['status'])}"
+    head = f"{r['workflow']}@{r['version']} · execution {r['execution_id']} · {status_markup(r['status'])}"
     if "as_of" in r:
         head += f" · as of event {r['as_of']}"
     console.print(head)
@@ -117,7 +118,7 @@ def render_status(r: dict[str, Any]) -> None:
             detail = s["skip_reason"]
         if s.get("reused_from"):
             detail = "reused · " + detail  # a replay kept the output its source recorded
-        table.add_row(s["step_id"], _status(s["status"]), str(s["attempts"]), str(s["items"] or ""), detail[:80])
+        table.add_row(s["step_id"], status_markup(s["status"]), str(s["attempts"]), str(s["items"] or ""), detail[:80])
     console.print(table)
     if r.get("error"):
         console.print(f"[red]failed:[/red] {r['error']['type']}: {r['error']['message']}", highlight=False)
@@ -140,7 +141,7 @@ def render_executions(rows: list[dict[str, Any]]) -> None:
     lineage = any(r.get("replay_of") for r in rows)
     table = Table("id", "workflow", "version", "status", "started", "finished", *(("replay of",) if lineage else ()))
     for r in rows:
-        table.add_row(r["id"], r["workflow"], str(r["version"]), _status(r["status"]), r["started_at"][:19],
+        table.add_row(r["id"], r["workflow"], str(r["version"]), status_markup(r["status"]), r["started_at"][:19],
                       (r["finished_at"] or "")[:19], *(((r.get("replay_of") or "")[:8],) if lineage else ()))
     console.print(table)
 

@@ -13,8 +13,8 @@ from typing import Optional
 
 import typer
 
-from weft import output as out
-from weft.cli import HomeOpt, _settings, app
+from weft.cli import output as out
+from weft.cli.common import HomeOpt, app, settings_for
 
 broker_app = typer.Typer(no_args_is_help=True, help="The broker: streams and users.")
 app.add_typer(broker_app, name="broker")
@@ -25,7 +25,7 @@ def init(home: Optional[Path] = HomeOpt) -> None:
     """Create (or update) the streams; needs the admin role (WEFT_NATS_USER=admin)."""
     from services.broker import BrokerError, NatsTransport
 
-    settings = _settings(home)
+    settings = settings_for(home)
     if not settings.nats_url:
         out.fail(1, "no broker: set WEFT_NATS_URL (and WEFT_NATS_USER / WEFT_NATS_PASSWORD_FILE)")
 

@@ -27,9 +27,9 @@ import orjson
 import typer
 
 from contracts import deadletters as dl
-from weft import output as out
-from weft.cli import HomeOpt, JsonOpt, _json_arg, _service, _settings, _store, _user, app
-from weft.cli_dlq_render import (
+from weft.cli import output as out
+from weft.cli.common import HomeOpt, JsonOpt, acting_user, app, json_arg, run_service, settings_for, store_for
+from weft.cli.dlq_render import (
     progress_bar,
     render_groups,
     render_list,
@@ -49,12 +49,13 @@ SinceOpt = typer.Option(None, "--since", help="Seen at or after: ISO time, or an
 UntilOpt = typer.Option(None, "--until", help="Seen before: ISO time, or an age like 30m, 2h, 7d.")
 ErrorOpt = typer.Option(None, "--error-contains", help="Error type or message contains this (any case).")
 FILTER_KEYS = ("workflow", "step", "kind", "since", "until", "error-contains")
+FILTER_HELP = f"Select open ones: {', '.join(FILTER_KEYS)}."
 
 
 @app.command()
 def deadletters(home: Optional[Path] = HomeOpt, log_level: str = typer.Option("INFO", envvar="WEFT_LOG_LEVEL")) -> None:
     """Run the dead-letter service: DLQ ingester, MaxDeliver capture, dead-letter view."""
-    _service(("deadletters",), home, log_level)
+    run_service(("deadletters",), home, log_level)
 
 
 # ---- helpers --------------------------------------------------------------------------------------
@@ -93,7 +94,7 @@ def _open(home: Optional[Path]) -> Iterator[Any]:
     """The store, with the dead-letter view brought up to date (so a list right after a failure shows it)."""
     from services.deadletters.view import refresh
 
-    with _store(home) as store:
+    with store_for(home) as store:
         refresh(store)
         yield store
 
@@ -216,7 +217,7 @@ def _run_bulk(chunks: list[list[dict[str, Any]]], act: Any, as_json: bool, verb:
             if progress:
                 stack.enter_context(progress)
             return await run_batches(chunks, act, cancelled=cancelled,
-                                     progress=lambda n: progress.advance(task, n) if progress else None)
+                                     progress=lambda n: progress.advance(task, n) if progress and task is not None else None)
 
     return asyncio.run(main())
 
@@ -233,7 +234,7 @@ class _Broker:
     """The broker connection for republishing, opened inside the bulk run's event loop."""
 
     def __init__(self, home: Optional[Path], actions: Any):
-        settings = _settings(home)
+        settings = settings_for(home)
         if not settings.nats_url:
             out.fail(1, "republishing needs the broker, and no NATS url is known: run `weft up`, or set WEFT_NATS_URL")
         self.settings, self.actions = settings, actions
@@ -258,7 +259,7 @@ class _Broker:
 def dlq_reprocess(
     refs: Optional[list[str]] = typer.Argument(None, metavar="[ID]...", help="Dead letter ids (or unique prefixes)."),
     select_all: bool = typer.Option(False, "--all", help="Every open dead letter (narrow it with filters)."),
-    filter_pairs: list[str] = typer.Option([], "--filter", metavar="KEY=VALUE", help=f"Select open ones: {', '.join(FILTER_KEYS)}."),
+    filter_pairs: list[str] = typer.Option([], "--filter", metavar="KEY=VALUE", help=FILTER_HELP),
     workflow: Optional[str] = WorkflowOpt, step: Optional[str] = StepOpt, kind: Optional[str] = KindOpt,
     since: Optional[str] = SinceOpt, until: Optional[str] = UntilOpt, error_contains: Optional[str] = ErrorOpt,
     patch: Optional[str] = typer.Option(None, "--patch", help="RFC 7386 merge patch (JSON or @file) for the step's input, "
@@ -271,7 +272,7 @@ def dlq_reprocess(
     from services.deadletters import Actions, PatchError
     from services.deadletters.bulk import batches
 
-    patch_value = _json_arg("--patch", patch) if patch is not None else None
+    patch_value = json_arg("--patch", patch) if patch is not None else None
     with _open(home) as store:
         rows = _selection(store, list(refs or []), select_all, filter_pairs, workflow=workflow, step=step, kind=kind,
                           since=since, until=until, error_contains=error_contains)
@@ -281,7 +282,7 @@ def dlq_reprocess(
                 actions.patched(row, patch_value)
             except PatchError as exc:
                 out.fail(2, f"--patch for {row['id'][:8]}: {exc}")
-        by = _user()
+        by = acting_user()
         needs_broker = not dry_run and any(r["source"] == "message" and r["status"] == "open" for r in rows)
 
         async def act(chunk: list[dict[str, Any]]) -> Any:
@@ -298,7 +299,7 @@ def dlq_discard(
     refs: Optional[list[str]] = typer.Argument(None, metavar="[ID]...", help="Dead letter ids (or unique prefixes)."),
     reason: Optional[str] = typer.Option(None, "--reason", help="Why (required; recorded with who did it)."),
     select_all: bool = typer.Option(False, "--all", help="Every open dead letter (narrow it with filters)."),
-    filter_pairs: list[str] = typer.Option([], "--filter", metavar="KEY=VALUE", help=f"Select open ones: {', '.join(FILTER_KEYS)}."),
+    filter_pairs: list[str] = typer.Option([], "--filter", metavar="KEY=VALUE", help=FILTER_HELP),
     workflow: Optional[str] = WorkflowOpt, step: Optional[str] = StepOpt, kind: Optional[str] = KindOpt,
     since: Optional[str] = SinceOpt, until: Optional[str] = UntilOpt, error_contains: Optional[str] = ErrorOpt,
     dry_run: bool = typer.Option(False, "--dry-run", help="Show what would happen; change nothing."),
@@ -314,7 +315,7 @@ def dlq_discard(
         rows = _selection(store, list(refs or []), select_all, filter_pairs, workflow=workflow, step=step, kind=kind,
                           since=since, until=until, error_contains=error_contains)
         actions = Actions(store)
-        by = _user()
+        by = acting_user()
 
         async def act(chunk: list[dict[str, Any]]) -> Any:
             return await asyncio.to_thread(actions.discard_many, chunk, by=by, why=reason.strip(), dry_run=dry_run)

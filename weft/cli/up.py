@@ -21,8 +21,8 @@ from services.broker.nats_server import NatsServer
 from services.settings import Settings, read_stack, stack_file, write_stack
 from services.gateway.auth import is_loopback
 from services.stack import ALL, Stack, install_signal_handlers, run_services, step_modules
+from weft.cli.output import alive
 from weft.workers import WorkerProcesses, default_processes
-from weft.output import alive
 
 console = Console(stderr=True, soft_wrap=True)  # never wrap a URL or a path: they must stay copyable
 
@@ -65,6 +65,7 @@ def run_up(settings: Settings, log_level: str = "WARNING") -> int:
             # Where each broker role's password is (files readable by this user only), not the passwords.
             "nats_users": {role: str(path) for role, path in password_files.items()},
             "gateway_url": stack.gateway.url if stack.gateway is not None else None,
+            "console_url": f"{stack.gateway.url}/ui" if stack.gateway is not None else None,
             "step_modules": (list(stack.step_modules.names) if stack.step_modules is not None
                              else list(child_modules.names) if child_modules is not None else None),
             "worker_processes": processes,
@@ -93,6 +94,7 @@ def run_up(settings: Settings, log_level: str = "WARNING") -> int:
                 console.print("  [yellow]no step modules[/yellow]: every python step will be refused")
         if stack.gateway is not None:
             console.print(f"  HTTP gateway    {stack.gateway.url}/v1  (docs {stack.gateway.url}/v1/docs)")
+            console.print(f"  console         {stack.gateway.url}/ui")
             if not settings.gateway_auth:
                 console.print("  [yellow]auth is off[/yellow]: the gateway listens on loopback only and takes no API "
                               "keys; anyone on this machine can call it (WEFT_GATEWAY_AUTH=true requires keys)")

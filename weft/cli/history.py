@@ -1,6 +1,6 @@
 """CLI: projections (status, rebuild), replay (one or bulk), backfill, and `history --at`.
 
-Registered by one import at the end of weft/cli.py. Reporting commands take
+Registered by one import at the end of weft/cli/__init__.py. Reporting commands take
 --json (then JSON only); long-running ones show a Rich progress bar on stderr
 unless --json. Exit codes: 0 ok, 1 the operation failed (or was cancelled),
 2 bad input.
@@ -20,8 +20,8 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from weft import output as out
-from weft.cli import HomeOpt, JsonOpt, _check_id, _json_arg, _store, app, executions_app, workflows_app
+from weft.cli import output as out
+from weft.cli.common import HomeOpt, JsonOpt, app, check_id, executions_app, json_arg, store_for, workflows_app
 
 projections_app = typer.Typer(no_args_is_help=True, help="Status views: position, lag, rebuild.")
 app.add_typer(projections_app, name="projections")
@@ -70,10 +70,6 @@ def _interruptible() -> Iterator[Callable[[], bool]]:
         signal.signal(signal.SIGINT, previous)
 
 
-def _status(text: str) -> str:
-    return out._status(text)  # noqa: SLF001 - the shared status colours
-
-
 # ---- projections ------------------------------------------------------------------------------
 
 
@@ -82,7 +78,7 @@ def projections_status(as_json: bool = JsonOpt, home: Optional[Path] = HomeOpt) 
     """Each view: tracked position, head of the log, lag, event rate, rebuild state."""
     from services.projections import default_views, projection_status
 
-    with _store(home) as store:
+    with store_for(home) as store:
         rows = projection_status(store, default_views())
     out.emit(rows, as_json, render=_render_projections)
 
@@ -118,7 +114,7 @@ def projections_rebuild(
         views = default_views() if name == "all" else [view_named(name)]
     except KeyError as exc:
         out.fail(2, str(exc.args[0]))
-    store = _store(home)
+    store = store_for(home)
     results = []
     try:
         bar = _progress(as_json)
@@ -156,7 +152,7 @@ def _read_view(home: Optional[Path], view: Any, read: Callable[[Any], Any]) -> A
     """Bring one view up to date (bounded), then read it."""
     from services.projections import catch_up
 
-    with _store(home) as store:
+    with store_for(home) as store:
         catch_up(store, [view], limit=200_000)
         with store.reader() as tx:
             return read(tx)
@@ -167,7 +163,7 @@ def executions_attempts(execution_id: str, as_json: bool = JsonOpt, home: Option
     """Every attempt of an execution's steps: status, duration, worker, error (from the step-runs view)."""
     from services.projections import StepRunsView, step_runs
 
-    _check_id(execution_id)
+    check_id(execution_id)
     rows = _read_view(home, StepRunsView(), lambda tx: step_runs(tx, execution_id))
     if not rows:
         out.fail(1, f"no attempts recorded for {execution_id}")
@@ -181,7 +177,7 @@ def _render_attempts(rows: list[dict[str, Any]]) -> None:
         note = f"{r['error_type']}: {r['error_message']}" if r["error_type"] else ""
         note = note or (f"reused from {r['reused_from']}" if r["reused_from"] else "") or (r["ignored_reason"] or "")
         duration = f"{r['duration_ms']:.1f}" if r["duration_ms"] is not None else ""
-        table.add_row(step, str(r["attempt"]), _status(r["status"]), duration, r["worker_id"] or "", note[:70])
+        table.add_row(step, str(r["attempt"]), out.status_markup(r["status"]), duration, r["worker_id"] or "", note[:70])
     out.console.print(table)
 
 
@@ -190,7 +186,7 @@ def executions_timeline(execution_id: str, as_json: bool = JsonOpt, home: Option
     """An execution's events as a timeline, one line each (from the timeline view)."""
     from services.projections import TimelineView, timeline
 
-    _check_id(execution_id)
+    check_id(execution_id)
     rows = _read_view(home, TimelineView(), lambda tx: timeline(tx, execution_id))
     if not rows:
         out.fail(1, f"no execution {execution_id}")
@@ -252,8 +248,8 @@ def replay(
 
     if (execution_id is None) == (filter_ is None):
         out.fail(2, "give an execution id or --filter (not both)")
-    patch = _json_arg("--input-patch", input_patch) if input_patch is not None else None
-    with _store(home) as store:
+    patch = json_arg("--input-patch", input_patch) if input_patch is not None else None
+    with store_for(home) as store:
         if filter_ is not None:
             if wait:
                 out.fail(2, "--wait applies to one execution, not to --filter")
@@ -267,6 +263,7 @@ def replay(
                 out.fail(exc.exit_code, str(exc))
             out.emit(report, as_json, render=_render_bulk)
             raise typer.Exit(1 if report["failed"] or report["cancelled"] else 0)
+        assert execution_id is not None  # checked above: an id or a filter, and there is no filter
         try:
             result = replay_execution(store, execution_id, from_step=from_step, input_patch=patch,
                                       version=version, dry_run=dry_run)
@@ -291,13 +288,13 @@ def _render_replay(r: dict[str, Any]) -> None:
     if r["dry_run"]:
         out.console.print(f"[bold]dry run[/bold] · replay of {r['replay_of']} · {versions} · nothing was started")
     else:
-        out.console.print(f"replay [bold]{r['execution_id']}[/bold] · {_status(r['status'])}"
+        out.console.print(f"replay [bold]{r['execution_id']}[/bold] · {out.status_markup(r['status'])}"
                           + ("" if r.get("created", True) else " (already started)"))
         out.console.print(f"  of {r['replay_of']} · {versions}")
     table = Table("step", "action", "in the source")
     for s in r["steps"]:
         action = "[green]reuse output[/green]" if s["action"] == "reuse" else "[cyan]run again[/cyan]"
-        table.add_row(s["step_id"], action, _status(s["source_status"] or "-"))
+        table.add_row(s["step_id"], action, out.status_markup(s["source_status"] or "-"))
     out.console.print(table)
     if r.get("input_patch") is not None:
         out.console.print_json(orjson.dumps({"input": r["input"]}).decode())
@@ -373,7 +370,7 @@ def backfill(
     except (BackfillError, ReplayError) as exc:
         out.fail(2, str(exc))
     pace = _rate(rate)
-    with _store(home) as store:
+    with store_for(home) as store:
         bar, progress = _items_progress(as_json, "backfill")
         try:
             with _interruptible() as stop, bar:
@@ -403,40 +400,3 @@ def _render_backfill(r: dict[str, Any]) -> None:
     if r["cancelled"]:
         line += f" · [yellow]cancelled[/yellow] with {r['remaining']} left: run the same command to carry on"
     out.console.print(line)
-
-
-# ---- history --at (called by `weft history`) ----------------------------------------------------
-
-
-def show_history_at(execution_id: str, history: list[Any], at: str, as_json: bool) -> None:
-    """Print the state as of event N or as of a time: steps with status, outputs so far, attempts."""
-    from services.replay import AtError, state_at
-
-    try:
-        state, n, attempts = state_at(execution_id, history, at)
-    except AtError as exc:
-        out.fail(exc.code, str(exc))
-    summary = out.execution_summary(state, steps=True) | {
-        "as_of": n, "as_of_time": history[n - 1].at.isoformat(), "of": len(history), "attempts": attempts,
-    }
-    out.emit(summary, as_json, render=out.render_status)
-
-
-# ---- lineage in `weft status` --------------------------------------------------------------------
-
-
-def replays(execution_id: str, home: Optional[Path]) -> dict[str, Any]:
-    """{"replays": [...]}: the replays of an execution, from the executions view (brought up to
-    date first) for `weft status`; {} if the view is unavailable."""
-    from services.projections import ExecutionsView, catch_up, lineage
-
-    store = _store(home)
-    try:
-        catch_up(store, [ExecutionsView()], limit=100_000, auto_rebuild=False)
-        with store.reader() as tx:
-            return {"replays": lineage(tx, execution_id)["replays"]}
-    except Exception:  # noqa: BLE001 - status must not fail because a view is unavailable
-        return {}
-    finally:
-        store.close()
-

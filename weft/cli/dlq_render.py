@@ -1,7 +1,7 @@
 """How `weft dlq` shows dead letters to people: Rich tables, panels and progress.
 
 Nothing here reads the store or decides anything: each function gets what a
-command (weft/cli_dlq.py) already built, the same value `--json` prints, and
+command (weft/cli/dlq.py) already built, the same value `--json` prints, and
 draws it on the console.
 """
 
@@ -22,7 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.syntax import Syntax
 from rich.table import Table
 
-from weft import output as out
+from weft.cli import output as out
 
 _COLOURS = {"open": "red", "reprocessed": "green", "discarded": "dim"}
 
@@ -153,7 +153,7 @@ def render_show(r: dict[str, Any]) -> None:
         from services.deadletters.view import user_frames
 
         # The step's own frames are what matter; the worker's and the standard library's are noise.
-        weft_dir = Path(out.__file__).resolve().parent
+        weft_dir = Path(__file__).resolve().parents[1]
         hide = [str(weft_dir) + "/", str(weft_dir.parent / "services") + "/", sysconfig.get_paths()["stdlib"] + "/"]
         text, hidden = user_frames(r["traceback"], hide)
         title = "traceback" + (f" ({hidden} frames of weft and the standard library hidden; --json has all)" if hidden else "")

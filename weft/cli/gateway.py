@@ -9,8 +9,8 @@ from typing import Any, Optional
 
 import typer
 
-from weft import output as out
-from weft.cli import HomeOpt, JsonOpt, _json_arg, _service, _settings, _store, _user, app
+from weft.cli import output as out
+from weft.cli.common import HomeOpt, JsonOpt, acting_user, app, json_arg, run_service, settings_for, store_for
 
 keys_app = typer.Typer(no_args_is_help=True, help="API keys for the HTTP gateway.")
 app.add_typer(keys_app, name="keys")
@@ -39,12 +39,12 @@ def publish(
     from services.triggers.publish import new_event
     from services.triggers.publish import publish as publish_event
 
-    payload = _json_arg("--data", data)
+    payload = json_arg("--data", data)
     try:
         event = new_event(type_, payload, id=id_, source=source, subject=subject)
     except ValidationError as exc:
         out.fail(2, describe(exc).replace("type:", "TYPE:"))
-    settings = _settings(home)
+    settings = settings_for(home)
     if not settings.nats_url:
         out.fail(1, f"no broker: start `weft up` (home {settings.home}) or set WEFT_NATS_URL")
 
@@ -58,7 +58,7 @@ def publish(
     if size > settings.payload_limits().inline:  # goes by reference: the blob store is beside the events
         from services.payloads import Claims
 
-        claims = Claims.on(_store(home, settings), settings.payload_limits())
+        claims = Claims.on(store_for(home, settings), settings.payload_limits())
 
     async def send() -> bool:
         transport = await NatsTransport.connect(settings.nats_url, namespace=settings.namespace, connect_timeout=5,
@@ -66,7 +66,9 @@ def publish(
         try:
             if settings.nats_user in (None, "admin"):  # a `publisher` may not make streams: it finds them made
                 await transport.ensure_streams()
-            return await publish_event(transport, event, claims)
+            # NatsTransport is not yet a Transport to mypy: its consumer's fetch() returns list[NatsDelivery]
+            # where the port says list[Delivery] (the port drift of issue 17, fixed with the port itself).
+            return await publish_event(transport, event, claims)  # type: ignore[arg-type]
         finally:
             await transport.close()
             if claims is not None:
@@ -86,6 +88,25 @@ def publish(
     out.errors.print(f"published {event.type} from {event.source} on {result['topic']}{note}", highlight=False)
 
 
+@app.command("trigger-types")
+def trigger_types(as_json: bool = JsonOpt, home: Optional[Path] = HomeOpt) -> None:
+    """The CloudEvent types workflows subscribe to, each with its workflows and their input schema
+    (as `GET /v1/triggers/types`): what a producer may send."""
+    from services.triggers.routing import Catalog, subscribed_types
+
+    with store_for(home) as store:
+        catalog = Catalog(store)
+        catalog.refresh(force=True)
+        types = subscribed_types(catalog)
+    if as_json:
+        out.emit([{"id": t["type"], **t} for t in types], True)
+        return
+    out.render_table([{"type": t["type"], "workflows": ", ".join(
+        f"{w['name']}@{w['version']}" + (" (filtered)" if w["filters"] else "") for w in t["workflows"]),
+        "input requires": ", ".join(sorted({f for w in t["workflows"] for f in (w["input_schema"] or {}).get(
+            "required", [])})) or "-"} for t in types])
+
+
 # ---- services ---------------------------------------------------------------------------------------
 
 
@@ -103,7 +124,7 @@ def gateway(
     flags: dict[str, Any] = {"gateway_host": host, "gateway_port": port, "nats_role": "gateway"}
     if no_auth:
         flags["gateway_auth"] = False
-    settings = _settings(home, **flags)
+    settings = settings_for(home, **flags)
     if not settings.gateway_auth and not is_loopback(settings.gateway_host):
         out.fail(2, f"--no-auth: only on a loopback address, not {settings.gateway_host}")
 
@@ -115,7 +136,7 @@ def gateway(
         if settings.gateway_auth and not _any_key(stack.store):
             out.errors.print("  [yellow]no API keys yet:[/yellow] create one with `weft keys create --scopes admin`")
 
-    _service(("gateway",), home, log_level, settings=settings, on_ready=announce)
+    run_service(("gateway",), home, log_level, settings=settings, on_ready=announce)
 
 
 def _any_key(store: Any) -> bool:
@@ -125,13 +146,13 @@ def _any_key(store: Any) -> bool:
 @app.command()
 def triggers(home: Optional[Path] = HomeOpt, log_level: str = typer.Option("INFO", envvar="WEFT_LOG_LEVEL")) -> None:
     """Run the trigger consumer: events on weft.triggers.> start their workflows (any number of replicas)."""
-    _service(("triggers",), home, log_level)
+    run_service(("triggers",), home, log_level)
 
 
 @app.command()
 def scheduler(home: Optional[Path] = HomeOpt, log_level: str = typer.Option("INFO", envvar="WEFT_LOG_LEVEL")) -> None:
     """Run the cron scheduler (any number of replicas: each tick starts once)."""
-    _service(("scheduler",), home, log_level)
+    run_service(("scheduler",), home, log_level)
 
 
 # ---- keys -------------------------------------------------------------------------------------------
@@ -151,10 +172,10 @@ def keys_create(
     """Create an API key. It is printed once: only its hash is stored."""
     from services.gateway.keys import KeyProblem, Keys
 
-    store = _store(home)
+    store = store_for(home)
     try:
         token, key = Keys(store).create([scopes], workflows=workflows.split(",") if workflows else None,
-                                        events=[events] if events is not None else None, name=name, by=_user())
+                                        events=[events] if events is not None else None, name=name, by=acting_user())
     except KeyProblem as exc:
         out.fail(2, f"--{exc}")
     finally:
@@ -200,7 +221,7 @@ def keys_bootstrap(
     """A deployment's first admin key, once: does nothing when the store already has a key."""
     from services.gateway.keys import KeyProblem, Keys
 
-    store = _store(home)
+    store = store_for(home)
     try:
         if _any_key(store):
             out.errors.print("weft keys bootstrap: the store has API keys already; nothing to do", highlight=False)
@@ -209,7 +230,7 @@ def keys_bootstrap(
             return
         token = _key_from(key_file)
         try:
-            made, key = Keys(store).create(["admin"], name="bootstrap", by=_user(), token=token or None)
+            made, key = Keys(store).create(["admin"], name="bootstrap", by=acting_user(), token=token or None)
         except KeyProblem as exc:
             out.fail(2, f"{key_file}: {exc}")
     finally:
@@ -231,7 +252,7 @@ def keys_list(as_json: bool = JsonOpt, home: Optional[Path] = HomeOpt) -> None:
     """Every key: prefix, scopes, binding, revoked or not (never the key itself)."""
     from services.gateway.keys import Keys
 
-    with _store(home) as store:
+    with store_for(home) as store:
         rows = [k.public() for k in Keys(store).list()]
     out.emit(rows, as_json, render=lambda rs: out.render_table([
         {"id": r["id"], "prefix": r["prefix"], "scopes": ",".join(r["scopes"]),
@@ -247,9 +268,9 @@ def keys_revoke(key_id: str = typer.Argument(..., help="The key's id or prefix (
     """Revoke a key (recorded as an event). Gateways stop accepting it within seconds."""
     from services.gateway.keys import KeyProblem, Keys
 
-    store = _store(home)
+    store = store_for(home)
     try:
-        key = Keys(store).revoke(key_id, by=_user())
+        key = Keys(store).revoke(key_id, by=acting_user())
     except KeyProblem as exc:
         out.fail(1, str(exc))
     finally:

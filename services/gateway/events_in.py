@@ -1,0 +1,171 @@
+"""CloudEvents over HTTP for `POST /v1/triggers`: which content
+mode a request is in, decoding it (contracts.cloudevents), who may publish what, and a batch
+published event by event with an answer per event.
+
+A batch is checked whole before anything is published: a body that is not a batch, or holds
+more than `max_batch` events, is refused with nothing published; then every event is decoded,
+authorised and measured, and only the events that passed are published. An event refused
+does not stop the others. Each accepted event is published under its (source, id) message
+id, so a client retrying a batch (say, after a 503) publishes nothing twice and starts
+nothing twice: the broker and the trigger log both know the event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+from fastapi.responses import JSONResponse
+
+from contracts.cloudevents import (
+    BATCH,
+    STRUCTURED,
+    BindingError,
+    BindingLimits,
+    from_batch,
+    from_dict,
+    from_http,
+    load_json,
+)
+from contracts.payloads import MIB, PayloadError, PayloadTooLarge
+from contracts.subjects import trigger_subject
+from contracts.triggers import CloudEvent
+from services.gateway.errors import ApiError
+from services.gateway.keys import ApiKey
+from services.gateway.models import TriggerIn
+from services.triggers.publish import publish
+
+if TYPE_CHECKING:
+    from services.gateway.app import Context
+
+PUBLISH_CONCURRENCY = 64  # publishes of one batch in flight at once (each waits for the broker's ack)
+
+# Structured mode follows the spec: the four required attributes are required (the shorthand's are not).
+_EVENT_SCHEMA = {**CloudEvent.model_json_schema(), "required": ["specversion", "id", "source", "type"]}
+REQUEST_BODY: dict[str, Any] = {
+    "required": True,
+    "description": "A CloudEvent in any HTTP content mode. Binary mode: the attributes in `ce-id`, `ce-source`, "
+                   "`ce-type`, `ce-specversion` (and `ce-subject`, `ce-time`, extensions) headers, percent-encoded "
+                   "UTF-8; the data is the body, its media type the Content-Type.",
+    "content": {
+        "application/json": {"schema": TriggerIn.model_json_schema()},
+        STRUCTURED: {"schema": _EVENT_SCHEMA},
+        BATCH: {"schema": {"type": "array", "items": _EVENT_SCHEMA, "minItems": 1, "maxItems": 1000}},
+    },
+}
+
+
+def limits_of(ctx: Context) -> BindingLimits:
+    """The gateway's body limit for payload requests (errors.BodyLimit) bounds a body here too."""
+    most = ctx.executions.claims.limits.maximum
+    return BindingLimits(max_bytes=most + max(MIB, most // 4))
+
+
+def refusal(exc: BindingError) -> ApiError:
+    status = 415 if exc.field == "headers.content-type" else 422
+    return ApiError(status, str(exc), problems=[{"field": f, "message": m} for f, m in exc.problems])
+
+
+def decode_one(mode: str, headers: list[tuple[bytes, bytes]], body: bytes, limits: BindingLimits) -> CloudEvent:
+    """Structured or binary mode (contracts.cloudevents), or Weft's JSON shorthand: a JSON object
+    in which `id`, `source` and `specversion` may be left out (a fresh id, `weft:api`, `1.0`)."""
+    if mode != "json":
+        return from_http(headers, body, limits=limits)
+    media = next((v.decode("latin-1").split(";")[0].strip().lower() for k, v in headers if k.lower() == b"content-type"),
+                 "")
+    if media and media != "application/json" and not media.endswith("+json"):
+        raise BindingError("body", f"send JSON with Content-Type: application/json (not {media}), or a CloudEvent "
+                                   f"in binary mode (ce-* headers) or structured mode ({STRUCTURED})")
+    raw = load_json(body, "body", limits=limits)
+    if isinstance(raw, dict):
+        defaults = {"id": str(uuid.uuid4()), "source": "weft:api", "time": datetime.now(timezone.utc).isoformat()}
+        # null or absent takes the default ("" stays, and is refused); specversion only absent, as TriggerIn says
+        raw = {"specversion": "1.0", **raw, **{k: v for k, v in defaults.items() if raw.get(k) is None}}
+    return from_dict(raw, "body", limits=limits)
+
+
+async def forbidden(ctx: Context, key: ApiKey, event_type: str) -> str | None:
+    """Why this key may not publish events of this type, or None. A bound key must not start
+    workflows outside its binding through a shared topic."""
+    if key.workflows is None:
+        return None
+    await asyncio.to_thread(ctx.catalog.refresh)
+    return _outside(ctx, key, event_type)
+
+
+def _outside(ctx: Context, key: ApiKey, event_type: str) -> str | None:
+    if key.workflows is None:
+        return None
+    names = {r.version.name for r in ctx.catalog.subscribers(event_type)}
+    outside = sorted(names - key.workflows)
+    if outside or not names:
+        why = f"it would also start {outside}" if outside else "none of its workflows subscribes to it"
+        return f"this key may not publish events of type {event_type!r}: {why}"
+    return None
+
+
+def accepted(event: CloudEvent, stored: bool) -> dict[str, Any]:
+    return {"id": event.id, "source": event.source, "type": event.type, "topic": trigger_subject(event.type),
+            "duplicate": not stored}
+
+
+def _error(status: int, exc: Exception, field: str) -> dict[str, Any]:
+    code = {403: "forbidden", 413: "too_large"}.get(status, "invalid")
+    problems = exc.problems if isinstance(exc, BindingError) else [(getattr(exc, "what", field), str(exc))]
+    return {"code": code, "message": str(exc), "problems": [{"field": f, "message": m} for f, m in problems]}
+
+
+async def publish_batch(ctx: Context, key: ApiKey, body: bytes, limits: BindingLimits) -> Any:
+    """202 when every event was accepted, 207 when some were not, 422 (the error model, each
+    problem naming `body[i].<field>`) when none was; 413/422 for a body refused whole."""
+    try:
+        decoded = from_batch(body, "body", limits=limits)
+    except BindingError as exc:
+        raise refusal(exc) from None
+    items: list[dict[str, Any]] = []
+    ready: list[tuple[dict[str, Any], CloudEvent]] = []
+    claims = ctx.executions.claims
+    if key.workflows is not None:
+        await asyncio.to_thread(ctx.catalog.refresh)  # once for the batch, not once per event
+    for i, got in enumerate(decoded):
+        item: dict[str, Any] = {"index": i}
+        items.append(item)
+        if isinstance(got, BindingError):
+            item.update(status=422, error=_error(422, got, f"body[{i}]"))
+            continue
+        item.update(id=got.id, source=got.source, type=got.type, topic=trigger_subject(got.type))
+        why = _outside(ctx, key, got.type)
+        if why:
+            item.update(status=403, error=_error(403, ApiError(403, why), f"body[{i}].type"))
+            continue
+        if got.data is not None:
+            try:  # measured before anything is published, so a refused event costs nothing
+                claims.check(got.data, f"body[{i}].data")
+            except PayloadTooLarge as exc:
+                item.update(status=413, error=_error(413, exc, f"body[{i}].data"))
+                continue
+            except PayloadError as exc:
+                item.update(status=422, error=_error(422, exc, f"body[{i}].data"))
+                continue
+        ready.append((item, got))
+    gate = asyncio.Semaphore(PUBLISH_CONCURRENCY)
+
+    async def one(item: dict[str, Any], event: CloudEvent) -> None:
+        async with gate:
+            stored = await publish(ctx.transport, event, claims)
+        item.update(status=202, duplicate=not stored)
+
+    await asyncio.gather(*(one(item, event) for item, event in ready))
+    done = sum(1 for item in items if item["status"] == 202)
+    answer = {"accepted": done, "rejected": len(items) - done, "items": items}
+    if done == len(items):
+        return answer
+    if done == 0:
+        problems = [p for item in items for p in item["error"]["problems"]]
+        statuses = {item["status"] for item in items}
+        status = statuses.pop() if len(statuses) == 1 else 422
+        raise ApiError(status, f"none of the {len(items)} events was accepted: "
+                       + "; ".join(f"{p['field']}: {p['message']}" for p in problems[:20]), problems=problems)
+    return JSONResponse(answer, status_code=207)

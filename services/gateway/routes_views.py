@@ -1,0 +1,190 @@
+"""Small read endpoints the console needs and the rest of `/v1` lacked.
+
+- `GET /v1/whoami`: the caller's scopes and bindings, so a client offers only what
+  the key may do (the routes still check every request).
+- `GET /v1/executions/{id}/at/{n}`: the state as of event N (`weft history --at N`).
+- `GET /v1/changes`: a live SSE feed of execution status changes (started, paused,
+  finished, reopened) for lists, read from the notification log by position.
+- `GET /v1/stats/workflows`: counts by status, p50/p95 duration, failure rate.
+- `GET /v1/projections`: each view's position, lag, rate and rebuild state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, AsyncIterator
+
+import orjson
+from fastapi import APIRouter, Header, Path, Query, Request
+from fastapi.responses import StreamingResponse
+
+from services.gateway.auth import OPEN, ScopedRoute, caller, is_loopback, scoped
+from services.gateway.errors import ApiError, errors, invalid
+from services.gateway.routes_executions import IdPath, _load, summary
+from services.replay.timetravel import AtError, state_at
+
+router = APIRouter(prefix="/v1", tags=["console"], route_class=ScopedRoute)
+
+# The events that change what an executions list shows: its status (and its existence).
+CHANGES = {
+    "ExecutionStarted": "running", "ExecutionCompleted": "completed", "ExecutionFailed": "failed",
+    "ExecutionCancelled": "cancelled", "ExecutionPaused": "paused", "ExecutionResumed": "running",
+    "ExecutionRetried": "running", "StepReprocessRequested": "running",
+}
+
+
+@router.get("/whoami", responses=errors(), openapi_extra=scoped("read"))
+def whoami(request: Request) -> Any:
+    """This key: its id, scopes (with what they imply) and bindings; `auth: false` when the gateway takes no keys."""
+    key = caller(request)
+    ctx = request.app.state.ctx
+    host = request.url.hostname or ""
+    return {
+        "auth": ctx.auth.enabled, "key_id": None if key is OPEN else key.key_id, "name": key.name,
+        "scopes": sorted(s for s in ("read", "trigger", "admin") if key.allows(s)),
+        "workflows": None if key.workflows is None else sorted(key.workflows),
+        "events": None if key.events is None else sorted(key.events),
+        "loopback": is_loopback(host),
+    }
+
+
+@router.get("/executions/{execution_id}/at/{n}", responses=errors(404), openapi_extra=scoped("read"))
+def as_of(request: Request, execution_id: str = IdPath, n: int = Path(ge=1, le=2**31)) -> Any:
+    """The execution's state as of event `n` (1-based), with every attempt so far: `weft history --at N`."""
+    _load(request, execution_id)
+    history = request.app.state.ctx.executions.history(execution_id)
+    try:
+        state, folded, attempts = state_at(execution_id, history, n)
+    except AtError as exc:
+        raise ApiError(404 if exc.code == 1 else 422, str(exc).replace("--at", "path.n")) from None
+    return summary(state) | {"as_of": folded, "of": len(history), "attempts": attempts}
+
+
+@router.get(
+    "/changes", openapi_extra=scoped("read"), response_class=StreamingResponse,
+    responses={**errors(), 200: {"description": "Server-Sent Events: `id: <position>`, `event: change`, `data: "
+                                 "{execution_id, workflow, status, type, at}`",
+                                 "content": {"text/event-stream": {"schema": {"type": "string"}}}}},
+)
+async def changes(
+    request: Request,
+    last_event_id: str | None = Header(None, max_length=32, description="resume after this position"),
+    after: int | None = Query(None, ge=0, le=2**62, description="log position to start after (default: now)"),
+) -> Any:
+    """Execution status changes as they are recorded, for live lists (of the workflows this key may see)."""
+    ctx = request.app.state.ctx
+    if last_event_id is not None:
+        try:
+            after = int(last_event_id)
+        except ValueError:
+            raise invalid("header.last-event-id", "not a number") from None
+    if after is None:
+        after = await asyncio.to_thread(ctx.store.head)
+    return StreamingResponse(_follow(request, after), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _follow(request: Request, position: int) -> AsyncIterator[bytes]:
+    ctx = request.app.state.ctx
+    key = caller(request)
+    workflows: dict[str, str] = {}  # execution id -> workflow, for events that do not name it
+    beat = time.monotonic()
+    yield b": connected\n\n"
+    while not ctx.stop.is_set():
+        records, nxt = await asyncio.to_thread(ctx.store.follow, position, 500, tuple(CHANGES))
+        for rec in records:
+            eid = str(rec.stream_id)
+            data = orjson.loads(rec.data)
+            workflow = data.get("workflow") or workflows.get(eid)
+            if workflow is None:
+                state = await asyncio.to_thread(ctx.executions.load, eid)
+                workflow = state.workflow
+            workflows[eid] = workflow
+            if len(workflows) > 10_000:
+                workflows.clear()
+            if not key.can_use(workflow):
+                continue
+            item = {"execution_id": eid, "workflow": workflow, "status": CHANGES[rec.type], "type": rec.type,
+                    "at": data.get("at"), "seq": rec.version}
+            yield f"id: {rec.position}\nevent: change\ndata: ".encode() + orjson.dumps(item) + b"\n\n"
+        position = max(position, nxt)
+        if records:
+            beat = time.monotonic()
+        elif time.monotonic() - beat > ctx.sse_heartbeat:
+            beat = time.monotonic()
+            yield b": keep-alive\n\n"
+        if await request.is_disconnected():
+            return
+        try:
+            await asyncio.wait_for(ctx.stop.wait(), timeout=max(ctx.sse_poll, 0.25))
+        except asyncio.TimeoutError:
+            pass
+
+
+@router.get("/stats/workflows", responses=errors(), openapi_extra=scoped("read"))
+def workflow_stats(request: Request, workflow: str | None = Query(None, max_length=128)) -> Any:
+    """Per workflow: executions by status, p50/p95 duration of completed ones (ms), failure rate."""
+    from services.projections import workflow_stats as read_stats
+    from services.projections.tables import table_exists
+
+    key = caller(request)
+    if workflow is not None and not key.can_use(workflow):
+        return {"items": []}
+    with request.app.state.ctx.store.reader() as tx:
+        rows = read_stats(tx, workflow) if table_exists(tx, "weft_workflow_stats") else []
+    return {"items": [r for r in rows if key.can_use(r["workflow"])]}
+
+
+@router.get("/projections", responses=errors(), openapi_extra=scoped("read"))
+def projections(request: Request) -> Any:
+    """Each status view: position, head, lag, events/s, and the rebuild in progress if any."""
+    from services.projections import default_views, projection_status
+
+    return {"items": projection_status(request.app.state.ctx.store, default_views())}
+
+
+
+_REBUILDS: dict[str, asyncio.Task[Any]] = {}  # name -> the running rebuild (kept so it is not collected)
+
+
+@router.post("/projections/{name}/rebuild", status_code=202, responses=errors(404, 409), openapi_extra=scoped("admin"))
+async def rebuild_projection(request: Request, name: str = Path(max_length=64, pattern=r"^[a-z_:]+$")) -> Any:
+    """Rebuild a view from position 0 beside the live one, then swap it in; answers at once (202).
+    Its progress shows in `GET /v1/projections` (`rebuilding`: position of head), and `last` here."""
+    from services.projections import RebuildBusy, rebuild, view_named
+
+    key = caller(request)
+    if key.workflows is not None:
+        raise ApiError(403, "a view covers every workflow: a key bound to some workflows may not rebuild it")
+    try:
+        view = view_named(name)
+    except KeyError as exc:
+        raise ApiError(404, str(exc.args[0])) from None
+    running = _REBUILDS.get(view.name)
+    if running is not None and not running.done():
+        raise ApiError(409, f"{view.name} is being rebuilt already", code="busy")
+    store = request.app.state.ctx.store
+
+    async def run() -> Any:
+        try:
+            return (await asyncio.to_thread(rebuild, store, view)).as_dict()
+        except RebuildBusy as exc:
+            return {"error": str(exc)}
+
+    _REBUILDS[view.name] = asyncio.ensure_future(run())
+    return {"name": view.name, "started": True}
+
+
+@router.get("/projections/{name}/rebuild", responses=errors(404), openapi_extra=scoped("read"))
+def rebuild_state(name: str = Path(max_length=64, pattern=r"^[a-z_:]+$")) -> Any:
+    """The last rebuild this gateway started of a view: running, or its result."""
+    wanted = name if name.startswith("view:") else f"view:{name}"
+    task = _REBUILDS.get(wanted)
+    if task is None:
+        raise ApiError(404, f"no rebuild of {wanted} started here")
+    if not task.done():
+        return {"name": wanted, "running": True}
+    exc = task.exception()
+    return {"name": wanted, "running": False, "result": None if exc else task.result(),
+            "error": f"{type(exc).__name__}: {exc}" if exc else None}
