@@ -439,6 +439,25 @@ async def case_scale(api: Api, stack: dict[str, Any], args: argparse.Namespace) 
             "list_ratio": round(big["list_s"] / small["list_s"], 2), "load": load()}
 
 
+def rss_parts(pid: int) -> dict[str, float]:
+    """RSS (MiB) of `pid` ("up") and of each kind of process below it ("nats", "workers")."""
+    parts: dict[str, float] = {}
+    todo = [(pid, "up")]
+    while todo:
+        p, name = todo.pop()
+        try:
+            rss = next(int(line.split()[1]) for line in Path(f"/proc/{p}/status").read_text().splitlines()
+                       if line.startswith("VmRSS:"))
+            parts[name] = round(parts.get(name, 0.0) + rss / 1024, 1)
+            for t in Path(f"/proc/{p}/task").iterdir():
+                for c in (t / "children").read_text().split():
+                    cmd = Path(f"/proc/{c}/cmdline").read_bytes()
+                    todo.append((int(c), "nats" if b"nats-server" in cmd else "workers"))
+        except (FileNotFoundError, ProcessLookupError, StopIteration):
+            continue
+    return parts
+
+
 def rss_mb(pid: int) -> float:
     """RSS of `pid` and every process below it (MiB)."""
     total, todo = 0, [pid]
@@ -463,11 +482,12 @@ async def case_memory(api: Api, stack: dict[str, Any], args: argparse.Namespace)
     wf = f"e2e-mem-{uuid.uuid4().hex[:6]}"
     await api.publish(napping(wf))
     out: dict[str, Any] = {"case": "memory", "in_flight": args.memory_executions, "rss_idle_mb": rss_mb(pid)}
-    for round_ in (1, 2):
+    for round_ in range(1, args.memory_rounds + 1):
         await _start_many(api, wf, args.memory_executions, args.in_flight, lambda i: {"s": args.nap})
         out[f"round{round_}_rss_in_flight_mb"] = rss_mb(pid)
         await _until_count(api, wf, args.memory_executions * round_, time.monotonic() + args.timeout)
         out[f"round{round_}_rss_done_mb"] = rss_mb(pid)
+        out[f"round{round_}_done_parts_mb"] = rss_parts(pid)
     out["load"] = load()
     return out
 
@@ -519,6 +539,7 @@ def main() -> None:
     p.add_argument("--scale", type=int, default=100_000)
     p.add_argument("--scale-probe", type=int, default=300, help="starts timed at each scale point")
     p.add_argument("--memory-executions", type=int, default=5000)
+    p.add_argument("--memory-rounds", type=int, default=2)
     p.add_argument("--nap", type=float, default=0.02, help="seconds each memory-case step sleeps")
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--keep", action="store_true", help="keep the temporary home (its up.log)")
