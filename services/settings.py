@@ -66,6 +66,9 @@ class Settings(BaseModel):
     trigger_batch: int = 500  # trigger events ingested per store transaction
     cron_grace: float = 60.0  # seconds a late cron tick still counts as on time
     no_worker: bool = False  # `weft up` without its in-process worker
+    # Worker processes `weft up` runs beside itself (0: the worker runs inside its process);
+    # unset: weft.workers.default_processes() for this machine.
+    worker_processes: int | None = Field(None, ge=0, le=64)
     # Broker credentials (services/broker/nats_auth.py). The password directly, or better a file
     # holding it (0600). Unset, they come from the stack file `weft up` wrote, for nats_role.
     nats_user: str | None = None

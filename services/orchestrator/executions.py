@@ -70,17 +70,22 @@ class Executions:
         self._cache_size = cache_size
         self._lock = threading.Lock()  # the consumer thread and request threads share the cache
         self.listeners: list[Callable[[], None]] = []  # told after every append (wakes the relay)
+        # The executions the last apply_results finished, which it no longer caches (for its metrics).
+        self.finished_in_batch: dict[str, Execution] = {}
 
     # ---- reading -------------------------------------------------------------------------
 
     def load(self, execution_id: str, *, fresh: bool = False) -> Execution:
         """State of an execution, from the cache topped up with newer events."""
-        cached = None if fresh else self._get(execution_id)
-        state = cached.copy() if cached is not None else Execution(id=execution_id)
+        cached = None if fresh else self._copy(execution_id)
+        state = cached if cached is not None else Execution(id=execution_id)
+        before = state.version
         for rec in self.store.load(uuid.UUID(execution_id), after_version=state.version):
             evolve(state, ev.decode(rec.type, rec.data))
-        if state.version:
-            self._remember(state)
+        if state.version != before:
+            # A copy of its own goes into the cache: the result consumer changes cached states
+            # in place (`_take`), and the caller's must not change under it.
+            self._remember(state.copy())
         return state
 
     def history(self, execution_id: str) -> list[Any]:
@@ -91,8 +96,26 @@ class Executions:
         return self._get(execution_id)
 
     def _get(self, execution_id: str) -> Execution | None:
+        """The cached state itself, to read (in the result consumer's thread) and never change."""
         with self._lock:
             return self._cache.get(execution_id)
+
+    def _peek(self, execution_id: str) -> Execution | None:
+        """`_get`, or the state of an execution the last result batch finished (no longer cached)."""
+        return self._get(execution_id) or self.finished_in_batch.get(execution_id)
+
+    def _copy(self, execution_id: str) -> Execution | None:
+        # Copied under the lock: the result consumer takes a state out (`_take`) before it
+        # changes it in place, so no copy is ever made of a state being changed.
+        with self._lock:
+            cached = self._cache.get(execution_id)
+            return cached.copy() if cached is not None else None
+
+    def _take(self, execution_id: str) -> Execution | None:
+        """The cached state, out of the cache: the caller changes it in place and puts it back
+        with `_remember` once what it decided is stored (or drops it)."""
+        with self._lock:
+            return self._cache.pop(execution_id, None)
 
     def _forget(self, execution_id: str) -> None:
         with self._lock:
@@ -100,6 +123,9 @@ class Executions:
 
     def _remember(self, state: Execution) -> None:
         with self._lock:
+            cached = self._cache.get(state.id)
+            if cached is not None and cached.version > state.version:
+                return  # a reader that loaded before a batch's commit must not put back an older state
             self._cache[state.id] = state
             self._cache.move_to_end(state.id)
             while len(self._cache) > self._cache_size:
@@ -225,7 +251,7 @@ class Executions:
                     state = Execution(id=eid)  # no read: appending version 1 wins or proves it exists
                 else:
                     try:
-                        state = self.load(eid, fresh=eid in fresh).copy()  # load's result is the cached one
+                        state = self.load(eid, fresh=eid in fresh)  # the caller's own copy
                     except ValueError:
                         g.applied[i] = Applied(c, "not_found", reason="execution id is not a UUID")
                         continue
@@ -282,7 +308,9 @@ class Executions:
             elif eid in moved:  # the working copy holds payloads the store has as references
                 self._forget(eid)
             else:
-                self._remember(state)  # ours alone from here: the caller only reads it
+                # A copy of its own: the result consumer changes cached states in place (`_take`),
+                # and the caller reads this one.
+                self._remember(state.copy())
 
     def _contended(self, changes: Sequence[Change], staged: list[_Group], exc: ConcurrencyError,
                    out: list[Applied | None], fresh: set[str]) -> list[int]:
@@ -326,11 +354,14 @@ class Executions:
         If any execution in the batch was changed by someone else meanwhile, the
         whole transaction is refused; we then fall back to one execution at a time.
         """
+        self.finished_in_batch = {}
         seen = self.store.seen([r.message_id for r in results])
         self._warm([r.execution_id for r in results])
         outcomes: list[Outcome] = []
         recheck: list[StepResult] = []
         staged: dict[str, _Staged] = {}
+        # An error out of here leaves the states taken out of the cache out of it: half-decided,
+        # they are loaded again next time.
         for r in results:
             mid = r.message_id
             if mid in seen:
@@ -341,8 +372,11 @@ class Executions:
             if entry is None:
                 # Trust the cache: if another writer moved this execution on, the
                 # append below fails on its version and we fall back to fresh loads.
-                base = self._get(r.execution_id) or Execution(id=r.execution_id)
-                entry = staged[r.execution_id] = _Staged(base.version, base.copy())
+                # The cached state is worked on in place, not copied (a copy is O(tasks):
+                # per batch, that made a map of 10,000 items quadratic); it is out of the
+                # cache until the append succeeds, and dropped if it fails.
+                base = self._take(r.execution_id) or Execution(id=r.execution_id)
+                entry = staged[r.execution_id] = _Staged(base.version, base)
             if not entry.state.version:
                 recheck.append(r)
                 continue
@@ -357,6 +391,9 @@ class Executions:
             entry.inbox.append(mid)
             outcomes.append(Outcome(mid, "applied", r.execution_id))
         batch = [s for s in staged.values() if s.inbox]
+        for s in staged.values():
+            if not s.inbox and s.state.version:  # untouched (its results were unknown tasks): back in
+                self._remember(s.state)
         if batch:
             records = []
             for s in batch:
@@ -372,8 +409,12 @@ class Executions:
                 recheck = [r for r in results if r.message_id in batch_ids] + recheck
             else:
                 for s in batch:
-                    if s.moved:  # the working copy holds payloads the store has as references
+                    # Not kept: a state whose working copy holds payloads the store has as references,
+                    # and a finished execution (results for it are rare now), so that what the cache
+                    # holds follows the executions in flight, not the last `cache_size` ever run.
+                    if s.moved or s.state.finished:
                         self._forget(s.state.id)
+                        self.finished_in_batch[s.state.id] = s.state
                     else:
                         self._remember(s.state)
                 self._notify()

@@ -20,13 +20,14 @@ from services.broker.nats_auth import ADMIN, ensure_passwords, read_password
 from services.broker.nats_server import NatsServer
 from services.settings import Settings, read_stack, stack_file, write_stack
 from services.gateway.auth import is_loopback
-from services.stack import ALL, Stack, install_signal_handlers, run_services
+from services.stack import ALL, Stack, install_signal_handlers, run_services, step_modules
 from weft.cli.output import alive
+from weft.workers import WorkerProcesses, default_processes
 
 console = Console(stderr=True, soft_wrap=True)  # never wrap a URL or a path: they must stay copyable
 
 
-def run_up(settings: Settings, broker: str | None = None) -> int:
+def run_up(settings: Settings, broker: str | None = None, log_level: str = "WARNING") -> int:
     """`broker`: an existing broker to run on (kafka://...); None: an embedded NATS server."""
     home = settings.home.resolve()
     home.mkdir(parents=True, exist_ok=True)
@@ -56,12 +57,16 @@ def run_up(settings: Settings, broker: str | None = None) -> int:
         })
     if "gateway_auth" not in settings.model_fields_set and is_loopback(settings.gateway_host):
         settings = settings.model_copy(update={"gateway_auth": False})  # loopback only; said so when ready
-    parts = tuple(p for p in ALL if not (settings.no_worker and p == "worker"))
+    processes = 0 if settings.no_worker else (
+        settings.worker_processes if settings.worker_processes is not None else default_processes())
+    parts = tuple(p for p in ALL if not ((settings.no_worker or processes) and p == "worker"))
     discovered = settings.step_modules is None
     if discovered:  # a project's own modules run with no flag; said so when ready
         from services.worker.steps import discover
 
         settings = settings.model_copy(update={"step_modules": ",".join(discover(Path.cwd()))})
+    children = WorkerProcesses(processes, settings, home, Path.cwd(), log_level) if processes else None
+    child_modules = step_modules(settings) if children is not None else None  # what the children will allow
 
     def ready(stack: Stack) -> None:
         write_stack(home, {
@@ -72,9 +77,13 @@ def run_up(settings: Settings, broker: str | None = None) -> int:
             "nats_users": {role: str(path) for role, path in password_files.items()},
             "gateway_url": stack.gateway.url if stack.gateway is not None else None,
             "console_url": f"{stack.gateway.url}/ui" if stack.gateway is not None else None,
-            "step_modules": list(stack.step_modules.names) if stack.step_modules is not None else None,
+            "step_modules": (list(stack.step_modules.names) if stack.step_modules is not None
+                             else list(child_modules.names) if child_modules is not None else None),
+            "worker_processes": processes,
             "started_at": datetime.now(timezone.utc).isoformat(),
         })
+        if children is not None:  # after stack.json: they find the broker and their role there
+            children.start()
         console.print(f"[bold]weft up[/bold] · home {home}")
         if server is not None:
             console.print(f"  NATS JetStream  {server.url}  (data in {home / 'nats'}; credentials required, "
@@ -82,14 +91,20 @@ def run_up(settings: Settings, broker: str | None = None) -> int:
         else:
             console.print(f"  Kafka           {broker_url}")
         console.print(f"  event store     {settings.database_url}")
-        console.print(f"  services        {', '.join(parts)}"
-                      + (f" (worker concurrency {settings.worker_concurrency})" if not settings.no_worker else ""))
-        if stack.step_modules is not None:
-            names = stack.step_modules.describe()
+        if children is not None:
+            console.print(f"  services        {', '.join(parts)}, and {processes} worker process(es) "
+                          f"(pids {', '.join(map(str, children.pids()))}; concurrency {settings.worker_concurrency} "
+                          "each; --workers N)")
+        else:
+            console.print(f"  services        {', '.join(parts)}"
+                          + (f" (worker concurrency {settings.worker_concurrency})" if not settings.no_worker else ""))
+        modules = stack.step_modules if stack.step_modules is not None else child_modules
+        if modules is not None:
+            names = modules.describe()
             how = (f"found in {Path.cwd()}; --steps or WEFT_STEP_MODULES to choose" if discovered
                    else "from --steps / WEFT_STEP_MODULES")
             console.print(f"  step modules    {names}  ({how}, plus weft.steps entry points)")
-            if not stack.step_modules.names:
+            if not modules.names:
                 console.print("  [yellow]no step modules[/yellow]: every python step will be refused")
         if stack.gateway is not None:
             console.print(f"  HTTP gateway    {stack.gateway.url}/v1  (docs {stack.gateway.url}/v1/docs)")
@@ -102,11 +117,21 @@ def run_up(settings: Settings, broker: str | None = None) -> int:
     async def main() -> None:
         stop = asyncio.Event()
         install_signal_handlers(stop, settings.drain_grace)
-        await run_services(settings, parts, stop, on_ready=ready)
+        supervising = asyncio.ensure_future(children.supervise(stop)) if children is not None else None
+        try:
+            await run_services(settings, parts, stop, on_ready=ready)
+        finally:
+            stop.set()
+            if supervising is not None:
+                await supervising
+            if children is not None:  # before the broker goes: they hand back what they run
+                await asyncio.to_thread(children.stop)
 
     try:
         asyncio.run(main())
     finally:
+        if children is not None:
+            children.stop()  # idempotent: nothing is left if main() got that far
         if server is not None:
             server.stop()
         if read_stack(home).get("pid") == os.getpid():
