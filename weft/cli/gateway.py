@@ -10,7 +10,17 @@ from typing import Any, Optional
 import typer
 
 from weft.cli import output as out
-from weft.cli.common import HomeOpt, JsonOpt, acting_user, app, json_arg, run_service, settings_for, store_for
+from weft.cli.common import (
+    HomeOpt,
+    JsonOpt,
+    acting_user,
+    app,
+    json_arg,
+    need_stack,
+    run_service,
+    settings_for,
+    store_for,
+)
 
 keys_app = typer.Typer(no_args_is_help=True, help="API keys for the HTTP gateway.")
 app.add_typer(keys_app, name="keys")
@@ -45,6 +55,7 @@ def publish(
     except ValidationError as exc:
         out.fail(2, describe(exc).replace("type:", "TYPE:"))
     settings = settings_for(home)
+    need_stack(settings)  # one line saying none runs, as every command that needs the stack does
     if not settings.nats_url:
         out.fail(1, f"no broker: start `weft up` (home {settings.home}) or set WEFT_NATS_URL")
 
