@@ -11,6 +11,8 @@ import typer
 
 from weft.cli import output as out
 from weft.cli.common import (
+    BAD_INPUT,
+    NOT_FOUND,
     HomeOpt,
     JsonOpt,
     acting_user,
@@ -283,7 +285,7 @@ def keys_revoke(key_id: str = typer.Argument(..., help="The key's id or prefix (
     try:
         key = Keys(store).revoke(key_id, by=acting_user())
     except KeyProblem as exc:
-        out.fail(1, str(exc))
+        out.fail(NOT_FOUND if str(exc).startswith("no API key") else BAD_INPUT, str(exc))
     finally:
         store.close()
     out.emit(key.public(), as_json)

@@ -3,7 +3,7 @@
 Registered by one import at the end of weft/cli/__init__.py. Reporting commands take
 --json (then JSON only); long-running ones show a Rich progress bar on stderr
 unless --json. Exit codes: 0 ok, 1 the operation failed (or was cancelled),
-2 bad input.
+2 bad input, 3 not found.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import signal
 import sys
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, NoReturn, Optional
 
 import orjson
 import typer
@@ -21,7 +21,21 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from weft.cli import output as out
-from weft.cli.common import HomeOpt, JsonOpt, app, check_id, executions_app, json_arg, store_for, workflows_app
+from weft.cli.common import (
+    HomeOpt,
+    JsonOpt,
+    app,
+    check_id,
+    executions_app,
+    json_arg,
+    BAD_INPUT,
+    NOT_FOUND,
+    not_found,
+    published,
+    store_for,
+    workflow_ref,
+    workflows_app,
+)
 
 projections_app = typer.Typer(no_args_is_help=True, help="Status views: position, lag, rebuild.")
 app.add_typer(projections_app, name="projections")
@@ -166,7 +180,7 @@ def executions_attempts(execution_id: str, as_json: bool = JsonOpt, home: Option
     check_id(execution_id)
     rows = _read_view(home, StepRunsView(), lambda tx: step_runs(tx, execution_id))
     if not rows:
-        out.fail(1, f"no attempts recorded for {execution_id}")
+        not_found(f"no attempts recorded for {execution_id}")
     out.emit(rows, as_json, render=_render_attempts)
 
 
@@ -189,7 +203,7 @@ def executions_timeline(execution_id: str, as_json: bool = JsonOpt, home: Option
     check_id(execution_id)
     rows = _read_view(home, TimelineView(), lambda tx: timeline(tx, execution_id))
     if not rows:
-        out.fail(1, f"no execution {execution_id}")
+        not_found(f"no execution {execution_id}")
     out.emit(rows, as_json, render=_render_timeline)
 
 
@@ -202,12 +216,22 @@ def _render_timeline(rows: list[dict[str, Any]]) -> None:
 
 
 @workflows_app.command("stats")
-def workflows_stats(name: Optional[str] = typer.Argument(None), as_json: bool = JsonOpt,
+def workflows_stats(name: Optional[str] = typer.Argument(None, metavar="[NAME[@VERSION]]"), as_json: bool = JsonOpt,
                     home: Optional[Path] = HomeOpt) -> None:
-    """Per workflow: executions by status, p50/p95 duration of completed ones, failure rate."""
+    """Per workflow: executions by status, p50/p95 duration of completed ones, failure rate.
+
+    Statistics are kept per workflow over all its versions: NAME@VERSION is checked to exist and
+    shows its workflow's line."""
     from services.projections import WorkflowStatsView, workflow_stats
 
-    rows = _read_view(home, WorkflowStatsView(), lambda tx: workflow_stats(tx, name))
+    wanted = None
+    if name is not None:
+        wanted, version = workflow_ref(name, "NAME")
+        with store_for(home) as store:
+            published(store, wanted, version)  # exit 3 for a workflow or version nobody published
+        if version is not None and not as_json:
+            out.errors.print(f"statistics are per workflow: {wanted}, all versions", highlight=False)
+    rows = _read_view(home, WorkflowStatsView(), lambda tx: workflow_stats(tx, wanted))
     out.emit(rows, as_json, render=_render_stats)
 
 
@@ -249,7 +273,12 @@ def replay(
     if (execution_id is None) == (filter_ is None):
         out.fail(2, "give an execution id or --filter (not both)")
     patch = json_arg("--input-patch", input_patch) if input_patch is not None else None
+    named: tuple[str, int] | None = None
+    if filter_ is not None:
+        filter_, named = _filter_with_version(filter_)
     with store_for(home) as store:
+        if named is not None:
+            published(store, *named)  # exit 3 for a version nobody published, not "0 selected"
         if filter_ is not None:
             if wait:
                 out.fail(2, "--wait applies to one execution, not to --filter")
@@ -260,7 +289,7 @@ def replay(
                                          dry_run=dry_run, operation_id=operation_id, progress=progress,
                                          should_stop=stop)
             except ReplayError as exc:
-                out.fail(exc.exit_code, str(exc))
+                _replay_failed(exc)
             out.emit(report, as_json, render=_render_bulk)
             raise typer.Exit(1 if report["failed"] or report["cancelled"] else 0)
         assert execution_id is not None  # checked above: an id or a filter, and there is no filter
@@ -268,7 +297,7 @@ def replay(
             result = replay_execution(store, execution_id, from_step=from_step, input_patch=patch,
                                       version=version, dry_run=dry_run)
         except ReplayError as exc:
-            out.fail(exc.exit_code, str(exc))
+            _replay_failed(exc)
         except PayloadTooLarge as exc:  # nothing was stored
             out.fail(2, str(exc))
         if wait and not dry_run:
@@ -279,6 +308,28 @@ def replay(
             out.emit(result, as_json, render=_render_replay)
             raise typer.Exit(0 if state.status == "completed" else 1)
     out.emit(result, as_json, render=_render_replay)
+
+
+def _replay_failed(exc: Any) -> NoReturn:
+    """Exit 3 for an execution that is not there, 2 for the rest (the exit-code rule of weft/cli/common.py)."""
+    out.fail(NOT_FOUND if exc.code == "not_found" else BAD_INPUT, str(exc))
+
+
+def _filter_with_version(text: str) -> tuple[str, tuple[str, int] | None]:
+    """`workflow=W@V` in a --filter is `workflow=W,version=V`: NAME@VERSION works here as everywhere.
+    Returns the filter and the (name, version) it named that way."""
+    parts, named = [], None
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        if key.strip() == "workflow" and "@" in value:
+            name, version = workflow_ref(value.strip(), "--filter workflow")
+            assert version is not None  # "@" was in it
+            named = (name, version)
+            parts.append(f"workflow={name}")
+            parts.append(f"version={version}")
+        else:
+            parts.append(part)
+    return ",".join(parts), named
 
 
 def _render_replay(r: dict[str, Any]) -> None:
@@ -371,6 +422,7 @@ def backfill(
         out.fail(2, str(exc))
     pace = _rate(rate)
     with store_for(home) as store:
+        published(store, name, version)  # exit 3 for a workflow or version nobody published
         bar, progress = _items_progress(as_json, "backfill")
         try:
             with _interruptible() as stop, bar:
