@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator, NoReturn, Optional
 import orjson
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.markup import escape
 from rich.table import Table
 
 from weft.cli import output as out
@@ -236,14 +237,23 @@ def workflows_stats(name: Optional[str] = typer.Argument(None, metavar="[NAME[@V
 
 
 def _render_stats(rows: list[dict[str, Any]]) -> None:
-    table = Table("workflow", "total", "running", "paused", "completed", "failed", "cancelled", "p50 ms", "p95 ms",
-                  "failure rate")
+    """Readable at 80 columns: the workflow whole, then what matters most (totals, failures, durations);
+    running, cancelled and paused go first when the terminal is narrow."""
+    if not rows:
+        out.console.print("(no executions yet)")
+        return
+    cols = [out.Col("workflow", key=True), out.Col("total", justify="right"), out.Col("done", justify="right"),
+            out.Col("failed", justify="right"), out.Col("fail %", justify="right"),
+            out.Col("p50 ms", justify="right", drop=1), out.Col("p95 ms", justify="right", drop=1),
+            out.Col("running", justify="right", drop=2), out.Col("cancelled", justify="right", drop=3),
+            out.Col("paused", justify="right", drop=4)]
+    cells = []
     for r in rows:
-        rate = f"{r['failure_rate']:.1%}" if r["failure_rate"] is not None else ""
-        table.add_row(r["workflow"], *(str(r[k]) for k in ("total", "running", "paused", "completed", "failed",
-                                                            "cancelled")),
-                      *(f"{r[k]:.1f}" if r[k] is not None else "" for k in ("p50_ms", "p95_ms")), rate)
-    out.console.print(table)
+        rate = f"{r['failure_rate']:.1%}" if r["failure_rate"] is not None else "-"
+        ms = [f"{r[k]:,.0f}" if r[k] is not None else "-" for k in ("p50_ms", "p95_ms")]
+        cells.append([r["workflow"], str(r["total"]), str(r["completed"]), str(r["failed"]), rate, *ms,
+                      str(r["running"]), str(r["cancelled"]), str(r["paused"])])
+    out.fitted(cols, cells)
 
 
 # ---- replay -----------------------------------------------------------------------------------
@@ -361,12 +371,14 @@ def _render_bulk(r: dict[str, Any]) -> None:
                       f"{r['total']} selected")
     if r["items"]:
         errors = any(it.get("error") for it in r["items"])
-        table = Table("source", "outcome", "replay", *(("error",) if errors else ()))
+        cols = [out.Col("source", key=True), out.Col("outcome"), out.Col("replay", key=True),
+                *((out.Col("error"),) if errors else ())]
+        rows = []
         for it in r["items"]:
             colour = {"started": "green", "would_start": "cyan", "skipped": "dim", "failed": "red"}[it["outcome"]]
-            cells = [it["source"], f"[{colour}]{it['outcome']}[/]", it["execution_id"]]
-            table.add_row(*cells, *((it.get("error") or "",) if errors else ()))
-        out.console.print(table)
+            rows.append([it["source"], f"[{colour}]{it['outcome']}[/]", it["execution_id"] or "",
+                         *((escape(it.get("error") or ""),) if errors else ())])
+        out.fitted(cols, rows)
     first = f"would start {r['would_start']}" if r["dry_run"] else f"started {r['started']}"
     line = f"{first}, skipped (already replayed by this operation) {r['skipped']}, failed {r['failed']}"
     if r["cancelled"]:
@@ -440,10 +452,10 @@ def _render_backfill(r: dict[str, Any]) -> None:
     out.console.print(f"{mode}backfill [bold]{r['backfill_id']}[/bold] · {r['workflow']}@{r['version']} · "
                       f"{r['from']} .. {r['to']} · events {', '.join(r['event_types'])} · {r['total']} found")
     if r["dry_run"] and r["items"]:
-        table = Table("event", "source", "time", "outcome", "execution")
-        for it in r["items"]:
-            table.add_row(it["id"], it["source"], it["time"][:19], it["outcome"], it["execution_id"])
-        out.console.print(table)
+        out.fitted([out.Col("event", key=True), out.Col("source", drop=2), out.Col("time", drop=1),
+                    out.Col("outcome"), out.Col("execution", key=True)],
+                   [[escape(it["id"]), escape(it["source"]), it["time"][:19], it["outcome"], it["execution_id"] or ""]
+                    for it in r["items"]])
     for it in r["items"]:
         if it["outcome"] == "failed":
             out.console.print(f"[red]failed[/red] {it['source']} {it['id']}: {it['error']}", highlight=False)

@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from rich.console import Console
+from rich.text import Text
 
 from services.broker.nats_auth import ADMIN, ensure_passwords, read_password
 from services.broker.nats_server import NatsServer
@@ -24,6 +25,20 @@ from services.stack import ALL, Stack, install_signal_handlers, run_services
 from weft.cli.output import alive
 
 console = Console(stderr=True, soft_wrap=True)  # never wrap a URL or a path: they must stay copyable
+
+
+def line(label: str, value: str) -> None:
+    """`  label           value`: the value (a URL, a path) never wrapped, so it can be copied whole."""
+    console.print(f"  {label:<16}{value}", soft_wrap=True, highlight=False)
+
+
+def note(text: str, label: str = "", indent: int = 18) -> None:
+    """Prose (after a label, or under a line), indented and wrapped at the terminal's width."""
+    lines = Text.from_markup(text).wrap(console, max(console.width - indent, 20))
+    for i, part in enumerate(lines):
+        part.rstrip()
+        head = f"  {label:<16}" if i == 0 and label else " " * indent
+        console.print(Text(head) + part, soft_wrap=True, highlight=False)
 
 
 def run_up(settings: Settings) -> int:
@@ -64,25 +79,30 @@ def run_up(settings: Settings) -> int:
             "step_modules": list(stack.step_modules.names) if stack.step_modules is not None else None,
             "started_at": datetime.now(timezone.utc).isoformat(),
         })
+        # Each address on a line of its own, after a 16-character label: at 80 columns no URL is wrapped
+        # (Rich never breaks a line here, and the lines with URLs stay short); prose goes on lines below.
         console.print(f"[bold]weft up[/bold] · home {home}")
-        console.print(f"  NATS JetStream  {server.url}  (data in {home / 'nats'}; credentials required, "
-                      f"one user per role, passwords in {home / 'nats' / 'auth'})")
-        console.print(f"  event store     {settings.database_url}")
-        console.print(f"  services        {', '.join(parts)}"
-                      + (f" (worker concurrency {settings.worker_concurrency})" if not settings.no_worker else ""))
+        line("NATS JetStream", server.url)
+        note(f"data in {home / 'nats'}; credentials required, one user per role, passwords in "
+             f"{home / 'nats' / 'auth'}")
+        line("event store", str(settings.database_url))
+        note(", ".join(parts)
+             + (f" (worker concurrency {settings.worker_concurrency})" if not settings.no_worker else ""), "services")
         if stack.step_modules is not None:
             names = stack.step_modules.describe()
             how = (f"found in {Path.cwd()}; --steps or WEFT_STEP_MODULES to choose" if discovered
                    else "from --steps / WEFT_STEP_MODULES")
-            console.print(f"  step modules    {names}  ({how}, plus weft.steps entry points)")
+            line("step modules", names)
+            note(f"{how}, plus weft.steps entry points")
             if not stack.step_modules.names:
-                console.print("  [yellow]no step modules[/yellow]: every python step will be refused")
+                note("[yellow]no step modules[/yellow]: every python step will be refused")
         if stack.gateway is not None:
-            console.print(f"  HTTP gateway    {stack.gateway.url}/v1  (docs {stack.gateway.url}/v1/docs)")
-            console.print(f"  console         {stack.gateway.url}/ui")
+            line("HTTP gateway", f"{stack.gateway.url}/v1")
+            line("API docs", f"{stack.gateway.url}/v1/docs")
+            line("console", f"{stack.gateway.url}/ui")
             if not settings.gateway_auth:
-                console.print("  [yellow]auth is off[/yellow]: the gateway listens on loopback only and takes no API "
-                              "keys; anyone on this machine can call it (WEFT_GATEWAY_AUTH=true requires keys)")
+                note("[yellow]auth is off[/yellow]: the gateway listens on loopback only and takes no API keys; "
+                     "anyone on this machine can call it (WEFT_GATEWAY_AUTH=true requires keys)", indent=2)
         console.print("  ready · Ctrl-C stops")
 
     async def main() -> None:

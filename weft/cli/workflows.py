@@ -50,7 +50,11 @@ def workflows_list(as_json: bool = JsonOpt, home: Optional[Path] = HomeOpt) -> N
             v = reg.get(name)
             rows.append({"id": name, "workflow": name, "version": v.version, "content_hash": v.content_hash,
                          "published_at": v.published_at.isoformat()})
-    out.emit(rows, as_json, render=out.render_table)
+    out.emit(rows, as_json, render=lambda rs: out.fitted(
+        [out.Col("workflow", key=True), out.Col("latest", key=True), out.Col("published", drop=1),
+         out.Col("content hash", key=True, drop=2)],
+        [[r["workflow"], f"{r['workflow']}@{r['version']}", r["published_at"][:19].replace("T", " "),
+          r["content_hash"]] for r in rs]) if rs else out.console.print("(no workflows published yet)"))
 
 
 @workflows_app.command("show")
