@@ -116,6 +116,7 @@ def render_status(r: dict[str, Any]) -> None:
     if r.get("replays"):
         console.print(f"replays: {', '.join(r['replays'])}")
     table = Table("step", "status", "attempts", "items", "output / error")
+    table.columns[0].no_wrap = True  # a step id is never cut
     for s in r["steps"]:
         detail = f"{s['error']['type']}: {s['error']['message']}" if s["error"] else orjson.dumps(s["output"]).decode()
         if s.get("skip_reason"):
@@ -129,7 +130,9 @@ def render_status(r: dict[str, Any]) -> None:
 
 
 def render_history(rows: list[dict[str, Any]]) -> None:
-    table = Table("seq", "at", "type", "step", "attempt", "detail")
+    cols = [Col("seq", key=True, justify="right"), Col("at", drop=2), Col("type", key=True), Col("step", key=True),
+            Col("attempt", drop=1), Col("detail")]
+    cells = []
     for row in rows:
         step = row.get("step_id") or ""
         if row.get("item") is not None:
@@ -137,8 +140,9 @@ def render_history(rows: list[dict[str, Any]]) -> None:
         detail = row.get("error_message") or row.get("reason") or ""
         if row["type"] in ("StepSucceeded", "ExecutionCompleted"):
             detail = orjson.dumps(row.get("output")).decode()[:60]
-        table.add_row(str(row["seq"]), row["at"][11:23], row["type"], step, str(row.get("attempt", "")), detail)
-    console.print(table)
+        cells.append([str(row["seq"]), row["at"][11:23], row["type"], escape(step), str(row.get("attempt", "")),
+                      escape(detail)])
+    fitted(cols, cells)
 
 
 def render_executions(rows: list[dict[str, Any]]) -> None:
