@@ -87,6 +87,7 @@ def test_every_stack_command_is_listed() -> None:
 
 
 def test_a_stale_stack_file_is_named(cli) -> None:
+    """Issue 16 part 2 item 1: a stack.json left by a `weft up` that died is named, and nothing is created."""
     cli.home.mkdir()
     (cli.home / "stack.json").write_text(json.dumps({"pid": 2**22 + 12345, "nats_url": "nats://127.0.0.1:1"}))
     result = cli("executions", "list")
@@ -96,11 +97,13 @@ def test_a_stale_stack_file_is_named(cli) -> None:
 
 
 def test_version(cli) -> None:
+    """Issue 16 part 2 item 6: `weft --version`."""
     result = cli("--version")
     assert result.exit_code == 0 and result.output.startswith("weft ")
 
 
 def test_a_yaml_error_says_what_was_expected(cli, tmp_path: Path) -> None:
+    """Issue 16 part 2 item 6: YAML errors carry PyYAML's full "expected ..." detail."""
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\nsteps:\n  - {id: a, type: noop\n")
     result = cli("workflows", "publish", str(bad))
@@ -110,6 +113,7 @@ def test_a_yaml_error_says_what_was_expected(cli, tmp_path: Path) -> None:
 
 
 def test_run_with_a_used_idempotency_key_and_another_input_is_refused(monkeypatch, tmp_path: Path) -> None:
+    """Issue 16 part 2 item 4: `run --idempotency-key` with another input is refused (exit 2), as HTTP answers 409."""
     from services.settings import write_stack
 
     for name in ("WEFT_DATABASE_URL", "WEFT_NATS_URL"):
