@@ -132,6 +132,8 @@ def test_the_readme_transcripts(project: Project) -> None:
     started = _until(lambda: [e for e in project.json("executions", "list", "--workflow", "order-received")
                               if e["status"] == "completed"])
     assert len(started) == 1
+    types = readme("weft trigger-types").stdout
+    assert "order.created" in types and "order-received@1" in types, types
     readme("weft publish invoice.paid --data '{}'")
     _until(lambda: "trigger_unroutable" in readme("weft dlq list").stdout)
     assert readme("weft keys create --scopes trigger,read --name ci").stdout.startswith("weft_")
