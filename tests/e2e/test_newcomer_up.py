@@ -107,3 +107,19 @@ def test_shell_completion(tmp_path: Path) -> None:
                                capture_output=True, text=True, timeout=60)
     assert installed.returncode == 0, installed.stderr
     assert "weft" in (tmp_path / ".bashrc").read_text()
+
+
+@pytest.mark.parametrize("args", [
+    ("run", str(Path(__file__).resolve().parents[2] / "examples/order.yaml"), "--input", '{"order_id": "A-1"}'),
+    ("executions", "list"), ("dlq", "list"), ("publish", "order.created", "--data", "{}"),
+], ids=lambda a: " ".join(a[:2]))
+def test_no_stack_as_a_newcomer_meets_it(tmp_path: Path, args: tuple[str, ...]) -> None:
+    """Issue 16 part 2 item 1, as the README's reader meets it: the console script in an empty folder,
+    no WEFT_HOME: one line saying no stack runs in ./.weft and how to start one, exit 1, no ./.weft made."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WEFT_")}
+    env["COLUMNS"] = "80"
+    done = subprocess.run([str(WEFT), *args], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and done.stdout == "", done
+    [line] = done.stderr.splitlines()
+    assert f"no Weft stack is running in {tmp_path.resolve() / '.weft'}" in line and "`weft up`" in line, line
+    assert list(tmp_path.iterdir()) == []
