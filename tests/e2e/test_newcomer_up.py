@@ -123,3 +123,17 @@ def test_no_stack_as_a_newcomer_meets_it(tmp_path: Path, args: tuple[str, ...]) 
     [line] = done.stderr.splitlines()
     assert f"no Weft stack is running in {tmp_path.resolve() / '.weft'}" in line and "`weft up`" in line, line
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_python_client_takes_name_at_version(narrow: NarrowProject) -> None:
+    """Issue 16 part 2 item 4: NAME@VERSION in the Python client too (Client.workflow, Client.start)."""
+    from weft.client import Client
+
+    narrow.weft("workflows", "publish", "examples/invoice.yaml")
+    narrow.weft("workflows", "publish", "examples/invoice-v2.yaml")
+    with Client(json.loads((narrow.home / "stack.json").read_text())["gateway_url"]) as client:
+        assert client.workflow("invoice@1").version == 1 and client.workflow("invoice").version == 2
+        run = client.start("invoice@1", {"order_id": "C-1", "lines": [{"amount": 3}]})
+        assert run.wait(timeout=30).version == 1
+        with pytest.raises(ValueError, match="disagree"):
+            client.start("invoice@1", {}, version=2)
