@@ -186,14 +186,18 @@ def executions_attempts(execution_id: str, as_json: bool = JsonOpt, home: Option
 
 
 def _render_attempts(rows: list[dict[str, Any]]) -> None:
-    table = Table("step", "attempt", "status", "duration ms", "worker", "error / note")
+    cols = [out.Col("step", key=True), out.Col("attempt", justify="right"), out.Col("status", key=True),
+            out.Col("duration ms", justify="right", drop=2), out.Col("worker", key=True, drop=1),
+            out.Col("error / note")]
+    cells = []
     for r in rows:
         step = r["step_id"] + (f"#{r['item']}" if r["item"] is not None else "")
         note = f"{r['error_type']}: {r['error_message']}" if r["error_type"] else ""
         note = note or (f"reused from {r['reused_from']}" if r["reused_from"] else "") or (r["ignored_reason"] or "")
         duration = f"{r['duration_ms']:.1f}" if r["duration_ms"] is not None else ""
-        table.add_row(step, str(r["attempt"]), out.status_markup(r["status"]), duration, r["worker_id"] or "", note[:70])
-    out.console.print(table)
+        cells.append([escape(step), str(r["attempt"]), out.status_markup(r["status"]), duration,
+                      escape(r["worker_id"] or ""), escape(note[:70])])
+    out.fitted(cols, cells)
 
 
 @executions_app.command("timeline")
@@ -209,11 +213,11 @@ def executions_timeline(execution_id: str, as_json: bool = JsonOpt, home: Option
 
 
 def _render_timeline(rows: list[dict[str, Any]]) -> None:
-    table = Table("seq", "at", "event", "step", "attempt", "detail")
-    for r in rows:
-        step = (r["step_id"] or "") + (f"#{r['item']}" if r["item"] is not None else "")
-        table.add_row(str(r["seq"]), r["at"][11:23], r["type"], step, str(r["attempt"] or ""), (r["detail"] or "")[:70])
-    out.console.print(table)
+    cols = [out.Col("seq", key=True, justify="right"), out.Col("at", drop=2), out.Col("event", key=True),
+            out.Col("step", key=True), out.Col("attempt", drop=1), out.Col("detail")]
+    out.fitted(cols, [[str(r["seq"]), r["at"][11:23], r["type"],
+                       escape((r["step_id"] or "") + (f"#{r['item']}" if r["item"] is not None else "")),
+                       str(r["attempt"] or ""), escape((r["detail"] or "")[:70])] for r in rows])
 
 
 @workflows_app.command("stats")
