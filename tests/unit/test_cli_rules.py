@@ -125,3 +125,28 @@ def test_no_wait_prints_just_the_id(weft) -> None:
     assert str(uuid.UUID(printed.strip())) == printed.strip() and printed.count("\n") == 1
     as_json = json.loads(weft("run", INVOICE, "--input", INPUT, "--no-wait", "--json").output)
     assert set(as_json) == {"execution_id", "status", "workflow", "version"}
+
+
+@pytest.mark.parametrize("width", [40, 60, 80, 100, 160])
+def test_a_fitted_table_never_cuts_an_id(monkeypatch: pytest.MonkeyPatch, width: int) -> None:
+    """Issue 16 part 2 item 5: at any width each id is printed whole on one line; columns fold, drop (said on
+    stderr), the box goes, and at last each row becomes `header  value` lines."""
+    import io
+
+    from rich.console import Console
+
+    from weft.cli import output as out
+
+    screen, said = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(out, "console", Console(file=screen, width=width, color_system=None))
+    monkeypatch.setattr(out, "errors", Console(file=said, width=width, color_system=None))
+    ids = [str(uuid.uuid4()) for _ in range(4)]
+    cols = [out.Col("source", key=True), out.Col("outcome"), out.Col("replay", key=True),
+            out.Col("note", drop=1)]
+    out.fitted(cols, [[ids[0], "started", ids[1], "a long note " * 5], [ids[2], "skipped", ids[3], ""]])
+    lines = screen.getvalue().splitlines()
+    for eid in ids:
+        assert any(eid in line for line in lines), screen.getvalue()
+    assert all(len(line) <= max(width, 36 + 8) for line in lines), screen.getvalue()
+    if width < 100:
+        assert "not shown at this width: note" in " ".join(said.getvalue().split())

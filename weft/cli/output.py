@@ -214,7 +214,12 @@ def fitted(cols: Sequence[Col], rows: Sequence[Sequence[str]], width: int | None
             if n:
                 console.print()
             for c, value in zip(chosen, row):
-                console.print(f"[bold]{escape(c.header):<{label}}[/bold]  {value}", soft_wrap=c.key, highlight=False)
+                if label + 2 + len(Text.from_markup(value).plain) > width:  # the value on a line of its own
+                    console.print(f"[bold]{escape(c.header)}[/bold]", highlight=False)
+                    console.print(f"  {value}", soft_wrap=c.key, highlight=False)
+                else:
+                    console.print(f"[bold]{escape(c.header):<{label}}[/bold]  {value}", soft_wrap=c.key,
+                                  highlight=False)
         _say_hidden(hidden)
         return
     for c in chosen:
