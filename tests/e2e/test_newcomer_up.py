@@ -80,6 +80,8 @@ def test_history_at_past_the_end_says_so(narrow: NarrowProject) -> None:
     assert last["as_of"] == len(events) == last["of"]
     past = narrow.weft("history", eid, "--at", str(len(events) + 1), code=2)
     assert f"has {len(events)} event(s)" in " ".join(past.stderr.split()) and past.stdout == ""
+    before = narrow.weft("history", eid, "--at", "2000-01-01T00:00:00Z", code=2)
+    assert "did not exist yet" in " ".join(before.stderr.split())
 
 
 def test_a_webhook_whose_secret_is_unset_names_the_variable(narrow: NarrowProject) -> None:

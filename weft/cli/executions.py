@@ -237,8 +237,8 @@ def show_history_at(execution_id: str, history: list[Any], at: str, as_json: boo
 
     try:
         state, n, attempts = state_at(execution_id, history, at)
-    except AtError as exc:
-        out.fail(exc.code, str(exc))
+    except AtError as exc:  # a number past the end or a time before the start: out of range, bad input
+        out.fail(2, str(exc))
     summary = out.execution_summary(state, steps=True) | {
         "as_of": n, "as_of_time": history[n - 1].at.isoformat(), "of": len(history), "attempts": attempts,
     }
