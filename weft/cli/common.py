@@ -18,7 +18,12 @@ import typer
 
 from weft.cli import output as out
 
-app = typer.Typer(no_args_is_help=True, add_completion=True, help="Weft: event-sourced workflow orchestration.")
+app = typer.Typer(
+    no_args_is_help=True, add_completion=True, help="Weft: event-sourced workflow orchestration.",
+    epilog="Exit codes: 0 success, 1 failed (or no stack running), 2 bad input, 3 not found. "
+           "A workflow is NAME or NAME@VERSION everywhere. --json prints JSON only. "
+           "Commands find the stack `weft up` runs through --home / WEFT_HOME (default ./.weft).",
+)
 
 
 def _version(value: bool) -> None:

@@ -42,7 +42,7 @@ def run(
     as_json: bool = JsonOpt,
     home: Optional[Path] = HomeOpt,
 ) -> None:
-    """Register the definition, start an execution, follow it, print the result."""
+    """Register the definition (or take a published NAME[@VERSION]), start an execution, follow it, print the result."""
     from services.orchestrator.executions import Executions, InputError
     from services.orchestrator.registry import Registry
 
