@@ -139,3 +139,7 @@ def test_the_python_client_takes_name_at_version(narrow: NarrowProject) -> None:
         assert run.wait(timeout=30).version == 1
         with pytest.raises(ValueError, match="disagree"):
             client.start("invoice@1", {}, version=2)
+    url = json.loads((narrow.home / "stack.json").read_text())["gateway_url"]
+    assert httpx.get(f"{url}/v1/workflows/invoice@1", timeout=30).json()["version"] == 1  # over HTTP too
+    assert httpx.get(f"{url}/v1/workflows/invoice@9", timeout=30).status_code == 404
+    assert httpx.get(f"{url}/v1/workflows/invoice@x", timeout=30).status_code == 422
