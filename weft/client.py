@@ -102,6 +102,7 @@ def _start_body(workflow: Any, input: Any, version: int | None) -> dict[str, Any
     name = workflow if isinstance(workflow, str) else getattr(workflow, "name", None)
     if not isinstance(name, str):
         raise TypeError(f"workflow must be a name or a weft.Workflow, not {type(workflow).__name__}")
+    name, version = _named(name, version)
     return _drop_none(workflow=name, version=version, input=_json(input))
 
 
@@ -115,6 +116,18 @@ def _batch_body(items: Any) -> dict[str, Any]:
             body["idempotency_key"] = item["idempotency_key"]
         out.append(body)
     return {"items": out}
+
+
+def _named(workflow: str, version: int | None) -> tuple[str, int | None]:
+    """NAME or NAME@VERSION, as the CLI takes a workflow; a `version=` beside it must agree."""
+    name, sep, number = workflow.partition("@")
+    if not sep:
+        return workflow, version
+    if not name or not number.isdigit() or int(number) < 1:
+        raise ValueError(f"workflow: expected NAME or NAME@VERSION, got {workflow!r}")
+    if version is not None and int(version) != int(number):
+        raise ValueError(f"workflow: {workflow!r} and version={version} disagree")
+    return name, int(number)
 
 
 def _json(value: Any) -> Any:
@@ -227,6 +240,7 @@ class Client:
         return WorkflowList.model_validate_json(self.request("GET", "/v1/workflows").content)
 
     def workflow(self, name: str, version: int | None = None) -> WorkflowVersionOut:
+        name, version = _named(name, version)  # NAME@VERSION too
         path = f"/v1/workflows/{_seg(name)}" + (f"/versions/{int(version)}" if version is not None else "")
         return WorkflowVersionOut.model_validate_json(self.request("GET", path).content)
 
@@ -436,6 +450,7 @@ class AsyncClient:
         return WorkflowList.model_validate_json((await self.request("GET", "/v1/workflows")).content)
 
     async def workflow(self, name: str, version: int | None = None) -> WorkflowVersionOut:
+        name, version = _named(name, version)  # NAME@VERSION too
         path = f"/v1/workflows/{_seg(name)}" + (f"/versions/{int(version)}" if version is not None else "")
         return WorkflowVersionOut.model_validate_json((await self.request("GET", path)).content)
 

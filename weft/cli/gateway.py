@@ -10,7 +10,19 @@ from typing import Any, Optional
 import typer
 
 from weft.cli import output as out
-from weft.cli.common import HomeOpt, JsonOpt, acting_user, app, json_arg, run_service, settings_for, store_for
+from weft.cli.common import (
+    BAD_INPUT,
+    NOT_FOUND,
+    HomeOpt,
+    JsonOpt,
+    acting_user,
+    app,
+    json_arg,
+    need_stack,
+    run_service,
+    settings_for,
+    store_for,
+)
 
 keys_app = typer.Typer(no_args_is_help=True, help="API keys for the HTTP gateway.")
 app.add_typer(keys_app, name="keys")
@@ -46,6 +58,7 @@ def publish(
     except ValidationError as exc:
         out.fail(2, describe(exc).replace("type:", "TYPE:"))
     settings = settings_for(home)
+    need_stack(settings)  # one line saying none runs, as every command that needs the stack does
     if not settings.broker():
         out.fail(1, f"no broker: start `weft up` (home {settings.home}) or set WEFT_BROKER_URL")
 
@@ -272,7 +285,7 @@ def keys_revoke(key_id: str = typer.Argument(..., help="The key's id or prefix (
     try:
         key = Keys(store).revoke(key_id, by=acting_user())
     except KeyProblem as exc:
-        out.fail(1, str(exc))
+        out.fail(NOT_FOUND if str(exc).startswith("no API key") else BAD_INPUT, str(exc))
     finally:
         store.close()
     out.emit(key.public(), as_json)

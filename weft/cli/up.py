@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from rich.console import Console
+from rich.text import Text
 
 from services.broker.nats_auth import ADMIN, ensure_passwords, read_password
 from services.broker.nats_server import NatsServer
@@ -25,6 +26,20 @@ from weft.cli.output import alive
 from weft.workers import WorkerProcesses, default_processes
 
 console = Console(stderr=True, soft_wrap=True)  # never wrap a URL or a path: they must stay copyable
+
+
+def line(label: str, value: str) -> None:
+    """`  label           value`: the value (a URL, a path) never wrapped, so it can be copied whole."""
+    console.print(f"  {label:<16}{value}", soft_wrap=True, highlight=False)
+
+
+def note(text: str, label: str = "", indent: int = 18) -> None:
+    """Prose (after a label, or under a line), indented and wrapped at the terminal's width."""
+    lines = Text.from_markup(text).wrap(console, max(console.width - indent, 20))
+    for i, part in enumerate(lines):
+        part.rstrip()
+        head = f"  {label:<16}" if i == 0 and label else " " * indent
+        console.print(Text(head) + part, soft_wrap=True, highlight=False)
 
 
 def run_up(settings: Settings, broker: str | None = None, log_level: str = "WARNING") -> int:
@@ -84,34 +99,39 @@ def run_up(settings: Settings, broker: str | None = None, log_level: str = "WARN
         })
         if children is not None:  # after stack.json: they find the broker and their role there
             children.start()
+        # Each address on a line of its own, after a 16-character label: at 80 columns no URL is wrapped
+        # (Rich never breaks a line here, and the lines with URLs stay short); prose goes on lines below.
         console.print(f"[bold]weft up[/bold] · home {home}")
         if server is not None:
-            console.print(f"  NATS JetStream  {server.url}  (data in {home / 'nats'}; credentials required, "
-                          f"one user per role, passwords in {home / 'nats' / 'auth'})")
+            line("NATS JetStream", server.url)
+            note(f"data in {home / 'nats'}; credentials required, one user per role, passwords in "
+                 f"{home / 'nats' / 'auth'}")
         else:
-            console.print(f"  Kafka           {broker_url}")
-        console.print(f"  event store     {settings.database_url}")
+            line("Kafka", broker_url)
+        line("event store", str(settings.database_url))
         if children is not None:
-            console.print(f"  services        {', '.join(parts)}, and {processes} worker process(es) "
-                          f"(pids {', '.join(map(str, children.pids()))}; concurrency {settings.worker_concurrency} "
-                          "each; --workers N)")
+            note(f"{', '.join(parts)}, and {processes} worker process(es) (pids {', '.join(map(str, children.pids()))}; "
+                 f"concurrency {settings.worker_concurrency} each; --workers N)", "services")
         else:
-            console.print(f"  services        {', '.join(parts)}"
-                          + (f" (worker concurrency {settings.worker_concurrency})" if not settings.no_worker else ""))
+            note(", ".join(parts)
+                 + (f" (worker concurrency {settings.worker_concurrency})" if not settings.no_worker else ""),
+                 "services")
         modules = stack.step_modules if stack.step_modules is not None else child_modules
         if modules is not None:
             names = modules.describe()
             how = (f"found in {Path.cwd()}; --steps or WEFT_STEP_MODULES to choose" if discovered
                    else "from --steps / WEFT_STEP_MODULES")
-            console.print(f"  step modules    {names}  ({how}, plus weft.steps entry points)")
+            line("step modules", names)
+            note(f"{how}, plus weft.steps entry points")
             if not modules.names:
-                console.print("  [yellow]no step modules[/yellow]: every python step will be refused")
+                note("[yellow]no step modules[/yellow]: every python step will be refused")
         if stack.gateway is not None:
-            console.print(f"  HTTP gateway    {stack.gateway.url}/v1  (docs {stack.gateway.url}/v1/docs)")
-            console.print(f"  console         {stack.gateway.url}/ui")
+            line("HTTP gateway", f"{stack.gateway.url}/v1")
+            line("API docs", f"{stack.gateway.url}/v1/docs")
+            line("console", f"{stack.gateway.url}/ui")
             if not settings.gateway_auth:
-                console.print("  [yellow]auth is off[/yellow]: the gateway listens on loopback only and takes no API "
-                              "keys; anyone on this machine can call it (WEFT_GATEWAY_AUTH=true requires keys)")
+                note("[yellow]auth is off[/yellow]: the gateway listens on loopback only and takes no API keys; "
+                     "anyone on this machine can call it (WEFT_GATEWAY_AUTH=true requires keys)", indent=2)
         console.print("  ready · Ctrl-C stops")
 
     async def main() -> None:
