@@ -152,6 +152,21 @@ def carries_payload(method: str, path: str) -> bool:
             or (path.startswith("/v1/executions/") and path.endswith("/replay")))
 
 
+def replaying(body: bytes, receive: Receive) -> Receive:
+    """A `receive` that hands the app the body read already, then the connection's own messages
+    (a middleware that had to read the whole body first passes the request on with this)."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
 class BodyLimit:
     """ASGI middleware: a request body over `limit` bytes (`large` for bodies that carry a
     payload, see carries_payload) gets 413, whether it declares its length or streams it;
@@ -186,16 +201,7 @@ class BodyLimit:
             if len(body) > limit:
                 await self._reject(scope, receive, send, limit, f"more than {limit} bytes")
                 return
-        sent = False
-
-        async def replay() -> Message:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": bytes(body), "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
+        await self.app(scope, replaying(bytes(body), receive), send)
 
     async def _reject(self, scope: Scope, receive: Receive, send: Send, limit: int, size: str) -> None:
         response = error_response(413, f"the request body is {size}, over the limit of {limit} bytes",
