@@ -44,6 +44,9 @@ class Context:
     sse_poll: float = 0.25
     webhook_tolerance: float = 300.0  # seconds a signed webhook's timestamp may be off (settings.webhook_tolerance)
     sse_heartbeat: float = 15.0
+    max_streams: int = 100  # live SSE streams open at once (services/gateway/streams.py)
+    sse_write_timeout: float = 60.0  # seconds a stream's client may take no data before the stream ends
+    open_streams: int = 0
     step_modules: Any = None  # the allowlist of a worker in this process (weft up), for publish warnings
 
     def __post_init__(self) -> None:

@@ -18,6 +18,7 @@ from fastapi.responses import StreamingResponse
 from contracts.events import FINISHING
 from services.gateway.auth import ScopedRoute, caller, scoped, who
 from services.gateway.errors import ApiError, errors, invalid
+from services.gateway.streams import LiveStream, resume_after
 from services.gateway.models import ControlRequest, ExecutionOut, ExecutionPage, HistoryOut, StartRequest, Status
 from services.orchestrator.decide import Cancel, DecisionError, Pause, Resume, Retry
 from services.orchestrator.executions import InputError, NotFound, execution_id_for
@@ -108,7 +109,8 @@ def _cursor(raw: str | None) -> tuple[str, str] | None:
         return None
     try:
         at, _, eid = base64.urlsafe_b64decode(raw.encode() + b"=" * (-len(raw) % 4)).decode().partition("|")
-        uuid.UUID(eid)
+        if str(uuid.UUID(eid)) != eid:  # as the page wrote it, not `urn:uuid:...` or `{...}`: compared as text
+            raise ValueError(eid)
         datetime.fromisoformat(at)
     except (ValueError, binascii.Error, UnicodeDecodeError):
         raise invalid("query.cursor", "not a cursor from a previous page") from None
@@ -230,13 +232,11 @@ async def events(
 ) -> Any:
     """A live stream of the execution's events (SSE). It ends when the execution has finished."""
     state = await asyncio.to_thread(_load, request, execution_id)
-    if last_event_id is not None:
-        try:
-            after = max(after, int(last_event_id))
-        except ValueError:
-            raise invalid("header.last-event-id", "not a number") from None
-    return StreamingResponse(_stream(request, execution_id, after, state.finished), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    resumed = resume_after(last_event_id)
+    if resumed is not None:
+        after = max(after, resumed)
+    return LiveStream(request.app.state.ctx, _stream(request, execution_id, after, state.finished),
+                      f"/v1/executions/{execution_id}/events")
 
 
 async def _stream(request: Request, execution_id: str, seq: int, finished: bool) -> AsyncIterator[bytes]:

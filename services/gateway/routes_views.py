@@ -20,7 +20,8 @@ from fastapi import APIRouter, Header, Path, Query, Request
 from fastapi.responses import StreamingResponse
 
 from services.gateway.auth import OPEN, ScopedRoute, caller, is_loopback, scoped
-from services.gateway.errors import ApiError, errors, invalid
+from services.gateway.errors import ApiError, errors
+from services.gateway.streams import LiveStream, resume_after
 from services.gateway.routes_executions import IdPath, _load, summary
 from services.replay.timetravel import AtError, state_at
 
@@ -74,15 +75,12 @@ async def changes(
 ) -> Any:
     """Execution status changes as they are recorded, for live lists (of the workflows this key may see)."""
     ctx = request.app.state.ctx
-    if last_event_id is not None:
-        try:
-            after = int(last_event_id)
-        except ValueError:
-            raise invalid("header.last-event-id", "not a number") from None
+    resumed = resume_after(last_event_id)
+    if resumed is not None:
+        after = resumed
     if after is None:
         after = await asyncio.to_thread(ctx.store.head)
-    return StreamingResponse(_follow(request, after), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return LiveStream(ctx, _follow(request, after), "/v1/changes")
 
 
 async def _follow(request: Request, position: int) -> AsyncIterator[bytes]:
@@ -108,12 +106,13 @@ async def _follow(request: Request, position: int) -> AsyncIterator[bytes]:
             item = {"execution_id": eid, "workflow": workflow, "status": CHANGES[rec.type], "type": rec.type,
                     "at": data.get("at"), "seq": rec.version}
             yield f"id: {rec.position}\nevent: change\ndata: ".encode() + orjson.dumps(item) + b"\n\n"
+            beat = time.monotonic()
         position = max(position, nxt)
-        if records:
+        if time.monotonic() - beat > ctx.sse_heartbeat:
+            # Nothing this key may see for a while (other workflows' changes are skipped): say the
+            # position anyway, so a reconnect resumes here (an id without data dispatches nothing).
             beat = time.monotonic()
-        elif time.monotonic() - beat > ctx.sse_heartbeat:
-            beat = time.monotonic()
-            yield b": keep-alive\n\n"
+            yield f"id: {position}\n\n".encode() if position else b": keep-alive\n\n"
         if await request.is_disconnected():
             return
         try:
@@ -146,11 +145,13 @@ def projections(request: Request) -> Any:
 
 
 _REBUILDS: dict[str, asyncio.Task[Any]] = {}  # name -> the running rebuild (kept so it is not collected)
+REBUILD_ANSWER_WAIT = 2.0  # seconds the POST waits to know the rebuild holds the view's claim
 
 
 @router.post("/projections/{name}/rebuild", status_code=202, responses=errors(404, 409), openapi_extra=scoped("admin"))
 async def rebuild_projection(request: Request, name: str = Path(max_length=64, pattern=r"^[a-z_:]+$")) -> Any:
-    """Rebuild a view from position 0 beside the live one, then swap it in; answers at once (202).
+    """Rebuild a view from position 0 beside the live one, then swap it in. Answers 202 once the
+    rebuild holds the view (at most 2 s), 409 while another rebuild of it runs here or elsewhere.
     Its progress shows in `GET /v1/projections` (`rebuilding`: position of head), and `last` here."""
     from services.projections import RebuildBusy, rebuild, view_named
 
@@ -165,14 +166,24 @@ async def rebuild_projection(request: Request, name: str = Path(max_length=64, p
     if running is not None and not running.done():
         raise ApiError(409, f"{view.name} is being rebuilt already", code="busy")
     store = request.app.state.ctx.store
+    loop = asyncio.get_running_loop()
+    underway = asyncio.Event()
+
+    def progress(position: int, head: int) -> None:  # from the rebuild's thread: it holds the claim now
+        loop.call_soon_threadsafe(underway.set)
 
     async def run() -> Any:
-        try:
-            return (await asyncio.to_thread(rebuild, store, view)).as_dict()
-        except RebuildBusy as exc:
-            return {"error": str(exc)}
+        return (await asyncio.to_thread(rebuild, store, view, progress=progress)).as_dict()
 
-    _REBUILDS[view.name] = asyncio.ensure_future(run())
+    task = _REBUILDS[view.name] = asyncio.ensure_future(run())  # set before any await: two requests, one rebuild
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())  # read here or by GET .../rebuild
+    # Another gateway (or `weft projections rebuild`) may hold the view's claim in the store: wait
+    # until ours is under way or refused, so the answer is 409 then and not a 202 that fails later.
+    waiting = asyncio.ensure_future(underway.wait())
+    await asyncio.wait([task, waiting], timeout=REBUILD_ANSWER_WAIT, return_when=asyncio.FIRST_COMPLETED)
+    waiting.cancel()
+    if task.done() and isinstance(task.exception(), RebuildBusy):
+        raise ApiError(409, str(task.exception()), code="busy")
     return {"name": view.name, "started": True}
 
 
