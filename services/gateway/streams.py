@@ -33,9 +33,9 @@ MAX_ID = 2**62  # positions and seqs are 64-bit integers in both stores
 def resume_after(raw: str | None) -> int | None:
     """The `Last-Event-ID` header as a position: ASCII digits only, at most 2**62 (what the
     streams send). Anything else is a 422 naming the header, not a stream that breaks later."""
-    if raw is None:
+    text = (raw or "").strip()
+    if not text:  # no id yet (an EventSource sends none before its first event)
         return None
-    text = raw.strip()
     if not (text.isascii() and text.isdigit()) or len(text) > 19 or int(text) > MAX_ID:
         raise invalid("header.last-event-id", f"not an id this stream sent: a whole number from 0 to {MAX_ID}")
     return int(text)
