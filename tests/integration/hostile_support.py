@@ -35,6 +35,7 @@ class Gateway:
         self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
         self.ctx = stack.gateway.app.state.ctx
         self.mine = self.other = ""
+        self.loop: Any = None  # the stack's event loop (in its own thread)
 
     def client(self, key: str | None = None, **headers: str) -> httpx.Client:
         if key:
@@ -96,11 +97,13 @@ def running_gateway(request: pytest.FixtureRequest, tmp: Path, nats_url: str, **
     settings = Settings(home=tmp, database_url=url, nats_url=nats_url, namespace=f"h{uuid.uuid4().hex[:8]}",
                         poll_interval=0.02, ack_wait=5.0, **overrides)
     try:
-        with Background(settings, PARTS) as stack:
+        background = Background(settings, PARTS)
+        with background as stack:
             keys = Keys(stack.store)
             admin, _ = keys.create(["admin"], name="ops")
             bound, _ = keys.create(["read"], workflows=["two-steps"], name="bound")
             gw = Gateway(stack, admin, bound)
+            gw.loop = background.loop
             with gw.client(admin) as c:
                 for text in (TWO, OTHER):
                     r = c.post("/v1/workflows", content=text, headers={"content-type": "application/yaml"})
