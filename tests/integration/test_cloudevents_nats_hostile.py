@@ -1,0 +1,81 @@
+"""Hostile CloudEvents on the trigger topic, written byte by byte to a real NATS server (HPUB, what
+no client library would send) and consumed by the real trigger consumer over SQLite and
+PostgreSQL: header values that are not UTF-8, header names that are not ASCII, 500 attribute
+headers, a 60 KB attribute, 100,000-deep data. Each is dead-lettered as trigger_invalid with its
+reason or (a name the NATS client drops) accepted without it; none starts anything it should not,
+and a normal event right after still starts its workflow."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+
+from contracts.subjects import trigger_subject
+from services.triggers.ingest import trigger_execution_id
+from tests.integration.hostile_support import Gateway, running_gateway
+
+pytestmark = pytest.mark.integration
+BASE = b"ce-specversion: 1.0\r\nce-source: hostile\r\nce-type: other.happened\r\n"
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def gw(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, nats_server: Any) -> Iterator[Gateway]:
+    with running_gateway(request, tmp_path_factory.mktemp("ce-nats"), nats_server.url) as gateway:
+        yield gateway
+
+
+def _hpub(url: str, subject: str, headers: bytes, body: bytes) -> bytes:
+    parts = urlsplit(url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=10) as s:
+        s.recv(65536)  # INFO
+        s.sendall(b'CONNECT {"verbose":false,"pedantic":false,"headers":true}\r\n')
+        head = b"NATS/1.0\r\n" + headers + b"\r\n"
+        s.sendall(f"HPUB {subject} {len(head)} {len(head) + len(body)}\r\n".encode() + head + body + b"\r\nPING\r\n")
+        out = b""
+        while b"PONG" not in out and b"-ERR" not in out:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            out += chunk
+    return out
+
+
+def test_hostile_nats_events_are_dead_lettered_and_the_stack_carries_on(gw: Gateway, nats_server: Any) -> None:
+    triggers = gw.stack.triggers
+    subject = gw.stack.transport.subject(trigger_subject("other.happened"))
+    invalid_before, handled_before = triggers.invalid, triggers.handled
+    cases = [  # (headers, body, refused)
+        (BASE + b"ce-id: \xff\xfe\r\n", b"{}", True),  # the NATS client turns these into U+FFFD
+        (BASE + b"ce-id: h-many\r\n" + b"".join(f"ce-x{i}: v\r\n".encode() for i in range(500)), b"{}", True),
+        (BASE + b"ce-id: h-big\r\nce-big: " + b"v" * 60_000 + b"\r\n", b"{}", True),
+        (BASE + b"ce-id: h-deep\r\ncontent-type: application/json\r\n", b"[" * 100_000 + b"]" * 100_000, True),
+        (BASE + b"ce-id: h-bytes\r\ncontent-type: application/octet-stream\r\n", b"\xff\xfe\x00", True),
+        (BASE + b"ce-id: h-name\r\nce-\xff: v\r\n", b"{}", False),  # a non-ASCII name is dropped by the client
+    ]
+    for headers, body, _ in cases:
+        assert b"PONG" in _hpub(nats_server.url, subject, headers, body)
+    refused = sum(1 for *_, r in cases if r)
+    deadline = time.monotonic() + 30
+    while triggers.handled - handled_before < len(cases):
+        assert time.monotonic() < deadline, (triggers.handled - handled_before, triggers.invalid - invalid_before)
+        time.sleep(0.1)
+    assert triggers.invalid - invalid_before == refused
+    with gw.client(gw.admin) as c:
+        for event_id in ("\ufffd\ufffd", "h-many", "h-big", "h-deep", "h-bytes"):
+            eid = trigger_execution_id("other", "hostile", event_id)
+            assert c.get(f"/v1/executions/{eid}").status_code == 404, event_id
+    gw.finished(trigger_execution_id("other", "hostile", "h-name"))
+    ok = BASE + b"ce-id: h-after\r\n"
+    assert b"PONG" in _hpub(nats_server.url, subject, ok, b'{"n": 1}')
+    deadline = time.monotonic() + 30
+    with gw.client(gw.admin) as c:
+        eid = trigger_execution_id("other", "hostile", "h-after")
+        while c.get(f"/v1/executions/{eid}").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    assert gw.finished(eid)["status"] == "completed"
