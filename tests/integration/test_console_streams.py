@@ -104,6 +104,14 @@ def test_a_tampered_last_event_id_is_a_422_naming_the_header(gw: Gateway, value:
             "message"], error
 
 
+@pytest.mark.parametrize(("after", "words"), [("-1", "greater than or equal to 0"), ("abc", "valid integer"),
+                                              (str(2**62 + 1), "less than or equal to"), ("1e3", "valid integer")])
+def test_a_hostile_after_is_a_422_naming_it(gw: Gateway, after: str, words: str) -> None:
+    with gw.client(gw.admin) as c:
+        r = c.get("/v1/changes", params={"after": after})
+    assert r.status_code == 422 and r.json()["error"]["problems"][0]["field"] == "query.after" and words in r.text
+
+
 def test_resuming_with_last_event_id_gives_what_came_after_and_nothing_twice(gw: Gateway) -> None:
     first = Subscriber(gw, "/v1/changes?after=0", gw.admin)
     assert first.status() == 200
