@@ -3,7 +3,8 @@ no client library would send) and consumed by the real trigger consumer over SQL
 PostgreSQL: header values that are not UTF-8, header names that are not ASCII, 500 attribute
 headers, a 60 KB attribute, 100,000-deep data. Each is dead-lettered as trigger_invalid with its
 reason or (a name the NATS client drops) accepted without it; none starts anything it should not,
-and a normal event right after still starts its workflow."""
+and a normal event right after still starts its workflow. Over HTTP: a batch of 8 million empty
+objects (24 MiB, 600 MB once parsed) is refused before it is parsed, naming the element budget."""
 
 from __future__ import annotations
 
@@ -79,3 +80,15 @@ def test_hostile_nats_events_are_dead_lettered_and_the_stack_carries_on(gw: Gate
             assert time.monotonic() < deadline
             time.sleep(0.1)
     assert gw.finished(eid)["status"] == "completed"
+
+
+def test_a_batch_of_millions_of_tiny_values_is_refused_before_it_is_parsed(gw: Gateway) -> None:
+    body = b"[" + b"{}," * (8 * 1024 * 1024) + b"{}]"
+    started = time.monotonic()
+    with gw.client(gw.admin) as c:
+        r = c.post("/v1/triggers", content=body, headers={"content-type": "application/cloudevents-batch+json"})
+        assert r.status_code == 422, r.text[:300]
+        error = r.json()["error"]
+        assert error["problems"] == [{"field": "body", "message": "more than 2000000 elements"}], error
+        assert time.monotonic() - started < 10
+        assert c.get("/healthz").status_code == 200
