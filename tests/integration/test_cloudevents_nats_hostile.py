@@ -4,7 +4,8 @@ PostgreSQL: header values that are not UTF-8, header names that are not ASCII, 5
 headers, a 60 KB attribute, 100,000-deep data. Each is dead-lettered as trigger_invalid with its
 reason or (a name the NATS client drops) accepted without it; none starts anything it should not,
 and a normal event right after still starts its workflow. Over HTTP: a batch of 8 million empty
-objects (24 MiB, 600 MB once parsed) is refused before it is parsed, naming the element budget."""
+objects (24 MiB, 600 MB once parsed) is refused before it is parsed, naming the element budget, and
+so is such an execution input (the gateway's body check, before FastAPI parses it)."""
 
 from __future__ import annotations
 
@@ -91,4 +92,10 @@ def test_a_batch_of_millions_of_tiny_values_is_refused_before_it_is_parsed(gw: G
         error = r.json()["error"]
         assert error["problems"] == [{"field": "body", "message": "more than 2000000 elements"}], error
         assert time.monotonic() - started < 10
+        # the same for every JSON body FastAPI would parse whole: an execution's input
+        items = b"{}," * (8 * 1024 * 1024) + b"{}"
+        r = c.post("/v1/executions", content=b'{"workflow": "other", "input": [' + items + b"]}",
+                   headers={"content-type": "application/json"})
+        assert r.status_code == 422 and r.json()["error"]["problems"][0]["message"] == "more than 2000000 elements"
+        assert time.monotonic() - started < 20
         assert c.get("/healthz").status_code == 200

@@ -28,7 +28,7 @@ def test_a_body_of_millions_of_tiny_values_is_refused_before_it_is_parsed() -> N
     import time
 
     from contracts.cloudevents import from_batch, from_http
-    from contracts.values import MAX_ELEMENTS, _elements
+    from contracts.values import MAX_ELEMENTS, elements_in
 
     for text in ('[]', '{"a":[1,2],"b":{}}', '{"a,b[{":"x\\\\","c":"\\"[,{"}', '[[],[[]],{"k":[]}]', '"a,b"', "1"):
         value, count = json.loads(text), 0
@@ -37,7 +37,7 @@ def test_a_body_of_millions_of_tiny_values_is_refused_before_it_is_parsed() -> N
             item = todo.pop()
             count += 1
             todo.extend(item.values() if isinstance(item, dict) else item if isinstance(item, list) else ())
-        assert _elements(text) == count, text
+        assert elements_in(text) == count, text
     body = b"[" + b"{}," * (8 * 1024 * 1024) + b"{}]"  # 24 MiB, 8 million objects: 600 MB once parsed
     before, started = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.monotonic()
     with pytest.raises(BindingError) as caught:
