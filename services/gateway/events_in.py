@@ -131,6 +131,7 @@ async def publish_batch(ctx: Context, key: ApiKey, body: bytes, limits: BindingL
         raise refusal(exc) from None
     items: list[dict[str, Any]] = []
     ready: list[tuple[dict[str, Any], CloudEvent]] = []
+    seen: dict[tuple[str, str], tuple[int, CloudEvent]] = {}
     claims = ctx.executions.claims
     if key.workflows is not None:
         await asyncio.to_thread(ctx.catalog.refresh)  # once for the batch, not once per event
@@ -154,6 +155,18 @@ async def publish_batch(ctx: Context, key: ApiKey, body: bytes, limits: BindingL
             except PayloadError as exc:
                 item.update(status=422, error=_error(422, exc, f"body[{i}].data"))
                 continue
+        earlier = seen.get((got.source, got.id))
+        if earlier is not None:  # one batch naming one event twice: publish it once
+            first, same = earlier
+            if same != got:  # the broker would keep the first and drop this one without a word
+                message = (f"the same source and id as body[{first}] with other attributes or data: a CloudEvent's "
+                           "source and id name one event")
+                item.update(status=409, error={"code": "conflict", "message": message,
+                                               "problems": [{"field": f"body[{i}].id", "message": message}]})
+            else:
+                item.update(status=202, duplicate=True)
+            continue
+        seen[(got.source, got.id)] = (i, got)
         ready.append((item, got))
     gate = asyncio.Semaphore(PUBLISH_CONCURRENCY)
 

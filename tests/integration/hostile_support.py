@@ -52,8 +52,8 @@ class Gateway:
         deadline = time.monotonic() + timeout
         with self.client(self.admin) as c:
             while True:
-                body = c.get(f"/v1/executions/{eid}").json()
-                if body["status"] in ("completed", "failed", "cancelled"):
+                body = c.get(f"/v1/executions/{eid}").json()  # 404 until a trigger's execution is started
+                if body.get("status") in ("completed", "failed", "cancelled"):
                     return dict(body)
                 assert time.monotonic() < deadline, f"{eid} did not finish: {body}"
                 time.sleep(0.05)

@@ -5,7 +5,8 @@ headers, a 60 KB attribute, 100,000-deep data. Each is dead-lettered as trigger_
 reason or (a name the NATS client drops) accepted without it; none starts anything it should not,
 and a normal event right after still starts its workflow. Over HTTP: a batch of 8 million empty
 objects (24 MiB, 600 MB once parsed) is refused before it is parsed, naming the element budget, and
-so is such an execution input (the gateway's body check, before FastAPI parses it)."""
+so is such an execution input (the gateway's body check, before FastAPI parses it). One batch naming
+one event twice publishes it once, and says which repeat differs (409) instead of dropping it unsaid."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
+import orjson
 import pytest
 
 from contracts.subjects import trigger_subject
@@ -99,3 +101,22 @@ def test_a_batch_of_millions_of_tiny_values_is_refused_before_it_is_parsed(gw: G
         assert r.status_code == 422 and r.json()["error"]["problems"][0]["message"] == "more than 2000000 elements"
         assert time.monotonic() - started < 20
         assert c.get("/healthz").status_code == 200
+
+
+def test_one_batch_naming_one_event_twice_publishes_it_once_and_says_which_differs(gw: Gateway) -> None:
+    source = f"twice-{time.monotonic_ns()}"
+
+    def ev(event_id: str, n: int) -> dict[str, Any]:
+        return {"specversion": "1.0", "id": event_id, "source": source, "type": "other.happened", "data": {"n": n}}
+
+    with gw.client(gw.admin) as c:
+        r = c.post("/v1/triggers", content=orjson.dumps([ev("a", 1), ev("a", 1), ev("a", 2), ev("b", 3)]),
+                   headers={"content-type": "application/cloudevents-batch+json"})
+        assert r.status_code == 207, r.text
+        items = r.json()["items"]
+        assert [i["status"] for i in items] == [202, 202, 409, 202]
+        assert items[1]["duplicate"] is True and items[0]["duplicate"] is False
+        assert items[2]["error"]["problems"] == [{"field": "body[2].id", "message": items[2]["error"]["message"]}]
+        assert "the same source and id as body[0]" in items[2]["error"]["message"]
+    done = gw.finished(trigger_execution_id("other", source, "a"))
+    assert done["input"] == {"n": 1}
