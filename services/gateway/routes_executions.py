@@ -230,7 +230,8 @@ async def events(
     last_event_id: str | None = Header(None, max_length=32, description="resume after this seq"),
     after: int = Query(0, ge=0, le=2**31, description="start after this seq"),
 ) -> Any:
-    """A live stream of the execution's events (SSE). It ends when the execution has finished."""
+    """A live stream of the execution's events (SSE). It ends when the execution has finished.
+    At most WEFT_GATEWAY_MAX_STREAMS live streams are open on a gateway at once (503 with Retry-After beyond)."""
     state = await asyncio.to_thread(_load, request, execution_id)
     resumed = resume_after(last_event_id)
     if resumed is not None:

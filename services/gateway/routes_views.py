@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from typing import Any, AsyncIterator
 
 import orjson
@@ -23,6 +24,7 @@ from services.gateway.auth import OPEN, ScopedRoute, caller, is_loopback, scoped
 from services.gateway.errors import ApiError, errors
 from services.gateway.streams import LiveStream, resume_after
 from services.gateway.routes_executions import IdPath, _load, summary
+from contracts.events import decode as decode_event
 from services.replay.timetravel import AtError, state_at
 
 router = APIRouter(prefix="/v1", tags=["console"], route_class=ScopedRoute)
@@ -53,13 +55,15 @@ def whoami(request: Request) -> Any:
 @router.get("/executions/{execution_id}/at/{n}", responses=errors(404), openapi_extra=scoped("read"))
 def as_of(request: Request, execution_id: str = IdPath, n: int = Path(ge=1, le=2**31)) -> Any:
     """The execution's state as of event `n` (1-based), with every attempt so far: `weft history --at N`."""
-    _load(request, execution_id)
-    history = request.app.state.ctx.executions.history(execution_id)
+    current = _load(request, execution_id)
+    # The first n events only: a slider dragged over a long history reads what it shows, not all of it.
+    records = request.app.state.ctx.store.load(uuid.UUID(execution_id), upto_version=n)
+    history = [decode_event(r.type, r.data) for r in records]
     try:
         state, folded, attempts = state_at(execution_id, history, n)
     except AtError as exc:
         raise ApiError(404 if exc.code == 1 else 422, str(exc).replace("--at", "path.n")) from None
-    return summary(state) | {"as_of": folded, "of": len(history), "attempts": attempts}
+    return summary(state) | {"as_of": folded, "of": max(current.version, len(history)), "attempts": attempts}
 
 
 @router.get(
@@ -73,7 +77,9 @@ async def changes(
     last_event_id: str | None = Header(None, max_length=32, description="resume after this position"),
     after: int | None = Query(None, ge=0, le=2**62, description="log position to start after (default: now)"),
 ) -> Any:
-    """Execution status changes as they are recorded, for live lists (of the workflows this key may see)."""
+    """Execution status changes as they are recorded, for live lists (of the workflows this key may see).
+    Resume with `Last-Event-ID` (the last `id:` received). At most WEFT_GATEWAY_MAX_STREAMS live streams
+    are open on a gateway at once (503 with Retry-After beyond)."""
     ctx = request.app.state.ctx
     resumed = resume_after(last_event_id)
     if resumed is not None:
