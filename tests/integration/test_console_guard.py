@@ -174,3 +174,11 @@ def test_console_pages_carry_no_data_and_every_response_its_headers(gw: Gateway)
         for r in (c.put("/v1/whoami"), c.post("/v1/workflows", content=b"x" * (2 << 20))):  # 405, 413
             assert r.status_code in (405, 413) and r.headers["x-frame-options"] == "DENY", r.status_code
             assert "frame-ancestors 'none'" in r.headers["content-security-policy"]
+
+
+@pytest.mark.parametrize("path", [b"/ui/static/../guard.py", b"/ui/static/..%2Fguard.py", b"/ui/static/%2e%2e/guard.py",
+                                  b"/v1/docs/assets/..%2F..%2F__init__.py", b"/ui/static/%2e%2e%2f%2e%2e%2fkeys.py",
+                                  b"/ui/static//etc/passwd", b"/ui/static/%00"])
+def test_static_files_stay_in_their_folders(gw: Gateway, path: bytes) -> None:
+    raw = gw.get_raw(path)
+    assert status_of(raw) == 404 and b"x-frame-options: DENY" in raw, raw[:200]
