@@ -30,6 +30,7 @@ from services.projections.executions import list_executions
 router = APIRouter(prefix="/v1/executions", tags=["executions"], route_class=ScopedRoute)
 IdPath = Path(description="execution id (a UUID)", max_length=64)
 _ID_PREFIX = re.compile(r"[0-9a-fA-F-]{1,36}")
+STREAM_PAGE = 1000  # events read per poll of a live stream
 _REOPENING = frozenset({"ExecutionRetried", "StepReprocessRequested", "ExecutionResumed"})
 
 
@@ -245,7 +246,8 @@ async def _stream(request: Request, execution_id: str, seq: int, finished: bool)
     stream_id = uuid.UUID(execution_id)
     beat = time.monotonic()
     while not ctx.stop.is_set():
-        records = await asyncio.to_thread(ctx.store.load, stream_id, seq)
+        # a page at a time: a long history is not read into memory whole for each subscriber
+        records = await asyncio.to_thread(ctx.store.load, stream_id, seq, seq + STREAM_PAGE)
         for item in _history_items(records):
             seq = item["seq"]
             if item["type"] in FINISHING:
@@ -263,6 +265,8 @@ async def _stream(request: Request, execution_id: str, seq: int, finished: bool)
             yield b": keep-alive\n\n"
         if await request.is_disconnected():
             return
+        if len(records) >= STREAM_PAGE:
+            continue  # more is waiting: no pause
         try:
             await asyncio.wait_for(ctx.stop.wait(), timeout=ctx.sse_poll)
         except asyncio.TimeoutError:

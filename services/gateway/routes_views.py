@@ -121,6 +121,8 @@ async def _follow(request: Request, position: int) -> AsyncIterator[bytes]:
             yield f"id: {position}\n\n".encode() if position else b": keep-alive\n\n"
         if await request.is_disconnected():
             return
+        if len(records) >= 500:
+            continue  # catching up: no pause
         try:
             await asyncio.wait_for(ctx.stop.wait(), timeout=max(ctx.sse_poll, 0.25))
         except asyncio.TimeoutError:

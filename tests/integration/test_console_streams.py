@@ -228,3 +228,17 @@ def _eventually(predicate: Any, timeout: float, what: str) -> None:
     while not predicate():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.2)
+
+
+def test_a_long_history_streams_page_by_page_in_order_without_gaps(gw: Gateway, monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.gateway import routes_executions
+
+    monkeypatch.setattr(routes_executions, "STREAM_PAGE", 2)  # the history below spans several pages
+    with gw.client(gw.admin) as c:
+        total = len(c.get(f"/v1/executions/{gw.mine}/history").json()["items"])
+    assert total > 4
+    s = Subscriber(gw, f"/v1/executions/{gw.mine}/events", gw.admin)
+    assert s.status() == 200
+    blocks = s.events(lambda b: any(x.get("event") == "end" for x in b))
+    s.close()
+    assert [int(x["id"]) for x in blocks if "id" in x] == list(range(1, total + 1))
