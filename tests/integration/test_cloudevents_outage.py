@@ -3,7 +3,8 @@ and a NATS server of this test's own (stopped and started again on the same port
 while it is down a batch is answered 503 per event and whole (Retry-After), never a 500; once it is
 back the same batch sent again is accepted, and sent a third time is all duplicates; each event
 starts its workflow exactly once, whether it was stored by the retry or late, by the NATS client
-flushing what it had buffered while reconnecting."""
+flushing what it had buffered while reconnecting. A single event whose id the gateway made up
+(Weft's shorthand) is answered 503 with that id, so the client's retry is the same event."""
 
 from __future__ import annotations
 
@@ -66,23 +67,33 @@ def test_a_batch_retried_after_a_503_starts_each_event_once(outage: tuple[Gatewa
         mixed = _send(gw, [events[0], {**events[1], "specversion": "0.3"}])
         assert mixed.status_code == 503 and {p["field"] for p in mixed.json()["error"]["problems"]} == {
             "body[0]", "body[1].specversion"}
+        # one event in Weft's shorthand, its id left to the gateway: the 503 says which id to send again
+        with gw.client(gw.admin) as c:
+            single = c.post("/v1/triggers", json={"type": "other.happened", "data": {"n": 99}})
+        assert single.status_code == 503 and single.headers["retry-after"] == "1", single.text
+        made_up = single.json()["error"]["problems"][0]["message"]
+        assert f"id {made_up!r}" in single.json()["error"]["message"]
         nats.restart()
         _ready(gw)
+        with gw.client(gw.admin) as c:
+            retried = c.post("/v1/triggers", json={"type": "other.happened", "id": made_up, "data": {"n": 99}})
+        assert retried.status_code == 202, retried.text
+        ids_extra = trigger_execution_id("other", "weft:api", made_up)
         again = _send(gw, events)
         assert again.status_code == 202 and again.json()["accepted"] == 20, again.text[:500]
         third = _send(gw, events)
         assert third.status_code == 202 and all(i["duplicate"] for i in third.json()["items"]), third.text[:500]
     finally:
         transport._publish_retry_for = retry_for
-    ids = {trigger_execution_id("other", source, e["id"]) for e in events}
+    ids = {trigger_execution_id("other", source, e["id"]) for e in events} | {ids_extra}
     with gw.client(gw.admin) as c:
         deadline = time.monotonic() + 60
         while True:
             listed = [x for x in c.get("/v1/executions", params={"workflow": "other", "limit": 500}).json()["items"]
                       if x["id"] in ids]
-            if len(listed) == 20 and all(x["status"] == "completed" for x in listed):
+            if len(listed) == 21 and all(x["status"] == "completed" for x in listed):
                 break
-            assert time.monotonic() < deadline, f"{len(listed)} of 20 executions"
+            assert time.monotonic() < deadline, f"{len(listed)} of 21 executions"
             time.sleep(0.2)
         time.sleep(1.0)  # time for anything published twice to be ingested twice
         for eid in ids:
@@ -90,4 +101,4 @@ def test_a_batch_retried_after_a_503_starts_each_event_once(outage: tuple[Gatewa
                        if e["type"] == "ExecutionStarted"]
             assert len(started) == 1, eid
         everything = c.get("/v1/executions", params={"workflow": "other", "limit": 500}).json()["items"]
-        assert len(everything) == 21  # the fixture's own execution and one per event
+        assert len(everything) == 22  # the fixture's own execution and one per event
