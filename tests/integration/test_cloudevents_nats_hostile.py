@@ -6,7 +6,9 @@ reason or (a name the NATS client drops) accepted without it; none starts anythi
 and a normal event right after still starts its workflow. Over HTTP: a batch of 8 million empty
 objects (24 MiB, 600 MB once parsed) is refused before it is parsed, naming the element budget, and
 so is such an execution input (the gateway's body check, before FastAPI parses it). One batch naming
-one event twice publishes it once, and says which repeat differs (409) instead of dropping it unsaid."""
+one event twice publishes it once, and says which repeat differs (409) instead of dropping it unsaid.
+And over HTTP in every mode: 100 MB (413), 10,000 levels (422), bytes that are not UTF-8 in the body
+or a ce-* header (422 naming it)."""
 
 from __future__ import annotations
 
@@ -120,3 +122,28 @@ def test_one_batch_naming_one_event_twice_publishes_it_once_and_says_which_diffe
         assert "the same source and id as body[0]" in items[2]["error"]["message"]
     done = gw.finished(trigger_execution_id("other", source, "a"))
     assert done["input"] == {"n": 1}
+
+
+def test_hostile_http_cloudevents_name_the_field_and_the_limit(gw: Gateway) -> None:
+    ce = {"ce-id": "d-1", "ce-source": "hostile", "ce-type": "other.happened", "ce-specversion": "1.0"}
+    deep = b"[" * 10_000 + b"]" * 10_000
+    with gw.client(gw.admin) as c:
+        def post(body: bytes, **headers: str) -> Any:
+            return c.post("/v1/triggers", content=body, headers=headers)
+
+        big = post(b"[" + b" " * (100 * 1024 * 1024) + b"]", **{"content-type": "application/cloudevents-batch+json"})
+        assert big.status_code == 413 and "over the limit of" in big.json()["error"]["message"], big.text[:300]
+        assert c.post("/v1/projections/timeline/rebuild", content=b"x" * (100 * 1024 * 1024)).status_code == 413
+        for r in (post(deep, **{"content-type": "application/cloudevents-batch+json"}),
+                  post(b'{"specversion":"1.0","id":"d","source":"s","type":"other.happened","data":' + deep + b"}",
+                       **{"content-type": "application/cloudevents+json"}),
+                  post(deep, **ce, **{"content-type": "application/json"})):
+            assert r.status_code == 422 and "nested deeper than 100 levels" in r.text, r.text[:300]
+        bad = post(b'{"type":"other.happened","data":"\xff"}', **{"content-type": "application/json"})
+        assert bad.status_code == 422 and "not UTF-8 text" in bad.text and bad.json()["error"]["problems"][0][
+            "field"] == "body"
+    raw = gw.raw(b"POST /v1/triggers HTTP/1.1\r\nHost: " + f"{gw.host}:{gw.port}".encode() + b"\r\nAuthorization: "
+                 b"Bearer " + gw.admin.encode() + b"\r\nce-id: \xff\xfe\r\nce-source: s\r\nce-type: other.happened\r\n"
+                 b"ce-specversion: 1.0\r\ncontent-type: application/json\r\nContent-Length: 2\r\nConnection: close"
+                 b"\r\n\r\n{}")
+    assert raw.startswith(b"HTTP/1.1 422") and b'"field":"headers.ce-id"' in raw and b"not UTF-8" in raw, raw[-400:]
