@@ -18,7 +18,7 @@ from fastapi.responses import StreamingResponse
 from contracts.events import FINISHING
 from services.gateway.auth import ScopedRoute, caller, scoped, who
 from services.gateway.errors import ApiError, errors, invalid
-from services.gateway.streams import LiveStream, resume_after
+from services.gateway.streams import KeyCheck, LiveStream, resume_after
 from services.gateway.models import ControlRequest, ExecutionOut, ExecutionPage, HistoryOut, StartRequest, Status
 from services.orchestrator.decide import Cancel, DecisionError, Pause, Resume, Retry
 from services.orchestrator.executions import InputError, NotFound, execution_id_for
@@ -245,7 +245,10 @@ async def _stream(request: Request, execution_id: str, seq: int, finished: bool)
     ctx = request.app.state.ctx
     stream_id = uuid.UUID(execution_id)
     beat = time.monotonic()
+    check = KeyCheck(request)
     while not ctx.stop.is_set():
+        if await check.revoked():
+            return  # revoked while open: the reconnect gets 401
         # a page at a time: a long history is not read into memory whole for each subscriber
         records = await asyncio.to_thread(ctx.store.load, stream_id, seq, seq + STREAM_PAGE)
         for item in _history_items(records):

@@ -22,7 +22,7 @@ from fastapi.responses import StreamingResponse
 
 from services.gateway.auth import OPEN, ScopedRoute, caller, is_loopback, scoped
 from services.gateway.errors import ApiError, errors
-from services.gateway.streams import LiveStream, resume_after
+from services.gateway.streams import KeyCheck, LiveStream, resume_after
 from services.gateway.routes_executions import IdPath, _load, summary
 from contracts.events import decode as decode_event
 from services.replay.timetravel import AtError, state_at
@@ -95,7 +95,10 @@ async def _follow(request: Request, position: int) -> AsyncIterator[bytes]:
     workflows: dict[str, str] = {}  # execution id -> workflow, for events that do not name it
     beat = time.monotonic()
     yield b": connected\n\n"
+    check = KeyCheck(request)
     while not ctx.stop.is_set():
+        if await check.revoked():
+            return  # revoked while open: the reconnect gets 401
         records, nxt = await asyncio.to_thread(ctx.store.follow, position, 500, tuple(CHANGES))
         for rec in records:
             eid = str(rec.stream_id)

@@ -11,6 +11,10 @@ hold its slot forever; a write the client has not taken within `sse_write_timeou
 ends the stream (the server closes the connection) and frees the slot. Heartbeats every
 `sse_heartbeat` seconds make sure a stalled peer is noticed even when nothing happens.
 
+A stream is authenticated when it opens, and its key again every `key_recheck` seconds: a key
+revoked while its stream is open stops receiving within seconds, like everywhere else (the
+stream ends; the reconnect gets 401).
+
 Resuming: each event carries `id: <n>` (a log position or an execution's seq), and a
 client sends the last one back as `Last-Event-ID`; it must be such a number.
 """
@@ -19,11 +23,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any, AsyncIterator
 
 from fastapi.responses import StreamingResponse
 from starlette.types import Message, Receive, Scope, Send
 
+from services.gateway.auth import token_of
 from services.gateway.errors import error_response, invalid
 
 log = logging.getLogger("weft.gateway")
@@ -39,6 +45,22 @@ def resume_after(raw: str | None) -> int | None:
     if not (text.isascii() and text.isdigit()) or len(text) > 19 or int(text) > MAX_ID:
         raise invalid("header.last-event-id", f"not an id this stream sent: a whole number from 0 to {MAX_ID}")
     return int(text)
+
+
+class KeyCheck:
+    """Is the key a live stream was opened with still active? Asked on every poll, it looks at most
+    every `ctx.key_recheck` seconds (Keys caches a key for 2 s, so this is rarely a store read)."""
+
+    def __init__(self, request: Any) -> None:
+        self.ctx = request.app.state.ctx
+        self.token = token_of(request) if self.ctx.auth.enabled else None
+        self.due = time.monotonic() + self.ctx.key_recheck
+
+    async def revoked(self) -> bool:
+        if self.token is None or time.monotonic() < self.due:
+            return False
+        self.due = time.monotonic() + self.ctx.key_recheck
+        return await asyncio.to_thread(self.ctx.keys.authenticate, self.token) is None
 
 
 class _Stalled(Exception):

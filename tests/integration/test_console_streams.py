@@ -242,3 +242,33 @@ def test_a_long_history_streams_page_by_page_in_order_without_gaps(gw: Gateway, 
     blocks = s.events(lambda b: any(x.get("event") == "end" for x in b))
     s.close()
     assert [int(x["id"]) for x in blocks if "id" in x] == list(range(1, total + 1))
+
+
+NAP = "name: nap\nsteps:\n  - {id: z, type: sleep, with: {seconds: 60}}\n"
+
+
+@pytest.mark.parametrize("path", ["/v1/changes", "/v1/executions/{eid}/events"])
+def test_a_key_revoked_while_its_stream_is_open_stops_receiving(gw: Gateway, path: str) -> None:
+    ctx = gw.ctx
+    recheck, ctx.key_recheck = ctx.key_recheck, 0.2
+    with gw.client(gw.admin) as c:
+        assert c.post("/v1/workflows", content=NAP, headers={"content-type": "application/yaml"}).status_code in (200, 201)
+        made = c.post("/v1/keys", json={"scopes": ["read"], "name": "leaving"}).json()
+    eid = gw.start("nap")  # asleep for a minute: its event stream stays open
+    target = path.replace("{eid}", eid)
+    try:
+        s = Subscriber(gw, target, made["key"])
+        assert s.status() == 200
+        with gw.client(gw.admin) as c:
+            assert c.delete(f"/v1/keys/{made['id']}").status_code == 200
+        started = time.monotonic()
+        while chunk := s.sock.recv(65536):  # the gateway ends the stream: EOF (the keys' cache holds a key 2 s)
+            s.buffer += chunk
+            assert time.monotonic() - started < 15, "the revoked key's stream went on"
+        s.close()
+        assert b"event: end" not in s.buffer  # ended for the key, not because the execution finished
+        assert status_of(gw.get_raw(target.encode(), key=made["key"])) == 401
+    finally:
+        ctx.key_recheck = recheck
+        with gw.client(gw.admin) as c:
+            c.post(f"/v1/executions/{eid}/cancel")
