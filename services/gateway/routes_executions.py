@@ -238,7 +238,7 @@ async def events(
     if resumed is not None:
         after = max(after, resumed)
     return LiveStream(request.app.state.ctx, _stream(request, execution_id, after, state.finished),
-                      f"/v1/executions/{execution_id}/events")
+                      f"/v1/executions/{execution_id}/events", caller(request).key_id)
 
 
 async def _stream(request: Request, execution_id: str, seq: int, finished: bool) -> AsyncIterator[bytes]:

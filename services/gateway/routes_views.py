@@ -86,7 +86,7 @@ async def changes(
         after = resumed
     if after is None:
         after = await asyncio.to_thread(ctx.store.head)
-    return LiveStream(ctx, _follow(request, after), "/v1/changes")
+    return LiveStream(ctx, _follow(request, after), "/v1/changes", caller(request).key_id)
 
 
 async def _follow(request: Request, position: int) -> AsyncIterator[bytes]:

@@ -1,8 +1,9 @@
 """Live streams (Server-Sent Events: `/v1/changes`, `/v1/executions/{id}/events`), bounded.
 
 A stream holds a connection, a coroutine and a store poll every `sse_poll` seconds for as
-long as the client stays, so the gateway keeps at most `max_streams` of them open at once;
-one more is answered 503 with Retry-After (the console's client retries), naming the limit.
+long as the client stays, so the gateway keeps at most `max_streams` of them open at once, and
+at most half of them for one key; one more is answered 503 with Retry-After (the console's
+client retries), naming the limit.
 
 A client that stops reading (or a peer that vanished without a FIN) does not grow the
 gateway's memory: uvicorn stops our writes once the socket's buffers are full (flow
@@ -71,27 +72,38 @@ class LiveStream(StreamingResponse):
     """A StreamingResponse that takes one of the gateway's stream slots for its lifetime and
     gives up on a client that takes no data for `ctx.sse_write_timeout` seconds."""
 
-    def __init__(self, ctx: Any, content: AsyncIterator[bytes], what: str) -> None:
+    def __init__(self, ctx: Any, content: AsyncIterator[bytes], what: str, key_id: str) -> None:
         super().__init__(content, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self.ctx, self.what = ctx, what
+        self.ctx, self.what, self.key_id = ctx, what, key_id
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ctx = self.ctx
+        per_key = max(1, ctx.max_streams // 2)  # one key (a leaked one, say) cannot take every slot
+        mine = ctx.streams_by_key.get(self.key_id, 0)
+        full = None
         if ctx.open_streams >= ctx.max_streams:
+            full = (f"{ctx.open_streams} live streams are open on this gateway, the limit is {ctx.max_streams} "
+                    "(WEFT_GATEWAY_MAX_STREAMS)", f"at most {ctx.max_streams} open at once")
+        elif mine >= per_key:
+            full = (f"this key has {mine} live streams open, the limit for one key is {per_key} (half of "
+                    "WEFT_GATEWAY_MAX_STREAMS)", f"at most {per_key} open at once for one key")
+        if full is not None:
             await self._close_iterator()
-            await error_response(
-                503, f"{ctx.open_streams} live streams are open on this gateway, the limit is {ctx.max_streams} "
-                     "(WEFT_GATEWAY_MAX_STREAMS); try again shortly",
-                problems=[{"field": "streams", "message": f"at most {ctx.max_streams} open at once"}],
-                headers={"Retry-After": "5"},
-            )(scope, receive, send)
+            await error_response(503, f"{full[0]}; try again shortly", problems=[{"field": "streams", "message": full[1]}],
+                                 headers={"Retry-After": "5"})(scope, receive, send)
             return
         ctx.open_streams += 1
+        ctx.streams_by_key[self.key_id] = mine + 1
         try:
             await super().__call__(scope, receive, send)
         finally:
             ctx.open_streams -= 1
+            left = ctx.streams_by_key.get(self.key_id, 1) - 1
+            if left > 0:
+                ctx.streams_by_key[self.key_id] = left
+            else:
+                ctx.streams_by_key.pop(self.key_id, None)
             await self._close_iterator()
 
     async def stream_response(self, send: Send) -> None:

@@ -152,20 +152,29 @@ def test_a_bound_key_resumes_past_what_it_may_not_see(gw: Gateway) -> None:
 
 def test_live_streams_are_bounded_and_a_closed_one_frees_its_slot(gw: Gateway) -> None:
     ctx = gw.ctx
-    limit, ctx.max_streams = ctx.max_streams, 3
+    limit, ctx.max_streams = ctx.max_streams, 4  # and 2 for one key
     open_: list[Subscriber] = []
-    try:
-        for path in ("/v1/changes", "/v1/changes?after=0", "/v1/changes"):
-            s = Subscriber(gw, path, gw.admin)
-            assert s.status() == 200
-            open_.append(s)
-        over = Subscriber(gw, "/v1/changes", gw.bound)
+
+    def refused(key: str, words: str) -> None:
+        over = Subscriber(gw, "/v1/changes", key)
         assert over.status() == 503
         error = orjson.loads(over.body())["error"]
         assert b"retry-after: 5" in over.buffer.partition(b"\r\n\r\n")[0].lower()
-        assert "the limit is 3 (WEFT_GATEWAY_MAX_STREAMS)" in error["message"] and error["code"] == "unavailable"
+        assert words in error["message"] and error["code"] == "unavailable", error
         over.close()
-        open_.pop().close()  # noticed on the stream's next poll
+
+    try:
+        for key in (gw.admin, gw.admin):
+            s = Subscriber(gw, "/v1/changes", key)
+            assert s.status() == 200
+            open_.append(s)
+        refused(gw.admin, "this key has 2 live streams open, the limit for one key is 2")
+        for key in (gw.bound, gw.bound):
+            s = Subscriber(gw, "/v1/changes", key)
+            assert s.status() == 200
+            open_.append(s)
+        refused(gw.bound, "4 live streams are open on this gateway, the limit is 4 (WEFT_GATEWAY_MAX_STREAMS)")
+        open_.pop(0).close()  # an admin's: noticed on the stream's next poll
 
         def admitted() -> bool:
             s = Subscriber(gw, "/v1/changes", gw.admin)
@@ -180,7 +189,7 @@ def test_live_streams_are_bounded_and_a_closed_one_frees_its_slot(gw: Gateway) -
     finally:
         for s in open_:
             s.close()
-        _eventually(lambda: ctx.open_streams == 0, 10, "every stream to end")
+        _eventually(lambda: ctx.open_streams == 0 and not ctx.streams_by_key, 10, "every stream to end")
         ctx.max_streams = limit
 
 
