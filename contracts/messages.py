@@ -12,6 +12,8 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict
 
+from contracts.events import StepScheduled
+
 
 def task_key(execution_id: str, step_id: str, item: int | None) -> str:
     return f"{execution_id}:{step_id}" if item is None else f"{execution_id}:{step_id}#{item}"
@@ -23,7 +25,8 @@ class StepReady(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     schema_version: int = 1
     execution_id: str
-    workflow: str
+    workflow: str  # the workflow's name ("" only for a step scheduled before events carried it)
+    workflow_version: int | None = None
     step_id: str
     item: int | None = None
     attempt: int
@@ -44,6 +47,22 @@ class StepReady(BaseModel):
 
     def encode(self) -> bytes:
         return orjson.dumps(self.model_dump(mode="json"))
+
+
+def ready_from_scheduled(execution_id: str, scheduled: StepScheduled) -> StepReady:
+    """The command for a stored `StepScheduled`: the one place a StepReady is made from an event.
+
+    `model_construct`: the event was validated when it was decided and again when it was read
+    back, and every field here is copied from it, so validating once more would only cost time
+    on the hottest path there is (one call per step).
+    """
+    return StepReady.model_construct(
+        schema_version=1, execution_id=execution_id, workflow=scheduled.workflow or "",
+        workflow_version=scheduled.workflow_version, step_id=scheduled.step_id, item=scheduled.item,
+        attempt=scheduled.attempt, step_type=scheduled.step_type, config=scheduled.config, input=scheduled.input,
+        idempotency_key=scheduled.idempotency_key, timeout=scheduled.timeout, not_before=scheduled.not_before,
+        scheduled_at=scheduled.at, trace_id=scheduled.trace_id, secrets=scheduled.secrets,
+    )
 
 
 class StepError(BaseModel):

@@ -20,6 +20,13 @@ def charge(input: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
     return {"order": input["order"], "charged": input["amount"], "idempotency_key": ctx.idempotency_key}
 
 
+SHIPS_TO = {"FR", "DE", "UK", "US"}
+
+
 def ship(input: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
-    return {"order": input["order"], "carrier": "eu-post" if input.get("country") != "US" else "usps",
-            "parcel": f"P-{input['order']}"}
+    """Refuses, for good, a country it does not ship to: the README's "Bad input? Patch it." demo
+    (`weft dlq reprocess ID --patch '{"country": "FR"}'`)."""
+    country = input.get("country")
+    if country not in SHIPS_TO:
+        raise NonRetryableError(f"we do not ship to {country!r} (only to {', '.join(sorted(SHIPS_TO))})")
+    return {"parcel": f"P-{input['order']}-{country}"}

@@ -23,7 +23,11 @@ class Settings(BaseModel):
 
     home: Path = Path(".weft")
     database_url: str | None = None  # default: sqlite file in home
+    # The broker: nats://host:port[,...] (NATS JetStream; the default, `weft up` starts one) or
+    # kafka://host:port[,host:port...] (an existing Kafka). Unset: nats_url, else what `weft up` wrote.
+    broker_url: str | None = None
     nats_url: str | None = None  # default: what `weft up` wrote into home
+    kafka_partitions: int = Field(8, ge=1, le=1024)  # of each topic Weft creates (the DLQ's: 1)
     namespace: str = ""  # prefixes broker streams and subjects
     # Copies of each stream in a NATS cluster (1-5): 3 survives the loss of any one node.
     # Applied when the streams are created or updated; a single server accepts only 1.
@@ -63,6 +67,9 @@ class Settings(BaseModel):
     trigger_batch: int = 500  # trigger events ingested per store transaction
     cron_grace: float = 60.0  # seconds a late cron tick still counts as on time
     no_worker: bool = False  # `weft up` without its in-process worker
+    # Worker processes `weft up` runs beside itself (0: the worker runs inside its process);
+    # unset: weft.workers.default_processes() for this machine.
+    worker_processes: int | None = Field(None, ge=0, le=64)
     # Broker credentials (services/broker/nats_auth.py). The password directly, or better a file
     # holding it (0600). Unset, they come from the stack file `weft up` wrote, for nats_role.
     nats_user: str | None = None
@@ -81,6 +88,28 @@ class Settings(BaseModel):
     # unset: none). `weft up` and `weft gateway` serve /metrics on the gateway as well.
     metrics_port: int | None = Field(None, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"  # 0.0.0.0 in a container, for Prometheus and the healthcheck
+
+    @field_validator("broker_url")
+    @classmethod
+    def _broker_scheme(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        value = value.strip()
+        if value.startswith("kafka://"):
+            from services.broker.kafka import parse_url
+
+            parse_url(value)  # ValueError names the part that is wrong
+        elif not value.startswith(("nats://", "tls://")):
+            raise ValueError("must start with nats:// (NATS JetStream) or kafka:// (Kafka), "
+                             f"got {value[:60]!r}")
+        return value
+
+    def broker(self) -> str | None:
+        """The broker URL the services use: broker_url, else nats_url."""
+        return self.broker_url or self.nats_url
+
+    def broker_kind(self) -> str:
+        return "kafka" if (self.broker() or "").startswith("kafka://") else "nats"
 
     @field_validator("step_modules")
     @classmethod
@@ -181,6 +210,8 @@ class Settings(BaseModel):
         update: dict[str, Any] = {}
         if self.database_url is None:
             update["database_url"] = stack.get("database_url") or f"sqlite:///{(self.home / 'weft.db').resolve()}"
+        if self.broker_url is None and self.nats_url is None and stack.get("broker_url"):
+            update["broker_url"] = stack["broker_url"]
         if self.nats_url is None and stack.get("nats_url"):
             update["nats_url"] = stack["nats_url"]
         # stack.json names each role's password file (0600), never a password.

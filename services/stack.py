@@ -15,7 +15,8 @@ import threading
 from contextlib import AsyncExitStack
 from typing import Any, Awaitable, Callable, Iterable
 
-from services.broker import NatsTransport, Transport
+from services.broker import Transport
+from services.broker.connect import NO_BROKER, connect_transport
 from services.broker.nats_auth import ADMIN
 from services.orchestrator.consumer import ResultConsumer
 from services.orchestrator.executions import Executions
@@ -119,14 +120,13 @@ async def _build_when_up(
 async def _build(
     settings: Settings, parts: set[str], stop: asyncio.Event, exits: AsyncExitStack, runs: list[Awaitable[Any]],
 ) -> Stack:
-    if not settings.nats_url:
-        raise RuntimeError("no NATS url: run `weft up` (its home folder tells the services where), or set WEFT_NATS_URL")
+    if not settings.broker():
+        raise RuntimeError(NO_BROKER)
     assert settings.database_url
     store = await asyncio.to_thread(open_store, settings.database_url, pool_size=12)
     exits.callback(store.close)
     credentials = settings.nats_credentials()
-    transport = await NatsTransport.connect(settings.nats_url, namespace=settings.namespace,
-                                            replicas=settings.nats_replicas, **credentials)
+    transport = await connect_transport(settings)
     exits.push_async_callback(_bounded, transport.close(), "closing the broker connection")
     # Only the admin role may create streams (a worker that could would be one more way in):
     # a service with a narrower role finds them made by `weft up` or `weft broker init`.

@@ -84,7 +84,7 @@ async def up_stack(tmp_path: Path, db_url: str, nats_url: str, parts: Sequence[s
     from services.stack import ALL, run_services
 
     settings = Settings(
-        home=tmp_path, database_url=db_url, nats_url=nats_url,
+        home=tmp_path, database_url=db_url, broker_url=nats_url,  # nats:// or kafka:// (tests/fixtures_kafka.py)
         namespace=overrides.pop("namespace", f"t{uuid.uuid4().hex[:8]}"),
         ack_wait=overrides.pop("ack_wait", 5.0), worker_concurrency=overrides.pop("concurrency", 8),
         poll_interval=0.02, step_modules=overrides.pop("step_modules", "tests,examples"), **overrides,
@@ -177,7 +177,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def service_env(home: Path, db_url: str, nats_url: str, prefix: str = "c") -> dict[str, str]:
     """The environment of a service subprocess: this test's store and broker, fast redelivery."""
     env = {
-        **os.environ, "WEFT_HOME": str(home), "WEFT_DATABASE_URL": db_url, "WEFT_NATS_URL": nats_url,
+        **os.environ, "WEFT_HOME": str(home), "WEFT_DATABASE_URL": db_url, "WEFT_BROKER_URL": nats_url,
         "WEFT_NAMESPACE": f"{prefix}{uuid.uuid4().hex[:8]}", "WEFT_ACK_WAIT": "2", "WEFT_POLL_INTERVAL": "0.02",
         "WEFT_LOG_LEVEL": "INFO", "PYTHONPATH": str(ROOT), "WEFT_STEP_MODULES": "tests,examples",
     }

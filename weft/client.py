@@ -34,6 +34,7 @@ import httpx
 import orjson
 
 from services.gateway.models import (
+    BatchStartOut,
     DeadLetterActions, DeadLetterDetail, DeadLetterPage, DeadLetterStats, ExecutionOut, ExecutionPage, HistoryEvent,
     TriggerOut, TriggerTypeList, WorkflowList, WorkflowVersionOut,
 )
@@ -101,7 +102,32 @@ def _start_body(workflow: Any, input: Any, version: int | None) -> dict[str, Any
     name = workflow if isinstance(workflow, str) else getattr(workflow, "name", None)
     if not isinstance(name, str):
         raise TypeError(f"workflow must be a name or a weft.Workflow, not {type(workflow).__name__}")
+    name, version = _named(name, version)
     return _drop_none(workflow=name, version=version, input=_json(input))
+
+
+def _batch_body(items: Any) -> dict[str, Any]:
+    """Items as mappings with `workflow` (a name or a weft.Workflow), `input`, and optionally
+    `version` and `idempotency_key`."""
+    out = []
+    for item in items:
+        body = _start_body(item["workflow"], item.get("input"), item.get("version"))
+        if item.get("idempotency_key") is not None:
+            body["idempotency_key"] = item["idempotency_key"]
+        out.append(body)
+    return {"items": out}
+
+
+def _named(workflow: str, version: int | None) -> tuple[str, int | None]:
+    """NAME or NAME@VERSION, as the CLI takes a workflow; a `version=` beside it must agree."""
+    name, sep, number = workflow.partition("@")
+    if not sep:
+        return workflow, version
+    if not name or not number.isdigit() or int(number) < 1:
+        raise ValueError(f"workflow: expected NAME or NAME@VERSION, got {workflow!r}")
+    if version is not None and int(version) != int(number):
+        raise ValueError(f"workflow: {workflow!r} and version={version} disagree")
+    return name, int(number)
 
 
 def _json(value: Any) -> Any:
@@ -214,6 +240,7 @@ class Client:
         return WorkflowList.model_validate_json(self.request("GET", "/v1/workflows").content)
 
     def workflow(self, name: str, version: int | None = None) -> WorkflowVersionOut:
+        name, version = _named(name, version)  # NAME@VERSION too
         path = f"/v1/workflows/{_seg(name)}" + (f"/versions/{int(version)}" if version is not None else "")
         return WorkflowVersionOut.model_validate_json(self.request("GET", path).content)
 
@@ -225,6 +252,13 @@ class Client:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         r = self.request("POST", "/v1/executions", json=body, headers=headers)
         return Run(self, ExecutionOut.model_validate_json(r.content))
+
+    def start_many(self, items: Any) -> BatchStartOut:
+        """Start many executions in one request (at most services.gateway.models.MAX_BATCH).
+        Each item gets its own outcome in `.items[i]` (`status` 201, 200 for its key's
+        existing execution, or an error); a refused request raises and starts nothing."""
+        r = self.request("POST", "/v1/executions:batch", json=_batch_body(items))
+        return BatchStartOut.model_validate_json(r.content)
 
     def get(self, execution_id: str) -> ExecutionOut:
         return ExecutionOut.model_validate_json(self.request("GET", f"/v1/executions/{_seg(execution_id)}").content)
@@ -416,6 +450,7 @@ class AsyncClient:
         return WorkflowList.model_validate_json((await self.request("GET", "/v1/workflows")).content)
 
     async def workflow(self, name: str, version: int | None = None) -> WorkflowVersionOut:
+        name, version = _named(name, version)  # NAME@VERSION too
         path = f"/v1/workflows/{_seg(name)}" + (f"/versions/{int(version)}" if version is not None else "")
         return WorkflowVersionOut.model_validate_json((await self.request("GET", path)).content)
 
@@ -438,6 +473,11 @@ class AsyncClient:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         r = await self.request("POST", "/v1/executions", json=body, headers=headers)
         return AsyncRun(self, ExecutionOut.model_validate_json(r.content))
+
+    async def start_many(self, items: Any) -> BatchStartOut:
+        """Client.start_many, awaited."""
+        r = await self.request("POST", "/v1/executions:batch", json=_batch_body(items))
+        return BatchStartOut.model_validate_json(r.content)
 
     async def get(self, execution_id: str) -> ExecutionOut:
         r = await self.request("GET", f"/v1/executions/{_seg(execution_id)}")

@@ -27,8 +27,9 @@ class StepContext:
     attempt: int  # 1 for the first try
     idempotency_key: str  # same for every attempt of one step (and map item)
     item: int | None = None  # index of the map item, None for a plain step
-    workflow: str = ""
+    workflow: str = ""  # the workflow's name
     worker_id: str = ""
+    workflow_version: int | None = None  # the published version this execution runs
 
 
 class NonRetryableError(Exception):

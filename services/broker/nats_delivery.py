@@ -6,9 +6,10 @@ import asyncio
 import logging
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import nats.errors
+import orjson
 import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -21,8 +22,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("services.broker.nats")
 
-# After the first message of a fetch, how long to wait for more to fill the batch.
+# After the first message of a fetch, how long to wait for more to fill the batch (only with a
+# nats-py whose pull subscription lacks what `_top_up` uses), and at most for the server's
+# answer to a no-wait pull (it answers at once; this bounds a lost answer).
 _TOP_UP_WAIT = 0.0005
+_TOP_UP_REPLY = 1.0
 
 
 @dataclass(slots=True, eq=False)
@@ -108,10 +112,7 @@ class NatsConsumer:
                 # first message, then take what is there at once (a short probe).
                 msgs = await self._sub.fetch(1, timeout=remaining)
                 if max_messages > 1:
-                    try:
-                        msgs += await self._sub.fetch(max_messages - 1, timeout=_TOP_UP_WAIT)
-                    except asyncio.TimeoutError:
-                        pass
+                    msgs += await self._top_up(max_messages - 1)
             except asyncio.TimeoutError:  # also FetchTimeoutError and nats.errors.TimeoutError
                 return []
             except _CLIENT_ERRORS as exc:
@@ -122,6 +123,35 @@ class NatsConsumer:
                     retryable=_is_transient(exc),
                 ) from exc
         return [transport._delivery(m) for m in msgs]
+
+    async def _top_up(self, most: int) -> list[Msg]:
+        """What the server has for this consumer right now, at most `most`, without waiting for more.
+
+        nats-py's fetch sends its first request with `expires`, and the server then treats
+        `no_wait` as a lingering pull: a top-up with a short timeout cost that timeout (and
+        a timer, late on a busy loop) on every fetch, i.e. twice per step. A `no_wait`
+        request without `expires` is answered at once: the messages there are, then a 404.
+        """
+        sub: Any = self._sub
+        inner, nms, deliver = getattr(sub, "_sub", None), getattr(sub, "_nms", None), getattr(sub, "_deliver", None)
+        if inner is None or nms is None or deliver is None:  # a nats-py without these: its own fetch
+            try:
+                return list(await self._sub.fetch(most, timeout=_TOP_UP_WAIT))
+            except asyncio.TimeoutError:
+                return []
+        await self._transport._nc.publish(nms, orjson.dumps({"batch": most, "no_wait": True}), deliver)
+        msgs: list[Msg] = []
+        while len(msgs) < most:
+            try:
+                msg = await inner.next_msg(timeout=_TOP_UP_REPLY)
+            except asyncio.TimeoutError:
+                break  # the answer is late (a reconnect?): the next fetch reads what comes
+            status = JetStreamContext.is_status_msg(msg)
+            if not status:
+                msgs.append(msg)
+            elif not JetStreamContext._is_heartbeat(status):
+                break  # 404 no messages (or a 408 of an earlier pull): nothing more right now
+        return msgs
 
     async def _rebind(self) -> None:
         """The transport has a new client (the server closed the old one): bind to the durable through it."""

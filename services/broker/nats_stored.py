@@ -3,25 +3,18 @@ sequence, and the dead-letter stream's writes. A mixin of `NatsTransport`."""
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import nats.js.errors
 
-from contracts import subjects as contract_subjects
-from contracts.deadletters import DELIVERED_HEADER as DLQ_DELIVERED_HEADER
-from contracts.deadletters import KIND_HEADER as DLQ_KIND_HEADER
-from contracts.deadletters import MSG_ID_HEADER as DLQ_MSG_ID_HEADER
-from contracts.deadletters import REASON_HEADER as DLQ_REASON_HEADER
-from contracts.deadletters import SOURCE_SUBJECT_HEADER as DLQ_SOURCE_SUBJECT_HEADER
 from services.broker.nats_errors import _no_such_message
 from services.broker.nats_publish import MSG_ID_HEADER
+from services.broker.letters import dead_letter_message
 from services.broker.oversize import fit
 from services.broker.ports import DeadLetter, OutMessage
 
-_DLQ_REASON_MAX = 4096  # headers share max_payload with the body; a traceback must not crowd it out
 
 
 @dataclass(slots=True, frozen=True)
@@ -108,17 +101,4 @@ class StoredMessages:
 
     @staticmethod
     def _dead_letter_message(letter: DeadLetter) -> OutMessage:
-        # Nats-* headers are the server's (an Nats-Expected-Stream copied over would be rejected).
-        out = {k: v for k, v in (letter.headers or {}).items() if not k.lower().startswith("nats-")}
-        out[DLQ_REASON_HEADER] = letter.reason[:_DLQ_REASON_MAX]
-        out[DLQ_SOURCE_SUBJECT_HEADER] = letter.source_subject
-        out[DLQ_DELIVERED_HEADER] = str(letter.delivered)
-        out[DLQ_KIND_HEADER] = letter.kind
-        if letter.msg_id:
-            # The source message's identity is the dedup id as it is: whoever dead-letters that
-            # message again (its redelivery, the MaxDeliver capture) stores nothing new.
-            out[DLQ_MSG_ID_HEADER] = dedup = letter.msg_id
-        else:
-            digest = hashlib.sha256(letter.source_subject.encode() + b"\0" + letter.payload).hexdigest()[:32]
-            dedup = f"dlq:{letter.kind}:sha256:{digest}"
-        return OutMessage(subject=contract_subjects.dlq_subject(letter.kind), data=letter.payload, msg_id=dedup, headers=out)
+        return dead_letter_message(letter)

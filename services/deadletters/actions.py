@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -33,9 +33,8 @@ from contracts.triggers import CloudEvent
 from contracts.payloads import PayloadLimits, is_ref, make_ref
 from services.broker.oversize import DLQ_PAYLOAD_INLINE, SHA256_HEADER, SIZE_HEADER, TRUNCATED_HEADER
 from services.broker import OutMessage, Transport
-from services.orchestrator.decide import DecisionError, Reprocess, decide, merge_patch
-from services.orchestrator.executions import utcnow
-from services.orchestrator.state import Execution, evolve, fold
+from services.orchestrator.decide import Reprocess, merge_patch
+from services.orchestrator.executions import Change, Executions, utcnow
 from services.payloads import Claims
 from services.store.blobs import SqlBlobStore
 from services.store import ConcurrencyError, EventStore, NewEvent
@@ -70,10 +69,19 @@ class Outcome:
 
 @dataclass
 class Actions:
-    store: EventStore
+    store: EventStore  # read here; every write goes through `executions.apply`, the one writer
     transport: Transport | None = None  # only republishing needs the broker
     clock: Callable[[], datetime] = utcnow
-    listeners: list[Callable[[], None]] = field(default_factory=list)  # told after an append (e.g. wake a relay)
+    executions: Executions | None = None  # the stack's, so its appends wake the relay; else one of our own
+
+    def __post_init__(self) -> None:
+        if self.executions is None:
+            self.executions = Executions(self.store, self.clock)
+
+    @property
+    def writer(self) -> Executions:
+        assert self.executions is not None
+        return self.executions
 
     # ---- checking ---------------------------------------------------------------------------
 
@@ -110,26 +118,25 @@ class Actions:
                         dry_run: bool = False) -> list[Outcome]:
         """Reprocess step dead letters: every execution's new attempt and every dead letter's
         `DeadLetterReprocessed` in one transaction, so there is no moment where one is stored
-        without the other. If anything raced us, the rows are done again one at a time."""
+        without the other. A row whose streams someone wrote meanwhile is done again alone."""
         for _ in range(20):
-            try:
-                return self._reprocess_steps(rows, patch, by, why, dry_run)
-            except ConcurrencyError:
-                if len(rows) > 1:
-                    return [o for row in rows for o in self.reprocess_steps([row], patch, by, why, dry_run)]
+            outcomes, conflicted = self._reprocess_steps(rows, patch, by, why, dry_run)
+            if not conflicted:
+                return outcomes
+            if len(rows) > 1:
+                again = {i: self.reprocess_steps([rows[i]], patch, by, why, dry_run)[0] for i in conflicted}
+                return [again.get(i, o) for i, o in enumerate(outcomes)]
         raise ConcurrencyError("reprocess: too much contention", kind="version")
 
     def _reprocess_steps(self, rows: Sequence[dict[str, Any]], patch: dict[str, Any] | None, by: str,
-                         why: str | None, dry_run: bool) -> list[Outcome]:
+                         why: str | None, dry_run: bool) -> tuple[list[Outcome], list[int]]:
         acts = self._load_many([r["id"] for r in rows])
         histories = self._load_many([r["execution_id"] for r in rows])
-        states: dict[str, Execution] = {}
-        base: dict[str, int] = {}
-        new_events: dict[str, list[Any]] = {}
-        records: list[NewEvent] = []
+        changes: list[Change] = []
+        asked: list[int] = []  # the row of each change
         outcomes: list[Outcome] = []
         now = self.clock()
-        for row in rows:
+        for n, row in enumerate(rows):
             out = Outcome(row["id"], "", row["kind"], row["execution_id"], row["step_id"])
             outcomes.append(out)
             done = [dl.decode(r.type, r.data) for r in acts[row["id"]]]
@@ -147,43 +154,35 @@ class Actions:
                 out.outcome, out.detail = "would_reprocess", f"new attempt of {step_id}" + (f"#{item}" if item is not None else "")
                 out.preview = self.patched(row, patch) if patch is not None else _json(row["payload"])
                 continue
-            state = states.get(execution_id)
-            if state is None:
-                state = states[execution_id] = fold(execution_id, [ev.decode(r.type, r.data) for r in history])
-                base[execution_id] = state.version
-            if not state.version:
-                out.outcome, out.detail, out.ok = "failed", f"no execution {execution_id}", False
-                continue
-            try:
-                # Our request id rides on the event: the history then says who asked, and why.
-                events = decide(state, Reprocess(step_id=step_id, item=item, patch=patch, by=by, why=why, request_id=row["id"]), now)
-            except DecisionError as exc:
-                out.outcome, out.detail, out.ok = "failed", str(exc), False
-                continue
-            if not events:  # the core says there is nothing dead-lettered there any more
-                out.outcome, out.detail = "already_reprocessed", "the step is no longer dead-lettered"
-                continue
-            for e in events:
-                evolve(state, e)
-            new_events.setdefault(execution_id, []).extend(events)
-            out.attempt = next((e.attempt for e in events if e.type == "StepScheduled" and e.step_id == step_id), None)
             audit = dl.DeadLetterReprocessed(
                 at=now, dead_letter_id=row["id"], by=by, why=why, patch=patch, action="reprocess_step",
                 execution_id=execution_id,
             )
-            records.append(NewEvent(uuid.UUID(row["id"]), len(done) + 1, audit.type, dl.encode(audit)))
-            out.outcome = "reprocessed"
-        for execution_id, events in new_events.items():
-            v = base[execution_id]
-            records += [NewEvent(uuid.UUID(execution_id), v + i + 1, e.type, ev.encode(e)) for i, e in enumerate(events)]
-        if records:
-            self.store.append(records)
-            for listener in self.listeners:
-                listener()
-        return outcomes
+            # Our request id rides on the event: the history then says who asked, and why. The audit
+            # is stored only if the core schedules a new attempt, in the same transaction.
+            cmd = Reprocess(step_id=step_id, item=item, patch=patch, by=by, why=why, request_id=row["id"])
+            changes.append(Change(execution_id, cmd, riders=[
+                NewEvent(uuid.UUID(row["id"]), len(done) + 1, audit.type, dl.encode(audit))]))
+            asked.append(n)
+        conflicted = []
+        for n, a in zip(asked, self.writer.apply(changes) if changes else []):
+            out = outcomes[n]
+            if a.status == "applied":
+                out.outcome = "reprocessed"
+                out.attempt = next((e.attempt for e in a.events if e.type == "StepScheduled"
+                                    and e.step_id == rows[n]["step_id"]), None)
+            elif a.status == "unchanged":  # the core says there is nothing dead-lettered there any more
+                out.outcome, out.detail = "already_reprocessed", "the step is no longer dead-lettered"
+            elif a.status == "not_found":
+                out.outcome, out.detail, out.ok = "failed", f"no execution {rows[n]['execution_id']}", False
+            elif a.status == "failed":
+                out.outcome, out.detail, out.ok = "failed", a.reason, False
+            else:
+                conflicted.append(n)
+        return outcomes, conflicted
 
     def _load_many(self, ids: Sequence[str]) -> dict[str, list[Any]]:
-        found = self.store.load_many([uuid.UUID(i) for i in dict.fromkeys(ids)])  # type: ignore[attr-defined]
+        found = self.store.load_many([uuid.UUID(i) for i in dict.fromkeys(ids)])
         return {str(k): v for k, v in found.items()}
 
     async def republish(self, row: dict[str, Any], patch: dict[str, Any] | None, by: str, why: str | None,
@@ -275,9 +274,8 @@ class Actions:
                 records.append(NewEvent(uuid.UUID(row["id"]), len(done) + 1, event.type, dl.encode(event)))
                 out.outcome = "discarded"
         if records:
-            try:
-                self.store.append(records)
-            except ConcurrencyError:  # someone acted at the same moment: load again, one at a time
+            stored = self.writer.apply([Change("", None, riders=records, group=0)])
+            if stored[0].status == "conflict":  # someone acted at the same moment: load again, one at a time
                 return [o for row in rows for o in self.discard_many([row], by=by, why=why, dry_run=dry_run)]
         return outcomes
 
@@ -288,11 +286,11 @@ class Actions:
     def _record(self, out: Outcome, acts: list[Any], event: Any, outcome: str) -> Outcome:
         sid = uuid.UUID(out.id)
         for _ in range(20):
-            try:
-                self.store.append([NewEvent(sid, len(acts) + 1, event.type, dl.encode(event))])
+            [stored] = self.writer.apply([Change("", None, riders=[NewEvent(sid, len(acts) + 1, event.type, dl.encode(event))])])
+            if stored.status == "applied":
                 out.outcome = outcome
                 return out
-            except ConcurrencyError:
+            if stored.status == "conflict":
                 acts = self.acts(out.id)
                 status = dl.status_of(acts)
                 if status != dl.OPEN:  # someone else acted at the same moment
@@ -342,6 +340,8 @@ def target_subject(row: dict[str, Any], data: bytes) -> str | None:
     or cron (no broker subject), the topic of its event type."""
     subject = row.get("source_subject") or ""
     if subject.startswith((STEPS_PREFIX + ".", RESULTS_PREFIX + ".", TRIGGERS_PREFIX + ".")):
+        return subject
+    if subject == TRIGGERS_PREFIX:  # the triggers topic itself: where a Kafka client that is not Weft wrote it
         return subject
     if row["kind"].startswith("trigger_"):
         try:

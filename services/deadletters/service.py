@@ -47,7 +47,7 @@ class DeadLetterService:
         self.capture: MaxDeliverCapture | None = None
         if NatsArchive.supports(transport):
             self.capture = MaxDeliverCapture(transport, NatsArchive(transport), ack_wait=ack_wait)  # type: ignore[arg-type]
-        else:
+        elif not getattr(transport, "captures_max_deliver", False):
             log.warning("deadletters: this broker has no MaxDeliver advisories; not capturing them")
         self.gauge = OpenDeadLettersGauge(store, meter)
 

@@ -50,6 +50,7 @@ class Context:
     streams_by_key: dict[str, int] = field(default_factory=dict)
     key_recheck: float = 5.0  # seconds between checks that a live stream's key is still active
     step_modules: Any = None  # the allowlist of a worker in this process (weft up), for publish warnings
+    starts: Any = None  # the group commit of starts (routes_starts), made on first use in the serving loop
 
     def __post_init__(self) -> None:
         self.registry = Registry(self.store)
@@ -63,7 +64,8 @@ def create_app(ctx: Context, *, max_body: int = DEFAULT_MAX_BODY, max_payload_bo
     (the payload itself is measured as compact JSON in the route, and 413 names that limit).
     `loopback_hosts_only`: answer only requests whose Host is a loopback name (auth off: DNS rebinding)."""
     from services.gateway import (
-        console, routes_deadletters, routes_executions, routes_replay, routes_triggers, routes_views, routes_workflows,
+        console, routes_deadletters, routes_executions, routes_replay, routes_starts, routes_triggers, routes_views,
+        routes_workflows,
     )
 
     app = FastAPI(
@@ -81,9 +83,13 @@ def create_app(ctx: Context, *, max_body: int = DEFAULT_MAX_BODY, max_payload_bo
     if max_payload_body is None:  # (no ctx: an app built only for its OpenAPI document)
         most = ctx.executions.claims.limits.maximum if ctx is not None else PayloadLimits().maximum
         max_payload_body = most + max(1024 * 1024, most // 4)
+    from services.gateway.fast_starts import FastStarts
+
+    app.add_middleware(FastStarts)  # added first, so it runs inside BodyLimit: the body is already bounded
     app.add_middleware(errors.BodyLimit, limit=max_body, large=max_payload_body)
     app.include_router(routes_views.router)  # before executions: /v1/executions/{id}/at/{n}
     app.include_router(routes_workflows.router)
+    app.include_router(routes_starts.router)  # before /{execution_id}: ":batch" is not an id
     app.include_router(routes_executions.router)
     app.include_router(routes_triggers.router)
     app.include_router(routes_replay.router)

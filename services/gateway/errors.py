@@ -148,7 +148,7 @@ def carries_payload(method: str, path: str) -> bool:
     those may be as big as the payload policy's maximum, every other body stays small."""
     if method != "POST":
         return False
-    return (path in ("/v1/executions", "/v1/triggers") or path.startswith("/v1/webhooks/")
+    return (path in ("/v1/executions", "/v1/executions:batch", "/v1/triggers") or path.startswith("/v1/webhooks/")
             or (path.startswith("/v1/executions/") and path.endswith("/replay")))
 
 

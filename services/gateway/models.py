@@ -57,6 +57,55 @@ class StartRequest(BaseModel):
     input: Any = Field(default_factory=dict)
 
 
+class BatchStartItem(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    workflow: str = Field(min_length=1, max_length=128)
+    version: int | None = Field(None, ge=1, description="default: the latest version")
+    input: Any = Field(default_factory=dict)
+    idempotency_key: str | None = Field(None, min_length=1, max_length=256,
+                                        description="the same key starts one execution of a workflow, ever")
+
+
+MAX_BATCH = 1000  # items in one POST /v1/executions:batch
+
+
+class BatchStartRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    items: list[BatchStartItem] = Field(min_length=1, description=f"at most {MAX_BATCH}")
+
+    @field_validator("items", mode="before")
+    @classmethod
+    def _at_most(cls, value: Any) -> Any:
+        # Counted before any item is parsed: an oversize batch costs no model per item.
+        if isinstance(value, list) and len(value) > MAX_BATCH:
+            raise ValueError(f"a batch holds at most {MAX_BATCH} items; this one has {len(value)} "
+                             "(split it into several requests)")
+        return value
+
+
+class BatchItemError(BaseModel):
+    code: str
+    message: str
+    problems: list[Problem] = []
+
+
+class BatchStartItemOut(BaseModel):
+    index: int
+    status: int  # 201 started | 200 the key's existing execution | 403 | 404 | 409 | 413 | 422 | 503
+    idempotency_key: str | None = None
+    execution_id: str | None = None
+    created: bool | None = None
+    execution: dict[str, Any] | None = None
+    error: BatchItemError | None = None
+
+
+class BatchStartOut(BaseModel):
+    items: list[BatchStartItemOut]
+    started: int
+    existing: int
+    failed: int
+
+
 class ControlRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     why: str | None = Field(None, max_length=2000)

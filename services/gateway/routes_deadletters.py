@@ -255,7 +255,7 @@ async def reprocess(request: Request, body: ReprocessRequest) -> Any:
     of a message to where it came from; patched if asked (every patch is checked before anything is
     stored). Steps go 100 to a transaction. Sending the same request again does nothing new."""
     ctx = request.app.state.ctx
-    actions = Actions(ctx.store, ctx.transport, listeners=ctx.executions.listeners)
+    actions = Actions(ctx.store, ctx.transport, executions=ctx.executions)
 
     def checked() -> list[dict[str, Any]]:
         rows = _selection(request, body)
@@ -282,7 +282,7 @@ async def discard(request: Request, body: DiscardRequest) -> Any:
     """Give up on dead letters, saying why (recorded with the caller's key); their executions stay as they are."""
     ctx = request.app.state.ctx
     rows = await asyncio.to_thread(_selection, request, body)
-    actions, by = Actions(ctx.store), who(caller(request))
+    actions, by = Actions(ctx.store, executions=ctx.executions), who(caller(request))
 
     async def act(chunk: list[dict[str, Any]]) -> list[Any]:
         return await asyncio.to_thread(actions.discard_many, chunk, by=by, why=body.reason, dry_run=body.dry_run)

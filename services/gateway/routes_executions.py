@@ -12,17 +12,16 @@ from datetime import datetime, timezone
 from typing import Any, AsyncIterator
 
 import orjson
-from fastapi import APIRouter, Body, Header, Path, Query, Request, Response
+from fastapi import APIRouter, Body, Header, Path, Query, Request
 from fastapi.responses import StreamingResponse
 
 from contracts.events import FINISHING
 from services.gateway.auth import ScopedRoute, caller, scoped, who
 from services.gateway.errors import ApiError, errors, invalid
+from services.gateway.models import ControlRequest, ExecutionOut, ExecutionPage, HistoryOut, Status
 from services.gateway.streams import KeyCheck, LiveStream, resume_after
-from services.gateway.models import ControlRequest, ExecutionOut, ExecutionPage, HistoryOut, StartRequest, Status
 from services.orchestrator.decide import Cancel, DecisionError, Pause, Resume, Retry
-from services.orchestrator.executions import InputError, NotFound, execution_id_for
-from services.orchestrator.registry import UnknownWorkflow
+from services.orchestrator.executions import NotFound
 from services.orchestrator.state import Execution
 from services.orchestrator.state import summary as execution_summary
 from services.projections.executions import list_executions
@@ -48,46 +47,6 @@ def _load(request: Request, execution_id: str) -> Execution:
     if not state.version or not caller(request).can_use(state.workflow):
         raise ApiError(404, f"no execution {execution_id!r}")
     return state
-
-
-@router.post("", status_code=201, response_model=ExecutionOut, openapi_extra=scoped("trigger"),
-             responses={**errors(404, 409), 200: {"model": ExecutionOut,
-                                                  "description": "The Idempotency-Key named an existing execution"}})
-def start(
-    request: Request, response: Response, body: StartRequest,
-    idempotency_key: str | None = Header(None, min_length=1, max_length=256,
-                                         description="the same key starts one execution of a workflow, ever"),
-) -> Any:
-    """Start an execution. With an `Idempotency-Key`, repeating the request returns the same execution (200)."""
-    ctx = request.app.state.ctx
-    if not caller(request).can_use(body.workflow):
-        raise ApiError(403, f"this key may not use workflow {body.workflow!r}")
-    try:
-        version = ctx.registry.get(body.workflow, body.version)
-    except UnknownWorkflow as exc:
-        raise ApiError(404, str(exc)) from None
-    if idempotency_key:
-        # Look first: the common repeat is then a read, not a refused write.
-        existing = ctx.executions.load(execution_id_for(version.name, idempotency_key))
-        if existing.version:
-            return _repeat(response, existing, body.input, ctx)
-    try:
-        state, created = ctx.executions.start(version, body.input, idempotency_key=idempotency_key)
-    except InputError as exc:
-        problems = [{"field": f"body.{p.path}", "message": p.message} for p in exc.problems]
-        raise ApiError(422, str(exc), problems=problems) from None
-    if not created:
-        return _repeat(response, state, body.input, ctx)
-    response.status_code = 201
-    return summary(state) | {"created": True}
-
-
-def _repeat(response: Response, state: Execution, data: Any, ctx: Any) -> dict[str, Any]:
-    if not ctx.executions.claims.same(state.input, data):  # a big input is stored as a reference
-        raise ApiError(409, "this Idempotency-Key already started an execution with a different input",
-                       code="idempotency_conflict")
-    response.status_code = 200
-    return summary(state) | {"created": False}
 
 
 def _time(name: str, raw: str | None) -> str | None:

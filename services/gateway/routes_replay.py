@@ -34,8 +34,39 @@ class ReplayRequest(_Body):
     dry_run: bool = False
 
 
+_NoSeparators = r"^[^,=]+$"  # the object becomes services.replay's `k=v,...` text: no separator may hide inside
+
+
+class ReplayFilter(_Body):
+    """What a bulk replay selects: an object, as the dead-letter routes take (`{"filter": {...}}`)."""
+
+    workflow: str | None = Field(None, min_length=1, max_length=140, pattern=_NoSeparators,
+                                 description="NAME or NAME@VERSION")
+    status: Literal["running", "paused", "completed", "failed", "cancelled"] | None = None
+    since: str | None = Field(None, min_length=1, max_length=64, pattern=_NoSeparators,
+                              description="ISO 8601 time, or an age back from now (30m, 24h, 7d)")
+    until: str | None = Field(None, min_length=1, max_length=64, pattern=_NoSeparators,
+                              description="ISO 8601 time, or an age back from now; exclusive")
+    version: int | None = Field(None, ge=1, le=2**31 - 1)
+    limit: int | None = Field(None, ge=1, le=2**31 - 1, description="at most this many executions")
+
+    def text(self) -> str:
+        """services.replay's filter text; `workflow: W@V` is `workflow=W,version=V` (NAME@VERSION everywhere)."""
+        fields = self.model_dump(exclude_none=True)
+        name, sep, version = str(fields.get("workflow", "")).partition("@")
+        if sep:
+            if not version.isdigit() or int(version) < 1:
+                raise ApiError(422, "filter.workflow: expected NAME or NAME@VERSION",
+                               problems=[{"field": "body.filter.workflow", "message": "expected NAME or NAME@VERSION"}])
+            if fields.get("version", int(version)) != int(version):
+                raise ApiError(422, "filter: workflow's @VERSION and version disagree",
+                               problems=[{"field": "body.filter.version", "message": "disagrees with workflow"}])
+            fields["workflow"], fields["version"] = name, int(version)
+        return ",".join(f"{k}={fields[k]}" for k in sorted(fields))
+
+
 class BulkReplayRequest(ReplayRequest):
-    filter: str = Field(min_length=1, max_length=1000, description="e.g. workflow=W,status=failed,since=24h")
+    filter: ReplayFilter = Field(description='e.g. {"workflow": "W", "status": "failed", "since": "24h"}')
     operation_id: str | None = Field(None, max_length=128)
 
 
@@ -78,8 +109,9 @@ def replay(
 @router.post("/replays", responses=errors(422), openapi_extra=scoped("admin"))
 def replay_many(request: Request, body: BulkReplayRequest) -> Any:
     """Replay every execution a filter selects, as one idempotent operation."""
+    text = body.filter.text()
     try:
-        selected = parse_filter(body.filter)
+        selected = parse_filter(text)
     except ReplayError as exc:
         raise _replay_error(exc) from None
     if caller(request).workflows is not None and not caller(request).can_use(selected.workflow):
@@ -87,7 +119,7 @@ def replay_many(request: Request, body: BulkReplayRequest) -> Any:
         raise ApiError(403, "this key is bound to some workflows: the filter must name one (workflow=...)")
     try:
         return bulk_replay(
-            request.app.state.ctx.store, body.filter, from_step=body.from_step, input_patch=body.input_patch,
+            request.app.state.ctx.store, text, from_step=body.from_step, input_patch=body.input_patch,
             version=body.version, dry_run=body.dry_run, operation_id=body.operation_id,
         )
     except ReplayError as exc:

@@ -84,6 +84,17 @@ async def trigger_types(request: Request) -> Any:
     return {"items": subscribed_types(ctx.catalog, caller(request).workflows)}
 
 
+
+def _unset_secret(name: str | None, auth: bool) -> str:
+    """The 503 for a signed webhook whose secret is not set. With auth off (`weft up` on loopback:
+    whoever calls is on this machine, usually the operator) it names the variable to set and where;
+    a gateway that requires keys does not tell an anonymous caller its variables' names (its log does)."""
+    if auth:
+        return "this webhook's secret is not configured on the gateway (its log names the variable to set)"
+    return (f"this webhook's secret is not configured on the gateway: set {name} (or {name}_FILE, a file "
+            "holding it) in the environment of `weft up` (or `weft gateway`) and start it again")
+
+
 @router.post(
     "/webhooks/{path:path}", status_code=202, response_model=WebhookOut, tags=["triggers"],
     responses=errors(404, 409),
@@ -120,9 +131,10 @@ async def webhook(
         try:
             secret = secret_for(spec.secret_env)
         except KeyError:
-            log.error("webhook %s of %s: its secret %s is not set in the gateway's environment",
+            log.error("webhook %s of %s: its secret %s is not set: set it in the environment of `weft up` "
+                      "(or `weft gateway`) and start it again",
                       spec.path, route.label, spec.secret_env)
-            why.append((503, "unavailable", "this webhook's secret is not configured on the gateway"))
+            why.append((503, "unavailable", _unset_secret(spec.secret_env, ctx.auth.enabled)))
             continue
         if secret is not None:
             try:

@@ -104,9 +104,15 @@ def list_workflows(request: Request) -> Any:
     return {"items": [out(latest[n]) for n in sorted(latest) if key.can_use(n)]}
 
 
-@router.get("/{name}", response_model=WorkflowVersionOut, responses=errors(404), openapi_extra=scoped("read"))
+@router.get("/{name}", response_model=WorkflowVersionOut, responses=errors(404, 422), openapi_extra=scoped("read"))
 def get_workflow(request: Request, name: str = NamePath) -> Any:
-    """The latest version, with its definition."""
+    """The latest version, with its definition; `NAME@VERSION` (as the CLI takes it) is that version."""
+    base, sep, number = name.partition("@")  # names never hold an "@" (contracts.definitions.NAME)
+    if sep:
+        if not number.isdigit() or not 1 <= int(number) <= 2**31 - 1:
+            raise ApiError(422, f"expected NAME or NAME@VERSION, got {name!r}",
+                           problems=[{"field": "path.name", "message": "expected NAME or NAME@VERSION"}])
+        return out(_version(request, base, int(number)), definition=True)
     return out(_version(request, name, None), definition=True)
 
 

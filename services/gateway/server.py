@@ -99,11 +99,7 @@ async def front_door(stack: Any, parts: set[str], stop: asyncio.Event) -> list[A
     catalog = Catalog(stack.store)
     await asyncio.to_thread(catalog.refresh, force=True)
 
-    def notify() -> None:  # wake the relay: new StepScheduled events are in the store
-        for listener in stack.executions.listeners:
-            listener()
-
-    ingestor = ObservedIngestor(stack.store, catalog, notify=notify, claims=stack.executions.claims)
+    ingestor = ObservedIngestor(stack.executions, catalog)  # its starts wake the relay through executions
     runs: list[Awaitable[Any]] = []
     if "triggers" in parts:
         stack.triggers = TriggerConsumer(ingestor, stack.transport, batch=settings.trigger_batch,

@@ -17,7 +17,7 @@ from contracts.expressions import Budget, ExpressionError, evaluate, render, tru
 from contracts.messages import StepResult, task_key
 from contracts.payloads import guard, is_ref
 from services.orchestrator.backoff import backoff
-from services.orchestrator.state import FINISHED, PAUSED, RUNNING, Execution, evolve
+from services.orchestrator.state import FINISHED, PAUSED, RUNNING, Execution, evolve, wanting_attempts
 
 
 class DecisionError(ValueError):
@@ -278,7 +278,7 @@ def _advance(s: Execution, now: datetime, emit: Emit) -> None:
                 break  # a step dead-lettered at schedule time failed the execution: schedule no more
             step = s.steps[step_def.id]
             if step.status == "scheduled" and step.count is not None:
-                if all(t.status == "succeeded" for t in step.tasks.values()) and len(step.tasks) == step.count:
+                if step.succeeded == step.count and len(step.tasks) == step.count:
                     outputs = [step.tasks[i].output for i in range(step.count)]
                     emit(ev.StepSucceeded(at=now, step_id=step_def.id, attempt=0, output=outputs))
                     progress = True
@@ -371,28 +371,30 @@ def _schedule(
 
 
 def _traced(s: Execution) -> dict[str, Any]:
-    """A traced execution's steps carry its trace context and labels (for the spans of the hops)."""
-    if s.trace_id is None:
-        return {}
-    return {"trace_id": s.trace_id, "workflow": s.workflow, "workflow_version": s.workflow_version}
+    """Every step carries its workflow's name and version (the worker's StepContext tells the
+    handler, and the hops' spans are labelled with them); a traced execution's, its trace context."""
+    out: dict[str, Any] = {"workflow": s.workflow, "workflow_version": s.workflow_version}
+    if s.trace_id is not None:
+        out["trace_id"] = s.trace_id
+    return out
 
 
 def _reschedule(s: Execution, wf: WorkflowDef, now: datetime, emit: Emit) -> None:
     """New attempts for failed tasks (after backoff), reprocess requests and orphans."""
-    for step_def in wf.steps:
-        step = s.steps[step_def.id]
-        for item, task in list(step.tasks.items()):
-            if task.status == "failed":
-                failures = task.attempt - task.budget_from
-                key = task_key(s.id, step_def.id, item)
-                delay = backoff(step_def.retry, failures, key, task.next_retry_delay)
-                when = now + timedelta(seconds=delay) if delay > 0 else None
-                _schedule(s, step_def, item, task.attempt + 1, task.input, now, when, "retry", emit, task.config)
-            elif task.status == "reprocess":
-                data = merge_patch(task.input, task.patch) if task.patch is not None else task.input
-                _schedule(s, step_def, item, task.attempt + 1, data, now, None, "reprocess", emit, task.config)
-            elif task.orphaned():
-                _schedule(s, step_def, item, task.attempt + 1, task.input, now, None, "resume", emit, task.config)
+    for step_id, item in wanting_attempts(s):  # not every task: see Execution.attention
+        step_def = wf.step(step_id)
+        task = s.steps[step_id].tasks[item]
+        if task.status == "failed":
+            failures = task.attempt - task.budget_from
+            key = task_key(s.id, step_def.id, item)
+            delay = backoff(step_def.retry, failures, key, task.next_retry_delay)
+            when = now + timedelta(seconds=delay) if delay > 0 else None
+            _schedule(s, step_def, item, task.attempt + 1, task.input, now, when, "retry", emit, task.config)
+        elif task.status == "reprocess":
+            data = merge_patch(task.input, task.patch) if task.patch is not None else task.input
+            _schedule(s, step_def, item, task.attempt + 1, data, now, None, "reprocess", emit, task.config)
+        elif task.orphaned():
+            _schedule(s, step_def, item, task.attempt + 1, task.input, now, None, "resume", emit, task.config)
 
 
 def merge_patch(target: Any, patch: Any) -> Any:

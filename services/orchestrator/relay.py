@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import orjson
 
+from contracts import events as ev
+from contracts.messages import ready_from_scheduled
 from contracts.subjects import step_subject
 from services.broker import MessageRejected, OutMessage, Transport
 from services.faults import crash_point
@@ -37,35 +39,12 @@ log = logging.getLogger("weft.relay")
 
 
 def to_message(rec: StoredRecord) -> OutMessage:
-    """StoredRecord of a StepScheduled -> the StepReady command for it.
-
-    Built straight from the stored JSON: this runs for every step, and the
-    event was validated when it was decided. tests/unit/test_relay.py checks the
-    result against the StepReady model.
-    """
-    e = orjson.loads(rec.data)
-    execution_id = str(rec.stream_id)
-    item = e.get("item")
-    key = f"{execution_id}:{e['step_id']}" if item is None else f"{execution_id}:{e['step_id']}#{item}"
-    ready = {
-        "schema_version": 1,
-        "execution_id": execution_id,
-        "workflow": e.get("workflow") or "",
-        "step_id": e["step_id"],
-        "item": item,
-        "attempt": e["attempt"],
-        "step_type": e["step_type"],
-        "config": e.get("config") or {},
-        "input": e.get("input"),
-        "idempotency_key": e["idempotency_key"],
-        "timeout": e.get("timeout"),
-        "not_before": e.get("not_before"),
-        "scheduled_at": e["at"],
-        "trace_id": e.get("trace_id"),
-        "secrets": e.get("secrets") or {},
-    }
-    return OutMessage(subject=step_subject(e["step_type"]), data=orjson.dumps(ready), msg_id=f"{key}:{e['attempt']}",
-                      headers=step_headers(e))
+    """StoredRecord of a StepScheduled -> the StepReady command for it, made by the contract
+    (`contracts.messages.ready_from_scheduled`), so no field is dropped on the way."""
+    scheduled = ev.decode(rec.type, rec.data)
+    ready = ready_from_scheduled(str(rec.stream_id), scheduled)
+    return OutMessage(subject=step_subject(ready.step_type), data=ready.encode(), msg_id=ready.message_id,
+                      headers=step_headers(scheduled), key=str(rec.stream_id))
 
 
 @dataclass(slots=True)
@@ -82,9 +61,11 @@ class Relay:
     def __init__(
         self, store: EventStore, transport: Transport, *, name: str = "relay", batch: int = 512,
         poll_interval: float = 0.05, in_flight: int = 4, executions: Executions | None = None,
+        track_every: float = 0.2,
     ):
         self.store, self.transport, self.name = store, transport, name
         self.batch, self.poll_interval, self.in_flight = batch, poll_interval, in_flight
+        self.track_every = track_every
         self.executions = executions if executions is not None else Executions(store)
         self.published = 0
         self.undeliverable = 0
@@ -99,17 +80,18 @@ class Relay:
             loop.call_soon_threadsafe(self._wake.set)
 
     async def run(self, stop: asyncio.Event) -> None:
-        self._loop = asyncio.get_running_loop()
+        self._loop = loop = asyncio.get_running_loop()
         tracked = await asyncio.to_thread(self.store.position, self.name)
         log.info("relay following the log from position %d", tracked)
         position = tracked
+        confirmed = tracked  # published and acked up to here; saved at most every `track_every`
+        saved_at = loop.time()
         # Up to `in_flight` batches are being published at once; positions are
         # saved strictly in order, only for batches whose publishes were all acked.
         pending: deque[_Batch] = deque()
         backoff = Backoff(first=self.poll_interval)
         while not stop.is_set():
             try:
-                done_to = tracked
                 while pending and pending[0].task.done():
                     head = pending.popleft()
                     try:
@@ -122,26 +104,37 @@ class Relay:
                         pending.clear()
                         await self._publish_apart(head.records, head.messages)
                         position = head.scanned
-                    done_to = head.scanned
+                    confirmed = head.scanned
                     self.published += len(head.records)
                     backoff.reset()  # only a confirmed publish says the broker is fine again
-                if done_to != tracked:
+                # The saved position only bounds what a restart publishes again (the broker and
+                # the inbox drop the copies): saving it after every hop cost a write (an fsync on
+                # SQLite) on the path of every step. At most every `track_every` seconds instead.
+                if confirmed != tracked and (loop.time() - saved_at >= self.track_every or stop.is_set()):
                     crash_point("relay.after_publish")
-                    await asyncio.to_thread(self.store.track, self.name, done_to)
-                    tracked = done_to
+                    await asyncio.to_thread(self.store.track, self.name, confirmed)
+                    tracked, saved_at = confirmed, loop.time()
                 if len(pending) >= self.in_flight:
                     await asyncio.wait({pending[0].task})
                     continue
+                self._wake.clear()  # before the read: a poke from here on is for what it may miss
                 records, scanned = await asyncio.to_thread(self.store.follow, position, self.batch, ["StepScheduled"])
+                more = scanned > position and len(records) >= self.batch
+                position = scanned  # past the other events too: the next read does not walk them again
                 if records:
                     records, messages = await self._messages(records)
                     task = asyncio.ensure_future(traced_publish(self.transport.publish_many, messages))
                     pending.append(_Batch(scanned, records, messages, task))
-                    position = scanned
-                    continue
-                position = scanned  # past the other events: the next poll does not walk them again
+                    if more:
+                        continue  # a full batch: there may be more behind it right now
                 if pending:
-                    await asyncio.wait({pending[0].task}, timeout=self.poll_interval)
+                    # Until the oldest publish is acked, or something new is appended.
+                    woken = asyncio.ensure_future(self._wake.wait())
+                    try:
+                        await asyncio.wait({pending[0].task, woken}, timeout=self.poll_interval,
+                                           return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        woken.cancel()
                     continue
             except Exception:  # the broker or the database is away: wait, then go on
                 for batch in pending:
@@ -149,12 +142,24 @@ class Relay:
                 pending.clear()
                 await backoff.failed(stop, log, "relay: a publish")
                 tracked = await _position_or(self.store, self.name, tracked)
-                position = tracked  # republish what was not confirmed: the broker drops duplicates
+                position = confirmed = tracked  # republish what was not confirmed: the broker drops duplicates
                 continue
-            self._wake.clear()
-            await sleep_or_stop(stop, self.poll_interval, wake=self._wake)
+            wait = self.poll_interval
+            if confirmed != tracked:
+                wait = min(wait, max(0.0, self.track_every - (loop.time() - saved_at)))
+            await sleep_or_stop(stop, wait, wake=self._wake)
+        if pending:  # a stop: what was acked meanwhile is saved, the rest is published again next time
+            await asyncio.wait([b.task for b in pending], timeout=1.0)
+            while pending and pending[0].task.done() and not pending[0].task.cancelled() \
+                    and pending[0].task.exception() is None:
+                confirmed = pending.popleft().scanned
         for batch in pending:
             batch.task.cancel()
+        if confirmed != tracked:
+            try:
+                await asyncio.to_thread(self.store.track, self.name, confirmed)
+            except Exception:  # noqa: BLE001 - the store is away: a restart republishes, the broker drops copies
+                log.warning("relay: could not save its position at stop; it will publish some commands again")
 
     async def _messages(self, records: list[StoredRecord]) -> tuple[list[StoredRecord], list[OutMessage]]:
         """The commands of `records`; a record none can be built from fails its step instead."""

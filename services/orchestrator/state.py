@@ -54,10 +54,13 @@ class Step:
     output: Any = None
     reused_from: str | None = None
     skip_reason: str | None = None
+    # How many of `tasks` have succeeded: a map step of n items is done when this reaches n,
+    # known without walking the tasks on every result (that was O(items) per result).
+    succeeded: int = 0
 
     def copy(self) -> Step:
         tasks = {k: t.copy() for k, t in self.tasks.items()}
-        return Step(self.status, self.count, tasks, self.output, self.reused_from, self.skip_reason)
+        return Step(self.status, self.count, tasks, self.output, self.reused_from, self.skip_reason, self.succeeded)
 
 
 @dataclass(slots=True)
@@ -78,13 +81,17 @@ class Execution:
     replay_of: str | None = None
     trigger: dict[str, Any] | None = None
     trace_id: str | None = None
+    # (step, item) of the tasks that want a new attempt: failed (awaiting a retry), asked to be
+    # reprocessed, or orphaned. Kept by evolve so that deciding on a result looks at these
+    # few instead of every task of the execution (a map of 10,000 items made that O(history)).
+    attention: set[tuple[str, int | None]] = field(default_factory=set)
 
     def copy(self) -> Execution:
         steps = {k: s.copy() for k, s in self.steps.items()}
         return Execution(
             self.id, self.version, self.status, self.workflow, self.workflow_version,
             self.content_hash, self.definition, self.input, steps, self.output, self.error,
-            self.started_at, self.finished_at, self.replay_of, self.trigger, self.trace_id,
+            self.started_at, self.finished_at, self.replay_of, self.trigger, self.trace_id, set(self.attention),
         )
 
     @property
@@ -127,7 +134,8 @@ def evolve(s: Execution, e: Any) -> Execution:
         task = step.tasks.get(e.item)
         if task is None:
             task = step.tasks[e.item] = Task()
-        task.attempt, task.status, task.input, task.patch = e.attempt, "scheduled", e.input, None
+        task.attempt, task.input, task.patch = e.attempt, e.input, None
+        _set(s, e.step_id, step, e.item, task, "scheduled")
         task.config = e.config
         task.next_retry_delay = None
         if step.status in ("pending", "dead_lettered"):
@@ -138,48 +146,55 @@ def evolve(s: Execution, e: Any) -> Execution:
             step.status, step.output, step.reused_from = "succeeded", e.output, e.reused_from
             return s
         task = step.tasks.setdefault(e.item, Task(attempt=e.attempt))
-        task.status, task.output, task.worker_id = "succeeded", e.output, e.worker_id
+        task.output, task.worker_id = e.output, e.worker_id
         task.finished.add(e.attempt)
+        _set(s, e.step_id, step, e.item, task, "succeeded")
         if e.item is None:
             step.status, step.output = "succeeded", e.output
     elif kind == "StepFailed":
-        task = s.steps[e.step_id].tasks[e.item]
-        task.status, task.error, task.worker_id = "failed", (e.error_type, e.error_message), e.worker_id
+        step = s.steps[e.step_id]
+        task = step.tasks[e.item]
+        task.error, task.worker_id = (e.error_type, e.error_message), e.worker_id
         task.next_retry_delay = e.next_retry_delay
         task.finished.add(e.attempt)
+        _set(s, e.step_id, step, e.item, task, "failed")
     elif kind == "StepDeadLettered":
         step = s.steps[e.step_id]
         step.status = "dead_lettered"
         task = step.tasks.get(e.item)
         if task is not None:
-            task.status = "dead_lettered"
             task.error = (e.error_type, e.error_message)
             task.finished.add(e.attempt)
+            _set(s, e.step_id, step, e.item, task, "dead_lettered")
     elif kind == "StepSkipped":
         step = s.steps[e.step_id]
         step.status, step.skip_reason = "skipped", e.reason
     elif kind == "StepResultIgnored":
-        task = s.steps[e.step_id].tasks.get(e.item)
+        step = s.steps[e.step_id]
+        task = step.tasks.get(e.item)
         if task is not None:
             task.finished.add(e.attempt)
+            _set(s, e.step_id, step, e.item, task, task.status)  # it may be an orphan now
     elif kind == "StepReprocessRequested":
         step = s.steps[e.step_id]
         task = step.tasks.get(e.item)
         if task is None:  # the step failed before any task existed (e.g. a bad input mapping)
             step.status = "pending"
         else:
-            task.status, task.budget_from, task.patch = "reprocess", task.attempt, e.patch
+            task.budget_from, task.patch = task.attempt, e.patch
+            _set(s, e.step_id, step, e.item, task, "reprocess")
             step.status = "scheduled"
         _reopen(s)
     elif kind == "ExecutionRetried":
-        for step in s.steps.values():
+        for step_id, step in s.steps.items():
             if step.status != "dead_lettered":
                 continue
             if not step.tasks:
                 step.status = "pending"
-            for task in step.tasks.values():
+            for item, task in step.tasks.items():
                 if task.status == "dead_lettered":
-                    task.status, task.budget_from = "reprocess", task.attempt
+                    task.budget_from = task.attempt
+                    _set(s, step_id, step, item, task, "reprocess")
             if step.tasks:
                 step.status = "scheduled"
         _reopen(s)
@@ -194,6 +209,28 @@ def evolve(s: Execution, e: Any) -> Execution:
     elif kind == "ExecutionResumed":
         s.status = RUNNING
     return s
+
+
+def _set(s: Execution, step_id: str, step: Step, item: int | None, task: Task, status: str) -> None:
+    """Every change of a task's status goes through here, to keep `step.succeeded` and
+    `s.attention` true without walking the tasks."""
+    if task.status == "succeeded":
+        step.succeeded -= 1
+    task.status = status
+    if status == "succeeded":
+        step.succeeded += 1
+    if status in ("failed", "reprocess") or task.orphaned():
+        s.attention.add((step_id, item))
+    else:
+        s.attention.discard((step_id, item))
+
+
+def wanting_attempts(s: Execution) -> list[tuple[str, int | None]]:
+    """`s.attention` in the order the definition lists the steps, then by item."""
+    if not s.attention:
+        return []
+    order = {step_id: i for i, step_id in enumerate(s.steps)}
+    return sorted(s.attention, key=lambda k: (order[k[0]], -1 if k[1] is None else k[1]))
 
 
 def _reopen(s: Execution) -> None:

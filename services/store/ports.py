@@ -175,6 +175,11 @@ class EventStore(Protocol):
     ) -> list[StoredRecord]:
         """A stream's events with after_version < version <= upto_version, ascending."""
 
+    def load_many(self, stream_ids: Sequence[UUID]) -> dict[UUID, list[StoredRecord]]:
+        """Whole histories of many streams in one round trip (a batch's cache misses: the
+        result consumer's hot path). Every id asked for is a key, with [] when the stream is
+        empty; each list is ascending by version; an id asked twice is loaded once."""
+
     def read(self, after: int, limit: int, types: Sequence[str] = ()) -> list[StoredRecord]:
         """The notification log: position > after, ascending, at most `limit`."""
 

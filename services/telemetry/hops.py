@@ -26,15 +26,15 @@ VERSION_HEADER = "weft-workflow-version"
 # ---- relay -------------------------------------------------------------------------------------
 
 
-def step_headers(event: dict[str, Any]) -> dict[str, str] | None:
+def step_headers(event: Any) -> dict[str, str] | None:
     """Headers of the StepReady for a stored StepScheduled: its execution's trace context."""
-    tp = event.get("trace_id")
+    tp = event.trace_id
     if tp is None:
         return None
     headers = {tracing.TRACEPARENT: tp}
-    if event.get("workflow"):
-        headers[WORKFLOW_HEADER] = str(event["workflow"])
-        headers[VERSION_HEADER] = str(event.get("workflow_version") or "")
+    if event.workflow:
+        headers[WORKFLOW_HEADER] = str(event.workflow)
+        headers[VERSION_HEADER] = str(event.workflow_version or "")
     return headers
 
 

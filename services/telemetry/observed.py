@@ -146,7 +146,7 @@ class ObservedExecutions(Executions):
         by_id = {r.message_id: r for r in results}
         finished: dict[str, str] = {}
         for eid in ids:
-            s = self._get(eid)
+            s = self._peek(eid)
             if s is None or not s.version or before.get(eid, "running") == s.status:
                 continue
             if s.status == "completed":
@@ -173,12 +173,12 @@ class ObservedExecutions(Executions):
         return outcomes
 
     def _workflow(self, execution_id: str) -> str:
-        s = self._get(execution_id)
+        s = self._peek(execution_id)
         return s.workflow if s is not None else ""
 
     def _after_failure(self, r: Any) -> str:
         """What a failed attempt led to: a retry, a dead letter, or nothing known."""
-        s = self._get(r.execution_id)
+        s = self._peek(r.execution_id)
         step = s.steps.get(r.step_id) if s is not None else None
         task = step.tasks.get(r.item) if step is not None else None
         if task is None:

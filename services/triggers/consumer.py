@@ -26,9 +26,9 @@ import logging
 
 from pydantic import ValidationError
 
-from contracts.cloudevents import BindingError, from_nats, has_prefix
+from contracts.cloudevents import BindingError, from_kafka, from_nats, from_structured, has_prefix
 from contracts.deadletters import REPROCESSED_FROM_HEADER, message_key
-from contracts.subjects import TRIGGERS_STREAM, trigger_subject
+from contracts.subjects import TRIGGERS_PREFIX, TRIGGERS_STREAM, trigger_subject
 from contracts.triggers import CloudEvent
 from services.broker import Consumer, DeadLetter, Delivery, Transport
 from services.broker.redelivery import CrashGuard, poison_reason
@@ -50,20 +50,36 @@ def describe(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def decode(msg: Delivery) -> CloudEvent:
-    """The CloudEvent in a message, in either mode of the CloudEvents NATS binding (structured:
-    the body is the event; binary: `ce-*` headers, the body is the data), or ValueError saying
-    what is wrong with it (contracts.cloudevents names the field and the limit)."""
+def decode(msg: Delivery, binding: str = "nats") -> CloudEvent:
+    """The CloudEvent in a message, or ValueError saying what is wrong with it (contracts.cloudevents
+    names the field and the limit). `binding` is the broker's CloudEvents binding: "nats" (structured:
+    the body is the event; binary: `ce-*` headers, the body is the data) or "kafka" (structured:
+    `content-type: application/cloudevents+json`, the value is the event; binary: `ce_*` headers)."""
+    prefix = "ce_" if binding == "kafka" else "ce-"
     try:
-        event = from_nats(msg.headers, msg.data)
+        event = _from_kafka(msg) if binding == "kafka" else from_nats(msg.headers, msg.data)
     except BindingError as exc:
-        mode = "binary" if has_prefix(msg.headers.items(), "ce-") else "structured"
+        mode = "binary" if has_prefix(msg.headers.items(), prefix) else "structured"
         raise ValueError(f"not a valid CloudEvent ({mode} mode): {exc}") from None
     expected = trigger_subject(event.type)
-    if msg.subject != expected:
+    # A Kafka producer that is not Weft addresses the triggers topic, not a subject in it: Kafka's
+    # permissions are per topic, so there is no finer address to hold the event's type to.
+    foreign = binding == "kafka" and msg.subject == TRIGGERS_PREFIX
+    if msg.subject != expected and not foreign:
         # Subject-level broker permissions would mean nothing if the body could name another type.
         raise ValueError(f"published on {msg.subject!r}, but an event of type {event.type!r} belongs on {expected!r}")
     return event
+
+
+def _from_kafka(msg: Delivery) -> CloudEvent:
+    from services.broker.kafka_consumer import PARTITION_KEY_HEADER
+
+    pairs = [(k, v.encode()) for k, v in msg.headers.items() if not k.lower().startswith("weft-kafka-")]
+    if not has_prefix(pairs, "ce_") and not any(k.lower() == "content-type" for k, _ in pairs):
+        # Neither mode's mark: read it as an event in JSON, as the NATS binding does, so that
+        # garbage is named for what it is ("not JSON", "id: Field required").
+        return from_structured(msg.data, "value")
+    return from_kafka(pairs, msg.headers.get(PARTITION_KEY_HEADER), msg.data)
 
 
 class TriggerConsumer:
@@ -74,6 +90,7 @@ class TriggerConsumer:
         self.ingestor, self.transport = ingestor, transport
         self.batch, self.ack_wait, self.max_deliver, self.durable = batch, ack_wait, max_deliver, durable
         self.poison_deliveries = poison_deliveries
+        self.binding = str(getattr(transport, "cloudevents_binding", "nats"))  # how CloudEvents ride its messages
         self.guard = CrashGuard(poison_deliveries, careful_for=2 * ack_wait)
         self.consumer: Consumer | None = None
         self.received = self.handled = self.invalid = self.unroutable = self.failed = 0  # handled: acked
@@ -138,7 +155,7 @@ class TriggerConsumer:
         letters: list[DeadLetter] = []
         for msg in msgs:
             try:
-                good.append((msg, Trigger(decode(msg), via="topic")))
+                good.append((msg, Trigger(decode(msg, self.binding), via="topic")))
             except ValueError as exc:
                 self.invalid += 1
                 letters.append(DeadLetter.of(msg, "trigger_invalid", str(exc), message_key(TRIGGERS_STREAM, msg.stream_seq)))

@@ -1,11 +1,12 @@
 """Ingestion: trigger events in, trigger-log records and started executions out.
 
 Every trigger (topic, webhook, cron) goes through `Ingestor.ingest`. For a
-batch of CloudEvents it appends, in ONE store transaction:
-  - a `TriggerAccepted` per event, at version 1 of `trigger_stream(source, id)`;
-  - for each workflow the event starts, the execution's first events
-    (`ExecutionStarted` + `StepScheduled`s, decided by the pure core) in the
-    stream `execution_id_for(workflow, "trigger:<source>:<id>")`.
+batch of CloudEvents it asks the execution service (the one writer of
+execution events, `Executions.apply`) to store, in ONE transaction:
+  - a `TriggerAccepted` per event, at version 1 of `trigger_stream(source, id)`
+    (a rider of the event's starts, so neither is stored without the other);
+  - for each workflow the event starts, a `Start` of the execution
+    `execution_id_for(workflow, "trigger:<source>:<id>")`.
 Both stream ids are functions of (source, id), so an event seen before, even
 long after the broker's dedup window, collides on a version-1 record: the
 batch is refused as a whole and we fall back to one event at a time, where
@@ -27,11 +28,9 @@ import orjson
 from contracts.definitions import validate_input
 from contracts.payloads import PayloadError, is_ref, ref_digest
 from contracts.triggers import CloudEvent, TriggerAccepted, trigger_stream
-from services.orchestrator.decide import Start, decide
-from services.orchestrator.executions import execution_id_for, utcnow
-from services.orchestrator.state import Execution
-from services.payloads import Claims
-from services.store import ConcurrencyError, EventStore, NewEvent, StoreError
+from services.orchestrator.decide import Start
+from services.orchestrator.executions import Applied, Change, Executions, execution_id_for
+from services.store import ConcurrencyError, NewEvent, StoreError
 from services.triggers.routing import Catalog, Route
 
 log = logging.getLogger("weft.triggers")
@@ -77,25 +76,44 @@ class Outcome:
 @dataclass(slots=True)
 class _Plan:
     trigger: Trigger
-    records: list[NewEvent]
-    executions: dict[str, str]
+    at: datetime
+    raw: dict[str, Any]  # the event as its log entry keeps it (big data by reference)
+    starts: dict[str, Change]  # label -> the start of that workflow's execution
     rejected: dict[str, str]
-    starts: dict[str, list[NewEvent]]  # label -> that execution's first events
+    executions: dict[str, str] = field(default_factory=dict)  # as stored: label -> execution id
+    refused: dict[str, str] = field(default_factory=dict)  # as stored: the rejected, and starts the core refused
+
+    def changes(self, group: int, skip: frozenset[uuid.UUID] = frozenset()) -> list[Change]:
+        """The trigger's log entry and its starts, all or nothing (`skip`: executions taken by hand)."""
+        starts = [c for c in self.starts.values() if uuid.UUID(c.execution_id) not in skip]
+        return [Change("", None, riders=self._head, group=group), *(
+            Change(c.execution_id, c.command, group=group) for c in starts)]
+
+    def _head(self, applied: Sequence[Applied]) -> list[NewEvent]:
+        by_id = {a.change.execution_id: a for a in applied if a.change.command is not None}
+        executions, rejected = {}, dict(self.rejected)
+        for label, c in self.starts.items():
+            a = by_id.get(c.execution_id)
+            if a is None or a.status in ("applied", "exists"):
+                executions[label] = c.execution_id  # a start skipped as taken stands for ours
+            else:
+                rejected[label] = f"cannot start: {a.reason}"
+        self.executions, self.refused = executions, rejected
+        accepted = TriggerAccepted(at=self.at, event=self.raw, via=self.trigger.via, executions=executions,
+                                   filtered=list(self.trigger.filtered), rejected=rejected)
+        return [NewEvent(self.trigger.stream, 1, accepted.type, orjson.dumps(accepted.model_dump(mode="json")))]
 
 
 class Ingestor:
-    def __init__(
-        self, store: EventStore, catalog: Catalog, *, clock: Callable[[], datetime] = utcnow,
-        notify: Callable[[], None] | None = None, claims: Claims | None = None,
-    ):
-        self.store, self.catalog, self.clock = store, catalog, clock
-        self.claims = claims or Claims.on(store)
-        self.notify = notify or (lambda: None)
+    def __init__(self, executions: Executions, catalog: Catalog, *, clock: Callable[[], datetime] | None = None):
+        self.executions, self.catalog = executions, catalog
+        self.store = executions.store  # read only: every write goes through `executions.apply`
+        self.clock = clock or executions.clock
+        self.claims = executions.claims
         # counters, for tests and benchmarks
         self.accepted = 0
         self.duplicates = 0
         self.started = 0
-
     def ingest(self, triggers: Sequence[Trigger]) -> list[Outcome]:
         """Record the triggers and start their executions; one outcome per trigger, in order."""
         self.catalog.refresh()
@@ -119,7 +137,6 @@ class Ingestor:
         if plans:
             for i, outcome in self._store(plans).items():
                 outcomes[i] = outcome
-            self.notify()
         for i, t in enumerate(triggers):
             if outcomes[i] is None:  # a repeat within the batch
                 o = outcomes[first[t.stream]]
@@ -142,9 +159,8 @@ class Ingestor:
     def _plan(self, t: Trigger, routes: list[Route], now: datetime) -> _Plan:
         e = t.event
         data = {} if e.data is None else e.data
-        executions: dict[str, str] = {}
         rejected: dict[str, str] = {}
-        starts: dict[str, list[NewEvent]] = {}
+        starts: dict[str, Change] = {}
         about = {"id": e.id, "source": e.source, "type": e.type, "subject": e.subject,
                  "time": t.raw.get("time"), "via": t.via}
         raw = t.raw
@@ -171,20 +187,8 @@ class Ingestor:
             eid = trigger_execution_id(v.name, e.source, e.id)
             cmd = Start(definition=v.definition, version=v.version, content_hash=v.content_hash, input=data,
                         trigger=about, idempotency_key=trigger_key(e.source, e.id), trace_id=t.trace_id)
-            try:
-                decided = decide(Execution(id=eid), cmd, now)
-            except Exception as exc:  # noqa: BLE001 - one bad route must not sink the batch
-                rejected[route.label] = f"cannot start: {type(exc).__name__}: {exc}"
-                continue
-            stream = uuid.UUID(eid)
-            encoded, _ = self.claims.offload(decided)
-            starts[route.label] = [NewEvent(stream, n + 1, d.type, b) for n, (d, b) in enumerate(encoded)]
-            executions[route.label] = eid
-        accepted = TriggerAccepted(at=now, event=raw, via=t.via, executions=executions,
-                                   filtered=list(t.filtered), rejected=rejected)
-        head = NewEvent(t.stream, 1, accepted.type, orjson.dumps(accepted.model_dump(mode="json")))
-        records = [head, *(r for rs in starts.values() for r in rs)]
-        return _Plan(t, records, executions, rejected, starts)
+            starts[route.label] = Change(eid, cmd)
+        return _Plan(t, now, raw, starts, rejected)
 
     def _payload(self, t: Trigger, data: Any) -> tuple[Any, Any]:
         """(what the execution's input will be, the plain value to validate). A trigger that
@@ -199,53 +203,39 @@ class Ingestor:
     # ---- storing ----------------------------------------------------------------------------
 
     def _store(self, plans: list[tuple[int, _Plan]]) -> dict[int, Outcome]:
-        """One append for the whole batch; on a collision, settle the colliding events one
-        by one and try the rest together again (the store names the streams that collided)."""
+        """One `apply` for the whole batch; a trigger whose streams collided is settled on its own."""
         out: dict[int, Outcome] = {}
-        pending = plans
-        for _ in range(3):
-            try:
-                self.store.append([r for _, p in pending for r in p.records])
-            except ConcurrencyError as exc:
-                bad = set(exc.stream_ids)
-                suspects = [(i, p) for i, p in pending if any(r.stream_id in bad for r in p.records)]
-                if not suspects:
-                    break
-                for i, p in suspects:
-                    out[i] = self._append_one(p)
-                pending = [(i, p) for i, p in pending if i not in out]
-                if not pending:
-                    return out
-            else:
-                for i, p in pending:
-                    out[i] = self._accepted(p)
-                return out
-        for i, p in pending:
-            out[i] = self._append_one(p)
+        changes = [c for i, p in plans for c in p.changes(i)]
+        applied = self.executions.apply(changes, cache=False)
+        collided: dict[int, frozenset[uuid.UUID]] = {}
+        for a in applied:
+            if a.status == "conflict":
+                collided[a.change.group] = collided.get(a.change.group, frozenset()) | a.collided
+        for i, p in plans:
+            out[i] = self._append_one(p, i, collided[i]) if i in collided else self._accepted(p)
         return out
 
     def _accepted(self, plan: _Plan) -> Outcome:
         self.accepted += 1
         self.started += len(plan.executions)
         e = plan.trigger.event
-        return Outcome("accepted", e.source, e.id, dict(plan.executions), dict(plan.rejected), list(plan.trigger.filtered))
+        return Outcome("accepted", e.source, e.id, dict(plan.executions), dict(plan.refused), list(plan.trigger.filtered))
 
-    def _append_one(self, plan: _Plan) -> Outcome:
-        records = list(plan.records)
+    def _append_one(self, plan: _Plan, group: int, collided: frozenset[uuid.UUID]) -> Outcome:
+        skip: frozenset[uuid.UUID] = frozenset()
         for _ in range(5):
-            try:
-                self.store.append(records)
-                return self._accepted(plan)
-            except ConcurrencyError:
-                pass
             stored = self.store.load(plan.trigger.stream, upto_version=1)
             if stored:  # seen before
                 self.duplicates += 1
                 return self._duplicate(plan, TriggerAccepted.model_validate_json(stored[0].data))
             # The trigger is new but an execution id is taken: someone started that
             # execution with the same key by hand. It stands for this trigger's; keep it.
-            taken = {r.stream_id for r in records[1:] if r.version == 1 and self.store.load(r.stream_id, upto_version=1)}
-            records = [records[0]] + [r for r in records[1:] if r.stream_id not in taken]
+            skip |= {s for s in collided if s != plan.trigger.stream and self.store.load(s, upto_version=1)}
+            applied = self.executions.apply(plan.changes(group, skip), cache=False)
+            conflict = [a for a in applied if a.status == "conflict"]
+            if not conflict:
+                return self._accepted(plan)
+            collided = frozenset().union(*(a.collided for a in conflict))
         raise ConcurrencyError(f"trigger {plan.trigger.event.source}:{plan.trigger.event.id}: too much contention",
                                kind="version")
 
@@ -261,13 +251,14 @@ class Ingestor:
                 continue
             fresh = next((lbl for lbl in plan.starts if _name(lbl) == name), None)
             if fresh is not None:
-                try:
-                    self.store.append(plan.starts[fresh])
+                [a] = self.executions.apply([plan.starts[fresh]])  # exists: started by an earlier repeat
+                if a.status == "applied":
                     self.started += 1
-                except ConcurrencyError:
-                    pass  # started by an earlier repeat
-                executions[fresh] = plan.executions[fresh]
-                del rejected[label]
+                if a.status in ("applied", "exists"):
+                    executions[fresh] = plan.starts[fresh].execution_id
+                    del rejected[label]
+                else:
+                    rejected[label] = f"cannot start: {a.reason}"
             else:
                 again = next((lbl for lbl in plan.rejected if _name(lbl) == name), None)
                 if again is not None:

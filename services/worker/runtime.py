@@ -202,7 +202,7 @@ class Worker:
         try:
             await self._results.publish(
                 OutMessage(subject=result_subject(ready.execution_id), data=data, msg_id=result.message_id,
-                           headers=result_headers())
+                           headers=result_headers(), key=ready.execution_id)
             )
         except MessageRejected as exc:
             # The broker will never take this result (too large, say): sent again it would only come
@@ -212,7 +212,7 @@ class Worker:
                               non_retryable=True)
             result = result.model_copy(update={"status": "failed", "output": None, "error": error})
             await self._results.publish(OutMessage(subject=result_subject(ready.execution_id), data=result.encode(),
-                                                   msg_id=result.message_id))
+                                                   msg_id=result.message_id, key=ready.execution_id))
         crash_point("worker.after_publish")
         await msg.ack()
         self.guard.done(msg)
@@ -238,7 +238,7 @@ class Worker:
                 scheduled_at=ready.scheduled_at if ready else None,
             )
             await self._results.publish(OutMessage(subject=result_subject(eid), data=result.encode(),
-                                                   msg_id=result.message_id))
+                                                   msg_id=result.message_id, key=eid))
             await msg.ack()
             self.guard.done(msg)
             self.poisoned += 1
@@ -253,7 +253,7 @@ class Worker:
         ctx = StepContext(
             execution_id=ready.execution_id, step_id=ready.step_id, attempt=ready.attempt,
             idempotency_key=ready.idempotency_key, item=ready.item, workflow=ready.workflow,
-            worker_id=self.worker_id,
+            workflow_version=ready.workflow_version, worker_id=self.worker_id,
         )
         if msg is not None:
             self._in_flight[id(msg)] = (msg, asyncio.get_running_loop().time())

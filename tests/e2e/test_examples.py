@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -15,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.readme_transcripts import SKIPPED, files_used, readme_commands
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.e2e
@@ -75,37 +79,125 @@ def _until(check: Any, timeout: float = 30) -> Any:
         time.sleep(0.2)
 
 
+class Readme:
+    """Runs README.md's commands (tests/readme_transcripts.py) in a project, with placeholders filled."""
+
+    def __init__(self, project: Project) -> None:
+        self.project, self.ran = project, set()
+
+    def __call__(self, command: str, code: int = 0, **fill: Any) -> subprocess.CompletedProcess[str]:
+        assert command in readme_commands(), f"not a README command: {command}"
+        text = command
+        for name, value in fill.items():  # a list fills the placeholder's occurrences in order
+            for one in value if isinstance(value, list) else [value] * text.count(f"<{name}>"):
+                text = text.replace(f"<{name}>", one, 1)
+        assert "<" not in text.replace("<TIME>", ""), text
+        words = shlex.split(text)[1:]
+        for n, word in enumerate(words):  # README's bare `bad.yaml` is shipped as examples/bad.yaml
+            if word in files_used(text) and not (self.project.folder / word).exists():
+                words[n] = f"examples/{Path(word).name}"
+        self.ran.add(command)
+        done = self.project.weft(*words, code=code)
+        if "--json" not in words:  # what a person reads, whatever the terminal's width wrapped
+            done.stdout, done.stderr = " ".join(done.stdout.split()), " ".join(done.stderr.split())
+        return done
+
+
+def _id(output: str) -> str:
+    return re.search(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", output).group(0)  # type: ignore[union-attr]
+
+
 def test_the_readme_transcripts(project: Project) -> None:
+    """Issue 16 part 2 item 2: every README transcript command, run against `weft up` in a project folder
+    that holds only the shipped examples/ (step code is imported from there, the folder `weft up` runs in)."""
+    readme = Readme(project)
     # A workflow: the order example, with its retried parcel.
-    order = project.json("run", "examples/order.yaml", "--input", '{"order_id": "A-1", "items": ["apple", "pear", "fig"]}')
-    assert order["status"] == "completed"
-    assert order["output"] == {"order": "A-1", "summary": {"parcels": ["P0-1", "P1-2", "P2-1"], "count": 3}}
-    status = project.json("status", order["execution_id"])
-    assert {s["id"] if "id" in s else s.get("step_id") for s in status["steps"]} >= {"reserve", "ship_each", "summary"}
+    done = readme("weft run examples/order.yaml --input '{\"order_id\": \"A-1\", \"items\": [\"apple\", \"pear\", \"fig\"]}'")
+    order = _id(done.stdout)
+    assert "completed" in done.stdout and '"P1-2"' in done.stdout
+    assert "completed" in readme("weft status <ID>", ID=order).stdout
+    assert "ExecutionCompleted" in readme("weft history <ID>", ID=order).stdout
+    assert "unknown step 'ghost'" in readme("weft run bad.yaml", code=2).stderr
+    assert "'order_id' is a required property" in readme("weft run examples/order.yaml --input '{\"items\": 3}'",
+                                                         code=2).stderr
 
-    # Dead letters: the gateway is down, charge is dead-lettered; fix it; reprocess; completed.
-    failed = project.json("run", "examples/checkout.yaml", "--input", '{"order": "A-1001", "amount": 42, "country": "FR"}',
-                          code=1)
-    assert failed["status"] == "failed" and "payment gateway unreachable" in json.dumps(failed)
-    letters = _until(lambda: [d for d in project.json("dlq", "list") if d["execution_id"] == failed["execution_id"]])
-    assert letters[0]["kind"] == "retries_exhausted" and letters[0]["step_id"] == "charge"
-    (project.folder / "gateway-up").touch()
-    project.weft("dlq", "reprocess", letters[0]["id"], "--why", "payment gateway is back")
-    done = _until(lambda: project.json("status", failed["execution_id"])["status"] == "completed")
-    assert done
-
-    # Replay: invoice, from a step, with a patched input.
-    invoice = project.json("run", "examples/invoice.yaml", "--input",
-                           '{"order_id": "A-1", "lines": [{"amount": 12}, {"amount": 30}]}')
-    assert invoice["output"] == {"order": "A-1", "total": 42, "lines": 2}
-    replay = project.json("replay", invoice["execution_id"], "--from-step", "total", "--input-patch",
-                          '{"order_id": "A-1-fixed"}', "--wait")
-    assert replay["status"] == "completed" and replay["output"] == {"order": "A-1-fixed", "total": 42, "lines": 2}
-
-    # Triggers: order-received subscribes to order.created (eu and uk only).
+    # Triggers: order-received subscribes to order.created (eu and uk only); the same event twice starts one.
     project.weft("workflows", "publish", "examples/order-received.yaml")
-    project.weft("publish", "order.created", "--data", '{"order_id": "A-1002", "region": "uk"}', "--source", "shop",
-                 "--id", "ord-1002")
+    first = readme("weft publish order.created --data '{\"order_id\": \"A-1002\", \"region\": \"uk\"}' --source shop "
+                   "--id ord-1002")
+    assert first.stdout.strip() == "ord-1002"
+    again = readme("weft publish order.created --data '{\"order_id\": \"A-1002\", \"region\": \"uk\"}' --source shop "
+                   "--id ord-1002")
+    assert "not published again" in again.stderr
     started = _until(lambda: [e for e in project.json("executions", "list", "--workflow", "order-received")
                               if e["status"] == "completed"])
     assert len(started) == 1
+    types = readme("weft trigger-types").stdout
+    assert "order.created" in types and "order-received@1" in types, types
+    readme("weft publish invoice.paid --data '{}'")
+    _until(lambda: "trigger_unroutable" in readme("weft dlq list").stdout)
+    assert readme("weft keys create --scopes trigger,read --name ci").stdout.startswith("weft_")
+
+    # Dead letters: the gateway is down, charge is dead-lettered; fix it; reprocess; completed.
+    failed = readme("weft run examples/checkout.yaml --input '{\"order\": \"A-1001\", \"amount\": 42, \"country\": "
+                    "\"FR\"}'", code=1)
+    checkout = _id(failed.stdout)
+    assert "payment gateway unreachable" in failed.stdout
+    letters = _until(lambda: [d for d in project.json("dlq", "list") if d["execution_id"] == checkout])
+    assert letters[0]["kind"] == "retries_exhausted" and letters[0]["step_id"] == "charge"
+    prefix = letters[0]["id"][:8]
+    shown = readme("weft dlq show <DLQ>", DLQ=prefix).stdout
+    assert "ConnectionError" in shown and "payments.py" in shown, shown  # the error, and your code's frame
+    (project.folder / "gateway-up").touch()
+    assert "reprocessed" in readme('weft dlq reprocess <DLQ> --why "payment gateway is back"', DLQ=prefix).stdout
+    _until(lambda: project.json("status", checkout)["status"] == "completed")
+    assert "already_reprocessed" in readme("weft dlq reprocess <DLQ>", DLQ=prefix).stdout
+    # Bad input? Patch it: ship refuses a country it does not ship to, for good.
+    mars = project.json("run", "examples/checkout.yaml", "--input", '{"order": "A-1003", "amount": 5, "country": "MARS"}',
+                        code=1)
+    ship = _until(lambda: [d for d in project.json("dlq", "list") if d["execution_id"] == mars["execution_id"]])[0]
+    assert ship["kind"] == "non_retryable" and ship["step_id"] == "ship"
+    refused = readme("weft dlq reprocess <DLQ> --patch '[\"FR\"]'", code=2, DLQ=ship["id"][:8])
+    assert "must be a JSON object" in refused.stderr
+    readme("weft dlq reprocess <DLQ> --patch '{\"country\": \"FR\"}' --why \"customer moved to France\"",
+           DLQ=ship["id"][:8])
+    _until(lambda: project.json("status", mars["execution_id"])["status"] == "completed")
+
+    # Replay: invoice, from a step, with a patched input; bulk; time travel.
+    invoice = project.json("run", "examples/invoice.yaml", "--input",
+                           '{"order_id": "A-1", "lines": [{"amount": 12}, {"amount": 30}]}')
+    assert invoice["output"] == {"order": "A-1", "total": 42, "lines": 2}
+    eid = invoice["execution_id"]
+    plan = readme("weft replay <ID> --from-step total --dry-run", ID=eid).stdout
+    assert "nothing was started" in plan and "reuse output" in plan
+    replayed = readme("weft replay <ID> --from-step total --input-patch '{\"order_id\": \"A-1-fixed\"}' --wait", ID=eid)
+    assert "A-1-fixed" in replayed.stdout and "completed" in replayed.stdout
+    for _ in range(2):
+        project.weft("run", "invoice", "--input", '{"order_id": "A-2", "lines": [{"amount": "x"}]}', code=1)
+    bulk = "weft replay --filter 'workflow=invoice,status=failed' --input-patch '{\"lines\": [{\"amount\": 12}]}'"
+    assert "started 2," in readme(bulk).stdout
+    assert "started 0, skipped (already replayed by this operation) 2" in readme(bulk).stdout
+    history = [json.loads(line) for line in project.weft("history", eid, "--json").stdout.splitlines()]
+    at = readme("weft history <ID> --at <TIME>", ID=eid, TIME=history[4]["at"].replace("+00:00", "Z")).stdout
+    assert "as of event 5" in at
+
+    # Backfill: invoice@2 (examples/invoice-v2.yaml) over order.placed events published just now.
+    project.weft("workflows", "publish", "examples/invoice-v2.yaml")
+    since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 2))
+    for n in range(3):
+        project.weft("publish", "order.placed", "--data", json.dumps({"order_id": f"B-{n}", "lines": [{"amount": n}]}),
+                     "--source", "shop", "--id", f"placed-{n}")
+    # the trigger consumer records them (and starts invoice@2, the version subscribed now)
+    _until(lambda: len(project.json("executions", "list", "--workflow", "invoice@2")) >= 3)
+    until = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 2))
+    command = "weft backfill --workflow invoice@2 --from <TIME> --to <TIME> --rate 2/s"
+    assert "started 3," in readme(command, TIME=[since, until]).stdout
+    assert "skipped (already done) 3" in readme(command, TIME=[since, until]).stdout
+
+    # Status views, and the large payload.
+    assert "executions" in readme("weft projections status").stdout
+    assert "rebuilt" in readme("weft projections rebuild dead_letters").stdout
+    big = json.loads(readme("weft run big.yaml --input '{\"size\": 20971520}' --json").stdout)
+    assert big["status"] == "completed" and big["output"]["bytes"] > 20971520
+
+    assert set(readme_commands()) - set(SKIPPED) == readme.ran, set(readme_commands()) - set(SKIPPED) - readme.ran

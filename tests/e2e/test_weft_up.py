@@ -74,9 +74,11 @@ class Up:
         return self.proc.wait(timeout=30)
 
 
-@pytest.fixture
-def up(tmp_path: Path):
-    stack = Up(tmp_path / "home")
+@pytest.fixture(params=["nats", "kafka"])
+def up(tmp_path: Path, request: pytest.FixtureRequest):
+    """`weft up` on its embedded NATS, then on the session's Kafka (`--broker kafka://...`)."""
+    flags = ("--broker", request.getfixturevalue("kafka_url")) if request.param == "kafka" else ()
+    stack = Up(tmp_path / "home", *flags)
     yield stack
     stack.stop()
 
@@ -86,6 +88,8 @@ def _json(proc: subprocess.CompletedProcess[str]) -> Any:
 
 
 def test_run_example_and_read_it_back(up: Up) -> None:
+    broker = json.loads((up.home / "stack.json").read_text())["broker_url"]  # where every other command goes
+    assert broker.startswith(("nats://", "kafka://"))
     proc = weft(up.home, "run", "examples/order.yaml", "--input", '{"order_id": "A-1", "items": ["apple", "pear"]}', "--json")
     assert proc.returncode == 0, proc.stderr
     result = _json(proc)
@@ -236,3 +240,68 @@ def test_an_expression_bomb_fails_its_step_and_weft_up_carries_on(up: Up, tmp_pa
     # and a normal execution completes right after
     proc = weft(up.home, "run", "examples/order.yaml", "--input", '{"order_id": "A-2", "items": ["fig"]}', "--json")
     assert proc.returncode == 0 and _json(proc)["status"] == "completed", proc.stderr
+
+
+def _children(pid: int) -> set[int]:
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found |= {int(c) for c in (task / "children").read_text().split()}
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_workers_run_in_child_processes_and_die_with_a_killed_parent(tmp_path: Path) -> None:
+    """`weft up --workers 2`: the steps run in two worker processes (not in weft up's), a worker that
+    is killed is replaced, and SIGKILL of weft up leaves no worker process behind."""
+    home = tmp_path / "home"
+    up = Up(home, "--workers", "2")
+    killed = False
+    try:
+        stack = json.loads((home / "stack.json").read_text())
+        assert stack["worker_processes"] == 2 and "worker" not in stack["services"]
+        deadline = time.monotonic() + 30
+        while True:
+            workers = {p for p in _children(up.proc.pid)
+                       if b"worker" in Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")}
+            if len(workers) == 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert len(workers) == 2
+        proc = weft(home, "run", "examples/order.yaml", "--input", '{"order_id": "A-3", "items": ["fig", "kiwi"]}',
+                    "--json", "--timeout", "60")
+        assert proc.returncode == 0, proc.stderr + up.log.read_text()
+        ran_on = {s["worker_id"] for s in (json.loads(line) for line in
+                                           weft(home, "history", _json(proc)["execution_id"], "--json",
+                                                check=True).stdout.splitlines())
+                  if s["type"] == "StepSucceeded" and s.get("worker_id")}
+        assert ran_on and all(int(w.rsplit(":", 1)[1]) in workers for w in ran_on), (ran_on, workers)
+
+        victim = sorted(workers)[0]
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while True:
+            now = {p for p in _children(up.proc.pid)
+                   if _alive(p) and b"worker" in Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")}
+            if (len(now) == 2 and victim not in now) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert len(now) == 2 and victim not in now, "a killed worker process was not replaced"
+
+        up.proc.send_signal(signal.SIGKILL)
+        up.proc.wait(timeout=10)
+        killed = True
+        deadline = time.monotonic() + 30  # each drains (SIGTERM) within its grace
+        while any(_alive(p) for p in now) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(p) for p in now), "worker processes outlived a SIGKILLed weft up"
+    finally:
+        if not killed:
+            up.stop()

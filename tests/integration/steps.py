@@ -82,3 +82,8 @@ def fail_with_secret(input: dict[str, Any], ctx: StepContext) -> None:
 def big(input: dict[str, Any], ctx: StepContext) -> str:
     """An output of input["size"] bytes (tests of results over the broker's size limit)."""
     return "x" * int(input["size"])
+
+
+def whoami(input: Any, ctx: Any) -> dict[str, Any]:
+    """What a step's context says about the workflow it runs in."""
+    return {"workflow": ctx.workflow, "workflow_version": ctx.workflow_version, "step_id": ctx.step_id}

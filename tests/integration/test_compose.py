@@ -83,7 +83,7 @@ def test_docker_compose_config_validates_it() -> None:
             pytest.fail("docker-compose (Debian's package) is required in CI to validate infra/docker-compose.yml")
         pytest.skip("docker-compose is not installed (apt-get install docker-compose)")
     env = {**os.environ, **_passwords()}
-    for profiles in ([], ["--profile", "observability", "--profile", "cluster"]):
+    for profiles in ([], ["--profile", "observability", "--profile", "cluster", "--profile", "kafka"]):
         done = subprocess.run([tool, "-f", str(COMPOSE), *profiles, "config", "-q"], env=env, capture_output=True,
                               text=True, timeout=60)
         assert done.returncode == 0, done.stderr

@@ -34,8 +34,8 @@ output: "${{ steps.c.output }}"
 
 
 @pytest.fixture
-def services(tmp_path: Path, pg_url: str, nats_url: str):
-    svc = Services(service_env(tmp_path, pg_url, nats_url), tmp_path / "logs")
+def services(tmp_path: Path, pg_url: str, broker_url: str):
+    svc = Services(service_env(tmp_path, pg_url, broker_url), tmp_path / "logs")
     yield svc
     svc.stop_all()
 

@@ -16,6 +16,7 @@ from contracts.triggers import TriggerAccepted, trigger_stream
 from services.orchestrator.registry import Registry
 from services.store import open_store
 from services.triggers.cron import Scheduler
+from services.orchestrator.executions import Executions
 from services.triggers.ingest import Ingestor, trigger_execution_id
 from services.triggers.routing import Catalog
 from tests.support import wait_until
@@ -51,7 +52,7 @@ steps: [{{id: a, type: noop}}]
 def scheduler(store: Any, clock: Callable[[], datetime] | None = None, ingestor_cls: type = Ingestor) -> Scheduler:
     catalog = Catalog(store)
     kw = {"clock": clock} if clock else {}
-    return Scheduler(store, catalog, ingestor_cls(store, catalog, **kw), grace=60, **kw)
+    return Scheduler(store, catalog, ingestor_cls(Executions(store), catalog, **kw), grace=60, **kw)
 
 
 def ticks(store: Any, workflow: str) -> list[str]:

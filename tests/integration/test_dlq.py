@@ -31,8 +31,8 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-async def stack(tmp_path: Path, db_url: str, nats_url: str):
-    async with stack_up(tmp_path, db_url, nats_url) as running:
+async def stack(tmp_path: Path, db_url: str, broker_url: str):
+    async with stack_up(tmp_path, db_url, broker_url) as running:
         yield running
 
 
@@ -43,7 +43,7 @@ class Cli:
         s = running.stack.settings
         self.env = {
             **os.environ, "WEFT_HOME": str(home), "WEFT_DATABASE_URL": s.database_url or "",
-            "WEFT_NATS_URL": s.nats_url or "", "WEFT_NAMESPACE": s.namespace, "WEFT_USER": "tester",
+            "WEFT_BROKER_URL": s.broker() or "", "WEFT_NAMESPACE": s.namespace, "WEFT_USER": "tester",
             "PYTHONPATH": str(ROOT), "COLUMNS": "160",
         }
         self.env.pop("WEFT_CRASH_AT", None)
@@ -173,7 +173,7 @@ async def test_discard_is_recorded_with_who_and_why(stack: Running, tmp_path: Pa
     assert [(a["type"], a["by"], a["why"]) for a in acts] == [("DeadLetterDiscarded", "tester", "test order, not real")]
     state = await asyncio.to_thread(stack.reader.load, eid, fresh=True)
     assert state.status == "failed"  # a discard never touches the execution
-    await cli("dlq", "show", "ffffffff", expect=1)
+    await cli("dlq", "show", "ffffffff", expect=3)  # not found (weft/cli/common.py)
 
 
 async def test_list_filters_clusters_and_the_metric(stack: Running, tmp_path: Path) -> None:
@@ -269,7 +269,7 @@ steps:
 async def test_reprocess_needs_a_selection_and_known_ids(stack: Running, tmp_path: Path) -> None:
     cli = Cli(stack, tmp_path)
     await cli("dlq", "reprocess", expect=2)
-    await cli("dlq", "reprocess", str(uuid.uuid4()), expect=1)
+    await cli("dlq", "reprocess", str(uuid.uuid4()), expect=3)  # not found
     await cli("dlq", "reprocess", "--filter", "colour=red", expect=2)
     assert await cli.json("dlq", "reprocess", "--all") == []  # nothing open: nothing to do, success
 

@@ -51,8 +51,8 @@ async def _letters(running: Running, n: int, timeout: float = 30, **filters: Any
     return await wait_until(enough, timeout=timeout, interval=0.1, what=f"{n} dead letters")
 
 
-async def test_poison_lands_in_the_dlq_intact_and_consumers_keep_running(tmp_path: Path, db_url: str, nats_url: str) -> None:
-    async with stack_up(tmp_path, db_url, nats_url) as running:
+async def test_poison_lands_in_the_dlq_intact_and_consumers_keep_running(tmp_path: Path, db_url: str, broker_url: str) -> None:
+    async with stack_up(tmp_path, db_url, broker_url) as running:
         transport = running.stack.transport
         unknown = StepResult(execution_id=str(uuid.uuid4()), step_id="a", attempt=1, status="succeeded", output=1)
         garbage = {
@@ -192,14 +192,14 @@ async def test_trigger_dead_letters_republish_only_valid_patches(service: Runnin
     assert [(r["id"], r["actor"]) for r in rows] == [(row["id"], "tester")]
 
 
-async def test_a_reprocessed_trigger_that_fails_again_is_a_new_dead_letter(tmp_path: Path, db_url: str, nats_url: str) -> None:
+async def test_a_reprocessed_trigger_that_fails_again_is_a_new_dead_letter(tmp_path: Path, db_url: str, broker_url: str) -> None:
     """Unroutable and rejected triggers are keyed by the event's (source, id): its repeats make
     one dead letter. A republish by `weft dlq reprocess` that fails again must not vanish into
     that key (the DLQ drops a duplicate id inside its window, and the reprocessed letter would
     look done): it is a new open dead letter that names the one it came from."""
     from services.triggers.publish import encode, new_event, publish
 
-    async with stack_up(tmp_path, db_url, nats_url) as running:
+    async with stack_up(tmp_path, db_url, broker_url) as running:
         transport, triggers = running.stack.transport, running.stack.triggers
         running.publish("name: strict\non:\n  - event: order.created\ninput_schema: {type: object, required: [order_id]}\n"
                         "steps:\n  - {id: a, type: noop}\n")
@@ -244,3 +244,31 @@ async def test_what_a_webhook_or_cron_tick_could_not_start_is_dead_lettered_once
         ("stricter@2", "webhook:/orders", "workflow stricter@2: invalid input: 'qty' is a required property"),
     ]
     assert {dl.decode_payload(r["payload"], r["payload_encoding"]) for r in rows} == {payload}
+
+
+async def test_max_deliver_on_kafka_is_dead_lettered_by_the_consumer_and_republished(
+    tmp_path: Path, sqlite_url: str, kafka_url: str,
+) -> None:
+    """Kafka has no MaxDeliver advisory: its consumer dead-letters what it gave up on, and commits past it."""
+    async with stack_up(tmp_path, sqlite_url, kafka_url, parts=("deadletters",)) as running:
+        transport = running.stack.transport
+        subject = result_subject("stuck")
+        payload = orjson.dumps({"execution_id": "stuck", "anything": [1, 2, 3]})
+        await transport.publish(OutMessage(subject, payload, msg_id="stuck-1", headers={"X-Trace": "t-1"}, key="stuck"))
+        stuck = await transport.consumer(RESULTS_STREAM, "stuck", ack_wait=0.3, max_deliver=2)
+
+        async def captured() -> Any:
+            await stuck.fetch(1, timeout=0.2)  # taken, never acked
+            rows = await asyncio.to_thread(_rows, running, kind="max_deliver")
+            return rows[0] if rows else None
+
+        row = await wait_until(captured, timeout=30, interval=0.05, what="the max-deliver dead letter")
+        assert dl.decode_payload(row["payload"], row["payload_encoding"]) == payload
+        assert (row["source_subject"], row["delivered"], row["headers"]["X-Trace"]) == (subject, 2, "t-1")
+        assert "MaxDeliver" in row["error_message"]
+        outcome = await Actions(running.stack.store, transport).reprocess(row, by="tester", why="consumer fixed")
+        assert (outcome.outcome, outcome.detail) == ("republished", f"to {subject}")  # back to its own topic
+        got = await wait_until(lambda: stuck.fetch(1, timeout=0.5), timeout=15, what="the republished message")
+        assert got[0].data == payload and got[0].headers["Weft-Reprocessed-From"] == row["id"]
+        await got[0].ack()
+        await stuck.close()

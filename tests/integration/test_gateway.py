@@ -369,9 +369,15 @@ async def test_replay_bulk_replay_and_backfill_over_http(api: Api) -> None:
     assert (await c.post(f"/v1/executions/{first}/replay", json={"from_step": "nope"})).status_code == 422
     assert (await c.post(f"/v1/executions/{uuid.uuid4()}/replay", json={})).status_code == 404
 
-    bulk = await c.post("/v1/replays", json={"filter": "workflow=echo,status=completed", "dry_run": True})
+    bulk = await c.post("/v1/replays", json={"filter": {"workflow": "echo", "status": "completed"}, "dry_run": True})
     assert bulk.status_code == 200, bulk.text
-    assert (await c.post("/v1/replays", json={"filter": "colour=blue"})).status_code == 422
+    assert (await c.post("/v1/replays", json={"filter": {"colour": "blue"}})).status_code == 422
+    # Issue 16 part 2 item 4: `filter` is an object, as the dead-letter routes take it; a string is refused
+    # naming the field, and workflow NAME@VERSION selects that version.
+    text = await c.post("/v1/replays", json={"filter": "workflow=echo", "dry_run": True})
+    assert text.status_code == 422 and "body.filter" in text.text, text.text
+    at = await c.post("/v1/replays", json={"filter": {"workflow": "echo@1", "status": "completed"}, "dry_run": True})
+    assert at.status_code == 200 and at.json()["filter"] == "status=completed,version=1,workflow=echo", at.text
 
     window = {"workflow": "echo", "from": "2020-01-01T00:00:00Z", "to": "2020-01-02T00:00:00Z", "dry_run": True}
     fill = await c.post("/v1/backfills", json=window)

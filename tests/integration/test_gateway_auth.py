@@ -108,7 +108,7 @@ ROUTES: list[tuple[str, str, Any, str | None]] = [
     ("POST", "/v1/executions/{alpha}/retry", {}, "admin"),
     ("POST", "/v1/triggers", {"type": "alpha.happened", "data": {}}, "trigger"),
     ("POST", "/v1/executions/{alpha}/replay", {"dry_run": True}, "trigger"),
-    ("POST", "/v1/replays", {"filter": "workflow=alpha", "dry_run": True}, "admin"),
+    ("POST", "/v1/replays", {"filter": {"workflow": "alpha"}, "dry_run": True}, "admin"),
     ("POST", "/v1/backfills", {"workflow": "alpha", "from": "2020-01-01T00:00:00Z", "to": "2020-01-02T00:00:00Z",
                                "dry_run": True}, "admin"),
     ("GET", "/v1/deadletters", None, "read"),
@@ -179,8 +179,8 @@ async def test_a_bound_key_cannot_reach_another_workflows_resources(world: World
         assert (await c.post("/v1/triggers", json={"type": "beta.happened"})).status_code == 403
         assert (await c.post("/v1/triggers", json={"type": "alpha.happened"})).status_code == 202
         assert (await c.post(f"/v1/executions/{beta}/replay", json={"dry_run": True})).status_code == 404
-        assert (await c.post("/v1/replays", json={"filter": "status=completed", "dry_run": True})).status_code == 403
-        assert (await c.post("/v1/replays", json={"filter": "workflow=beta", "dry_run": True})).status_code == 403
+        assert (await c.post("/v1/replays", json={"filter": {"status": "completed"}, "dry_run": True})).status_code == 403
+        assert (await c.post("/v1/replays", json={"filter": {"workflow": "beta"}, "dry_run": True})).status_code == 403
         assert (await c.post("/v1/backfills", json={"workflow": "beta", "from": "2020-01-01T00:00:00Z",
                                                     "to": "2020-01-02T00:00:00Z"})).status_code == 403
         assert (await c.get("/v1/keys")).status_code == 403  # no escalation through new keys

@@ -60,8 +60,8 @@ class World:
 
 
 @pytest.fixture
-async def world(tmp_path: Path, pg_url: str, nats_url: str) -> AsyncIterator[World]:
-    async with stack_up(tmp_path, pg_url, nats_url, parts=PARTS) as running:
+async def world(tmp_path: Path, pg_url: str, broker_url: str) -> AsyncIterator[World]:
+    async with stack_up(tmp_path, pg_url, broker_url, parts=PARTS) as running:
         yield World(running)
 
 

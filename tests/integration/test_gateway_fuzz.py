@@ -95,7 +95,7 @@ BODIES: dict[tuple[str, str], tuple[dict[str, Any], list[str]]] = {
     ("POST", "/v1/executions"): ({"workflow": "fuzzed", "input": {}}, ["input", "version"]),
     ("POST", "/v1/triggers"): ({"type": "fuzz.happened", "data": {}}, ["data", "type", "id", "subject"]),
     ("POST", "/v1/executions/{execution_id}/replay"): ({"input_patch": {}}, ["input_patch", "version", "from_step"]),
-    ("POST", "/v1/replays"): ({"filter": "workflow=fuzzed", "dry_run": True}, ["input_patch", "filter", "version"]),
+    ("POST", "/v1/replays"): ({"filter": {"workflow": "fuzzed"}, "dry_run": True}, ["input_patch", "filter", "version"]),
     ("POST", "/v1/deadletters/reprocess"): ({"ids": ["x"], "dry_run": True}, ["patch", "ids", "why"]),
     ("POST", "/v1/deadletters/discard"): ({"ids": ["x"], "reason": "r", "dry_run": True}, ["reason", "ids"]),
     ("POST", "/v1/workflows"): ({"name": "fuzzed", "steps": [{"id": "a", "type": "noop"}]}, ["steps", "name"]),
@@ -127,7 +127,7 @@ def _hostile_cases() -> list[Any]:
                                           id=f"{op.method} {op.path} ?{param.name} {kind}"))
     replays = next(r.ok() for r in schema.get_all_operations() if r.ok().path == "/v1/replays")
     for key, age in AGES.items():
-        cases.append(pytest.param(replays, {}, {"filter": f"workflow=fuzzed,{key}={age}", "dry_run": True}, {},
+        cases.append(pytest.param(replays, {}, {"filter": {"workflow": "fuzzed", key: age}, "dry_run": True}, {},
                                   id=f"POST /v1/replays filter {key} age"))
     return cases
 

@@ -107,7 +107,7 @@ JSON_CASES = [
      "nested deeper than 100 levels"),
     ("900-deep replay patch", "/v1/executions/{eid}/replay", f'{{"input_patch": {{"msg": {DEEP}}}}}',
      "body.input_patch.msg[0]", "nested deeper than 100 levels"),
-    ("900-deep bulk replay patch", "/v1/replays", f'{{"filter": "workflow=echo", "input_patch": {{"msg": {DEEP}}}}}',
+    ("900-deep bulk replay patch", "/v1/replays", f'{{"filter": {{"workflow": "echo"}}, "input_patch": {{"msg": {DEEP}}}}}',
      "body.input_patch.msg[0]", "nested deeper than 100 levels"),
     ("900-deep dead-letter patch", "/v1/deadletters/reprocess", f'{{"ids": ["x"], "patch": {DEEP}}}', "body.patch[0]",
      "nested deeper than 100 levels"),
@@ -182,12 +182,12 @@ def test_hostile_definitions_are_a_422_naming_the_step_and_field(gateway: Gatewa
 
 QUERY_CASES = [
     ("age past year 1 on a bulk replay", "post", "/v1/replays",
-     {"filter": "workflow=echo,since=100000000000000000000h", "dry_run": True}, "before year 1"),
+     {"filter": {"workflow": "echo", "since": "100000000000000000000h"}, "dry_run": True}, "before year 1"),
     ("age past year 1 on dead letters", "get", "/v1/deadletters?since=100000000000000000000h", None, "query.since"),
     ("age past year 1 on a dead-letter selection", "post", "/v1/deadletters/reprocess",
      {"filter": {"since": "100000000000000000000h"}, "dry_run": True}, "body.filter.since"),
     ("age in an RFC 3339 field", "get", "/v1/executions?since=100000000000000000000h", None, "query.since"),
-    ("77-bit limit in a bulk replay filter", "post", "/v1/replays", {"filter": f"workflow=echo,limit={BIG}"}, "limit"),
+    ("77-bit limit in a bulk replay filter", "post", "/v1/replays", {"filter": {"workflow": "echo", "limit": BIG}}, "limit"),
     ("a lone surrogate in a query string", "get", "/v1/executions?workflow=%ED%A0%80", None, None),
     ("77-bit offset", "get", f"/v1/deadletters?offset={BIG}", None, "query.offset"),
 ]
@@ -205,7 +205,7 @@ def test_hostile_queries_are_answered_without_a_server_error(gateway: Gateway, c
 @pytest.mark.parametrize(("route", "text"), [
     ("/v1/executions", '{"workflow": "echo", "version": 1099511627776}'),
     ("/v1/executions/{eid}/replay", '{"version": 1099511627776}'),
-    ("/v1/replays", '{"filter": "workflow=echo,version=1099511627776", "dry_run": true}'),
+    ("/v1/replays", '{"filter": {"workflow": "echo", "version": 1099511627776}, "dry_run": true}'),
     ("/v1/backfills", '{"workflow": "echo", "version": 1099511627776, "from": "2024-01-01T00:00:00Z",'
                       ' "to": "2024-01-02T00:00:00Z", "dry_run": true}'),
     ("/v1/executions", '{"workflow": "echo", "input": {"msg": 9223372036854775807}}'),

@@ -38,8 +38,8 @@ steps:
 """
 
 
-def _env(tmp_path: Path, db_url: str, nats_url: str, **extra: str) -> dict[str, str]:
-    env = service_env(tmp_path, db_url, nats_url)
+def _env(tmp_path: Path, db_url: str, broker_url: str, **extra: str) -> dict[str, str]:
+    env = service_env(tmp_path, db_url, broker_url)
     env.pop("WEFT_ACK_WAIT")  # the default lease, as deployed
     env.update(extra)
     return env
@@ -63,6 +63,9 @@ def _runs(log: Path) -> list[tuple[str, str, float]]:
     return out
 
 
+REBALANCE = 15.0  # Kafka: session timeout (6 s), the group's join delay (3 s) and the rebalance
+
+
 async def _completed(executions: Executions, ids: list[str], timeout: float = 60) -> None:
     async def done() -> bool:
         states = await asyncio.to_thread(lambda: [executions.load(i, fresh=True) for i in ids])
@@ -72,10 +75,10 @@ async def _completed(executions: Executions, ids: list[str], timeout: float = 60
 
 
 async def test_a_sigkilled_workers_step_runs_again_within_five_seconds(
-    tmp_path: Path, pg_url: str, nats_url: str
+    tmp_path: Path, pg_url: str, broker_url: str
 ) -> None:
     runs = tmp_path / "runs.log"
-    svc = Services(_env(tmp_path, pg_url, nats_url), tmp_path / "logs")
+    svc = Services(_env(tmp_path, pg_url, broker_url), tmp_path / "logs")
     try:
         for name in ("orchestrator", "relay"):
             svc.start(name)
@@ -91,15 +94,17 @@ async def test_a_sigkilled_workers_step_runs_again_within_five_seconds(
         assert again, _runs(runs)
         delay = again[0][2] - killed
         print(f"\nthe killed worker's step started again {delay:.2f}s after the SIGKILL")
-        assert delay <= 5.0, delay  # ack_wait 4 s, and the second worker's fetch
+        # NATS: ack_wait 4 s, and the second worker's fetch. Kafka: the partition moves only when the group
+        # gives the dead member up (session timeout 6 s) and rebalances (docs/kafka.md).
+        assert delay <= (5.0 if broker_url.startswith("nats") else REBALANCE), delay
         executions.store.close()
     finally:
         svc.stop_all()
 
 
-async def test_a_step_longer_than_ack_wait_keeps_its_lease(tmp_path: Path, pg_url: str, nats_url: str) -> None:
+async def test_a_step_longer_than_ack_wait_keeps_its_lease(tmp_path: Path, pg_url: str, broker_url: str) -> None:
     runs = tmp_path / "runs.log"
-    svc = Services(_env(tmp_path, pg_url, nats_url, WEFT_ACK_WAIT="1"), tmp_path / "logs")
+    svc = Services(_env(tmp_path, pg_url, broker_url, WEFT_ACK_WAIT="1"), tmp_path / "logs")
     try:
         for name in ("orchestrator", "relay"):
             svc.start(name)
@@ -113,9 +118,9 @@ async def test_a_step_longer_than_ack_wait_keeps_its_lease(tmp_path: Path, pg_ur
         svc.stop_all()
 
 
-async def test_sigterm_hands_back_what_a_worker_cannot_finish(tmp_path: Path, pg_url: str, nats_url: str) -> None:
+async def test_sigterm_hands_back_what_a_worker_cannot_finish(tmp_path: Path, pg_url: str, broker_url: str) -> None:
     runs = tmp_path / "runs.log"
-    svc = Services(_env(tmp_path, pg_url, nats_url, WEFT_DRAIN_GRACE="1"), tmp_path / "logs")
+    svc = Services(_env(tmp_path, pg_url, broker_url, WEFT_DRAIN_GRACE="1"), tmp_path / "logs")
     try:
         for name in ("orchestrator", "relay"):
             svc.start(name)
@@ -136,15 +141,17 @@ async def test_sigterm_hands_back_what_a_worker_cannot_finish(tmp_path: Path, pg
         delay = again[0][2] - stopped
         print(f"\nSIGTERM: the worker exited in {exited:.2f}s; its step started again {delay:.2f}s after the signal")
         assert exited < 4.0, exited  # grace 1 s, then it hands back and exits
-        assert delay < 4.0, delay  # handed back (nak), not left for ack_wait
+        # Handed back (nak), not left for ack_wait; on Kafka, the partition's next owner gets it after
+        # the group rebalanced (Tansu gives a leaving member up only at its session timeout).
+        assert delay < (4.0 if broker_url.startswith("nats") else REBALANCE), delay
         executions.store.close()
     finally:
         svc.stop_all()
 
 
-async def test_sigterm_finishes_a_short_step_before_exiting(tmp_path: Path, pg_url: str, nats_url: str) -> None:
+async def test_sigterm_finishes_a_short_step_before_exiting(tmp_path: Path, pg_url: str, broker_url: str) -> None:
     runs = tmp_path / "runs.log"
-    svc = Services(_env(tmp_path, pg_url, nats_url), tmp_path / "logs")
+    svc = Services(_env(tmp_path, pg_url, broker_url), tmp_path / "logs")
     try:
         for name in ("orchestrator", "relay"):
             svc.start(name)
@@ -162,9 +169,9 @@ async def test_sigterm_finishes_a_short_step_before_exiting(tmp_path: Path, pg_u
 
 
 async def test_sigterm_stops_a_service_within_its_grace_while_the_database_is_down(
-    tmp_path: Path, nats_url: str, pg_cluster  # noqa: F811
+    tmp_path: Path, broker_url: str, pg_cluster  # noqa: F811
 ) -> None:
-    svc = Services(_env(tmp_path, pg_cluster.url, nats_url, WEFT_DRAIN_GRACE="2"), tmp_path / "logs")
+    svc = Services(_env(tmp_path, pg_cluster.url, broker_url, WEFT_DRAIN_GRACE="2"), tmp_path / "logs")
     try:
         procs = [svc.start(name) for name in ("orchestrator", "relay", "projector")]
         await asyncio.sleep(3.0)  # up and polling

@@ -4,6 +4,8 @@ trigger -> event store -> relay -> worker -> orchestrator -> projections."""
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
 import uuid
 from pathlib import Path
 
@@ -20,8 +22,8 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-async def stack(tmp_path: Path, db_url: str, nats_url: str):
-    async with stack_up(tmp_path, db_url, nats_url) as running:
+async def stack(tmp_path: Path, db_url: str, broker_url: str):
+    async with stack_up(tmp_path, db_url, broker_url) as running:
         yield running
 
 
@@ -101,7 +103,13 @@ steps:
     version = stack.publish(text)
     eid = await stack.start(version)
     await asyncio.to_thread(stack.stack.executions.command, eid, Pause())
-    await asyncio.sleep(1.2)  # a finishes while paused; b must not be scheduled
+    # a finishes while paused (on Kafka, after the consumer groups formed); b must not be scheduled
+    async def a_done() -> object:
+        s = await asyncio.to_thread(stack.reader.load, eid, fresh=True)
+        return s if s.steps["a"].status == "succeeded" else None
+
+    await wait_until(a_done, timeout=15)
+    await asyncio.sleep(0.3)  # time in which b would have been scheduled, were pausing broken
     state = await asyncio.to_thread(stack.reader.load, eid, fresh=True)
     assert state.status == "paused"
     assert state.steps["a"].status == "succeeded" and state.steps["b"].status == "pending"
@@ -143,10 +151,10 @@ async def test_poison_messages_are_dead_lettered_and_loop_survives(stack: Runnin
     await consumer.close()
 
 
-async def test_two_orchestrators_share_the_results(tmp_path: Path, db_url: str, nats_url: str) -> None:
-    one = await up_stack(tmp_path / "one", db_url, nats_url)
+async def test_two_orchestrators_share_the_results(tmp_path: Path, db_url: str, broker_url: str) -> None:
+    one = await up_stack(tmp_path / "one", db_url, broker_url)
     ns = one.stack.settings.namespace
-    two = await up_stack(tmp_path / "two", db_url, nats_url, parts=("orchestrator",), namespace=ns)
+    two = await up_stack(tmp_path / "two", db_url, broker_url, parts=("orchestrator",), namespace=ns)
     try:
         version = one.publish((ROOT / "examples/linear5.yaml").read_text())
         ids = [await one.start(version) for _ in range(40)]
@@ -181,3 +189,25 @@ async def test_broker_restart_mid_flight(tmp_path: Path, db_url: str) -> None:
         running.stop.set()
         await asyncio.wait_for(running.task, timeout=30)
         server.stop()
+
+
+async def test_kafka_restart_mid_flight(tmp_path: Path, db_url: str) -> None:
+    """The same on Kafka. Tansu keeps its data in memory, so this needs a real Kafka that survives a
+    restart: WEFT_TEST_KAFKA_URL, and WEFT_TEST_KAFKA_RESTART, a shell command that restarts it and
+    returns once it is back (e.g. `docker restart kafka`)."""
+    url, restart = os.environ.get("WEFT_TEST_KAFKA_URL"), os.environ.get("WEFT_TEST_KAFKA_RESTART")
+    if not (url and restart):
+        pytest.skip("needs a durable Kafka that can be restarted: set WEFT_TEST_KAFKA_URL and WEFT_TEST_KAFKA_RESTART")
+    running = await up_stack(tmp_path, db_url, url, ack_wait=3.0)
+    try:
+        version = running.publish((ROOT / "examples/linear5.yaml").read_text())
+        ids = [await running.start(version) for _ in range(20)]
+        await asyncio.sleep(0.3)
+        await asyncio.to_thread(subprocess.run, restart, shell=True, check=True, timeout=120)
+        more = [await running.start(version) for _ in range(5)]
+        for eid in ids + more:
+            assert (await running.finished(eid, timeout=180)).status == "completed"
+            assert_applied_once(await running.history(eid))
+    finally:
+        running.stop.set()
+        await asyncio.wait_for(running.task, timeout=30)

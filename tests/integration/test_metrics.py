@@ -72,7 +72,9 @@ async def test_metrics_move_under_load(tmp_path: Path, pg_url: str, nats_url: st
                 done = _get(after, "weft_executions_completed_total", workflow=name) - _get(
                     before, "weft_executions_completed_total", workflow=name)
                 dlq = sum(_any(after, "weft_dlq_open", workflow="needs-positive"))
-                return after if done == LOAD and dlq >= 1 else None
+                # The relay saves its position at most every 0.2 s: its lag reaches 0 that much later.
+                relay_idle = _get(after, "weft_log_lag_events", follower="relay") == 0
+                return after if done == LOAD and dlq >= 1 and relay_idle else None
 
             try:
                 after = await wait_until(scraped, timeout=30, what="the counters to catch up")

@@ -29,8 +29,8 @@ PARTS = ("orchestrator", "relay", "worker", "triggers")
 
 
 @pytest.fixture
-async def stack(tmp_path: Path, db_url: str, nats_url: str):
-    async with stack_up(tmp_path, db_url, nats_url, parts=PARTS) as running:
+async def stack(tmp_path: Path, db_url: str, broker_url: str):
+    async with stack_up(tmp_path, db_url, broker_url, parts=PARTS) as running:
         yield running
 
 

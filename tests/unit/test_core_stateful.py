@@ -315,6 +315,15 @@ class CoreMachine(RuleBasedStateMachine):
         assert self.state.version == len(self.history)
 
     @invariant()
+    def kept_counts_match_the_tasks(self) -> None:
+        """What evolve keeps so that a result is decided without walking every task."""
+        wanting = {(sid, item) for sid, step in self.state.steps.items() for item, t in step.tasks.items()
+                   if t.status in ("failed", "reprocess") or t.orphaned()}
+        assert self.state.attention == wanting
+        for step in self.state.steps.values():
+            assert step.succeeded == sum(1 for t in step.tasks.values() if t.status == "succeeded")
+
+    @invariant()
     def finished_has_its_event(self) -> None:
         if self.state.finished:
             last = [e for e in self.history if e.type in ("ExecutionCompleted", "ExecutionFailed", "ExecutionCancelled")]

@@ -10,6 +10,7 @@ import pytest
 
 from contracts.definitions import parse_definition
 from contracts.triggers import TriggerAccepted, trigger_stream
+from services.orchestrator.executions import Executions
 from services.orchestrator.registry import Registry
 from services.store import open_store
 from services.triggers.ingest import Ingestor, Trigger, trigger_execution_id
@@ -57,7 +58,7 @@ def test_ingest_records_the_event_and_starts_each_workflow_once(store: Any) -> N
     publish(store, "name: w\non: [{webhook: {path: /p}}, {webhook: {path: /p}}]\nsteps: [{id: s, type: noop}]\n")
     catalog = Catalog(store)
     catalog.refresh(force=True)
-    ingestor = Ingestor(store, catalog)
+    ingestor = Ingestor(Executions(store), catalog)
     event = new_event("weft.webhook", {"a": 1}, id="d-1", source="weft:webhook/p")
     [first] = ingestor.ingest([Trigger(event, via="webhook", routes=catalog.webhooks("/p"))])
     assert first.status == "accepted" and first.executions == {"w@1": trigger_execution_id("w", "weft:webhook/p", "d-1")}
@@ -74,7 +75,7 @@ def test_ingest_records_the_event_and_starts_each_workflow_once(store: Any) -> N
 def test_a_batch_with_a_repeat_inside_stores_the_rest_together(store: Any) -> None:
     publish(store, "name: w\non: [{event: t.x}]\nsteps: [{id: s, type: noop}]\n")
     catalog = Catalog(store)
-    ingestor = Ingestor(store, catalog)
+    ingestor = Ingestor(Executions(store), catalog)
     old = new_event("t.x", {}, id="old", source="s")
     ingestor.ingest([Trigger(old)])
     batch = [Trigger(new_event("t.x", {"n": n}, id=f"new-{n}", source="s")) for n in range(5)]

@@ -241,8 +241,9 @@ def test_decide_renders_with_and_carries_only_references() -> None:
 
 
 def _record(event: Any) -> Any:
-    class Rec:
+    class Rec:  # what the relay reads of a StoredRecord
         stream_id = "ex-1"
+        type = event.type
         data = orjson.dumps(event.model_dump(mode="json"))
 
     return Rec()

@@ -208,6 +208,7 @@ def test_a_cloudevents_traceparent_is_joined(store: Any, traced: bool, monkeypat
     from contracts.definitions import parse_definition
     from contracts.triggers import CloudEvent
     from services.orchestrator.registry import Registry
+    from services.orchestrator.executions import Executions
     from services.telemetry.observed import ObservedIngestor
     from services.triggers.ingest import Trigger
     from services.triggers.routing import Catalog
@@ -219,7 +220,7 @@ def test_a_cloudevents_traceparent_is_joined(store: Any, traced: bool, monkeypat
     monkeypatch.setattr(tracing, "tracer", lambda: provider.get_tracer("test"))
     Registry(store).publish(parse_definition("name: t\non: [{event: t.x}]\nsteps: [{id: s, type: noop}]\n"))
     catalog = Catalog(store)
-    ingestor = ObservedIngestor(store, catalog)
+    ingestor = ObservedIngestor(Executions(store), catalog)
     event = CloudEvent.model_validate({"id": "e-1", "source": "test", "type": "t.x", "data": {}, "traceparent": TP})
     plain = CloudEvent.model_validate({"id": "e-2", "source": "test", "type": "t.x", "data": {},
                                        "traceparent": "not one"})

@@ -1,7 +1,9 @@
 """The `weft` command line (the console script `weft = weft.cli:main`).
 
-Exit codes: 0 success, 1 the execution (or operation) failed, 2 bad input.
-Every command that reports takes --json and then prints JSON only.
+Exit codes: 0 success, 1 the execution (or operation) failed or no stack runs, 2 bad input,
+3 not found (weft/cli/common.py). A workflow is named NAME or NAME@VERSION everywhere.
+Every command that reports takes --json and then prints JSON only; without it, control
+commands print one line and `run --no-wait` the execution id.
 
 The package, by module (dependencies point down this list, never up):
 

@@ -23,16 +23,15 @@ app.add_typer(broker_app, name="broker")
 @broker_app.command("init")
 def init(home: Optional[Path] = HomeOpt) -> None:
     """Create (or update) the streams; needs the admin role (WEFT_NATS_USER=admin)."""
-    from services.broker import BrokerError, NatsTransport
+    from services.broker import BrokerError
+    from services.broker.connect import connect_transport
 
     settings = settings_for(home)
-    if not settings.nats_url:
-        out.fail(1, "no broker: set WEFT_NATS_URL (and WEFT_NATS_USER / WEFT_NATS_PASSWORD_FILE)")
+    if not settings.broker():
+        out.fail(1, "no broker: set WEFT_BROKER_URL (and, on NATS, WEFT_NATS_USER / WEFT_NATS_PASSWORD_FILE)")
 
     async def main() -> None:
-        transport = await NatsTransport.connect(settings.nats_url, namespace=settings.namespace, connect_timeout=10,
-                                                publish_retry_for=10,
-                                                **settings.nats_credentials())
+        transport = await connect_transport(settings, connect_timeout=10, publish_retry_for=10)
         try:
             await transport.ensure_streams()
         finally:
@@ -42,7 +41,7 @@ def init(home: Optional[Path] = HomeOpt) -> None:
         asyncio.run(main())
     except (BrokerError, ValueError) as exc:
         out.fail(1, f"could not create the streams: {exc}")
-    out.errors.print(f"streams ready on {settings.nats_url}", highlight=False)
+    out.errors.print(f"streams ready on {settings.broker()}", highlight=False)
 
 
 @broker_app.command("config")

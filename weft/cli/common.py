@@ -12,13 +12,18 @@ from __future__ import annotations
 import asyncio
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 import typer
 
 from weft.cli import output as out
 
-app = typer.Typer(no_args_is_help=True, add_completion=True, help="Weft: event-sourced workflow orchestration.")
+app = typer.Typer(
+    no_args_is_help=True, add_completion=True, help="Weft: event-sourced workflow orchestration.",
+    epilog="Exit codes: 0 success, 1 failed (or no stack running), 2 bad input, 3 not found. "
+           "A workflow is NAME or NAME@VERSION everywhere. --json prints JSON only. "
+           "Commands find the stack `weft up` runs through --home / WEFT_HOME (default ./.weft).",
+)
 
 
 def _version(value: bool) -> None:
@@ -196,6 +201,39 @@ def run_service(parts: tuple[str, ...], home: Optional[Path], log_level: str, *,
         asyncio.run(main())
     except (RuntimeError, BrokerError) as exc:  # e.g. no broker, or it refused our credentials: no traceback
         out.fail(1, str(exc))
+
+
+# Exit codes, the same for every command (README "Exit codes"): 0 success, 1 the execution or
+# operation failed (or no stack runs), 2 bad input (a malformed flag, value, id or file), 3 not found
+# (no execution, workflow, version, dead letter or key by that id or name).
+OK, FAILED, BAD_INPUT, NOT_FOUND = 0, 1, 2, 3
+
+
+def not_found(message: str) -> NoReturn:
+    out.fail(NOT_FOUND, message)
+
+
+def workflow_ref(text: str, flag: str = "workflow", version: Optional[int] = None) -> tuple[str, Optional[int]]:
+    """NAME or NAME@VERSION, the one way every command names a workflow (a --version flag beside
+    it must agree). Exit 2 for anything else."""
+    name, sep, number = text.partition("@")
+    if not name or (sep and (not number.isdigit() or int(number) < 1)):
+        out.fail(BAD_INPUT, f"{flag}: expected NAME or NAME@VERSION (VERSION a number from 1), got {text!r}")
+    if not sep:
+        return name, version
+    if version is not None and version != int(number):
+        out.fail(BAD_INPUT, f"{flag}: {text!r} and --version {version} disagree")
+    return name, int(number)
+
+
+def published(store: Any, name: str, version: Optional[int]) -> Any:
+    """The published version (the latest for None), or exit 3 naming what is missing."""
+    from services.orchestrator.registry import Registry, UnknownWorkflow
+
+    try:
+        return Registry(store).get(name, version)
+    except UnknownWorkflow as exc:
+        not_found(str(exc))
 
 
 def check_id(execution_id: str) -> None:

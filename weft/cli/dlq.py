@@ -9,7 +9,7 @@
     weft dlq stats [--json | --prometheus]
 
 IDs may be shortened to any unique prefix (the table shows 8 characters).
-Exit codes: 0 done, 1 not found / some item failed / cancelled, 2 bad input.
+Exit codes: 0 done, 1 some item failed / cancelled, 2 bad input, 3 not found.
 """
 
 from __future__ import annotations
@@ -28,7 +28,19 @@ import typer
 
 from contracts import deadletters as dl
 from weft.cli import output as out
-from weft.cli.common import HomeOpt, JsonOpt, acting_user, app, json_arg, run_service, settings_for, store_for
+from weft.cli.common import (
+    HomeOpt,
+    JsonOpt,
+    acting_user,
+    app,
+    json_arg,
+    not_found,
+    published,
+    run_service,
+    settings_for,
+    store_for,
+    workflow_ref,
+)
 from weft.cli.dlq_render import (
     progress_bar,
     render_groups,
@@ -42,7 +54,7 @@ from weft.cli.dlq_render import (
 dlq_app = typer.Typer(no_args_is_help=True, help="Dead letters: inspect, fix, reprocess, discard.")
 app.add_typer(dlq_app, name="dlq")
 
-WorkflowOpt = typer.Option(None, "--workflow", help="Only this workflow.")
+WorkflowOpt = typer.Option(None, "--workflow", help="Only this workflow (NAME or NAME@VERSION).")
 StepOpt = typer.Option(None, "--step", help="Only this step id.")
 KindOpt = typer.Option(None, "--kind", help=f"A kind ({', '.join(dl.STEP_KINDS + dl.MESSAGE_KINDS)}), or step / message.")
 SinceOpt = typer.Option(None, "--since", help="Seen at or after: ISO time, or an age like 30m, 2h, 7d.")
@@ -76,6 +88,12 @@ def _filters(store: Any, *, workflow: Optional[str], step: Optional[str], kind: 
              since: Optional[str], until: Optional[str], error_contains: Optional[str]) -> Any:
     from services.deadletters import Filters
     from services.deadletters.view import kind_problem
+
+    if workflow is not None:  # NAME@VERSION as everywhere; dead letters are kept per workflow name
+        workflow, version = workflow_ref(workflow, "--workflow")
+        published(store, workflow, version)  # exit 3 for a typo, not an empty table
+        if version is not None:
+            out.errors.print(f"dead letters are listed per workflow: {workflow}, all versions", highlight=False)
 
     if status is not None and status not in (*dl.STATUSES, "all"):
         out.fail(2, f"--status: must be one of {', '.join(dl.STATUSES)} or all, not {status!r}")
@@ -114,7 +132,7 @@ def _resolve(store: Any, refs: list[str]) -> list[dict[str, Any]]:
         for ref in refs:
             found = find(tx, ref)
             if not found:
-                out.fail(1, f"no dead letter {ref!r}")
+                not_found(f"no dead letter {ref!r}")
             if len(found) > 1:
                 out.fail(2, f"{ref!r} is ambiguous: it starts {', '.join(r['id'] for r in found)}; give more characters")
             if found[0]["id"] not in seen:
@@ -235,17 +253,16 @@ class _Broker:
 
     def __init__(self, home: Optional[Path], actions: Any):
         settings = settings_for(home)
-        if not settings.nats_url:
-            out.fail(1, "republishing needs the broker, and no NATS url is known: run `weft up`, or set WEFT_NATS_URL")
+        if not settings.broker():
+            out.fail(1, "republishing needs the broker, and none is known: run `weft up`, or set WEFT_BROKER_URL")
         self.settings, self.actions = settings, actions
 
     async def __aenter__(self) -> Any:
-        from services.broker import BrokerError, NatsTransport
+        from services.broker import BrokerError
+        from services.broker.connect import connect_transport
 
         try:
-            self.actions.transport = await NatsTransport.connect(
-                self.settings.nats_url, namespace=self.settings.namespace, connect_timeout=5,
-                **self.settings.nats_credentials())
+            self.actions.transport = await connect_transport(self.settings, connect_timeout=5)
         except BrokerError as exc:
             out.fail(1, f"cannot republish: {exc}")
         return self.actions.transport

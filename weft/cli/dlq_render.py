@@ -174,18 +174,19 @@ def render_show(r: dict[str, Any]) -> None:
 
 def render_outcomes(outcomes: list[Any]) -> None:
     """What a reprocess or discard did, one line per dead letter (only the trouble in a big run)."""
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
-    for name in ("id", "kind", "execution", "step", "outcome"):
-        table.add_column(name, no_wrap=True)
-    table.add_column("detail", overflow="fold")
+    # The dead letter's 8-character prefix is an id the dlq commands take; the execution's id is shown
+    # whole (never cut), or, on a terminal too narrow for it, not at all (saying so).
+    cols = [out.Col("id", key=True), out.Col("kind", drop=1), out.Col("execution", key=True, drop=2),
+            out.Col("step", key=True), out.Col("outcome", key=True), out.Col("detail")]
     shown = outcomes if len(outcomes) <= 50 else [o for o in outcomes if not o.ok]  # a big run: the trouble only
+    rows = []
     for o in shown:
         colour = "green" if o.ok and not o.outcome.startswith("already") else "yellow" if o.ok else "red"
         detail = o.detail or (f"attempt {o.attempt} scheduled" if o.attempt else "")
-        table.add_row(o.id[:8], o.kind, (o.execution_id or "")[:8], o.step_id or "", f"[{colour}]{o.outcome}[/]",
-                      escape(detail[:200]))
+        rows.append([o.id[:8], o.kind, o.execution_id or "", escape(o.step_id or ""), f"[{colour}]{o.outcome}[/]",
+                     escape(detail[:200])])
     if shown:
-        out.console.print(table)
+        out.fitted(cols, rows)
     counts: dict[str, int] = {}
     for o in outcomes:
         counts[o.outcome] = counts.get(o.outcome, 0) + 1

@@ -20,25 +20,29 @@ from weft.cli.common import (
     executions_app,
     is_code_first,
     json_arg,
+    not_found,
+    published,
     read_definition,
     settings_for,
     store_for,
+    workflow_ref,
 )
 
 
 @app.command()
 def run(
-    file: str = typer.Argument(..., metavar="FILE|MODULE:WORKFLOW",
-                               help="Workflow definition (YAML or JSON), or a code-first weft.Workflow."),
+    file: str = typer.Argument(..., metavar="FILE|MODULE:WORKFLOW|NAME[@VERSION]",
+                               help="Workflow definition (YAML or JSON), a code-first weft.Workflow, or a "
+                                    "published workflow (NAME: its latest version)."),
     input: str = typer.Option("{}", "--input", "-i", help="Execution input as JSON, or @file.json."),
     idempotency_key: Optional[str] = typer.Option(None, "--idempotency-key"),
     timeout: float = typer.Option(0, help="Stop following after this many seconds (0: never)."),
-    no_wait: bool = typer.Option(False, "--no-wait", help="Start, print {execution_id, status, workflow, version} "
-                                                          "and do not follow."),
+    no_wait: bool = typer.Option(False, "--no-wait", help="Start, print the execution id and do not follow "
+                                                          "(with --json: {execution_id, status, workflow, version})."),
     as_json: bool = JsonOpt,
     home: Optional[Path] = HomeOpt,
 ) -> None:
-    """Register the definition, start an execution, follow it, print the result."""
+    """Register the definition (or take a published NAME[@VERSION]), start an execution, follow it, print the result."""
     from services.orchestrator.executions import Executions, InputError
     from services.orchestrator.registry import Registry
 
@@ -46,26 +50,36 @@ def run(
 
     from contracts.payloads import PayloadError, measure
 
-    wf = code_first(file, home) if is_code_first(file) else read_definition(Path(file), home)
+    by_name = _published_name(file)
+    wf = None if by_name else code_first(file, home) if is_code_first(file) else read_definition(Path(file), home)
     settings = settings_for(home)
     data = json_arg("--input", input, most=settings.payload_max)
     try:  # over the payload maximum: refused before anything is stored
         measure(data, settings.payload_limits(), "--input")
     except PayloadError as exc:
         out.fail(2, str(exc))
-    problems = validate_input(wf, data)
-    if problems:  # before anything is stored, the workflow version included
+    if wf is not None and (problems := validate_input(wf, data)):  # before anything is stored, the version too
         out.fail(2, str(InputError(problems)))
     with store_for(home, settings) as store:
-        version = Registry(store).publish(wf)
+        if by_name is None:
+            assert wf is not None
+            version = Registry(store).publish(wf)
+        else:
+            version = published(store, *by_name)
+            wf = version.definition
+            if problems := validate_input(wf, data):
+                out.fail(2, str(InputError(problems)))
         executions = Executions(store, limits=settings.payload_limits())
         state, created = executions.start(version, data, idempotency_key=idempotency_key)
         if not created and not executions.claims.same(state.input, data):  # as HTTP answers 409: never silent
             out.fail(2, f"--idempotency-key {idempotency_key!r} already started execution {state.id} with a "
                         "different input; use a new key for a new execution")
-        if no_wait:
-            out.emit({"execution_id": state.id, "status": state.status, "workflow": wf.name,
-                      "version": version.version}, as_json)
+        if no_wait:  # just the id, for `ID=$(weft run ... --no-wait)`; --json has the object
+            if as_json:
+                out.emit({"execution_id": state.id, "status": state.status, "workflow": wf.name,
+                          "version": version.version}, True)
+            else:
+                sys.stdout.write(state.id + "\n")
             return
         if not as_json:
             out.note_stack(settings)
@@ -97,7 +111,7 @@ def history(
     with store_for(home) as store:
         events = Executions(store).history(execution_id)
     if not events:
-        out.fail(1, f"no execution {execution_id}")
+        not_found(f"no execution {execution_id}")
     if at is not None:
         show_history_at(execution_id, events, at, as_json)
         return
@@ -108,6 +122,18 @@ def history(
         out.render_history(rows)
 
 
+def _published_name(target: str) -> tuple[str, Optional[int]] | None:
+    """(name, version) when `weft run` names a published workflow (NAME or NAME@VERSION) rather
+    than a file or a MODULE:WORKFLOW; a file of that name wins."""
+    import re
+
+    if Path(target).exists() or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*(@[0-9]+)?", target):
+        return None
+    if target.endswith((".yaml", ".yml", ".json")):  # a missing file: read_definition says so
+        return None
+    return workflow_ref(target, "FILE|NAME")
+
+
 def _load(execution_id: str, home: Optional[Path]):
     from services.orchestrator.executions import Executions
 
@@ -115,7 +141,7 @@ def _load(execution_id: str, home: Optional[Path]):
     with store_for(home) as store:
         state = Executions(store).load(execution_id)
     if not state.version:
-        out.fail(1, f"no execution {execution_id}")
+        not_found(f"no execution {execution_id}")
     return state
 
 
@@ -128,7 +154,9 @@ def _control(execution_id: str, cmd: Any, as_json: bool, home: Optional[Path]) -
         executions = Executions(store)
         try:
             events = executions.command(execution_id, cmd)
-        except (NotFound, DecisionError) as exc:
+        except NotFound as exc:
+            not_found(str(exc))
+        except DecisionError as exc:  # e.g. resuming a completed execution: the operation failed
             out.fail(1, str(exc))
         state = executions.load(execution_id)
     summary = out.execution_summary(state) | {"events": [e.type for e in events]}
@@ -175,7 +203,7 @@ def retry(execution_id: str, as_json: bool = JsonOpt, home: Optional[Path] = Hom
 
 @executions_app.command("list")
 def executions_list(
-    workflow: Optional[str] = typer.Option(None, "--workflow"),
+    workflow: Optional[str] = typer.Option(None, "--workflow", help="NAME or NAME@VERSION."),
     status_: Optional[str] = typer.Option(None, "--status"),
     limit: int = typer.Option(50, "--limit"),
     as_json: bool = JsonOpt,
@@ -188,12 +216,15 @@ def executions_list(
     statuses = {"running", "paused", "completed", "failed", "cancelled"}
     if status_ is not None and status_ not in statuses:
         out.fail(2, f"--status: must be one of {', '.join(sorted(statuses))}")
+    name, version = workflow_ref(workflow, "--workflow") if workflow else (None, None)
     with store_for(home) as store:
+        if name is not None:
+            published(store, name, version)  # exit 3 for a typo, not an empty table
         # Bring the view up to date first, so a list right after a run shows it; bounded, so a
         # stopped projector with a large backlog cannot make one list take minutes.
         catch_up(store, [ExecutionsView()], limit=200_000)
         with store.reader() as tx:
-            rows = list_executions(tx, workflow=workflow, status=status_, limit=limit)
+            rows = list_executions(tx, workflow=name, status=status_, version=version, limit=limit)
     out.emit(rows, as_json, render=out.render_executions)
 
 
@@ -206,8 +237,8 @@ def show_history_at(execution_id: str, history: list[Any], at: str, as_json: boo
 
     try:
         state, n, attempts = state_at(execution_id, history, at)
-    except AtError as exc:
-        out.fail(exc.code, str(exc))
+    except AtError as exc:  # a number past the end or a time before the start: out of range, bad input
+        out.fail(2, str(exc))
     summary = out.execution_summary(state, steps=True) | {
         "as_of": n, "as_of_time": history[n - 1].at.isoformat(), "of": len(history), "attempts": attempts,
     }

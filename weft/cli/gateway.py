@@ -10,7 +10,19 @@ from typing import Any, Optional
 import typer
 
 from weft.cli import output as out
-from weft.cli.common import HomeOpt, JsonOpt, acting_user, app, json_arg, run_service, settings_for, store_for
+from weft.cli.common import (
+    BAD_INPUT,
+    NOT_FOUND,
+    HomeOpt,
+    JsonOpt,
+    acting_user,
+    app,
+    json_arg,
+    need_stack,
+    run_service,
+    settings_for,
+    store_for,
+)
 
 keys_app = typer.Typer(no_args_is_help=True, help="API keys for the HTTP gateway.")
 app.add_typer(keys_app, name="keys")
@@ -34,7 +46,8 @@ def publish(
     from pydantic import ValidationError
 
     from contracts.subjects import trigger_subject
-    from services.broker import BrokerError, NatsTransport
+    from services.broker import BrokerError
+    from services.broker.connect import connect_transport
     from services.triggers.consumer import describe
     from services.triggers.publish import new_event
     from services.triggers.publish import publish as publish_event
@@ -45,8 +58,9 @@ def publish(
     except ValidationError as exc:
         out.fail(2, describe(exc).replace("type:", "TYPE:"))
     settings = settings_for(home)
-    if not settings.nats_url:
-        out.fail(1, f"no broker: start `weft up` (home {settings.home}) or set WEFT_NATS_URL")
+    need_stack(settings)  # one line saying none runs, as every command that needs the stack does
+    if not settings.broker():
+        out.fail(1, f"no broker: start `weft up` (home {settings.home}) or set WEFT_BROKER_URL")
 
     from contracts.payloads import PayloadError, measure
 
@@ -61,8 +75,7 @@ def publish(
         claims = Claims.on(store_for(home, settings), settings.payload_limits())
 
     async def send() -> bool:
-        transport = await NatsTransport.connect(settings.nats_url, namespace=settings.namespace, connect_timeout=5,
-                                                publish_retry_for=10, **settings.nats_credentials())
+        transport = await connect_transport(settings, connect_timeout=5, publish_retry_for=10)
         try:
             if settings.nats_user in (None, "admin"):  # a `publisher` may not make streams: it finds them made
                 await transport.ensure_streams()
@@ -272,7 +285,7 @@ def keys_revoke(key_id: str = typer.Argument(..., help="The key's id or prefix (
     try:
         key = Keys(store).revoke(key_id, by=acting_user())
     except KeyProblem as exc:
-        out.fail(1, str(exc))
+        out.fail(NOT_FOUND if str(exc).startswith("no API key") else BAD_INPUT, str(exc))
     finally:
         store.close()
     out.emit(key.public(), as_json)

@@ -3,7 +3,7 @@
 Registered by one import at the end of weft/cli/__init__.py. Reporting commands take
 --json (then JSON only); long-running ones show a Rich progress bar on stderr
 unless --json. Exit codes: 0 ok, 1 the operation failed (or was cancelled),
-2 bad input.
+2 bad input, 3 not found.
 """
 
 from __future__ import annotations
@@ -13,15 +13,30 @@ import signal
 import sys
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, NoReturn, Optional
 
 import orjson
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.markup import escape
 from rich.table import Table
 
 from weft.cli import output as out
-from weft.cli.common import HomeOpt, JsonOpt, app, check_id, executions_app, json_arg, store_for, workflows_app
+from weft.cli.common import (
+    HomeOpt,
+    JsonOpt,
+    app,
+    check_id,
+    executions_app,
+    json_arg,
+    BAD_INPUT,
+    NOT_FOUND,
+    not_found,
+    published,
+    store_for,
+    workflow_ref,
+    workflows_app,
+)
 
 projections_app = typer.Typer(no_args_is_help=True, help="Status views: position, lag, rebuild.")
 app.add_typer(projections_app, name="projections")
@@ -166,19 +181,23 @@ def executions_attempts(execution_id: str, as_json: bool = JsonOpt, home: Option
     check_id(execution_id)
     rows = _read_view(home, StepRunsView(), lambda tx: step_runs(tx, execution_id))
     if not rows:
-        out.fail(1, f"no attempts recorded for {execution_id}")
+        not_found(f"no attempts recorded for {execution_id}")
     out.emit(rows, as_json, render=_render_attempts)
 
 
 def _render_attempts(rows: list[dict[str, Any]]) -> None:
-    table = Table("step", "attempt", "status", "duration ms", "worker", "error / note")
+    cols = [out.Col("step", key=True), out.Col("attempt", justify="right"), out.Col("status", key=True),
+            out.Col("duration ms", justify="right", drop=2), out.Col("worker", key=True, drop=1),
+            out.Col("error / note")]
+    cells = []
     for r in rows:
         step = r["step_id"] + (f"#{r['item']}" if r["item"] is not None else "")
         note = f"{r['error_type']}: {r['error_message']}" if r["error_type"] else ""
         note = note or (f"reused from {r['reused_from']}" if r["reused_from"] else "") or (r["ignored_reason"] or "")
         duration = f"{r['duration_ms']:.1f}" if r["duration_ms"] is not None else ""
-        table.add_row(step, str(r["attempt"]), out.status_markup(r["status"]), duration, r["worker_id"] or "", note[:70])
-    out.console.print(table)
+        cells.append([escape(step), str(r["attempt"]), out.status_markup(r["status"]), duration,
+                      escape(r["worker_id"] or ""), escape(note[:70])])
+    out.fitted(cols, cells)
 
 
 @executions_app.command("timeline")
@@ -189,37 +208,56 @@ def executions_timeline(execution_id: str, as_json: bool = JsonOpt, home: Option
     check_id(execution_id)
     rows = _read_view(home, TimelineView(), lambda tx: timeline(tx, execution_id))
     if not rows:
-        out.fail(1, f"no execution {execution_id}")
+        not_found(f"no execution {execution_id}")
     out.emit(rows, as_json, render=_render_timeline)
 
 
 def _render_timeline(rows: list[dict[str, Any]]) -> None:
-    table = Table("seq", "at", "event", "step", "attempt", "detail")
-    for r in rows:
-        step = (r["step_id"] or "") + (f"#{r['item']}" if r["item"] is not None else "")
-        table.add_row(str(r["seq"]), r["at"][11:23], r["type"], step, str(r["attempt"] or ""), (r["detail"] or "")[:70])
-    out.console.print(table)
+    cols = [out.Col("seq", key=True, justify="right"), out.Col("at", drop=2), out.Col("event", key=True),
+            out.Col("step", key=True), out.Col("attempt", drop=1), out.Col("detail")]
+    out.fitted(cols, [[str(r["seq"]), r["at"][11:23], r["type"],
+                       escape((r["step_id"] or "") + (f"#{r['item']}" if r["item"] is not None else "")),
+                       str(r["attempt"] or ""), escape((r["detail"] or "")[:70])] for r in rows])
 
 
 @workflows_app.command("stats")
-def workflows_stats(name: Optional[str] = typer.Argument(None), as_json: bool = JsonOpt,
+def workflows_stats(name: Optional[str] = typer.Argument(None, metavar="[NAME[@VERSION]]"), as_json: bool = JsonOpt,
                     home: Optional[Path] = HomeOpt) -> None:
-    """Per workflow: executions by status, p50/p95 duration of completed ones, failure rate."""
+    """Per workflow: executions by status, p50/p95 duration of completed ones, failure rate.
+
+    Statistics are kept per workflow over all its versions: NAME@VERSION is checked to exist and
+    shows its workflow's line."""
     from services.projections import WorkflowStatsView, workflow_stats
 
-    rows = _read_view(home, WorkflowStatsView(), lambda tx: workflow_stats(tx, name))
+    wanted = None
+    if name is not None:
+        wanted, version = workflow_ref(name, "NAME")
+        with store_for(home) as store:
+            published(store, wanted, version)  # exit 3 for a workflow or version nobody published
+        if version is not None and not as_json:
+            out.errors.print(f"statistics are per workflow: {wanted}, all versions", highlight=False)
+    rows = _read_view(home, WorkflowStatsView(), lambda tx: workflow_stats(tx, wanted))
     out.emit(rows, as_json, render=_render_stats)
 
 
 def _render_stats(rows: list[dict[str, Any]]) -> None:
-    table = Table("workflow", "total", "running", "paused", "completed", "failed", "cancelled", "p50 ms", "p95 ms",
-                  "failure rate")
+    """Readable at 80 columns: the workflow whole, then what matters most (totals, failures, durations);
+    running, cancelled and paused go first when the terminal is narrow."""
+    if not rows:
+        out.console.print("(no executions yet)")
+        return
+    cols = [out.Col("workflow", key=True), out.Col("total", justify="right"), out.Col("done", justify="right"),
+            out.Col("failed", justify="right"), out.Col("fail %", justify="right"),
+            out.Col("p50 ms", justify="right", drop=1), out.Col("p95 ms", justify="right", drop=1),
+            out.Col("running", justify="right", drop=2), out.Col("cancelled", justify="right", drop=3),
+            out.Col("paused", justify="right", drop=4)]
+    cells = []
     for r in rows:
-        rate = f"{r['failure_rate']:.1%}" if r["failure_rate"] is not None else ""
-        table.add_row(r["workflow"], *(str(r[k]) for k in ("total", "running", "paused", "completed", "failed",
-                                                            "cancelled")),
-                      *(f"{r[k]:.1f}" if r[k] is not None else "" for k in ("p50_ms", "p95_ms")), rate)
-    out.console.print(table)
+        rate = f"{r['failure_rate']:.1%}" if r["failure_rate"] is not None else "-"
+        ms = [f"{r[k]:,.0f}" if r[k] is not None else "-" for k in ("p50_ms", "p95_ms")]
+        cells.append([r["workflow"], str(r["total"]), str(r["completed"]), str(r["failed"]), rate, *ms,
+                      str(r["running"]), str(r["cancelled"]), str(r["paused"])])
+    out.fitted(cols, cells)
 
 
 # ---- replay -----------------------------------------------------------------------------------
@@ -249,7 +287,12 @@ def replay(
     if (execution_id is None) == (filter_ is None):
         out.fail(2, "give an execution id or --filter (not both)")
     patch = json_arg("--input-patch", input_patch) if input_patch is not None else None
+    named: tuple[str, int] | None = None
+    if filter_ is not None:
+        filter_, named = _filter_with_version(filter_)
     with store_for(home) as store:
+        if named is not None:
+            published(store, *named)  # exit 3 for a version nobody published, not "0 selected"
         if filter_ is not None:
             if wait:
                 out.fail(2, "--wait applies to one execution, not to --filter")
@@ -260,7 +303,7 @@ def replay(
                                          dry_run=dry_run, operation_id=operation_id, progress=progress,
                                          should_stop=stop)
             except ReplayError as exc:
-                out.fail(exc.exit_code, str(exc))
+                _replay_failed(exc)
             out.emit(report, as_json, render=_render_bulk)
             raise typer.Exit(1 if report["failed"] or report["cancelled"] else 0)
         assert execution_id is not None  # checked above: an id or a filter, and there is no filter
@@ -268,7 +311,7 @@ def replay(
             result = replay_execution(store, execution_id, from_step=from_step, input_patch=patch,
                                       version=version, dry_run=dry_run)
         except ReplayError as exc:
-            out.fail(exc.exit_code, str(exc))
+            _replay_failed(exc)
         except PayloadTooLarge as exc:  # nothing was stored
             out.fail(2, str(exc))
         if wait and not dry_run:
@@ -279,6 +322,28 @@ def replay(
             out.emit(result, as_json, render=_render_replay)
             raise typer.Exit(0 if state.status == "completed" else 1)
     out.emit(result, as_json, render=_render_replay)
+
+
+def _replay_failed(exc: Any) -> NoReturn:
+    """Exit 3 for an execution that is not there, 2 for the rest (the exit-code rule of weft/cli/common.py)."""
+    out.fail(NOT_FOUND if exc.code == "not_found" else BAD_INPUT, str(exc))
+
+
+def _filter_with_version(text: str) -> tuple[str, tuple[str, int] | None]:
+    """`workflow=W@V` in a --filter is `workflow=W,version=V`: NAME@VERSION works here as everywhere.
+    Returns the filter and the (name, version) it named that way."""
+    parts, named = [], None
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        if key.strip() == "workflow" and "@" in value:
+            name, version = workflow_ref(value.strip(), "--filter workflow")
+            assert version is not None  # "@" was in it
+            named = (name, version)
+            parts.append(f"workflow={name}")
+            parts.append(f"version={version}")
+        else:
+            parts.append(part)
+    return ",".join(parts), named
 
 
 def _render_replay(r: dict[str, Any]) -> None:
@@ -310,12 +375,14 @@ def _render_bulk(r: dict[str, Any]) -> None:
                       f"{r['total']} selected")
     if r["items"]:
         errors = any(it.get("error") for it in r["items"])
-        table = Table("source", "outcome", "replay", *(("error",) if errors else ()))
+        cols = [out.Col("source", key=True), out.Col("outcome"), out.Col("replay", key=True),
+                *((out.Col("error"),) if errors else ())]
+        rows = []
         for it in r["items"]:
             colour = {"started": "green", "would_start": "cyan", "skipped": "dim", "failed": "red"}[it["outcome"]]
-            cells = [it["source"], f"[{colour}]{it['outcome']}[/]", it["execution_id"]]
-            table.add_row(*cells, *((it.get("error") or "",) if errors else ()))
-        out.console.print(table)
+            rows.append([it["source"], f"[{colour}]{it['outcome']}[/]", it["execution_id"] or "",
+                         *((escape(it.get("error") or ""),) if errors else ())])
+        out.fitted(cols, rows)
     first = f"would start {r['would_start']}" if r["dry_run"] else f"started {r['started']}"
     line = f"{first}, skipped (already replayed by this operation) {r['skipped']}, failed {r['failed']}"
     if r["cancelled"]:
@@ -371,6 +438,7 @@ def backfill(
         out.fail(2, str(exc))
     pace = _rate(rate)
     with store_for(home) as store:
+        published(store, name, version)  # exit 3 for a workflow or version nobody published
         bar, progress = _items_progress(as_json, "backfill")
         try:
             with _interruptible() as stop, bar:
@@ -388,10 +456,10 @@ def _render_backfill(r: dict[str, Any]) -> None:
     out.console.print(f"{mode}backfill [bold]{r['backfill_id']}[/bold] · {r['workflow']}@{r['version']} · "
                       f"{r['from']} .. {r['to']} · events {', '.join(r['event_types'])} · {r['total']} found")
     if r["dry_run"] and r["items"]:
-        table = Table("event", "source", "time", "outcome", "execution")
-        for it in r["items"]:
-            table.add_row(it["id"], it["source"], it["time"][:19], it["outcome"], it["execution_id"])
-        out.console.print(table)
+        out.fitted([out.Col("event", key=True), out.Col("source", drop=2), out.Col("time", drop=1),
+                    out.Col("outcome"), out.Col("execution", key=True)],
+                   [[escape(it["id"]), escape(it["source"]), it["time"][:19], it["outcome"], it["execution_id"] or ""]
+                    for it in r["items"]])
     for it in r["items"]:
         if it["outcome"] == "failed":
             out.console.print(f"[red]failed[/red] {it['source']} {it['id']}: {it['error']}", highlight=False)

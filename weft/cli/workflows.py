@@ -9,7 +9,17 @@ from typing import Optional
 import typer
 
 from weft.cli import output as out
-from weft.cli.common import HomeOpt, JsonOpt, code_first, is_code_first, read_definition, store_for, workflows_app
+from weft.cli.common import (
+    HomeOpt,
+    JsonOpt,
+    code_first,
+    is_code_first,
+    published,
+    read_definition,
+    store_for,
+    workflow_ref,
+    workflows_app,
+)
 
 
 @workflows_app.command("publish")
@@ -40,14 +50,19 @@ def workflows_list(as_json: bool = JsonOpt, home: Optional[Path] = HomeOpt) -> N
             v = reg.get(name)
             rows.append({"id": name, "workflow": name, "version": v.version, "content_hash": v.content_hash,
                          "published_at": v.published_at.isoformat()})
-    out.emit(rows, as_json, render=out.render_table)
+    out.emit(rows, as_json, render=lambda rs: out.fitted(
+        [out.Col("workflow", key=True), out.Col("latest", key=True), out.Col("published", drop=1),
+         out.Col("content hash", key=True, drop=2)],
+        [[r["workflow"], f"{r['workflow']}@{r['version']}", r["published_at"][:19].replace("T", " "),
+          r["content_hash"]] for r in rs]) if rs else out.console.print("(no workflows published yet)"))
 
 
 @workflows_app.command("show")
-def workflows_show(name: str = typer.Argument(..., metavar="NAME|MODULE:WORKFLOW"), version: Optional[int] = typer.Option(None, "--version"), as_json: bool = JsonOpt,
-                   home: Optional[Path] = HomeOpt) -> None:
-    """One version's definition; for MODULE:WORKFLOW, the YAML a code-first workflow compiles to (no stack)."""
-    from services.orchestrator.registry import Registry, UnknownWorkflow
+def workflows_show(name: str = typer.Argument(..., metavar="NAME[@VERSION]|MODULE:WORKFLOW"),
+                   version: Optional[int] = typer.Option(None, "--version", min=1, help="Same as NAME@VERSION."),
+                   as_json: bool = JsonOpt, home: Optional[Path] = HomeOpt) -> None:
+    """One version's definition (the latest unless NAME@VERSION); for MODULE:WORKFLOW, the YAML a
+    code-first workflow compiles to (no stack)."""
 
     if is_code_first(name):
         wf = code_first(name, home)
@@ -60,10 +75,8 @@ def workflows_show(name: str = typer.Argument(..., metavar="NAME|MODULE:WORKFLOW
             sys.stdout.write(yaml.safe_dump(wf.canonical(), sort_keys=False, allow_unicode=True))
         return
 
+    wanted, number = workflow_ref(name, "NAME", version)
     with store_for(home) as store:
-        try:
-            v = Registry(store).get(name, version)
-        except UnknownWorkflow as exc:
-            out.fail(1, str(exc))
+        v = published(store, wanted, number)
     out.emit({"id": f"{v.name}@{v.version}", "workflow": v.name, "version": v.version,
               "content_hash": v.content_hash, "definition": v.definition.canonical()}, as_json)
