@@ -157,6 +157,21 @@ def _is_json(scope: Scope) -> bool:
     return media == b"application/json" or media.endswith(b"+json")
 
 
+def replaying(body: bytes, receive: Receive) -> Receive:
+    """A `receive` that hands the app the body read already, then the connection's own messages
+    (a middleware that had to read the whole body first passes the request on with this)."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
 class BodyLimit:
     """ASGI middleware: a request body over `limit` bytes (`large` for bodies that carry a
     payload, see carries_payload) gets 413, whether it declares its length or streams it;
@@ -196,16 +211,7 @@ class BodyLimit:
             problem = invalid("body", f"more than {MAX_ELEMENTS} elements")
             await error_response(422, problem.message, problems=problem.problems)(scope, receive, send)
             return
-        sent = False
-
-        async def replay() -> Message:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": bytes(body), "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
+        await self.app(scope, replaying(bytes(body), receive), send)
 
     async def _reject(self, scope: Scope, receive: Receive, send: Send, limit: int, size: str) -> None:
         response = error_response(413, f"the request body is {size}, over the limit of {limit} bytes",

@@ -24,7 +24,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from contracts.values import ValueProblem, check_value
-from services.gateway.errors import ApiError, _respond, error_response
+from services.gateway.errors import ApiError, _respond, error_response, replaying
 from services.gateway.models import ExecutionOut, StartRequest
 from services.gateway.routes_executions import summary
 from services.gateway.routes_starts import _count, group_commit
@@ -55,16 +55,7 @@ class FastStarts:
         handled = await self._start(scope, bytes(body), send)
         if handled:
             return
-        sent = False
-
-        async def replay() -> Message:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": bytes(body), "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
+        await self.app(scope, replaying(bytes(body), receive), send)
 
     async def _start(self, scope: Scope, body: bytes, send: Send) -> bool:
         """True when answered here; False to hand the request to the FastAPI route."""
