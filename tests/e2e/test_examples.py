@@ -122,6 +122,16 @@ def test_the_readme_transcripts(project: Project) -> None:
     """Issue 16 part 2 item 2: every README transcript command, run against `weft up` in a project folder
     that holds only the shipped examples/ (step code is imported from there, the folder `weft up` runs in)."""
     readme = Readme(project)
+    # The banner (README's `weft up`): the broker's line is the one that differs. On NATS, the server
+    # `weft up` started, its data folder and credentials; on Kafka, the broker it was pointed at,
+    # which it does not own (no data folder, its own access control).
+    banner = " ".join(project.log.read_text().split())
+    if project.kafka is None:
+        assert "NATS JetStream nats://127.0.0.1:" in banner and "credentials required" in banner, banner
+    else:
+        assert f"Kafka {project.kafka}" in banner and "NATS" not in banner, banner
+    for label in ("event store sqlite:///", "step modules examples", "HTTP gateway http://", "console http://"):
+        assert label in banner, banner
     # A workflow: the order example, with its retried parcel.
     done = readme("weft run examples/order.yaml --input '{\"order_id\": \"A-1\", \"items\": [\"apple\", \"pear\", \"fig\"]}'")
     order = _id(done.stdout)
