@@ -94,7 +94,7 @@ class Readme:
     """Runs README.md's commands (tests/readme_transcripts.py) in a project, with placeholders filled."""
 
     def __init__(self, project: Project) -> None:
-        self.project, self.ran = project, set()
+        self.project, self.ran = project, set[str]()
 
     def __call__(self, command: str, code: int = 0, **fill: Any) -> subprocess.CompletedProcess[str]:
         assert command in readme_commands(), f"not a README command: {command}"
