@@ -35,7 +35,7 @@ import orjson
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import drop_schema, prepare_db, running_services  # noqa: E402 - bench/common.py
+from common import Http1, drop_schema, prepare_db, running_services  # noqa: E402 - bench/common.py
 from contracts.definitions import parse_definition  # noqa: E402
 from services.broker.nats_server import NatsServer  # noqa: E402
 from services.orchestrator.registry import Registry  # noqa: E402
@@ -60,39 +60,6 @@ def count_started(store: Any, workflow: str) -> int:
 
 
 # ---- the client process -----------------------------------------------------------------------------
-
-
-class Http1:
-    """A keep-alive HTTP/1.1 connection that writes a request and reads its answer, nothing more.
-
-    The load generator must cost less than what it measures: httpx spends about 3.7 ms of CPU
-    per request here, more than the gateway itself, on a machine with two cores for both.
-    """
-
-    def __init__(self, host: str, port: int):
-        self.host, self.port = host, port
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
-
-    async def post(self, path: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
-        if self.writer is None:
-            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-        extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
-        self.writer.write(f"POST {path} HTTP/1.1\r\nhost: {self.host}\r\ncontent-type: application/json\r\n"
-                          f"content-length: {len(body)}\r\n{extra}\r\n".encode() + body)
-        assert self.reader is not None
-        head = await self.reader.readuntil(b"\r\n\r\n")
-        status = int(head[9:12])
-        length = 0
-        for line in head.split(b"\r\n")[1:]:
-            name, _, value = line.partition(b":")
-            if name.strip().lower() == b"content-length":
-                length = int(value)
-        return status, await self.reader.readexactly(length)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
 
 
 def _host_port(url: str) -> tuple[str, int]:
