@@ -328,6 +328,12 @@ def from_nats(headers: Mapping[str, str] | None, data: bytes | None, *, limits: 
     structured otherwise. Field names: `headers.ce-id` (binary), `body.id`, `body.data.order`."""
     pairs = _pairs(headers)
     if has_prefix(pairs, "ce-"):
+        for name, value in pairs:
+            # nats-py decodes header values with errors="replace": bytes that were not UTF-8 arrive
+            # as U+FFFD, which would otherwise pass as (a different) text. Nobody sends it on purpose.
+            if _name(name).startswith("ce-") and isinstance(value, str) and "\ufffd" in value:
+                raise BindingError(f"headers.{_name(name)}", "not UTF-8 text (bytes that are not UTF-8 reach us "
+                                                               "as U+FFFD; percent-encode them)")
         return from_binary(pairs, data, prefix="ce-", limits=limits)
     return from_structured(data, "body", limits=limits)
 

@@ -58,6 +58,7 @@ class Settings(BaseModel):
     gateway_host: str = "127.0.0.1"
     gateway_auth: bool = True  # `weft up` turns it off on a loopback host unless set explicitly
     gateway_max_body: int = 1024 * 1024  # bytes; larger bodies get 413 (bodies that carry payloads: below)
+    gateway_max_streams: int = 100  # live SSE streams (/v1/changes, /v1/executions/{id}/events) open at once
     # The payload policy (contracts/payloads.py). Up to the inline limit a value travels inside
     # events and messages; up to the maximum it is stored once in the blob store and travels as a
     # reference; over the maximum it is refused. Bytes of compact JSON.

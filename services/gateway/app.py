@@ -44,6 +44,11 @@ class Context:
     sse_poll: float = 0.25
     webhook_tolerance: float = 300.0  # seconds a signed webhook's timestamp may be off (settings.webhook_tolerance)
     sse_heartbeat: float = 15.0
+    max_streams: int = 100  # live SSE streams open at once (services/gateway/streams.py)
+    sse_write_timeout: float = 60.0  # seconds a stream's client may take no data before the stream ends
+    open_streams: int = 0
+    streams_by_key: dict[str, int] = field(default_factory=dict)
+    key_recheck: float = 5.0  # seconds between checks that a live stream's key is still active
     step_modules: Any = None  # the allowlist of a worker in this process (weft up), for publish warnings
     starts: Any = None  # the group commit of starts (routes_starts), made on first use in the serving loop
 

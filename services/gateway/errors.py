@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from contracts.payloads import PayloadError, PayloadTooLarge
-from contracts.values import MAX_DEPTH
+from contracts.values import MAX_DEPTH, MAX_ELEMENTS, elements_in
 from services.broker import BrokerError
 from services.gateway.models import ErrorBody
 from services.store import StoreUnavailableError
@@ -152,6 +152,11 @@ def carries_payload(method: str, path: str) -> bool:
             or (path.startswith("/v1/executions/") and path.endswith("/replay")))
 
 
+def _is_json(scope: Scope) -> bool:
+    media = dict(scope.get("headers") or ()).get(b"content-type", b"").split(b";")[0].strip().lower()
+    return media == b"application/json" or media.endswith(b"+json")
+
+
 def replaying(body: bytes, receive: Receive) -> Receive:
     """A `receive` that hands the app the body read already, then the connection's own messages
     (a middleware that had to read the whole body first passes the request on with this)."""
@@ -201,6 +206,11 @@ class BodyLimit:
             if len(body) > limit:
                 await self._reject(scope, receive, send, limit, f"more than {limit} bytes")
                 return
+        if len(body) > 2 * MAX_ELEMENTS and _is_json(scope) and elements_in(bytes(body)) > MAX_ELEMENTS:
+            # before any parser builds millions of objects out of it (see contracts.values.loads)
+            problem = invalid("body", f"more than {MAX_ELEMENTS} elements")
+            await error_response(422, problem.message, problems=problem.problems)(scope, receive, send)
+            return
         await self.app(scope, replaying(bytes(body), receive), send)
 
     async def _reject(self, scope: Scope, receive: Receive, send: Send, limit: int, size: str) -> None:

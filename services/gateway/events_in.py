@@ -7,7 +7,9 @@ more than `max_batch` events, is refused with nothing published; then every even
 authorised and measured, and only the events that passed are published. An event refused
 does not stop the others. Each accepted event is published under its (source, id) message
 id, so a client retrying a batch (say, after a 503) publishes nothing twice and starts
-nothing twice: the broker and the trigger log both know the event.
+nothing twice: the broker and the trigger log both know the event. An event the broker did not
+take (unreachable past the transport's retries) is a 503 in its item, never a 500 for the batch
+while the others are stored: 207 says which went through; 503 whole when none did.
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ from contracts.cloudevents import (
 from contracts.payloads import MIB, PayloadError, PayloadTooLarge
 from contracts.subjects import trigger_subject
 from contracts.triggers import CloudEvent
+from services.broker import BrokerError, MessageRejected
 from services.gateway.errors import ApiError
+from services.store import StoreUnavailableError
 from services.gateway.keys import ApiKey
 from services.gateway.models import TriggerIn
 from services.triggers.publish import publish
@@ -119,13 +123,15 @@ def _error(status: int, exc: Exception, field: str) -> dict[str, Any]:
 
 async def publish_batch(ctx: Context, key: ApiKey, body: bytes, limits: BindingLimits) -> Any:
     """202 when every event was accepted, 207 when some were not, 422 (the error model, each
-    problem naming `body[i].<field>`) when none was; 413/422 for a body refused whole."""
+    problem naming `body[i].<field>`) when none was, 503 when none was and some may be on a
+    retry (the broker was unreachable); 413/422 for a body refused whole."""
     try:
         decoded = from_batch(body, "body", limits=limits)
     except BindingError as exc:
         raise refusal(exc) from None
     items: list[dict[str, Any]] = []
     ready: list[tuple[dict[str, Any], CloudEvent]] = []
+    seen: dict[tuple[str, str], tuple[int, CloudEvent]] = {}
     claims = ctx.executions.claims
     if key.workflows is not None:
         await asyncio.to_thread(ctx.catalog.refresh)  # once for the batch, not once per event
@@ -149,12 +155,36 @@ async def publish_batch(ctx: Context, key: ApiKey, body: bytes, limits: BindingL
             except PayloadError as exc:
                 item.update(status=422, error=_error(422, exc, f"body[{i}].data"))
                 continue
+        earlier = seen.get((got.source, got.id))
+        if earlier is not None:  # one batch naming one event twice: publish it once
+            first, same = earlier
+            if same != got:  # the broker would keep the first and drop this one without a word
+                message = (f"the same source and id as body[{first}] with other attributes or data: a CloudEvent's "
+                           "source and id name one event")
+                item.update(status=409, error={"code": "conflict", "message": message,
+                                               "problems": [{"field": f"body[{i}].id", "message": message}]})
+            else:
+                item.update(status=202, duplicate=True)
+            continue
+        seen[(got.source, got.id)] = (i, got)
         ready.append((item, got))
     gate = asyncio.Semaphore(PUBLISH_CONCURRENCY)
 
     async def one(item: dict[str, Any], event: CloudEvent) -> None:
         async with gate:
-            stored = await publish(ctx.transport, event, claims)
+            try:
+                stored = await publish(ctx.transport, event, claims)
+            except MessageRejected as exc:  # this one message can never be stored
+                item.update(status=413, error=_error(413, exc, f"body[{item['index']}]"))
+                return
+            except (BrokerError, StoreUnavailableError) as exc:
+                # Said per event: the others may be stored already. Sending the whole batch again
+                # is safe, each event is published under its (source, id) and starts nothing twice.
+                field = f"body[{item['index']}]"
+                message = f"not published, the broker or the store is unreachable ({exc}): send it again"
+                item.update(status=503, error={"code": "unavailable", "message": message,
+                                               "problems": [{"field": field, "message": message}]})
+                return
         item.update(status=202, duplicate=not stored)
 
     await asyncio.gather(*(one(item, event) for item, event in ready))
@@ -165,7 +195,9 @@ async def publish_batch(ctx: Context, key: ApiKey, body: bytes, limits: BindingL
     if done == 0:
         problems = [p for item in items for p in item["error"]["problems"]]
         statuses = {item["status"] for item in items}
-        status = statuses.pop() if len(statuses) == 1 else 422
+        # 503 if any event may go through when sent again: the client should retry, not give up
+        status = 503 if 503 in statuses else statuses.pop() if len(statuses) == 1 else 422
         raise ApiError(status, f"none of the {len(items)} events was accepted: "
-                       + "; ".join(f"{p['field']}: {p['message']}" for p in problems[:20]), problems=problems)
+                       + "; ".join(f"{p['field']}: {p['message']}" for p in problems[:20]), problems=problems,
+                       headers={"Retry-After": "1"} if status == 503 else None)
     return JSONResponse(answer, status_code=207)

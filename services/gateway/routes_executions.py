@@ -19,6 +19,7 @@ from contracts.events import FINISHING
 from services.gateway.auth import ScopedRoute, caller, scoped, who
 from services.gateway.errors import ApiError, errors, invalid
 from services.gateway.models import ControlRequest, ExecutionOut, ExecutionPage, HistoryOut, Status
+from services.gateway.streams import KeyCheck, LiveStream, resume_after
 from services.orchestrator.decide import Cancel, DecisionError, Pause, Resume, Retry
 from services.orchestrator.executions import NotFound
 from services.orchestrator.state import Execution
@@ -28,6 +29,7 @@ from services.projections.executions import list_executions
 router = APIRouter(prefix="/v1/executions", tags=["executions"], route_class=ScopedRoute)
 IdPath = Path(description="execution id (a UUID)", max_length=64)
 _ID_PREFIX = re.compile(r"[0-9a-fA-F-]{1,36}")
+STREAM_PAGE = 1000  # events read per poll of a live stream
 _REOPENING = frozenset({"ExecutionRetried", "StepReprocessRequested", "ExecutionResumed"})
 
 
@@ -67,7 +69,8 @@ def _cursor(raw: str | None) -> tuple[str, str] | None:
         return None
     try:
         at, _, eid = base64.urlsafe_b64decode(raw.encode() + b"=" * (-len(raw) % 4)).decode().partition("|")
-        uuid.UUID(eid)
+        if str(uuid.UUID(eid)) != eid:  # as the page wrote it, not `urn:uuid:...` or `{...}`: compared as text
+            raise ValueError(eid)
         datetime.fromisoformat(at)
     except (ValueError, binascii.Error, UnicodeDecodeError):
         raise invalid("query.cursor", "not a cursor from a previous page") from None
@@ -187,23 +190,26 @@ async def events(
     last_event_id: str | None = Header(None, max_length=32, description="resume after this seq"),
     after: int = Query(0, ge=0, le=2**31, description="start after this seq"),
 ) -> Any:
-    """A live stream of the execution's events (SSE). It ends when the execution has finished."""
+    """A live stream of the execution's events (SSE). It ends when the execution has finished.
+    At most WEFT_GATEWAY_MAX_STREAMS live streams are open on a gateway at once (503 with Retry-After beyond)."""
     state = await asyncio.to_thread(_load, request, execution_id)
-    if last_event_id is not None:
-        try:
-            after = max(after, int(last_event_id))
-        except ValueError:
-            raise invalid("header.last-event-id", "not a number") from None
-    return StreamingResponse(_stream(request, execution_id, after, state.finished), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    resumed = resume_after(last_event_id)
+    if resumed is not None:
+        after = max(after, resumed)
+    return LiveStream(request.app.state.ctx, _stream(request, execution_id, after, state.finished),
+                      f"/v1/executions/{execution_id}/events", caller(request).key_id)
 
 
 async def _stream(request: Request, execution_id: str, seq: int, finished: bool) -> AsyncIterator[bytes]:
     ctx = request.app.state.ctx
     stream_id = uuid.UUID(execution_id)
     beat = time.monotonic()
+    check = KeyCheck(request)
     while not ctx.stop.is_set():
-        records = await asyncio.to_thread(ctx.store.load, stream_id, seq)
+        if await check.revoked():
+            return  # revoked while open: the reconnect gets 401
+        # a page at a time: a long history is not read into memory whole for each subscriber
+        records = await asyncio.to_thread(ctx.store.load, stream_id, seq, seq + STREAM_PAGE)
         for item in _history_items(records):
             seq = item["seq"]
             if item["type"] in FINISHING:
@@ -221,6 +227,8 @@ async def _stream(request: Request, execution_id: str, seq: int, finished: bool)
             yield b": keep-alive\n\n"
         if await request.is_disconnected():
             return
+        if len(records) >= STREAM_PAGE:
+            continue  # more is waiting: no pause
         try:
             await asyncio.wait_for(ctx.stop.wait(), timeout=ctx.sse_poll)
         except asyncio.TimeoutError:

@@ -10,6 +10,7 @@ from typing import Any
 
 from fastapi import APIRouter, Header, Path, Request
 from contracts.cloudevents import BindingError, http_mode
+from services.broker import BrokerError, MessageRejected
 from services.gateway import events_in
 from services.gateway.auth import ScopedRoute, caller, scoped, who
 from services.gateway.errors import ApiError, errors
@@ -57,7 +58,18 @@ async def publish_trigger(request: Request) -> Any:
     why = await events_in.forbidden(ctx, caller(request), event.type)
     if why:
         raise ApiError(403, why)
-    stored = await publish(ctx.transport, event, ctx.executions.claims)  # big data goes by reference
+    try:
+        stored = await publish(ctx.transport, event, ctx.executions.claims)  # big data goes by reference
+    except MessageRejected:
+        raise
+    except BrokerError as exc:
+        # The broker's client may still deliver this attempt once it reconnects: a retry is safe only
+        # under the same (source, id), so say which, including the id we made up for the shorthand.
+        log.warning("trigger %s/%s not published: %s", event.source, event.id, exc)
+        raise ApiError(503, f"the broker is unreachable; send the event again with source {event.source!r} and id "
+                            f"{event.id!r} (it then starts its workflows once, even if this attempt arrives late)",
+                       headers={"Retry-After": "1"},
+                       problems=[{"field": "body.id", "message": event.id}]) from None
     return events_in.accepted(event, stored)
 
 

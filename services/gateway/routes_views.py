@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from typing import Any, AsyncIterator
 
 import orjson
@@ -20,8 +21,10 @@ from fastapi import APIRouter, Header, Path, Query, Request
 from fastapi.responses import StreamingResponse
 
 from services.gateway.auth import OPEN, ScopedRoute, caller, is_loopback, scoped
-from services.gateway.errors import ApiError, errors, invalid
+from services.gateway.errors import ApiError, errors
+from services.gateway.streams import KeyCheck, LiveStream, resume_after
 from services.gateway.routes_executions import IdPath, _load, summary
+from contracts.events import decode as decode_event
 from services.replay.timetravel import AtError, state_at
 
 router = APIRouter(prefix="/v1", tags=["console"], route_class=ScopedRoute)
@@ -52,13 +55,15 @@ def whoami(request: Request) -> Any:
 @router.get("/executions/{execution_id}/at/{n}", responses=errors(404), openapi_extra=scoped("read"))
 def as_of(request: Request, execution_id: str = IdPath, n: int = Path(ge=1, le=2**31)) -> Any:
     """The execution's state as of event `n` (1-based), with every attempt so far: `weft history --at N`."""
-    _load(request, execution_id)
-    history = request.app.state.ctx.executions.history(execution_id)
+    current = _load(request, execution_id)
+    # The first n events only: a slider dragged over a long history reads what it shows, not all of it.
+    records = request.app.state.ctx.store.load(uuid.UUID(execution_id), upto_version=n)
+    history = [decode_event(r.type, r.data) for r in records]
     try:
         state, folded, attempts = state_at(execution_id, history, n)
     except AtError as exc:
         raise ApiError(404 if exc.code == 1 else 422, str(exc).replace("--at", "path.n")) from None
-    return summary(state) | {"as_of": folded, "of": len(history), "attempts": attempts}
+    return summary(state) | {"as_of": folded, "of": max(current.version, len(history)), "attempts": attempts}
 
 
 @router.get(
@@ -72,17 +77,16 @@ async def changes(
     last_event_id: str | None = Header(None, max_length=32, description="resume after this position"),
     after: int | None = Query(None, ge=0, le=2**62, description="log position to start after (default: now)"),
 ) -> Any:
-    """Execution status changes as they are recorded, for live lists (of the workflows this key may see)."""
+    """Execution status changes as they are recorded, for live lists (of the workflows this key may see).
+    Resume with `Last-Event-ID` (the last `id:` received). At most WEFT_GATEWAY_MAX_STREAMS live streams
+    are open on a gateway at once (503 with Retry-After beyond)."""
     ctx = request.app.state.ctx
-    if last_event_id is not None:
-        try:
-            after = int(last_event_id)
-        except ValueError:
-            raise invalid("header.last-event-id", "not a number") from None
+    resumed = resume_after(last_event_id)
+    if resumed is not None:
+        after = resumed
     if after is None:
         after = await asyncio.to_thread(ctx.store.head)
-    return StreamingResponse(_follow(request, after), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return LiveStream(ctx, _follow(request, after), "/v1/changes", caller(request).key_id)
 
 
 async def _follow(request: Request, position: int) -> AsyncIterator[bytes]:
@@ -91,7 +95,10 @@ async def _follow(request: Request, position: int) -> AsyncIterator[bytes]:
     workflows: dict[str, str] = {}  # execution id -> workflow, for events that do not name it
     beat = time.monotonic()
     yield b": connected\n\n"
+    check = KeyCheck(request)
     while not ctx.stop.is_set():
+        if await check.revoked():
+            return  # revoked while open: the reconnect gets 401
         records, nxt = await asyncio.to_thread(ctx.store.follow, position, 500, tuple(CHANGES))
         for rec in records:
             eid = str(rec.stream_id)
@@ -108,14 +115,17 @@ async def _follow(request: Request, position: int) -> AsyncIterator[bytes]:
             item = {"execution_id": eid, "workflow": workflow, "status": CHANGES[rec.type], "type": rec.type,
                     "at": data.get("at"), "seq": rec.version}
             yield f"id: {rec.position}\nevent: change\ndata: ".encode() + orjson.dumps(item) + b"\n\n"
+            beat = time.monotonic()
         position = max(position, nxt)
-        if records:
+        if time.monotonic() - beat > ctx.sse_heartbeat:
+            # Nothing this key may see for a while (other workflows' changes are skipped): say the
+            # position anyway, so a reconnect resumes here (an id without data dispatches nothing).
             beat = time.monotonic()
-        elif time.monotonic() - beat > ctx.sse_heartbeat:
-            beat = time.monotonic()
-            yield b": keep-alive\n\n"
+            yield f"id: {position}\n\n".encode() if position else b": keep-alive\n\n"
         if await request.is_disconnected():
             return
+        if len(records) >= 500:
+            continue  # catching up: no pause
         try:
             await asyncio.wait_for(ctx.stop.wait(), timeout=max(ctx.sse_poll, 0.25))
         except asyncio.TimeoutError:
@@ -146,11 +156,13 @@ def projections(request: Request) -> Any:
 
 
 _REBUILDS: dict[str, asyncio.Task[Any]] = {}  # name -> the running rebuild (kept so it is not collected)
+REBUILD_ANSWER_WAIT = 2.0  # seconds the POST waits to know the rebuild holds the view's claim
 
 
 @router.post("/projections/{name}/rebuild", status_code=202, responses=errors(404, 409), openapi_extra=scoped("admin"))
 async def rebuild_projection(request: Request, name: str = Path(max_length=64, pattern=r"^[a-z_:]+$")) -> Any:
-    """Rebuild a view from position 0 beside the live one, then swap it in; answers at once (202).
+    """Rebuild a view from position 0 beside the live one, then swap it in. Answers 202 once the
+    rebuild holds the view (at most 2 s), 409 while another rebuild of it runs here or elsewhere.
     Its progress shows in `GET /v1/projections` (`rebuilding`: position of head), and `last` here."""
     from services.projections import RebuildBusy, rebuild, view_named
 
@@ -165,14 +177,24 @@ async def rebuild_projection(request: Request, name: str = Path(max_length=64, p
     if running is not None and not running.done():
         raise ApiError(409, f"{view.name} is being rebuilt already", code="busy")
     store = request.app.state.ctx.store
+    loop = asyncio.get_running_loop()
+    underway = asyncio.Event()
+
+    def progress(position: int, head: int) -> None:  # from the rebuild's thread: it holds the claim now
+        loop.call_soon_threadsafe(underway.set)
 
     async def run() -> Any:
-        try:
-            return (await asyncio.to_thread(rebuild, store, view)).as_dict()
-        except RebuildBusy as exc:
-            return {"error": str(exc)}
+        return (await asyncio.to_thread(rebuild, store, view, progress=progress)).as_dict()
 
-    _REBUILDS[view.name] = asyncio.ensure_future(run())
+    task = _REBUILDS[view.name] = asyncio.ensure_future(run())  # set before any await: two requests, one rebuild
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())  # read here or by GET .../rebuild
+    # Another gateway (or `weft projections rebuild`) may hold the view's claim in the store: wait
+    # until ours is under way or refused, so the answer is 409 then and not a 202 that fails later.
+    waiting = asyncio.ensure_future(underway.wait())
+    await asyncio.wait([task, waiting], timeout=REBUILD_ANSWER_WAIT, return_when=asyncio.FIRST_COMPLETED)
+    waiting.cancel()
+    if task.done() and isinstance(task.exception(), RebuildBusy):
+        raise ApiError(409, str(task.exception()), code="busy")
     return {"name": view.name, "started": True}
 
 

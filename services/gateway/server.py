@@ -88,6 +88,7 @@ def build_gateway(stack: Any, catalog: Catalog, ingestor: Ingestor, stop: asynci
         webhook_tolerance=settings.webhook_tolerance,
     )
     ctx.step_modules = getattr(stack, "step_modules", None)
+    ctx.max_streams = settings.gateway_max_streams
     app = create_app(ctx, max_body=settings.gateway_max_body, loopback_hosts_only=not settings.gateway_auth)
     return GatewayServer(app, settings.gateway_host, settings.gateway_port)
 

@@ -206,7 +206,11 @@ async def test_one_execution_started_over_http_is_one_trace_across_the_processes
                 spans = receiver.trace(caller_trace)
                 services = {s["service"] for s in spans}
                 names = [s["name"] for s in spans]
-                if {"gw", "orch", "rel", "wrk"} <= services and sum(n.startswith("decide") for n in names) >= 3:
+                # Each process exports in batches of its own: wait for every span asserted on below.
+                steps = {(s["attributes"].get("weft.step_id"), s["attributes"].get("weft.attempt")) for s in spans
+                         if s["service"] == "wrk" and s["name"].startswith("step ")}
+                if ({"gw", "orch", "rel", "wrk"} <= services and sum(n.startswith("decide") for n in names) >= 3
+                        and {("charge", 1), ("charge", 2)} <= steps and any(sid == "notify" for sid, _ in steps)):
                     return spans
                 return None
 

@@ -11,6 +11,13 @@ comes from another site is refused, whatever the auth mode, and with auth off
 the `Host` must be a loopback name (a DNS-rebinding page names its own host).
 Servers calling webhooks send no `Origin` and are unaffected.
 
+Reads are guarded too, by what browsers say about a request: a scripted request from another
+origin carries that `Origin` (any method), and modern browsers send `Sec-Fetch-Site`; either
+saying "another site" refuses the request unless it is a plain top-level navigation (a link
+to the console). So another page cannot open live streams (using up `max_streams`) or probe
+the API through the operator's browser. A request with two `Host` or `Origin` headers, and
+with auth off one without `Host`, is refused: the checks must see the values the app sees.
+
 Clickjacking. Every response says `X-Frame-Options: DENY` and CSP
 `frame-ancestors 'none'`. The console's CSP allows scripts and styles from
 this origin only (no inline script, no eval); `/v1/docs` (Swagger UI) also
@@ -19,6 +26,7 @@ needs inline styles and data: images.
 
 from __future__ import annotations
 
+import json
 from urllib.parse import urlsplit
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -35,6 +43,7 @@ DOCS_CSP = (
 )
 API_CSP = "default-src 'none'; frame-ancestors 'none'"
 _SAFE = {"GET", "HEAD", "OPTIONS"}
+_SINGLE = {"host", "origin", "sec-fetch-site"}  # headers the checks read: one each
 
 
 def _csp(path: str) -> str:
@@ -46,7 +55,8 @@ def _csp(path: str) -> str:
 
 
 def _reject(status: int, text: str) -> tuple[Message, Message]:
-    body = ('{"error": {"code": "forbidden", "message": "%s"}}' % text).encode()
+    # json.dumps: the text quotes headers the client chose (a quote in a Host must not end the string)
+    body = json.dumps({"error": {"code": "forbidden", "message": text, "problems": []}}).encode()
     return (
         {"type": "http.response.start", "status": status,
          "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
@@ -65,8 +75,14 @@ class Guard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers") or ()}
-        problem = self._problem(scope, headers)
+        headers: dict[str, str] = {}
+        twice: set[str] = set()
+        for k, v in scope.get("headers") or ():
+            name = k.decode("latin-1").lower()
+            if name in headers and name in _SINGLE:
+                twice.add(name)
+            headers[name] = v.decode("latin-1")
+        problem = (f"{sorted(twice)[0]} is given twice" if twice else None) or self._problem(scope, headers)
         if problem:
             for message in _reject(403, problem):
                 await send(message)
@@ -89,15 +105,22 @@ class Guard:
         host = headers.get("host", "")
         if self.loopback_hosts_only:
             name = urlsplit(f"//{host}").hostname or ""
-            if host and not is_loopback(name):
-                return f"auth is off: this gateway answers loopback names only, not Host {host}"
-        if scope.get("method", "GET") in _SAFE:
-            return None
+            if not is_loopback(name):
+                return f"auth is off: this gateway answers loopback names only, not Host {host or '(none)'}"
+        method = scope.get("method", "GET")
         origin = headers.get("origin")
-        if origin and origin != "null":
+        if origin is not None:
+            # Browsers send Origin on every unsafe request and on scripted (CORS-mode) reads from
+            # another origin; a same-origin page reading, or a link followed, sends none.
+            if origin == "null":
+                return "cross-site request refused (Origin: null)"
             parts = urlsplit(origin)
-            if parts.netloc.lower() != host.lower():
+            if parts.netloc.lower() != host.lower() or parts.scheme not in ("http", "https"):
                 return f"cross-site request refused: Origin {origin} is not this gateway"
-        elif origin == "null" or headers.get("sec-fetch-site") == "cross-site":
-            return "cross-site request refused"
+        site = headers.get("sec-fetch-site")
+        if site in ("cross-site", "same-site"):  # same-site: another port or subdomain of this host
+            navigation = (method in ("GET", "HEAD") and headers.get("sec-fetch-mode") == "navigate"
+                          and headers.get("sec-fetch-dest", "document") == "document")
+            if not navigation:
+                return "cross-site request refused"
         return None

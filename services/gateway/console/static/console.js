@@ -86,8 +86,8 @@ const Weft = (() => {
                 else if (line.startsWith("event: ")) type = line.slice(7);
                 else if (line.startsWith("data: ")) data += line.slice(6);
               }
+              if (id !== null) last = id;  // an id alone (a heartbeat) moves the resume point too
               if (!data) continue;
-              if (id !== null) last = id;
               if (type === "end") { stopped = true; if (opts.onEnd) opts.onEnd(); }
               else onEvent(type, JSON.parse(data));
             }

@@ -87,8 +87,13 @@
     for (const name of ["workflow", "status", "id"]) if (params.get(name)) document.getElementById("f-" + name).value = params.get(name);
     filters = readFilters();
     cursors.push(null);
+    // The list comes from the executions view, which trails the log: follow the changes from the
+    // view's position read before the list, not from "now", or a change in between is missed until a
+    // reload. What the list already shows comes again, and `live` takes it as it is.
+    let since = null;
+    try { since = (await api("GET", "/v1/projections")).items.find((v) => v.name === "executions").position; } catch (e) { /* from now */ }
     await load(null);
-    sse("/v1/changes", live);
+    sse(since === null || since === undefined ? "/v1/changes" : "/v1/changes?after=" + since, live);
 
     document.getElementById("filters").addEventListener("submit", async (ev) => {
       ev.preventDefault();
