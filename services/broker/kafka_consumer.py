@@ -15,7 +15,10 @@ gives the port's per-message promises on top of it, as Confluent's parallel cons
   uncommitted); in_progress pushes its ack-wait deadline out; a delivery not settled by its
   deadline is handed out again. After max_deliver deliveries the record is dead-lettered (kind
   `max_deliver`) and counted done.
-- Delivery counts live in this process: a record delivered again after a crash starts at 1.
+- Delivery counts survive the process: before records are handed out, the counts of what each
+  partition has out are written to the group's marks topic (`services.broker.kafka_marks`), and a
+  partition's new owner reads them back on assignment. So a record that kills every process it
+  reaches comes back with its count grown, and the crash guard can dead-letter it.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
 from contracts.deadletters import message_key
+from services.broker.kafka_marks import DeliveryMarks
 from services.broker.ports import BrokerError
 
 if TYPE_CHECKING:
@@ -132,6 +136,8 @@ class KafkaConsumer:
         self._fetch_lock = asyncio.Lock()
         self.unacked_at_start = 1  # unknown: a crashed member's records may come first (services.broker.redelivery)
         self.dead_lettered = 0
+        self._marks = DeliveryMarks(transport, self.topic, transport.group_id(stream, durable))
+        self._prior: dict[TopicPartition, dict[int, int]] = {}  # counts read back on assignment, by offset
         session = int(transport.session_timeout * 1000)
         self._kc = AIOKafkaConsumer(
             self.topic, bootstrap_servers=transport.servers, group_id=transport.group_id(stream, durable),
@@ -142,6 +148,7 @@ class KafkaConsumer:
         )
 
     async def start(self) -> None:
+        await self._marks.start()
         self._kc.subscribe([self.topic], listener=_Listener(self))
         await self._kc.start()
         self._tasks = [asyncio.ensure_future(self._pump()), asyncio.ensure_future(self._commits()),
@@ -154,18 +161,31 @@ class KafkaConsumer:
             raise ValueError("max_messages must be >= 1")
         if self._closed:
             raise BrokerError("consumer is closed", operation="fetch", stream=self.topic)
-        out: list[KafkaDelivery] = []
         async with self._fetch_lock:
             try:
                 first = await asyncio.wait_for(self._next(), timeout=max(float(timeout), 0.001))
             except asyncio.TimeoutError:
-                return out
-            out.append(self._hand_out(first))
-            while len(out) < max_messages and not self._ready.empty():
+                return []
+            taken = [first]
+            while len(taken) < max_messages and not self._ready.empty():
                 record = self._ready.get_nowait()
                 if not (record.done or record.revoked or record.current is not None):
-                    out.append(self._hand_out(record))
-        return out
+                    taken.append(record)
+            try:
+                await self._mark(taken)
+            except BrokerError:
+                for record in taken:  # not handed out: they wait for the next fetch
+                    self._ready.put_nowait(record)
+                raise
+            return [self._hand_out(r) for r in taken if not (r.done or r.revoked or r.current is not None)]
+
+    async def _mark(self, taken: list[_Record]) -> None:
+        """Write, durably, the counts `taken` will have once handed out, before the handler can crash
+        on them: each touched partition's snapshot of what it has out (services.broker.kafka_marks)."""
+        touched, chosen = {r.tp for r in taken}, set(taken)
+        await asyncio.gather(*(self._marks.write(tp.partition, {
+            r.offset: r.delivered + (1 if r in chosen else 0) for r in self._parts[tp].records
+            if not (r.done or r.revoked) and (r.delivered or r in chosen)}) for tp in touched if tp in self._parts))
 
     async def _next(self) -> _Record:
         while True:
@@ -190,6 +210,7 @@ class KafkaConsumer:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._commit()  # what was settled before the close is not delivered again
+        await self._marks.close()
         try:
             await self._kc.stop()
         except (KafkaError, OSError) as exc:
@@ -287,7 +308,14 @@ class KafkaConsumer:
                 log.warning("kafka: fetch on %s failed: %s: %s", self.topic, type(exc).__name__, exc)
                 await asyncio.sleep(0.5)
                 continue
+            fresh = sorted((tp for tp in batches if tp not in self._parts), key=lambda tp: tp.partition)
+            if fresh:  # newly ours: first the counts its earlier owners wrote (not in the rebalance
+                # callback, which aiokafka runs while the fetcher already fetches)
+                for partition, counts in (await self._marks.read([tp.partition for tp in fresh])).items():
+                    self._prior[TopicPartition(self.topic, partition)] = counts
             for tp, records in batches.items():
+                if tp not in self._kc.assignment():
+                    continue  # revoked while the counts were read
                 part = self._parts.setdefault(tp, _Partition())
                 for r in records:
                     if r.offset <= part.last:  # fetched again after a seek: we have it already
@@ -309,6 +337,7 @@ class KafkaConsumer:
         msg_id = headers.pop(MSG_ID_HEADER, None)
         record = _Record(tp, r.offset, subject, r.value or b"", headers, msg_id,
                          (tp.partition << PARTITION_SHIFT) | (r.offset + 1))
+        record.delivered = self._prior.get(tp, {}).pop(r.offset, 0)  # deliveries by earlier owners
         part.records.append(record)
         if not self._matches(subject) and subject != topic_subject(self.stream):
             record.done = True  # not this durable's: passed over, as a filtered NATS consumer does
@@ -320,6 +349,9 @@ class KafkaConsumer:
         if msg_id:
             self._holding[msg_id] = record
         self._unsettled += 1
+        if 0 < self.max_deliver <= record.delivered:
+            self._again(record, 0.0)  # delivered max_deliver times before, by processes now gone: dead-letter it
+            return
         self._ready.put_nowait(record)
 
     async def _watch(self) -> None:
@@ -359,6 +391,7 @@ class KafkaConsumer:
     async def _revoked(self, revoked: set[TopicPartition]) -> None:
         await self._commit(set(revoked))
         for tp in revoked:
+            self._prior.pop(tp, None)
             part = self._parts.pop(tp, None)
             if part is None:
                 continue

@@ -1,8 +1,9 @@
 """A message that kills the process handling it cannot crash-loop a service.
 
-Real service subprocesses over a real NATS and a SQLite file they share, as in test_crash.py
-(which uses PostgreSQL). A
-keyed crash point (services/faults.py) makes one chosen execution's message SIGKILL
+Real service subprocesses over a real broker (NATS JetStream, and Kafka on Tansu: `broker_url`)
+and a SQLite file they share, as in test_crash.py (which uses PostgreSQL). On Kafka the delivery
+count that tells the poison message survives the crashes in the group's marks topic
+(services/broker/kafka_marks.py). A keyed crash point (services/faults.py) makes one chosen execution's message SIGKILL
 every process that handles it; the test restarts the process each time, as a
 supervisor would. After a bounded number of deliveries the message is not handled
 again: its execution ends failed with PoisonMessage, the message is dead-lettered,
@@ -15,7 +16,7 @@ import asyncio
 import signal
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import pytest
@@ -25,6 +26,7 @@ from contracts.definitions import parse_definition
 from contracts.subjects import DLQ_STREAM, trigger_subject
 from services.broker import OutMessage
 from services.broker.nats import NatsTransport
+from services.broker.ports import Transport
 from services.orchestrator.executions import Executions
 from services.orchestrator.registry import Registry
 from services.store import open_store
@@ -50,12 +52,47 @@ def db_url(tmp_path: Path) -> str:
 
 
 @pytest.fixture
-def services(tmp_path: Path, db_url: str, nats_url: str):
-    env = service_env(tmp_path, db_url, nats_url, prefix="p")
+def services(tmp_path: Path, db_url: str, broker_url: str):
+    env = service_env(tmp_path, db_url, broker_url, prefix="p")
     env["WEFT_POISON_DELIVERIES"] = str(LIMIT)
     svc = Services(env, tmp_path / "logs")
     yield svc
     svc.stop_all()
+
+
+def _patience(services: Services) -> float:
+    """Seconds for everything to finish: on Kafka each crash waits out the group's session timeout
+    (6 s) and a rebalance before the poison record reaches the restarted process."""
+    return 240.0 if services.env["WEFT_BROKER_URL"].startswith("kafka://") else 120.0
+
+
+async def _connect(services: Services) -> Transport:
+    url, namespace = services.env["WEFT_BROKER_URL"], services.env["WEFT_NAMESPACE"]
+    if url.startswith("kafka://"):
+        from services.broker.kafka import KafkaTransport
+
+        return cast(Transport, await KafkaTransport.connect(url, namespace=namespace))
+    return cast(Transport, await NatsTransport.connect(url, namespace=namespace))
+
+
+async def _dead_letters(transport: Transport, reader: list[Any]) -> list[Any]:
+    """Every dead letter so far, as (headers, data): by sequence on NATS; on Kafka by a consumer group
+    of the test's own (`reader` keeps it, and what it read, between calls)."""
+    if isinstance(transport, NatsTransport):
+        letters = []
+        for seq in range(1, 50):
+            stored = await transport.get_message(DLQ_STREAM, seq)
+            if stored is None:
+                break
+            letters.append((stored.headers, stored.data))
+        return letters
+    if not reader:
+        reader.append(await transport.consumer(DLQ_STREAM, f"poison-test-{uuid.uuid4().hex[:8]}"))
+    batch = await reader[0].fetch(50, timeout=1.0)
+    for msg in batch:
+        reader.append((dict(msg.headers), msg.data))
+        await msg.ack()
+    return reader[1:]
 
 
 async def _supervise(services: Services, name: str, env: dict[str, str], until: asyncio.Event) -> int:
@@ -91,7 +128,7 @@ async def _run(services: Services, db_url: str, victim: str, point: str) -> tupl
         return all(s.finished for s in states)
 
     try:
-        await wait_until(all_finished, timeout=120, interval=0.25, what="every execution to finish")
+        await wait_until(all_finished, timeout=_patience(services), interval=0.25, what="every execution to finish")
     finally:
         done.set()
         restarts = await supervisor
@@ -119,28 +156,30 @@ async def test_a_command_that_kills_the_worker(services: Services, db_url: str) 
     executions.store.close()
 
 
-async def test_a_result_that_kills_the_orchestrator(services: Services, db_url: str, nats_url: str) -> None:
+async def test_a_result_that_kills_the_orchestrator(services: Services, db_url: str) -> None:
     executions, poison, ids, restarts = await _run(services, db_url, "orchestrator", "orchestrator.handle")
     _check(executions, poison, ids, restarts, "orchestrator")
     executions.store.close()
     # The result itself is in the dead-letter stream, with its reason.
-    transport = await NatsTransport.connect(nats_url, namespace=services.env["WEFT_NAMESPACE"])
+    transport = await _connect(services)
+    reader: list[Any] = []
+
+    async def poisoned() -> list[Any]:
+        return [h for h in await _dead_letters(transport, reader) if h[0].get(KIND_HEADER) == "poison"]
+
     try:
-        letters = []
-        for seq in range(1, 50):
-            stored = await transport.get_message(DLQ_STREAM, seq)
-            if stored is None:
-                break
-            letters.append(stored)
-        poisoned = [m for m in letters if m.headers.get(KIND_HEADER) == "poison"]
-        assert len(poisoned) == 1, [m.headers for m in letters]
-        assert poisoned[0].headers[SOURCE_SUBJECT_HEADER].endswith(poison) and poison in poisoned[0].data.decode()
-        assert "without being acknowledged" in poisoned[0].headers[REASON_HEADER]
+        found = await wait_until(poisoned, timeout=30, interval=0.25, what="the poison result's dead letter")
+        await asyncio.sleep(1.0)
+        found = await poisoned()
+        assert len(found) == 1, [h for h, _ in found]
+        headers, data = found[0]
+        assert headers[SOURCE_SUBJECT_HEADER].endswith(poison) and poison in data.decode()
+        assert "without being acknowledged" in headers[REASON_HEADER]
     finally:
         await transport.close()
 
 
-async def test_a_trigger_that_kills_the_trigger_consumer(services: Services, db_url: str, nats_url: str) -> None:
+async def test_a_trigger_that_kills_the_trigger_consumer(services: Services, db_url: str) -> None:
     store = open_store(db_url)
     Registry(store).publish(parse_definition("name: on-poke\non: [{event: poke.done}]\nsteps:\n  - {id: a, type: noop}\n"))
     executions = Executions(store)
@@ -148,7 +187,8 @@ async def test_a_trigger_that_kills_the_trigger_consumer(services: Services, db_
     services.start("triggers", **crash)
     for name in ("orchestrator", "relay", "worker"):
         services.start(name)
-    transport = await NatsTransport.connect(nats_url, namespace=services.env["WEFT_NAMESPACE"])
+    transport = await _connect(services)
+    reader: list[Any] = []
     events = [f"ok-{i}" for i in range(4)] + ["poison-1"] + [f"ok-{i}" for i in range(4, 8)]
     try:
         await transport.ensure_streams()
@@ -164,23 +204,17 @@ async def test_a_trigger_that_kills_the_trigger_consumer(services: Services, db_
             return all(s.status == "completed" for s in states)
 
         async def dead_lettered() -> list[Any]:
-            letters = []
-            for seq in range(1, 50):
-                stored = await transport.get_message(DLQ_STREAM, seq)
-                if stored is None:
-                    break
-                letters.append(stored)
-            return [m for m in letters if m.headers.get(KIND_HEADER) == "trigger_failed"]
+            return [m for m in await _dead_letters(transport, reader) if m[0].get(KIND_HEADER) == "trigger_failed"]
 
         try:
-            await wait_until(completed, timeout=120, interval=0.25, what="every other trigger's execution")
+            await wait_until(completed, timeout=_patience(services), interval=0.25, what="every other trigger's execution")
             letters = await wait_until(dead_lettered, timeout=60, interval=0.25, what="the poison trigger's dead letter")
         finally:
             done.set()
             restarts = await supervisor
         assert restarts == LIMIT
-        assert len(letters) == 1 and b"poison-1" in letters[0].data
-        assert "without being acknowledged" in letters[0].headers[REASON_HEADER]
+        assert len(letters) == 1 and b"poison-1" in letters[0][1]
+        assert "without being acknowledged" in letters[0][0][REASON_HEADER]
         poisoned = await asyncio.to_thread(executions.load, trigger_execution_id("on-poke", "tests", "poison-1"))
         assert poisoned.version == 0  # it never started anything
     finally:
