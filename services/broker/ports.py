@@ -11,7 +11,7 @@ broker, which at best drops some of them early.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -182,6 +182,10 @@ class Transport(Protocol):
     """What the services need from a broker: publish commands, results, triggers and dead
     letters; consume them with ack, nak and in-progress. Dead letters are read back through an
     ordinary consumer of contracts.subjects.DLQ_STREAM."""
+
+    # Where a dead letter too big for the broker leaves its payload (stores bytes, returns their
+    # SHA-256); the stack sets it to the event store's blob store. None: such letters are cut.
+    blob_sink: Callable[[bytes], str] | None
 
     async def ensure_streams(self) -> None:
         """Create or update the streams of contracts.subjects.STREAMS. Idempotent."""
