@@ -305,3 +305,21 @@ def test_workers_run_in_child_processes_and_die_with_a_killed_parent(tmp_path: P
     finally:
         if not killed:
             up.stop()
+
+
+def test_an_unreachable_broker_is_named_at_once_and_nothing_starts(tmp_path: Path) -> None:
+    """`weft up --broker kafka://...` on a port where nothing listens: one line naming the broker,
+    exit 1 within seconds, and no stack.json that other commands would follow."""
+    import socket
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing answers there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    home = tmp_path / "home"
+    t0 = time.monotonic()
+    proc = weft(home, "up", "--broker", f"kafka://127.0.0.1:{port}", timeout=30)
+    assert proc.returncode == 1, proc.stderr
+    assert time.monotonic() - t0 < 20
+    assert f"cannot connect to Kafka at 127.0.0.1:{port}" in proc.stderr
+    assert "--broker" in proc.stderr
+    assert not (home / "stack.json").exists()

@@ -42,6 +42,19 @@ def note(text: str, label: str = "", indent: int = 18) -> None:
         console.print(Text(head) + part, soft_wrap=True, highlight=False)
 
 
+async def _unreachable(settings: Settings, timeout: float = 5.0) -> str | None:
+    """Why the settings' broker cannot be reached within `timeout`, or None when it answers."""
+    from services.broker.connect import connect_transport
+    from services.broker.ports import BrokerError
+
+    try:
+        transport = await connect_transport(settings, connect_timeout=timeout)
+    except BrokerError as exc:
+        return str(exc)
+    await transport.close()
+    return None
+
+
 def run_up(settings: Settings, broker: str | None = None, log_level: str = "WARNING") -> int:
     """`broker`: an existing broker to run on (kafka://...); None: an embedded NATS server."""
     home = settings.home.resolve()
@@ -59,6 +72,11 @@ def run_up(settings: Settings, broker: str | None = None, log_level: str = "WARN
         settings = settings.model_copy(update={"home": home, "broker_url": broker, "nats_url": None,
                                                "nats_user": None, "nats_password": None, "nats_password_file": None})
         broker_url = broker
+        problem = asyncio.run(_unreachable(settings))
+        if problem:  # said at once: the services would otherwise wait for it without a word of their own
+            console.print(f"[red]error:[/red] {problem}; start it, or pass another --broker (WEFT_BROKER_URL)",
+                          highlight=False)
+            return 1
     else:
         password_files = ensure_passwords(home / "nats" / "auth")
         server = NatsServer(store_dir=home / "nats", port=settings.nats_port or previous.get("nats_port") or 0,
